@@ -1,0 +1,79 @@
+"""Discrete derivatives of pixel feature vectors along the channel axis.
+
+Explained in the book chapter *Derivative operators* (``book/derivatives.md``).
+
+Each operator maps a feature vector ``v`` of length ``D`` to a shorter vector;
+applying it ``q`` times gives the ``q``-order derivative ``Δ^q v``:
+
+======== ======= ============================================== ===============
+``op``   eq.     one application                                length change
+======== ======= ============================================== ===============
+forward  eq. 2   ``v(i+1) - v(i)``                              ``D -> D-1``
+central  eq. 10  ``(v(i+2) - v(i)) / 2``                        ``D -> D-2``
+sum      eq. 11  ``v(i+1) + v(i)``                              ``D -> D-1``
+second   eq. 12  ``v(i+1) + v(i-1) - 2 v(i)``, ``i = 1..D-2``   ``D -> D-2``
+======== ======= ============================================== ===============
+
+All four are linear, so ``Δ^q V = K_q V`` for a ``(D_q, D)`` matrix ``K_q``
+(:func:`derivative_matrix`); the book uses it for frequency responses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+OPS: dict[str, tuple[float, ...]] = {
+    "forward": (-1.0, 1.0),
+    "central": (-0.5, 0.0, 0.5),
+    "sum": (1.0, 1.0),
+    "second": (1.0, -2.0, 1.0),
+}
+"""Stencil of each operator: output ``i`` is ``sum_k w[k] * v(i + k)``."""
+
+
+def _stencil(op: str) -> tuple[float, ...]:
+    try:
+        return OPS[op]
+    except KeyError:
+        raise ValueError(f"op must be one of {sorted(OPS)}, got {op!r}") from None
+
+
+def derivative_length(length: int, order: int, op: str = "forward") -> int:
+    """Length ``D_q`` of ``Δ^q v`` for a vector of ``length`` entries."""
+    if order < 0:
+        raise ValueError(f"order must be >= 0, got {order}")
+    return length - order * (len(_stencil(op)) - 1)
+
+
+def derivative(x: Tensor, order: int = 1, op: str = "forward", dim: int = 1) -> Tensor:
+    """Apply the derivative operator ``op`` ``order`` times along ``dim`` (eq. 2, 10, 11, 12).
+
+    ``order=0`` returns ``x`` itself (``Δ^0 v = v``).
+
+    Raises:
+        ValueError: if ``op`` is unknown, ``order`` is negative, or ``order``
+            applications leave no element along ``dim``.
+    """
+    weights = _stencil(op)
+    n = x.shape[dim]
+    out_len = derivative_length(n, order, op)
+    if out_len < 1:
+        raise ValueError(
+            f"a {op} derivative of order {order} needs more than {n - out_len} entries "
+            f"along dim {dim}, but the input has {n}; lower `order` or use more channels"
+        )
+    width = len(weights)
+    for _ in range(order):
+        m = x.shape[dim] - width + 1
+        y = weights[0] * x.narrow(dim, 0, m)
+        for k in range(1, width):
+            if weights[k]:
+                y = y + weights[k] * x.narrow(dim, k, m)
+        x = y
+    return x
+
+
+def derivative_matrix(length: int, order: int = 1, op: str = "forward", *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The matrix ``K_q`` with ``Δ^q v = K_q v`` for vectors of ``length`` entries."""
+    return derivative(torch.eye(length, dtype=dtype), order, op, dim=0)
