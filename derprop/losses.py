@@ -73,6 +73,11 @@ def similarity_l1(
     return total / (batch * pixels * pixels) if reduction == "mean" else total
 
 
+def _tile_error(x1t: Tensor, x2: Tensor, y1t: Tensor, y2: Tensor, rows: slice) -> Tensor:
+    """Rows ``rows`` of ``E = x1ᵀx2 − y1ᵀy2``, with one fused multiply-add."""
+    return torch.baddbmm(y1t[:, rows] @ y2, x1t[:, rows], x2, beta=-1)
+
+
 class _TiledSimilarityL1(torch.autograd.Function):
     """Sum of ``|x1ᵀx2 − y1ᵀy2|`` over ``chunk``-row tiles, with a tiled exact backward."""
 
@@ -84,7 +89,7 @@ class _TiledSimilarityL1(torch.autograd.Function):
         x1t, y1t = x1.transpose(1, 2), y1.transpose(1, 2)
         for start in range(0, x1.shape[2], chunk):
             rows = slice(start, start + chunk)
-            total += (x1t[:, rows] @ x2 - y1t[:, rows] @ y2).abs().sum()
+            total += _tile_error(x1t, x2, y1t, y2, rows).abs().sum()
         return total
 
     @staticmethod
@@ -95,7 +100,7 @@ class _TiledSimilarityL1(torch.autograd.Function):
         x1t, y1t = x1.transpose(1, 2), y1.transpose(1, 2)
         for start in range(0, x1.shape[2], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            sign = (x1t[:, rows] @ x2 - y1t[:, rows] @ y2).sign() * grad_total
+            sign = _tile_error(x1t, x2, y1t, y2, rows).sign() * grad_total
             if need[0]:
                 grads[0][:, :, rows] = x2 @ sign.transpose(1, 2)
             if need[1]:

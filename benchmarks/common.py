@@ -1,0 +1,131 @@
+"""Timing, peak-memory and reporting helpers shared by the benchmarks.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU each case runs
+in a fresh subprocess, resets the kernel's resident-size high-water mark just
+before the measured call and reports the rise of that mark.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results"
+
+
+def machine_info(device: str) -> dict:
+    """What a reader needs to compare numbers: device, versions, cores, date."""
+    info = {
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device == "cpu":
+        info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
+    return info
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark of this process (Linux ``clear_refs`` 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
+    """Peak extra memory of one call of ``step``, then (after a warm-up call) its median wall time."""
+    if device == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        _reset_peak_rss()
+        base = psutil.Process().memory_info().rss
+        step()
+        peak = _peak_rss() - base
+    step()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "peak_mib": max(peak, 0) / 2**20, "repeats": repeats}
+
+
+def run_isolated(module: str, case: dict) -> dict:
+    """Run one case as ``python -m module --case JSON`` and return the JSON it prints last."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--case", json.dumps(case)],
+        cwd=ROOT,
+        # A fixed mmap threshold makes glibc hand large freed blocks straight back
+        # to the kernel, so the resident size follows the tensors that are alive.
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {case} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(payload, tmp, indent=2)
+        tmp.write("\n")
+    os.replace(tmp.name, path)
+
+
+def update_results(path: Path, key: str, section: dict) -> None:
+    """Replace one benchmark's section of a shared results file, keeping the others."""
+    payload = json.loads(path.read_text()) if path.exists() else {}
+    payload[key] = section
+    write_json_atomic(path, payload)
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` as an aligned table; ``columns`` are (key, header, format)."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append([format(row[key], fmt) if row.get(key) is not None else "-" for key, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))

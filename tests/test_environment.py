@@ -1,0 +1,35 @@
+"""The pins in environment.yml mirror requirements*.txt; pyproject declares ranges."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pins(name: str) -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_environment_yml_mirrors_requirements():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip_lists) == 1, "environment.yml needs exactly one `pip:` list"
+    expected = pins("requirements.txt") + pins("requirements-dev.txt")
+    assert sorted(pip_lists[0]) == sorted(expected), (
+        "environment.yml drifted from requirements*.txt: copy the pins across "
+        f"(only in yml: {sorted(set(pip_lists[0]) - set(expected))}, "
+        f"only in requirements: {sorted(set(expected) - set(pip_lists[0]))})"
+    )
+
+
+def test_requirements_are_exact_pins():
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for line in pins(name):
+            assert "==" in line, f"{name}: `{line}` is not pinned with =="
+
+
+def test_pyproject_declares_ranges_for_the_gpu_box():
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"torch>=2.4"' in text, "pyproject.toml must accept the GPU box's torch (>=2.4), not a pin"
