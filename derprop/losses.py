@@ -87,9 +87,10 @@ class _TiledSimilarityL1(torch.autograd.Function):
         ctx.chunk = chunk
         total = x1.new_zeros(())
         x1t, y1t = x1.transpose(1, 2), y1.transpose(1, 2)
-        for start in range(0, x1.shape[2], chunk):
-            rows = slice(start, start + chunk)
-            total += _tile_error(x1t, x2, y1t, y2, rows).abs().sum()
+        with torch.autocast(x1.device.type, enabled=False):
+            for start in range(0, x1.shape[2], chunk):
+                rows = slice(start, start + chunk)
+                total += _tile_error(x1t, x2, y1t, y2, rows).abs().sum()
         return total
 
     @staticmethod

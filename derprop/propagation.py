@@ -111,8 +111,8 @@ def _propagate_official(logits: Tensor, f1: Tensor, f2: Tensor, op: str, chunk: 
     if chunk is None or chunk >= g1.shape[2]:
         attn = (g1.transpose(1, 2) @ g2).softmax(dim=-1)
         return labels @ attn
-    # One dtype inside the custom Function: under autocast the features may be
-    # half precision while the detached logits are float32.
+    # One dtype inside the custom Function (autocast is off there): under AMP the
+    # features may be half precision while the detached logits are float32.
     dtype = torch.promote_types(labels.dtype, g1.dtype)
     return _TiledRowSoftmaxPropagation.apply(labels.to(dtype), g1.to(dtype), g2.to(dtype), chunk)
 
@@ -120,32 +120,35 @@ def _propagate_official(logits: Tensor, f1: Tensor, f2: Tensor, op: str, chunk: 
 class _TiledRowSoftmaxPropagation(torch.autograd.Function):
     """``L @ softmax_rows(g1ᵀ g2)`` computed ``chunk`` rows at a time.
 
-    Backward recomputes each tile of ``A`` instead of storing it, so memory
-    stays ``O(chunk · M)``. ``L`` receives no gradient (it is detached by the
+    Forward keeps only the row log-sum-exps; backward recomputes each tile of
+    ``A`` from them instead of storing it, so memory stays ``O(chunk · M)``. ``L`` receives no gradient (it is detached by the
     caller, as in the release).
     """
 
     @staticmethod
     def forward(ctx, labels: Tensor, g1: Tensor, g2: Tensor, chunk: int) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(labels, g1, g2)
         ctx.chunk = chunk
         out = labels.new_zeros(labels.shape)
+        lse = labels.new_empty(g1.shape[0], g1.shape[2], 1)
         g1t = g1.transpose(1, 2)
-        for start in range(0, g1.shape[2], chunk):
-            rows = slice(start, start + chunk)
-            attn = (g1t[:, rows] @ g2).softmax(dim=-1).to(out.dtype)
-            out.baddbmm_(labels[:, :, rows], attn)
+        with torch.autocast(g1.device.type, enabled=False):
+            for start in range(0, g1.shape[2], chunk):
+                rows = slice(start, start + chunk)
+                scores = g1t[:, rows] @ g2
+                lse[:, rows] = scores.logsumexp(dim=-1, keepdim=True)
+                out.baddbmm_(labels[:, :, rows], scores.sub_(lse[:, rows]).exp_())
+        ctx.save_for_backward(labels, g1, g2, lse)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        labels, g1, g2 = ctx.saved_tensors
+        labels, g1, g2, lse = ctx.saved_tensors
         grad_g1 = torch.empty_like(g1)
         grad_g2 = torch.zeros_like(g2)
         g1t = g1.transpose(1, 2)
         for start in range(0, g1.shape[2], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            attn = (g1t[:, rows] @ g2).softmax(dim=-1).to(grad_out.dtype)
+            attn = (g1t[:, rows] @ g2).sub_(lse[:, rows]).exp_()
             grad_attn = labels[:, :, rows].transpose(1, 2) @ grad_out
             grad_s = attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))
             grad_g1[:, :, rows] = g2 @ grad_s.transpose(1, 2)

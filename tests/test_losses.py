@@ -180,3 +180,11 @@ def test_chunked_equals_dense_property(m, chunk, seed):
     x1, x2 = rand(1, 4, m, seed=seed), rand(1, 4, m, seed=seed + 1)
     y1, y2 = rand(1, 2, m, seed=seed + 2), rand(1, 2, m, seed=seed + 3)
     torch.testing.assert_close(similarity_l1(x1, x2, y1, y2, chunk=chunk), similarity_l1(x1, x2, y1, y2))
+
+
+def test_tiled_loss_under_autocast():
+    x1 = rand(1, 6, 40, seed=1).float()
+    y = rand(1, 6, 40, seed=2, grad=False).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = similarity_l1(x1.bfloat16(), x1.bfloat16(), y, y, chunk=8)
+    torch.testing.assert_close(loss.float(), similarity_l1(x1.bfloat16().float(), x1.bfloat16().float(), y, y), rtol=1e-2, atol=1e-3)

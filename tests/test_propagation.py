@@ -142,3 +142,14 @@ def test_bad_shapes():
 def test_cuda_tiled_matches_dense():
     logits, f1, f2 = (t.float().detach().cuda() for t in make(m=1681, d=21, c=21))
     torch.testing.assert_close(propagate(logits, f1, f2, chunk=256), propagate(logits, f1, f2), rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_under_autocast_matches_float32():
+    logits, f1, f2 = (t.float().detach() for t in make(m=64, d=8, c=5))
+    f1.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = propagate(logits, f1.bfloat16(), f2.bfloat16(), chunk=16)
+    out.sum().backward()
+    reference = propagate(logits, f1.bfloat16().float(), f2.bfloat16().float())
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+    assert f1.grad is not None and torch.isfinite(f1.grad).all()
