@@ -39,10 +39,14 @@ test: setup
 data-scenes: setup
 	$(PY) -m data_prep.scenes --root $(SCENES)
 
-# Each run resumes from its last checkpoint and is skipped once results.json exists.
-train-cpu: data-scenes
-	$(PY) -m pipelines.run_matrix train --config configs/cpu_scenes.yaml --out $(RUNS)/cpu_scenes
-	$(PY) -m pipelines.run_matrix train --config configs/cpu_scenes.yaml --out $(RUNS)/cpu_scenes_wo_dlp method.dlp=false
+# A finished run (results.json) is not trained again; an interrupted one resumes from last.pt.
+train-cpu: $(RUNS)/cpu_scenes/results.json $(RUNS)/cpu_scenes_wo_dlp/results.json
+
+$(RUNS)/cpu_scenes/results.json: | data-scenes
+	$(PY) -m derprop.train --config configs/cpu_scenes.yaml --out $(@D) $(if $(wildcard $(@D)/last.pt),--resume)
+
+$(RUNS)/cpu_scenes_wo_dlp/results.json: | data-scenes
+	$(PY) -m derprop.train --config configs/cpu_scenes.yaml --out $(@D) $(if $(wildcard $(@D)/last.pt),--resume) method.dlp=false
 
 book: setup
 	$(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)
