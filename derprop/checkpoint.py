@@ -1,0 +1,113 @@
+"""Training checkpoints: written atomically, read back safely.
+
+Explained in the book chapter *Training* (``book/training.md``).
+
+A checkpoint is a plain dictionary of tensors, numbers, strings, lists and
+dicts, so it loads with ``torch.load(weights_only=True)`` and no pickled code
+runs on load. :func:`save` writes it to a temporary file in the same folder and
+renames it over the target (``os.replace``), so a crash mid-write never leaves
+a half-written ``last.pt``: the previous one stays intact. :func:`load` turns
+every way a file can be broken (truncated, not a zip, not ours) into one
+:class:`CheckpointError` that names the file.
+
+Random-number-generator states are stored as tensors and lists
+(:func:`rng_state` / :func:`set_rng_state`) for the same reason.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "derprop-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used; the message names the file."""
+
+
+def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file in the same folder + rename).
+
+    The format tag and version are added; the file at ``path`` is replaced only
+    once the new one is complete on disk.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save`.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt, or not a
+            DerProp checkpoint. Nothing is written or deleted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip/pickle/EOF errors all mean the same to the user
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a DerProp checkpoint ({type(err).__name__}: "
+            f"{_first_line(err)}); delete it or pass --resume with another file"
+        ) from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} is not a DerProp checkpoint (no '{FORMAT}' tag); "
+            "delete it or pass --resume with another file"
+        )
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, this code reads version {VERSION}")
+    return state
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as plain containers and tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "python": [py_version, list(py_internal), py_gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    py_version, py_internal, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_internal), py_gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,379 @@
+"""Datasets: one loader for Pascal VOC, Cityscapes and the CPU scenes.
+
+Explained in the book chapter *Data*. Every dataset is a root directory plus
+split lists in UniMatch's format, one ``<image path> <label path>`` pair a
+line, both relative to the root:
+
+- ``pascal``: the VOC 2012 + SBD tree that ``python -m data_prep.voc`` makes
+  (``JPEGImages/*.jpg``, ``SegmentationClass/*.png`` palette PNGs). Lists in
+  ``data_prep/splits/pascal``.
+- ``cityscapes``: the official tree (``leftImg8bit/``, ``gtFine/``) with the
+  ``*_gtFine_labelTrainIds.png`` that ``python -m data_prep.cityscapes``
+  makes. Lists in ``data_prep/splits/cityscapes``. A ``*_labelIds.png``
+  label is mapped to train ids on reading.
+- ``scenes``: the CPU dataset of real images composed into scenes, in VOC
+  layout (``python -m data_prep.scenes``); its lists are in ``<root>/splits``.
+
+Labels are single-channel PNGs of class indices (palette PNGs read as their
+indices, never their colours), with 255 = ignore. Every bad input raises
+:class:`DatasetError`, naming the file and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+IGNORE_INDEX = 255
+"""Label value that the losses and metrics skip (VOC's object boundaries)."""
+
+SPLITS_ROOT = Path(__file__).resolve().parent.parent / "data_prep" / "splits"
+"""UniMatch's split lists for VOC and Cityscapes (see its README)."""
+
+LABELED_KINDS = ("labeled", "val")
+KINDS = ("labeled", "unlabeled", "train", "val")
+
+
+class DatasetError(ValueError):
+    """A dataset file or split list is missing or wrong; the message says which and how to fix it."""
+
+
+def voc_palette() -> list[int]:
+    """The standard 256-entry VOC colour map as a flat ``[r, g, b, r, g, b, ...]`` list.
+
+    Index ``i``'s colour spreads the bits of ``i`` over the high bits of the
+    three channels (VOC devkit's ``labelcolormap``); 255 is (224, 224, 192).
+    """
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+    "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+CITYSCAPES_CLASSES = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
+    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+    "truck", "bus", "train", "motorcycle", "bicycle",
+)  # fmt: skip
+
+# Cityscapes label id -> train id (cityscapesscripts/helpers/labels.py; a test
+# checks this table against it). Ids 0..33 exist; 255 marks "ignore".
+_CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                         24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}  # fmt: skip
+NUM_CITYSCAPES_IDS = 34
+
+
+def cityscapes_id_to_train_id() -> np.ndarray:
+    """Lookup table (256 entries, uint8) from Cityscapes label ids to train ids.
+
+    Ids outside 0..33 map to 254, a value no label may hold, so that the
+    range check of :func:`read_label` reports them.
+    """
+    lut = np.full(256, 254, dtype=np.uint8)
+    lut[:NUM_CITYSCAPES_IDS] = IGNORE_INDEX
+    for label_id, train_id in _CITYSCAPES_TRAIN_IDS.items():
+        lut[label_id] = train_id
+    return lut
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the loader needs to know about one dataset layout."""
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    train_list: str  # all training images; unlabeled = this minus the labeled list
+    labeled_splits: tuple[str, ...]
+    prepare: str  # the command that (re)creates the tree; ``{root}`` is filled in
+
+
+DATASETS = {
+    "pascal": DatasetSpec(
+        "pascal", 21, VOC_CLASSES, "train_aug.txt", ("92", "183", "366", "732", "1464"),
+        "python -m data_prep.voc --root {root}",
+    ),
+    "cityscapes": DatasetSpec(
+        "cityscapes", 19, CITYSCAPES_CLASSES, "train.txt", ("1_16", "1_8", "1_4"),
+        "python -m data_prep.cityscapes --root {root} --from-zips DIR",
+    ),
+    "scenes": DatasetSpec(
+        "scenes", 11, ("background",) + tuple(f"class {i}" for i in range(10)), "train.txt",
+        ("1_16", "1_8", "1_4"), "python -m data_prep.scenes --root {root}",
+    ),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def class_names(name: str, root: str | Path | None = None) -> tuple[str, ...]:
+    """Class names of a dataset; for scenes, those its ``manifest.json`` records (garments or digits)."""
+    manifest = Path(root) / "manifest.json" if root is not None else None
+    if name == "scenes" and manifest is not None and manifest.is_file():
+        return tuple(json.loads(manifest.read_text())["class_names"])
+    return dataset_spec(name).class_names
+
+
+def fix_hint(name: str, root: str | Path) -> str:
+    """The sentence that error messages end with: how to (re)create or check the tree."""
+    command = dataset_spec(name).prepare.format(root=root)
+    check = f"{command.split(' --root')[0]} --check --root {root}"
+    return f"Fix: run `{command}` to recreate missing files (delete damaged ones first), or `{check}` to list every problem."
+
+
+def splits_dir(name: str, root: str | Path | None = None) -> Path:
+    """Directory of a dataset's split lists: ``data_prep/splits/<name>``, or ``<root>/splits`` for scenes."""
+    dataset_spec(name)
+    if name == "scenes":
+        if root is None:
+            raise DatasetError("the scenes dataset keeps its split lists under its root; pass root")
+        return Path(root) / "splits"
+    return SPLITS_ROOT / name
+
+
+# ---------------------------------------------------------------------------
+# Split lists
+# ---------------------------------------------------------------------------
+
+
+def read_split(path: str | Path) -> list[tuple[str, str]]:
+    """Read a split list: one ``<image path> <label path>`` pair a line, relative paths.
+
+    Blank lines are skipped; any other line that is not exactly two relative
+    paths raises :class:`DatasetError` naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"split list {path} does not exist; check the dataset name and split")
+    items = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise DatasetError(
+                f"{path}, line {n}: expected 2 paths '<image> <label>', found {len(fields)}: {line.strip()!r}; "
+                "fix the line (paths must not contain spaces)"
+            )
+        for field in fields:
+            if Path(field).is_absolute() or ".." in Path(field).parts:
+                raise DatasetError(
+                    f"{path}, line {n}: {field!r} must be a path relative to the dataset root, without '..'"
+                )
+        items.append((fields[0], fields[1]))
+    if not items:
+        raise DatasetError(f"split list {path} is empty")
+    return items
+
+
+def derive_unlabeled(train: Sequence[tuple[str, str]], labeled: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """All training pairs minus the labeled ones, in the training list's order (UniMatch's rule)."""
+    taken = {image for image, _ in labeled}
+    return [item for item in train if item[0] not in taken]
+
+
+def split_items(
+    name: str, split: str | None = None, kind: str = "labeled", root: str | Path | None = None
+) -> list[tuple[str, str]]:
+    """The ``(image, label)`` pairs of one split of a dataset.
+
+    ``kind``: ``"labeled"`` (the split's labeled list), ``"unlabeled"`` (train
+    minus labeled), ``"train"`` (all training images) or ``"val"``. ``split``
+    names the labeled subset (``"92"`` ... ``"1464"`` for pascal, ``"1_16"``,
+    ``"1_8"``, ``"1_4"`` for cityscapes and scenes); it is needed for the
+    first two kinds only.
+    """
+    spec = dataset_spec(name)
+    if kind not in KINDS:
+        raise DatasetError(f"unknown split kind {kind!r}; choose one of {KINDS}")
+    folder = splits_dir(name, root)
+    if kind == "val":
+        return read_split(folder / "val.txt")
+    train = read_split(folder / spec.train_list)
+    if kind == "train":
+        return train
+    if split not in spec.labeled_splits:
+        raise DatasetError(f"unknown {name} split {split!r}; choose one of {spec.labeled_splits}")
+    labeled = read_split(folder / split / "labeled.txt")
+    return labeled if kind == "labeled" else derive_unlabeled(train, labeled)
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+
+def read_image(path: str | Path, fix: str = "") -> np.ndarray:
+    """Decode an image file fully to an ``H×W×3`` uint8 array; a missing or damaged file raises :class:`DatasetError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"missing image {path}. {fix}".strip())
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated JPEG fails here, not later
+            return np.array(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot decode image {path} ({e}); the file is truncated or corrupt. {fix}".strip()) from e
+
+
+def read_label(path: str | Path, num_classes: int, fix: str = "") -> np.ndarray:
+    """Read a label PNG as an ``H×W`` uint8 array of class indices in ``{0..C-1, 255}``.
+
+    Palette PNGs (mode ``P``, VOC and scenes) give their indices, not their
+    colours; grey PNGs (mode ``L``, Cityscapes) their values. A Cityscapes
+    ``*_labelIds.png`` is mapped to train ids. Any other value raises
+    :class:`DatasetError` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"missing label {path}. {fix}".strip())
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            label = np.array(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"cannot decode label {path} ({e}); the file is truncated or corrupt. {fix}".strip()) from e
+    if mode not in ("P", "L"):
+        raise DatasetError(
+            f"label {path} has mode {mode!r}; labels must be single-channel PNGs of class indices "
+            f"(mode 'P' palette or 'L'), not colour images. {fix}".strip()
+        )
+    if path.name.endswith("_labelIds.png"):
+        label = cityscapes_id_to_train_id()[label]
+    valid = np.zeros(256, dtype=bool)
+    valid[:num_classes] = True
+    valid[IGNORE_INDEX] = True
+    bad = np.unique(label[~valid[label]])
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
+        raise DatasetError(
+            f"label {path} holds values {shown} outside 0..{num_classes - 1} and {IGNORE_INDEX} (ignore); "
+            f"it is not a label of this dataset or is corrupt. {fix}".strip()
+        )
+    return label
+
+
+# ---------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------
+
+
+class SegmentationDataset(Dataset):
+    """Images (and labels) listed as ``(image, label)`` pairs relative to ``root``.
+
+    ``labeled=True``: items are ``(tv_tensors.Image, tv_tensors.Mask)``, passed
+    through ``transforms(image, mask)``; the mask is int64 with 255 = ignore
+    and has the image's size (checked). ``labeled=False``: items are a
+    ``tv_tensors.Image``, passed through ``transforms(image)``; label paths
+    are not read. Images are uint8, ``3×H×W``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        items: Sequence[tuple[str, str]],
+        *,
+        num_classes: int,
+        labeled: bool = True,
+        transforms: Callable | None = None,
+        class_names: Sequence[str] | None = None,
+        fix: str = "",
+    ) -> None:
+        self.root = Path(root)
+        self.items = list(items)
+        self.num_classes = num_classes
+        self.labeled = labeled
+        self.transforms = transforms
+        self.class_names = tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes))
+        self.fix = fix
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset root {self.root} does not exist. {fix}".strip())
+
+    @classmethod
+    def from_split(
+        cls,
+        name: str,
+        root: str | Path,
+        split: str | None = None,
+        kind: str = "labeled",
+        transforms: Callable | None = None,
+    ) -> SegmentationDataset:
+        """A dataset from its name (``pascal``, ``cityscapes``, ``scenes``), root and split.
+
+        ``kind`` is ``labeled``, ``unlabeled``, ``train`` or ``val`` (see
+        :func:`split_items`); ``unlabeled`` and ``train`` give images only.
+        """
+        spec = dataset_spec(name)
+        return cls(
+            root,
+            split_items(name, split, kind, root),
+            num_classes=spec.num_classes,
+            labeled=kind in LABELED_KINDS,
+            transforms=transforms,
+            class_names=class_names(name, root),
+            fix=fix_hint(name, root),
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def name(self, index: int) -> str:
+        """The image's file name without extension (its id)."""
+        return Path(self.items[index][0]).stem
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The raw ``H×W×3`` image and ``H×W`` label arrays (label ``None`` when unlabeled), validated."""
+        image_rel, label_rel = self.items[index]
+        image = read_image(self.root / image_rel, self.fix)
+        if not self.labeled:
+            return image, None
+        label = read_label(self.root / label_rel, self.num_classes, self.fix)
+        if label.shape != image.shape[:2]:
+            raise DatasetError(
+                f"label {self.root / label_rel} is {label.shape[1]}×{label.shape[0]} but its image "
+                f"{self.root / image_rel} is {image.shape[1]}×{image.shape[0]}; they must match. {self.fix}".strip()
+            )
+        return image, label
+
+    def __getitem__(self, index: int):
+        image, label = self.load(index)
+        image = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
+        if label is None:
+            return self.transforms(image) if self.transforms else image
+        mask = tv_tensors.Mask(torch.from_numpy(label.astype(np.int64)))
+        return self.transforms(image, mask) if self.transforms else (image, mask)
+
+    def missing_files(self) -> list[Path]:
+        """Files the split lists name that do not exist (cheap: no decoding)."""
+        missing = []
+        for image_rel, label_rel in self.items:
+            for rel in (image_rel, label_rel) if self.labeled else (image_rel,):
+                if not (self.root / rel).is_file():
+                    missing.append(self.root / rel)
+        return missing

@@ -1,0 +1,455 @@
+"""Evaluation: mIoU in three modes (book chapter "Evaluation").
+
+Modes (the results table always says which one was used):
+
+``"original"``
+    the whole image at its own size (the paper's protocol for VOC);
+``"sliding"``
+    windows of ``crop_size`` with ``stride`` (default ⌊2/3·crop⌋), the image
+    first padded on the right/bottom to at least ``crop_size`` with the
+    ImageNet mean colour (0 after normalisation); logits of overlapping
+    windows are averaged, the padding cropped off (the paper's protocol for
+    Cityscapes);
+``"center_crop"``
+    image and label cropped to the central ``crop_size``×``crop_size``
+    (less where the image is smaller) — what the released code does for
+    every dataset.
+
+Images go to the model with pixel values in [0, 255]; the model normalises
+them itself (:func:`derprop.model.normalize`).
+
+CLI::
+
+    python -m derprop.evaluate --checkpoint runs/x/last.pt [--mode sliding]
+        [--data-root DIR] [--split val | --val-list FILE] [--which both]
+        [--out results.json]
+
+The checkpoint is the trainer's, read with :func:`derprop.checkpoint.load`
+(safe ``weights_only`` loading; a truncated or corrupt file gives an error
+naming it): a dict with ``"model"`` (a state dict),
+optionally ``"momentum"`` (:meth:`derprop.momentum.MomentumNetwork.state_dict`
+or a bare state dict) and ``"config"`` whose ``"model"`` section holds
+:class:`~derprop.model.ModelConfig` fields and whose ``"data"`` section holds
+``root``, ``layout``, ``val_list`` and ``num_classes`` (see :func:`eval_dataset`).
+Both weight sets are evaluated when present. The CLI exits with status 2 and
+a one-line ``error:`` message on a bad checkpoint, dataset or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from . import data as data_io
+from .backbones import strip_prefixes
+from .data import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES
+from .metrics import ConfusionMatrix
+from .model import IMAGENET_MEAN_255, ModelConfig, SegOutput, build_model
+
+log = logging.getLogger(__name__)
+
+MODES = ("original", "sliding", "center_crop")
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """VOC names for 21 classes, Cityscapes names for 19, else ``class_<i>``."""
+    if num_classes == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    if num_classes == len(CITYSCAPES_CLASSES):
+        return list(CITYSCAPES_CLASSES)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+# --------------------------------------------------------------------------- #
+# inference
+# --------------------------------------------------------------------------- #
+def _logits(model: Any, x: Tensor) -> Tensor:
+    out = model(x)
+    if isinstance(out, SegOutput):
+        return out.logits
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return out["logits"] if "logits" in out else out["out"]
+    return out.logits
+
+
+def _starts(length: int, crop: int, stride: int) -> list[int]:
+    if length <= crop:
+        return [0]
+    starts = list(range(0, length - crop, stride))
+    if starts[-1] != length - crop:
+        starts.append(length - crop)
+    return starts
+
+
+def sliding_window_logits(
+    model: Any, img: Tensor, *, crop_size: int, stride: int | None = None, window_batch: int = 8
+) -> Tensor:
+    """Average logits over ``crop_size`` windows (see module doc). ``img``: (B,3,H,W) in [0,255]."""
+    stride = stride or max(1, crop_size * 2 // 3)
+    b, _, h, w = img.shape
+    hp, wp = max(h, crop_size), max(w, crop_size)
+    if (hp, wp) != (h, w):
+        padded = torch.empty(b, 3, hp, wp, dtype=torch.float32, device=img.device)
+        padded[:] = torch.tensor(IMAGENET_MEAN_255, device=img.device).view(1, 3, 1, 1)
+        padded[:, :, :h, :w] = img
+        img = padded
+    boxes = [(y, x) for y in _starts(hp, crop_size, stride) for x in _starts(wp, crop_size, stride)]
+    acc: Tensor | None = None
+    count = torch.zeros(1, 1, hp, wp, device=img.device)
+    for i in range(0, len(boxes), window_batch):
+        chunk = boxes[i:i + window_batch]
+        crops = torch.cat([img[:, :, y:y + crop_size, x:x + crop_size] for y, x in chunk])
+        out = _logits(model, crops).float()
+        if acc is None:
+            acc = torch.zeros(b, out.shape[1], hp, wp, device=img.device)
+        for j, (y, x) in enumerate(chunk):
+            acc[:, :, y:y + crop_size, x:x + crop_size] += out[j * b:(j + 1) * b]
+            count[:, :, y:y + crop_size, x:x + crop_size] += 1
+    assert acc is not None
+    return (acc / count)[:, :, :h, :w]
+
+
+def center_crop(img: Tensor, label: Tensor, crop_size: int) -> tuple[Tensor, Tensor]:
+    """Central ``crop_size`` square of image (..., H, W) and label (..., H, W)."""
+    h, w = label.shape[-2:]
+    top, left = max(0, (h - crop_size) // 2), max(0, (w - crop_size) // 2)
+    sl = (slice(top, top + crop_size), slice(left, left + crop_size))
+    return img[..., sl[0], sl[1]], label[..., sl[0], sl[1]]
+
+
+# --------------------------------------------------------------------------- #
+# data plumbing
+# --------------------------------------------------------------------------- #
+def _as_image(x: Any) -> Tensor:
+    if not isinstance(x, Tensor):
+        x = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+    x = x.as_subclass(Tensor)  # tv_tensors.Image -> plain tensor
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dim() != 4:
+        raise ValueError(f"image must be (3,H,W), (H,W,3) or batched, got shape {tuple(x.shape)}")
+    if x.shape[1] != 3 and x.shape[-1] == 3:
+        x = x.permute(0, 3, 1, 2)
+    return x
+
+
+def _as_label(y: Any) -> Tensor:
+    if not isinstance(y, Tensor):
+        y = torch.from_numpy(np.ascontiguousarray(np.asarray(y)))
+    y = y.as_subclass(Tensor)  # tv_tensors.Mask -> plain tensor
+    if y.dim() == 2:
+        y = y.unsqueeze(0)
+    if y.dim() == 4 and y.shape[1] == 1:
+        y = y[:, 0]
+    return y.long()
+
+
+def _split_item(item: Any) -> tuple[Any, Any]:
+    if isinstance(item, Mapping):
+        img = item.get("image", item.get("img"))
+        lab = item.get("label", item.get("mask", item.get("target")))
+        if img is None or lab is None:
+            raise ValueError(f"dataset dict items need 'image' and 'label' keys, got {sorted(item)}")
+        return img, lab
+    return item[0], item[1]
+
+
+def _iter_batches(data: Any, num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (image (B,3,H,W), label (B,H,W)) from a Dataset (one item at a time) or a DataLoader."""
+    if isinstance(data, torch.utils.data.DataLoader) or not hasattr(data, "__getitem__"):
+        items: Iterable[Any] = data
+    elif num_workers > 0:
+        items = torch.utils.data.DataLoader(data, batch_size=1, shuffle=False, num_workers=num_workers)
+    else:
+        items = (data[i] for i in range(len(data)))
+    for item in items:
+        img, lab = _split_item(item)
+        yield _as_image(img), _as_label(lab)
+
+
+# --------------------------------------------------------------------------- #
+# evaluate
+# --------------------------------------------------------------------------- #
+def _model_device(model: Any) -> torch.device:
+    module = getattr(model, "module", model)
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    data: Any,
+    *,
+    num_classes: int,
+    mode: str = "original",
+    crop_size: int = 321,
+    stride: int | None = None,
+    device: torch.device | str | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    window_batch: int = 8,
+    limit: int | None = None,
+    all_reduce: bool = False,
+    progress: bool = False,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """mIoU of ``model`` on ``data`` (a Dataset of (image, label) items or a DataLoader).
+
+    Items may be tuples ``(image, label, ...)`` or dicts with ``image``/``label``;
+    images uint8/float in [0, 255] as (3,H,W) / (H,W,3) tensors or arrays,
+    labels (H,W) with ``ignore_index`` for void. ``model`` is a
+    :class:`~derprop.model.DerPropNet`, a
+    :class:`~derprop.momentum.MomentumNetwork` or any callable returning
+    logits. It runs in eval mode; its previous mode is restored afterwards.
+    ``all_reduce=True`` sums the confusion matrix over DDP ranks (every rank
+    must then call evaluate on its shard). ``num_workers > 0`` loads a
+    Dataset's items in that many worker processes (batch size 1).
+
+    Returns ``{"miou", "iou_per_class" (None for absent classes), "pixel_acc",
+    "mode", "crop_size", "stride", "num_images", "num_classes"}``; values are
+    fractions in [0, 1].
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode != "original" and (not isinstance(crop_size, int) or crop_size < 1):
+        raise ValueError(f"crop_size must be a positive integer, got {crop_size!r}")
+    if mode == "sliding":
+        stride = stride or max(1, crop_size * 2 // 3)
+    device = torch.device(device) if device is not None else _model_device(model)
+    was_training = getattr(model, "training", None)
+    if isinstance(model, nn.Module):
+        model.eval()
+    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
+    n = 0
+    batches = _iter_batches(data, num_workers)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=f"eval ({mode})", total=_safe_len(data, limit))
+    try:
+        for img, lab in batches:
+            if limit is not None and n >= limit:
+                break
+            img, lab = img.to(device), lab.to(device)
+            if mode == "center_crop":
+                img, lab = center_crop(img, lab, crop_size)
+            if mode == "sliding":
+                logits = sliding_window_logits(model, img, crop_size=crop_size, stride=stride,
+                                               window_batch=window_batch)
+            else:
+                logits = _logits(model, img)
+            cm.update(logits.argmax(1), lab)
+            n += img.shape[0]
+    finally:
+        if isinstance(model, nn.Module) and was_training:
+            model.train()
+    if all_reduce:
+        cm.reduce_()
+    iou = cm.iou_per_class().tolist()
+    return {
+        "miou": cm.miou(),
+        "iou_per_class": [None if math.isnan(v) else v for v in iou],
+        "pixel_acc": cm.pixel_accuracy(),
+        "mode": mode,
+        "crop_size": None if mode == "original" else crop_size,
+        "stride": stride if mode == "sliding" else None,
+        "num_images": n,
+        "num_classes": num_classes,
+    }
+
+
+def _safe_len(data: Any, limit: int | None) -> int | None:
+    try:
+        n = len(data)
+    except TypeError:
+        return limit
+    return min(n, limit) if limit is not None else n
+
+
+def format_iou_table(result: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
+    """Text table of per-class IoU (%), then mIoU, pixel accuracy and the mode used."""
+    ious = result["iou_per_class"]
+    names = list(class_names) if class_names is not None else default_class_names(len(ious))
+    if len(names) != len(ious):
+        raise ValueError(f"{len(names)} class names for {len(ious)} classes")
+    width = max(12, *(len(s) for s in names))
+    lines = [f"{'class':<{width}}  IoU (%)", "-" * (width + 9)]
+    for name, v in zip(names, ious):
+        lines.append(f"{name:<{width}}  {'-' if v is None else f'{100 * v:7.2f}':>7}")
+    lines.append("-" * (width + 9))
+    miou = result["miou"]
+    lines.append(f"{'mIoU':<{width}}  {'-' if miou is None or math.isnan(miou) else f'{100 * miou:7.2f}':>7}")
+    acc = result.get("pixel_acc")
+    if acc is not None and not math.isnan(acc):
+        lines.append(f"{'pixel acc':<{width}}  {100 * acc:7.2f}")
+    mode = result.get("mode", "?")
+    extra = ""
+    if mode == "sliding":
+        extra = f" (crop {result.get('crop_size')}, stride {result.get('stride')})"
+    elif mode == "center_crop":
+        extra = f" (crop {result.get('crop_size')})"
+    lines.append(f"mode: {mode}{extra}; images: {result.get('num_images', '?')}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# CLI helpers
+# --------------------------------------------------------------------------- #
+def model_config_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from ``ckpt["config"]["model"]`` with ``pretrained="none"``: the weights come from the checkpoint."""
+    section = dict((ckpt.get("config") or {}).get("model") or {})
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        log.warning("ignoring unknown model config keys %s", unknown)
+    section = {k: v for k, v in section.items() if k in known}
+    section["pretrained"] = "none"
+    return ModelConfig.from_dict(section)
+
+
+def _weights(entry: Any) -> Mapping[str, Tensor]:
+    if isinstance(entry, Mapping) and "model" in entry and isinstance(entry["model"], Mapping):
+        entry = entry["model"]  # MomentumNetwork.state_dict()
+    return strip_prefixes(entry, prefixes=("module.", "_orig_mod."))
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON via a temporary file in the same folder and ``os.replace`` (NaN → null)."""
+    obj = _jsonable(obj)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str | os.PathLike | None = None,
+                 list_file: str | os.PathLike | None = None,
+                 num_classes: int | None = None) -> data_io.SegmentationDataset:
+    """The labeled dataset to evaluate on, from a ``data`` config section.
+
+    ``list_file`` (or, for ``split="val"``, ``data_cfg["val_list"]``) wins; a
+    relative path is tried as given, then under ``root``. Otherwise the split
+    comes from the dataset named by ``data_cfg["layout"]`` via
+    :meth:`derprop.data.SegmentationDataset.from_split` (``split="val"``: its
+    val list; another split name: that labeled subset). ``num_classes``:
+    ``data_cfg["num_classes"]``, else the argument (the model's), else the layout's.
+    """
+    root = Path(root if root is not None else data_cfg.get("root") or ".")
+    layout = data_cfg.get("layout")
+    spec = data_io.DATASETS.get(layout) if layout else None
+    if list_file is None and split == "val":
+        list_file = data_cfg.get("val_list")
+    if list_file is None:
+        if spec is None:
+            raise data_io.DatasetError(
+                f"no list file for split {split!r}: the data config has no val_list and layout {layout!r} is not "
+                f"one of {sorted(data_io.DATASETS)}; pass --val-list FILE"
+            )
+        return data_io.SegmentationDataset.from_split(
+            layout, root, None if split == "val" else split, "val" if split == "val" else "labeled")
+    n = int(data_cfg.get("num_classes") or num_classes or (spec.num_classes if spec else 0))
+    if n < 2:
+        raise data_io.DatasetError("the number of classes is unknown: set data.num_classes")
+    p = Path(list_file)
+    if not p.is_file() and (root / p).is_file():
+        p = root / p
+    names = spec.class_names if spec is not None and spec.num_classes == n else default_class_names(n)
+    return data_io.SegmentationDataset(root, data_io.read_split(p), num_classes=n, labeled=True, class_names=names)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m derprop.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="trainer checkpoint (.pt)")
+    ap.add_argument("--mode", choices=MODES, default="original")
+    ap.add_argument("--crop-size", type=int, default=321)
+    ap.add_argument("--stride", type=int, default=None, help="sliding-window stride (default 2/3 of crop)")
+    ap.add_argument("--data-root", default=None, help="dataset root (default: the checkpoint's data.root)")
+    ap.add_argument("--split", default="val", help="'val' or a labeled split name of the dataset layout")
+    ap.add_argument("--val-list", default=None, help="list file overriding the checkpoint's")
+    ap.add_argument("--which", choices=("both", "model", "momentum"), default="both")
+    ap.add_argument("--device", default=None, help="default: cuda if available else cpu")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ap.add_argument("--window-batch", type=int, default=8, help="sliding windows per forward pass")
+    ap.add_argument("--workers", type=int, default=2, help="image-loading worker processes")
+    ap.add_argument("--out", default=None, help="write the results as JSON here (atomically)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        ckpt = ckpt_io.load(args.checkpoint)
+        if "model" not in ckpt:
+            raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no 'model' weights")
+        cfg = model_config_from_checkpoint(ckpt)
+        data_cfg = dict((ckpt.get("config") or {}).get("data") or {})
+        dataset = eval_dataset(data_cfg, split=args.split, root=args.data_root, list_file=args.val_list,
+                               num_classes=cfg.num_classes)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        which = ["model", "momentum"] if args.which == "both" else [args.which]
+        which = [w for w in which if ckpt.get(w) is not None]
+        if not which:
+            raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no '{args.which}' weights")
+        model = build_model(cfg).to(device)
+        results: dict[str, Any] = {}
+        for w in which:
+            try:
+                model.load_state_dict(_weights(ckpt[w]))
+            except RuntimeError as exc:
+                raise ckpt_io.CheckpointError(
+                    f"checkpoint {args.checkpoint}: its '{w}' weights do not fit the configured model: {exc}"
+                ) from exc
+            res = evaluate(model, dataset, num_classes=dataset.num_classes, mode=args.mode,
+                           crop_size=args.crop_size, stride=args.stride, device=device,
+                           window_batch=args.window_batch, limit=args.limit, progress=sys.stderr.isatty(),
+                           num_workers=args.workers)
+            results[w] = res
+            print(f"== {w} weights of {args.checkpoint} ==")
+            print(format_iou_table(res, dataset.class_names))
+        if args.out:
+            _atomic_write_json(args.out, {
+                "checkpoint": os.fspath(args.checkpoint),
+                "epoch": ckpt.get("epoch"),
+                "num_images": len(dataset),
+                "results": results,
+            })
+    except (ckpt_io.CheckpointError, data_io.DatasetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""Command line: ``python -m derprop.train --config configs/X.yaml [overrides]``.
+
+Explained in the book chapter *Training*.
+
+::
+
+    python -m derprop.train --config configs/cpu_scenes.yaml [--out runs/NAME]
+        [--resume [PATH]] [--amp bf16|fp16] [--channels-last] [--seed N]
+        [--device cpu|cuda] [key.sub=value ...]
+
+    torchrun --nproc_per_node 2 -m derprop.train --config configs/voc_92.yaml
+
+Writes ``runs/NAME/{config.yaml, metrics.jsonl, steps.jsonl, last.pt,
+best.pt, results.json, pseudo_labels/}`` (``NAME`` defaults to the config
+file's stem). ``--resume`` without a path continues from ``runs/NAME/last.pt``.
+``--amp``, ``--channels-last`` and ``--seed`` are shorthands for the
+overrides ``optim.amp=…``, ``optim.channels_last=true`` and ``seed=…``.
+
+Batch size and learning rate: ``optim.batch_size`` is per process, so
+``torchrun --nproc_per_node N`` trains with a global batch ``N × batch_size``;
+``optim.lr`` is used as given unless ``optim.ref_batch`` is set (then it is
+scaled by ``global batch / ref_batch``).
+
+Exit status 2 with one ``error:`` line for a bad config, dataset or
+checkpoint, or a loss that became NaN/inf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from derprop.checkpoint import CheckpointError
+from derprop.config import load_config
+from derprop.data import DatasetError
+from derprop.trainer import NonFiniteLossError, Trainer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m derprop.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML config (see configs/)")
+    ap.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
+    ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                    help="continue from PATH, or from <out>/last.pt when no path is given")
+    ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast dtype (CUDA)")
+    ap.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. method.dlp=false")
+    return ap
+
+
+def _one_line(err: BaseException) -> str:
+    """DataLoader workers wrap errors in a traceback; keep the original message's last line."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if "Traceback" in text else text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides)
+    if args.amp is not None:
+        overrides.append(f"optim.amp={args.amp}")
+    if args.channels_last:
+        overrides.append("optim.channels_last=true")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    try:
+        cfg = load_config(args.config, overrides)
+        out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
+        trainer = Trainer(cfg, out, resume=args.resume, device=args.device)
+        results = trainer.fit()
+    except (ValueError, FileNotFoundError, DatasetError, CheckpointError, NonFiniteLossError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    if trainer.d.is_main:
+        print(f"mIoU {100 * results['miou']:.2f} ({results['miou_net']} net, {results['miou_mode']}); "
+              f"results in {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

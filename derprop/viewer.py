@@ -1,0 +1,294 @@
+"""Look at pseudo-labels before and after derivative label propagation.
+
+Explained in the book chapter *Pseudo-label rectification, interactively*
+(``book/rectification.md``).
+
+The trainer saves, after every epoch, a snapshot of the pseudo-labels of a
+fixed set of unlabeled images whose labels are known:
+``<run>/pseudo_labels/epoch_XXX.npz`` with the arrays ``image`` (N, H, W, 3)
+uint8, ``gt`` (N, H, W), ``pl_before`` (N, H, W) = argmax softmax(L),
+``pl_after`` (N, H, W) = argmax of the eq. 5 blend, ``confidence`` (N, H, W)
+= max of the blend, ``names`` (N,), and the scalars ``eta_ep`` and ``epoch``.
+
+This module reads them (:func:`load_snapshots`), compares before and after
+(:func:`compare`), draws a static figure that needs no kernel
+(:func:`snapshot_figure`) and builds an ipywidgets viewer for a live kernel
+(:func:`make_viewer`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+IGNORE_INDEX = 255
+"""Label value excluded from every count (as in :mod:`derprop.data`)."""
+
+FIXED_RGB = (40, 160, 40)
+BROKEN_RGB = (210, 40, 40)
+SNAPSHOT_PATTERN = re.compile(r"epoch_(\d+)\.npz$")
+KEYS = ("image", "gt", "pl_before", "pl_after", "confidence", "names")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Pixel counts for one image (or a stack) of pseudo-labels before/after DLP."""
+
+    valid: int
+    correct_before: int
+    correct_after: int
+    fixed: int
+    broken: int
+
+    @property
+    def acc_before(self) -> float:
+        return self.correct_before / max(self.valid, 1)
+
+    @property
+    def acc_after(self) -> float:
+        return self.correct_after / max(self.valid, 1)
+
+
+def change_masks(gt: np.ndarray, before: np.ndarray, after: np.ndarray,
+                 ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean maps of the pixels DLP *fixed* (wrong → right) and *broke* (right → wrong)."""
+    valid = gt != ignore_index
+    fixed = valid & (before != gt) & (after == gt)
+    broken = valid & (before == gt) & (after != gt)
+    return fixed, broken
+
+
+def compare(gt: np.ndarray, before: np.ndarray, after: np.ndarray,
+            ignore_index: int = IGNORE_INDEX) -> Comparison:
+    """Counts of correct, fixed and broken pixels (any leading shape)."""
+    valid = gt != ignore_index
+    fixed, broken = change_masks(gt, before, after, ignore_index)
+    return Comparison(
+        valid=int(valid.sum()),
+        correct_before=int((valid & (before == gt)).sum()),
+        correct_after=int((valid & (after == gt)).sum()),
+        fixed=int(fixed.sum()),
+        broken=int(broken.sum()),
+    )
+
+
+def snapshot_paths(run_dir: str | os.PathLike) -> dict[int, Path]:
+    """``{epoch: path}`` of the run's ``pseudo_labels/epoch_XXX.npz`` files, in epoch order."""
+    folder = Path(run_dir) / "pseudo_labels"
+    found = {}
+    for p in folder.glob("epoch_*.npz") if folder.is_dir() else ():
+        m = SNAPSHOT_PATTERN.search(p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def load_snapshots(run_dir: str | os.PathLike) -> dict[int, dict[str, np.ndarray]]:
+    """Read every snapshot of a run: ``{epoch: {array name: array}}``.
+
+    Raises:
+        FileNotFoundError: if the run has no ``pseudo_labels/epoch_XXX.npz``.
+        KeyError: if a snapshot lacks one of the arrays listed in the module doc.
+    """
+    paths = snapshot_paths(run_dir)
+    if not paths:
+        raise FileNotFoundError(f"no pseudo_labels/epoch_XXX.npz under {run_dir}: train the run first")
+    out = {}
+    for epoch, path in paths.items():
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in KEYS if k not in z.files]
+            if missing:
+                raise KeyError(f"{path}: missing arrays {missing}; found {z.files}")
+            out[epoch] = {k: z[k] for k in z.files}
+    return out
+
+
+def colorize(label: np.ndarray, palette: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """RGB image of a label map; ``palette`` is a flat [r, g, b, r, g, b, ...] list (VOC's by default)."""
+    if palette is None:
+        from derprop.data import voc_palette
+
+        palette = voc_palette()
+    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    if len(pal) < 256:
+        pal = np.concatenate([pal, np.zeros((256 - len(pal), 3), np.uint8)])
+    return pal[label.astype(np.int64) % 256]
+
+
+def change_image(gt: np.ndarray, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """White image with fixed pixels green and broken pixels red."""
+    fixed, broken = change_masks(gt, before, after)
+    out = np.full(gt.shape + (3,), 255, np.uint8)
+    out[fixed] = FIXED_RGB
+    out[broken] = BROKEN_RGB
+    return out
+
+
+def _panels(snap: dict[str, np.ndarray], i: int, overlay: bool, confidence: bool, palette) -> list[tuple[str, np.ndarray]]:
+    image, gt = snap["image"][i], snap["gt"][i]
+    before, after = snap["pl_before"][i], snap["pl_after"][i]
+    c = compare(gt, before, after)
+
+    def show(label):
+        rgb = colorize(label, palette)
+        return (0.5 * image + 0.5 * rgb).astype(np.uint8) if overlay else rgb
+
+    panels = [
+        ("image", image),
+        ("ground truth", show(gt)),
+        (f"before DLP ({c.acc_before:.1%})", show(before)),
+        (f"after DLP ({c.acc_after:.1%})", show(after)),
+        (f"fixed {c.fixed} / broke {c.broken}", change_image(gt, before, after)),
+    ]
+    if confidence:
+        panels.append(("confidence of the blend", snap["confidence"][i].astype(np.float32)))
+    return panels
+
+
+def draw_snapshot(ax_row, snap: dict[str, np.ndarray], i: int, *, overlay: bool = False,
+                  confidence: bool = False, palette=None, row_title: str | None = None) -> None:
+    """Draw one image's panels (image, GT, before, after, fixed/broken[, confidence]) on a row of axes."""
+    for ax, (title, im) in zip(ax_row, _panels(snap, i, overlay, confidence, palette)):
+        if im.ndim == 2:
+            ax.imshow(im, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        else:
+            ax.imshow(im, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if row_title:
+        ax_row[0].set_ylabel(row_title, fontsize=9)
+
+
+def snapshot_figure(snapshots: dict[int, dict[str, np.ndarray]], *, epochs: Sequence[int] | None = None,
+                    images: Sequence[int] = (0, 1, 2), overlay: bool = False, palette=None):
+    """A static matplotlib figure: one row per (epoch, image), five panels per row.
+
+    The book shows it below the interactive viewer, so the rendered HTML is
+    useful without a running kernel. ``epochs`` defaults to the first and
+    the last snapshot.
+    """
+    import matplotlib.pyplot as plt
+
+    all_epochs = list(snapshots)
+    epochs = list(epochs) if epochs is not None else sorted({all_epochs[0], all_epochs[-1]})
+    n_img = len(snapshots[epochs[0]]["image"])
+    images = [i for i in images if i < n_img]
+    rows = [(e, i) for e in epochs for i in images]
+    fig, axes = plt.subplots(len(rows), 5, figsize=(12, 2.5 * len(rows)), squeeze=False, constrained_layout=True)
+    for ax_row, (e, i) in zip(axes, rows):
+        snap = snapshots[e]
+        eta = float(snap["eta_ep"]) if "eta_ep" in snap else float("nan")
+        draw_snapshot(ax_row, snap, i, overlay=overlay, palette=palette,
+                      row_title=f"epoch {e} (η_ep = {eta:.2f})\n{snap['names'][i]}")
+    return fig
+
+
+def render_png(snap: dict[str, np.ndarray], i: int, *, overlay: bool = False, confidence: bool = False,
+               palette=None, dpi: int = 90) -> bytes:
+    """PNG bytes of one image's panels (what the interactive viewer displays)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    n = 6 if confidence else 5
+    fig = Figure(figsize=(2.4 * n, 2.8), constrained_layout=True)
+    axes = fig.subplots(1, n)
+    draw_snapshot(axes, snap, i, overlay=overlay, confidence=confidence, palette=palette)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | None = None, palette=None):
+    """An ipywidgets viewer: image picker, epoch slider, overlay and confidence toggles.
+
+    Pass a run directory or already loaded ``snapshots``. Returns the
+    container widget; its ``.controls`` dict holds the ``image``, ``epoch``,
+    ``overlay`` and ``confidence`` widgets and ``.picture`` the
+    :class:`ipywidgets.Image` that shows the panels (tests drive them).
+    """
+    import ipywidgets as W
+
+    snapshots = snapshots if snapshots is not None else load_snapshots(run_dir)
+    epochs = list(snapshots)
+    names = [str(n) for n in snapshots[epochs[-1]]["names"]]
+    image = W.Dropdown(options=[(n, i) for i, n in enumerate(names)], value=0, description="image")
+    epoch = W.SelectionSlider(options=epochs, value=epochs[-1], description="epoch", continuous_update=False)
+    overlay = W.ToggleButton(value=False, description="overlay on image", icon="")
+    confidence = W.ToggleButton(value=False, description="show confidence", icon="")
+    picture = W.Image(format="png")
+    status = W.HTML()
+
+    def update(*_):
+        snap = snapshots[epoch.value]
+        i = image.value
+        picture.value = render_png(snap, i, overlay=overlay.value, confidence=confidence.value, palette=palette)
+        c = compare(snap["gt"][i], snap["pl_before"][i], snap["pl_after"][i])
+        eta = float(snap["eta_ep"]) if "eta_ep" in snap else float("nan")
+        status.value = (f"<b>epoch {epoch.value}</b> (η<sub>ep</sub> = {eta:.2f}), <b>{names[i]}</b>: "
+                        f"accuracy {c.acc_before:.1%} → {c.acc_after:.1%}; "
+                        f"DLP fixed {c.fixed} pixels and broke {c.broken}")
+
+    for w in (image, epoch, overlay, confidence):
+        w.observe(update, names="value")
+    update()
+    box = W.VBox([W.HBox([image, epoch]), W.HBox([overlay, confidence]), status, picture])
+    box.controls = {"image": image, "epoch": epoch, "overlay": overlay, "confidence": confidence}
+    box.picture = picture
+    return box
+
+
+def summary(snapshots: dict[int, dict[str, np.ndarray]]) -> list[dict[str, float]]:
+    """Per epoch, over all snapshot images: accuracy before/after and fixed/broken pixel counts."""
+    rows = []
+    for e, snap in snapshots.items():
+        c = compare(snap["gt"], snap["pl_before"], snap["pl_after"])
+        rows.append({"epoch": e, "eta_ep": float(snap.get("eta_ep", np.nan)), "acc_before": c.acc_before,
+                     "acc_after": c.acc_after, "fixed": c.fixed, "broken": c.broken})
+    return rows
+
+
+def load_or_train(config: str | os.PathLike, out_dir: str | os.PathLike, overrides: Sequence[str] = (), *,
+                  device: str = "cpu", progress: bool = False) -> dict:
+    """The book's "load the run if it exists, else train" (UvA-notebook style).
+
+    Returns the run's ``results.json`` content. If ``out_dir/results.json``
+    exists nothing is trained; if only ``last.pt`` exists training resumes
+    from it; otherwise :class:`derprop.trainer.Trainer` trains ``config``
+    with ``overrides`` into ``out_dir``. With ``progress`` one line is
+    printed per finished epoch.
+    """
+    import json
+
+    out = Path(out_dir)
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    from derprop.config import load_config
+    from derprop.trainer import Trainer
+
+    def hook(event, **info):
+        if progress and event == "epoch_end":
+            m = info["metrics"]
+            shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, float) and k in (
+                "train_loss", "miou_momentum", "miou_backprop", "pl_acc_before", "pl_acc_after")}
+            print(f"epoch {m['epoch']}: {shown}", flush=True)
+
+    cfg = load_config(config, list(overrides))
+    resume = out / "last.pt" if (out / "last.pt").is_file() else None
+    return Trainer(cfg, out, resume=resume, device=device, hook=hook, progress=False).fit()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a ``metrics.jsonl`` / ``steps.jsonl`` file (empty list if it does not exist)."""
+    import json
+
+    p = Path(path)
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []

@@ -1,0 +1,23 @@
+"""Shared fixtures: a tiny scenes tree, built once per test session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def scenes_tiny(tmp_path_factory) -> Path:
+    """24 training and 8 validation scenes of 48×48 (``python -m data_prep.scenes``), read-only by convention."""
+    root = tmp_path_factory.mktemp("data") / "scenes_tiny"
+    subprocess.run(
+        [sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--num-train", "24", "--num-val", "8",
+         "--size", "48", "--workers", "1", "--quiet"],
+        cwd=REPO, check=True,
+    )
+    return root

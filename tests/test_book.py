@@ -1,0 +1,222 @@
+"""The Jupyter Book: sources, vendored assets, and a warning-free smoke build.
+
+The build test runs ``jupyter-book build . -W -n --keep-going`` at smoke size
+(``DERPROP_SIZE=smoke``) into ``_build/smoke`` (its own execution cache,
+kept between runs; wiped when ``derprop/``, ``configs/`` or ``data_prep/``
+change, since jupyter-cache only keys on the notebook text). ``make book``
+builds the full-size book into ``_build/html`` separately.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+SMOKE_OUT = ROOT / "_build" / "smoke"
+SMOKE_HTML = SMOKE_OUT / "_build" / "html"
+JB = Path(sys.executable).with_name("jupyter-book")
+VENDOR = BOOK / "_static" / "vendor"
+
+REMOTE = re.compile(r"""<(script|link|img|iframe)\b[^>]*\b(src|href)\s*=\s*["']?(https?:)?//""", re.I)
+CDN = re.compile(r"cdn\.jsdelivr|unpkg\.com|cdnjs\.cloudflare|https://cdn", re.I)
+
+
+def chapters() -> list[Path]:
+    return sorted(BOOK.glob("*.md"))
+
+
+def toc_files() -> list[str]:
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+    for part in toc.get("parts", []):
+        files += [c["file"] for c in part.get("chapters", [])]
+    return files
+
+
+def front_matter(path: Path) -> dict:
+    text = path.read_text()
+    m = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    return yaml.safe_load(m.group(1)) if m else {}
+
+
+def code_cells(path: Path) -> list[tuple[str, str]]:
+    """(options block, source) of each ```{code-cell} in a MyST notebook."""
+    cells = []
+    for m in re.finditer(r"```\{code-cell\}[^\n]*\n(.*?)```", path.read_text(), re.S):
+        body = m.group(1)
+        opts = "\n".join(line for line in body.splitlines() if line.startswith(":"))
+        cells.append((opts, body))
+    return cells
+
+
+def repo_files() -> list[Path]:
+    """Files git would commit: tracked plus untracked-but-not-ignored."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+        return [ROOT / p for p in out.decode().split("\0") if p and (ROOT / p).exists()]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".venv", "_build", ".git", "runs", "data", "node_modules"}
+        return [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+
+
+# --------------------------------------------------------------------------- #
+# sources
+# --------------------------------------------------------------------------- #
+def test_no_notebook_in_the_repo_has_outputs():
+    bad = []
+    for path in repo_files():
+        if path.suffix != ".ipynb":
+            continue
+        nb = json.loads(path.read_text())
+        for i, cell in enumerate(nb.get("cells", [])):
+            if cell.get("cell_type") == "code" and (cell.get("outputs") or cell.get("execution_count") is not None):
+                bad.append(f"{path.relative_to(ROOT)} cell {i}")
+    assert not bad, "notebooks must be committed without outputs (jupyter nbconvert --clear-output): " + ", ".join(bad)
+
+
+def test_book_has_no_ipynb_chapters():
+    assert not list(BOOK.glob("*.ipynb")), "chapters are MyST markdown (jupytext), never .ipynb"
+
+
+@pytest.mark.parametrize("path", chapters(), ids=lambda p: p.name)
+def test_chapter_has_jupytext_header(path):
+    fm = front_matter(path)
+    assert fm.get("jupytext", {}).get("text_representation", {}).get("format_name") == "myst", \
+        f"{path.name}: missing the jupytext MyST header (jupytext --set-formats md:myst)"
+    assert fm.get("kernelspec", {}).get("name") == "python3", f"{path.name}: kernelspec must be python3"
+
+
+def test_toc_lists_exactly_the_chapters():
+    listed = {f"{f}.md" if not f.endswith(".md") else f for f in toc_files()}
+    present = {str(p.relative_to(ROOT)) for p in chapters()}
+    assert listed == present, f"only in _toc.yml: {sorted(listed - present)}; not in _toc.yml: {sorted(present - listed)}"
+
+
+@pytest.mark.parametrize("path", [p for p in chapters() if len(code_cells(p)) > 1], ids=lambda p: p.name)
+def test_computational_chapter_conventions(path):
+    text = path.read_text()
+    cells = code_cells(path)
+    params = [src for opts, src in cells if "parameters" in opts]
+    assert len(params) == 1, f"{path.name}: needs exactly one code cell tagged `parameters`"
+    assert 'SIZE = os.environ.get("DERPROP_SIZE", "small")' in params[0], f"{path.name}: the size switch"
+    assert re.search(r"^(from|import) derprop", "\n".join(src for _, src in cells), re.M), \
+        f"{path.name}: chapters import their maths from derprop"
+    assert "What you will learn" in text and "What you need" in text, f"{path.name}: opening admonitions"
+    assert re.search(r"eq\. \d+", text), f"{path.name}: cite the paper's equation numbers"
+    for forbidden in (r"^\s*class \w+\(.*nn\.Module", r"^\s*def (propagate|derivative|derivative_loss)\b"):
+        assert not re.search(forbidden, text, re.M), f"{path.name}: no notebook-local model/propagation/loss code"
+
+
+def test_config_offline_settings():
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    sphinx = cfg["sphinx"]["config"]
+    assert cfg["only_build_toc_files"] is True
+    assert cfg["execute"]["execute_notebooks"] == "cache"
+    assert not (ROOT / "_static").exists(), "a root _static/ makes Jupyter Book inject every .js in it into every page"
+    assert (VENDOR / sphinx["mathjax_path"]).is_file()
+    for js in sphinx["nb_ipywidgets_js"]:
+        assert (BOOK / "_static" / js).is_file(), js
+        assert "//" not in js
+
+
+def test_vendored_assets_match_their_checksums():
+    sums = (VENDOR / "SHA256SUMS").read_text().splitlines()
+    assert sums
+    for line in sums:
+        digest, name = line.split(maxsplit=1)
+        path = VENDOR / name.lstrip("*")
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{name} differs from SHA256SUMS"
+    listed = {VENDOR / line.split(maxsplit=1)[1].lstrip("*") for line in sums}
+    present = {p for p in VENDOR.rglob("*") if p.is_file() and p.name != "SHA256SUMS"}
+    assert present == listed, f"unlisted vendored files: {sorted(map(str, present - listed))}"
+
+
+# --------------------------------------------------------------------------- #
+# the build
+# --------------------------------------------------------------------------- #
+def source_stamp() -> str:
+    """Hash of the code the chapters execute; a change invalidates the smoke build's execution cache."""
+    h = hashlib.sha256()
+    for folder in ("derprop", "configs", "data_prep", "pipelines"):
+        for p in sorted((ROOT / folder).rglob("*")):
+            if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".txt") and "__pycache__" not in p.parts:
+                h.update(str(p.relative_to(ROOT)).encode())
+                h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def build_smoke_book() -> tuple[int, str, float]:
+    """Build the book at smoke size into _build/smoke (once per test session)."""
+    stamp_file = SMOKE_OUT / ".source-stamp"
+    stamp = source_stamp()
+    if stamp_file.is_file() and stamp_file.read_text() != stamp:
+        shutil.rmtree(SMOKE_OUT / "_build" / ".jupyter_cache", ignore_errors=True)
+        shutil.rmtree(SMOKE_OUT / "_build" / ".doctrees", ignore_errors=True)
+    SMOKE_OUT.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DERPROP_SIZE": "smoke", "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"}
+    t0 = time.time()
+    proc = subprocess.run([str(JB), "build", ".", "--path-output", str(SMOKE_OUT), "-W", "-n", "--keep-going"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    wall = time.time() - t0
+    log = proc.stdout + proc.stderr
+    (SMOKE_OUT / "build.log").write_text(log)
+    if proc.returncode == 0:
+        stamp_file.write_text(stamp)
+    return proc.returncode, log, wall
+
+
+def built_pages() -> list[Path]:
+    return [SMOKE_HTML / f"{f.removesuffix('.md')}.html" for f in toc_files()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1600)
+def test_book_builds_without_warnings():
+    rc, log, wall = build_smoke_book()
+    warnings = [line for line in log.splitlines() if re.search(r"WARNING|ERROR|CRITICAL", line)]
+    assert rc == 0 and not warnings, f"jupyter-book build failed (rc={rc}, {wall:.0f} s):\n" + \
+        "\n".join(warnings[:40] or log.splitlines()[-60:])
+    for page in built_pages():
+        assert page.is_file(), f"missing page {page.relative_to(ROOT)}"
+
+
+@pytest.mark.slow
+def test_built_html_references_no_remote_scripts():
+    rc, _, _ = build_smoke_book()
+    assert rc == 0
+    bad = []
+    for page in SMOKE_HTML.rglob("*.html"):
+        html = page.read_text(errors="replace")
+        for m in REMOTE.finditer(html):
+            bad.append(f"{page.relative_to(SMOKE_HTML)}: {m.group(0)[:120]}")
+        for tag in re.findall(r"<script\b[^>]*>.*?</script>", html, re.S):
+            if CDN.search(tag) and "application/vnd.jupyter.widget" not in tag:
+                bad.append(f"{page.relative_to(SMOKE_HTML)}: {tag[:120]}")
+    assert not bad, "remote scripts in the built book:\n" + "\n".join(bad[:20])
+
+
+@pytest.mark.slow
+def test_built_chapters_show_no_errors_and_cite_equations():
+    rc, _, _ = build_smoke_book()
+    assert rc == 0
+    for page in built_pages():
+        html = page.read_text()
+        assert "Traceback (most recent call last)" not in html, page.name
+        assert 'class="output traceback' not in html, page.name
+    widgets = (SMOKE_HTML / "book" / "rectification.html").read_text()
+    assert "static fallback" in widgets.lower() or "<img" in widgets

@@ -1,0 +1,133 @@
+"""Config loading: every shipped config, profiles, overrides, and clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from derprop.config import (
+    CHOICES,
+    PROFILES,
+    SECTIONS,
+    TrainConfig,
+    config_from_dict,
+    dump_yaml,
+    load_config,
+    resolved,
+)
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    for n in ("voc_92", "voc_183", "voc_366", "voc_732", "voc_1464", "cityscapes_186", "cityscapes_372",
+              "cityscapes_744", "cpu_scenes", "cpu_scenes_tiny"):
+        assert n in names, n
+    for split in (92, 183):
+        for ab in ("wo_dlp", "wo_der", "wo_momentum", "op_central", "op_sum", "op_second"):
+            assert f"voc_{split}_{ab}" in names
+        for q in range(4):
+            assert f"voc_{split}_Q{q}" in names and f"voc_{split}_Q{q}_nosparsity" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_loads_and_resolves(path):
+    cfg = load_config(path)
+    r = resolved(cfg)
+    assert r["eval"]["mode"] in ("original", "sliding", "center_crop")
+    # the resolved dict (what checkpoints hold) loads back to the same resolved config
+    assert resolved(config_from_dict(r)) == r
+    assert resolved(config_from_dict(yaml.safe_load(dump_yaml(cfg)))) == r
+
+
+def test_table_rows_have_the_right_switches():
+    c = load_config(CONFIG_DIR / ("voc_92_wo_dlp.yaml"))
+    assert (c.method.dlp, c.method.derivative_loss, c.method.momentum) == (False, False, False)
+    c = load_config(CONFIG_DIR / ("voc_183_Q2_nosparsity.yaml"))
+    assert (c.method.Q, c.method.sparsity) == (2, False)
+    c = load_config(CONFIG_DIR / ("voc_92_op_second.yaml"))
+    assert c.method.op == "second"
+    c = load_config(CONFIG_DIR / ("cityscapes_372.yaml"))
+    assert (c.data.layout, c.data.split, c.model.num_classes, c.loss.ohem) == ("cityscapes", "1_8", 19, True)
+
+
+def test_profile_sets_every_switch_and_user_keys_win():
+    for name, values in PROFILES.items():
+        flat = _flat(load_config(None, [f"profile={name}"]))
+        for key, v in values.items():
+            assert flat[key] == v, (name, key)
+    cfg = load_config(None, ["profile=official", "method.blend_space=prob"])
+    assert cfg.method.blend_space == "prob" and cfg.method.dlp_form == "softmax"
+
+
+def test_profiles_differ_in_every_named_switch_and_name_real_keys():
+    assert PROFILES["official"].keys() == PROFILES["paper"].keys()
+    for key in PROFILES["official"]:
+        section, name = key.split(".")
+        assert name in {f.name for f in dataclasses.fields(SECTIONS[section])}
+        assert PROFILES["official"][key] != PROFILES["paper"][key], key
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("profile: official\noptim:\n  lr: 0.5\n  epochs: 3\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\noptim:\n  epochs: 7\n")
+    cfg = load_config(tmp_path / "b.yaml", ["data.split=1_8", "method.Q=2", "data.scale_range=[0.75, 1.5]"])
+    assert (cfg.profile, cfg.optim.lr, cfg.optim.epochs) == ("official", 0.5, 7)
+    assert cfg.data.split == "1_8"  # not the YAML number 18
+    assert cfg.method.Q == 2 and cfg.data.scale_range == (0.75, 1.5)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("method.dlpp=false", ["'method.dlpp'", "derivative_loss", "blend_space"]),
+        ("optimizer.lr=1", ["'optimizer'", "optim"]),
+        ("method.op=backward", ["'method.op'", "forward", "central", "sum", "second"]),
+        ("method.blend_space=log", ["'method.blend_space'", "logit", "prob"]),
+        ("profile=both", ["'profile'", "official", "paper"]),
+        ("method.Q=7", ["'method.Q'", "0, 1, 2, 3"]),
+        ("method.dlp=maybe", ["'method.dlp'", "true or false"]),
+        ("optim.lr=fast", ["'optim.lr'", "number"]),
+        ("model.backbone=vgg16", ["model.backbone", "resnet101"]),
+        ("eval.mode=full", ["'eval.mode'", "sliding"]),
+        ("data.layout=ade20k", ["'data.layout'", "pascal", "cityscapes", "scenes"]),
+        ("optim.amp=fp8", ["'optim.amp'", "bf16"]),
+        ("nokey", ["key.sub=value"]),
+    ],
+)
+def test_bad_keys_and_values_name_the_key_and_allowed_values(override, words):
+    with pytest.raises(ValueError) as exc:
+        load_config(None, [override])
+    for w in words:
+        assert w in str(exc.value), (w, str(exc.value))
+
+
+def test_unknown_key_in_file_names_dotted_key(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("method:\n  sparsityy: true\n")
+    with pytest.raises(ValueError, match=r"'method\.sparsityy'.*allowed keys in 'method'"):
+        load_config(p)
+    p.write_text("base: x.yaml\n")
+    with pytest.raises(ValueError, match="inherits from itself"):
+        load_config(p)
+
+
+def test_choices_cover_enums():
+    cfg = TrainConfig()
+    assert set(CHOICES) >= {"profile", "method.op", "method.dlp_form", "method.blend_space", "eval.mode"}
+    assert cfg.model.num_classes == 21
+
+
+def _flat(cfg):
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            for sf in dataclasses.fields(v):
+                out[f"{f.name}.{sf.name}"] = getattr(v, sf.name)
+    return out

@@ -1,0 +1,238 @@
+"""derprop.evaluate: the three modes, the result dict, the table and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from derprop import checkpoint
+from derprop.evaluate import (
+    center_crop,
+    evaluate,
+    format_iou_table,
+    main,
+    sliding_window_logits,
+)
+from derprop.metrics import ConfusionMatrix
+from derprop.model import ModelConfig, build_model
+from derprop.momentum import MomentumNetwork
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+C = 4
+
+
+class ColourModel(nn.Module):
+    """Pointwise 'segmenter': class = red channel // 64. No context, so any windowing gives the same logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        cls = (x[:, 0].float() // 64).long().clamp(0, C - 1)
+        return F.one_hot(cls, C).permute(0, 3, 1, 2).float() * 5 + x[:, 1:2].float() / 255 + self.dummy
+
+
+def colour_image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+
+
+def colour_label(img):
+    return (img[0].long() // 64).clamp(0, C - 1)
+
+
+def test_sliding_equals_original_for_a_pointwise_model():
+    model = ColourModel()
+    x = colour_image(70, 101)[None]
+    ref = model(x)
+    for crop, stride in [(33, None), (33, 11), (64, 40), (128, None)]:
+        out = sliding_window_logits(model, x, crop_size=crop, stride=stride, window_batch=3)
+        torch.testing.assert_close(out, ref)
+
+
+def test_sliding_equals_original_when_the_crop_is_the_image():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(backbone="resnet18", num_classes=C, aspp_dilations=(2, 4))).eval()
+    x = colour_image(65, 65)[None]
+    with torch.no_grad():
+        ref = net(x).logits
+        out = sliding_window_logits(net, x, crop_size=65)
+    torch.testing.assert_close(out, ref)
+    # a window grid: a pixel covered by one window only gets exactly that window's logits
+    x = colour_image(65, 97)[None]
+    with torch.no_grad():
+        out = sliding_window_logits(net, x, crop_size=65, stride=32)  # windows at x = 0, 32
+        first = net(x[..., :65]).logits
+    torch.testing.assert_close(out[..., :32], first[..., :32])
+
+
+def test_modes_and_result_dict():
+    model = ColourModel()
+    imgs = [colour_image(50, 60, s) for s in range(3)]
+    data = [(im, colour_label(im)) for im in imgs]
+    for mode in ("original", "sliding", "center_crop"):
+        res = evaluate(model, data, num_classes=C, mode=mode, crop_size=32)
+        assert res["miou"] == pytest.approx(1.0) and res["pixel_acc"] == pytest.approx(1.0)
+        assert res["mode"] == mode and res["num_images"] == 3 and len(res["iou_per_class"]) == C
+    assert evaluate(model, data, num_classes=C, mode="sliding", crop_size=30)["stride"] == 20
+    with pytest.raises(ValueError, match="mode"):
+        evaluate(model, data, num_classes=C, mode="full")
+
+
+def test_center_crop_scores_only_the_centre():
+    """Labels wrong outside the central square: centre-crop scores 1, original less."""
+    model = ColourModel()
+    im = colour_image(40, 50)
+    lab = colour_label(im)
+    wrong = (lab + 1) % C
+    lab_bad = wrong.clone()
+    lab_bad[4:36, 9:41] = lab[4:36, 9:41]  # central 32x32 is right
+    data = [(im, lab_bad)]
+    assert evaluate(model, data, num_classes=C, mode="center_crop", crop_size=32)["miou"] == pytest.approx(1.0)
+    assert evaluate(model, data, num_classes=C, mode="original")["miou"] < 0.9
+    ci, cl = center_crop(im[None], lab[None], 64)  # larger than the image: the whole image
+    assert ci.shape[-2:] == (40, 50) and cl.shape[-2:] == (40, 50)
+
+
+def test_input_forms_ignore_and_absent_classes():
+    model = ColourModel()
+    im = colour_image(30, 30)
+    lab = colour_label(im)
+    lab[:5] = 255
+    hwc = im.permute(1, 2, 0).numpy()
+    r1 = evaluate(model, [(hwc, lab.numpy())], num_classes=C + 1)  # class C never occurs
+    r2 = evaluate(model, [{"image": im, "label": lab}], num_classes=C + 1)
+    loader = torch.utils.data.DataLoader([(im, lab), (im, lab)], batch_size=2)
+    r3 = evaluate(model, loader, num_classes=C + 1)
+    assert r1["iou_per_class"] == r2["iou_per_class"] == r3["iou_per_class"]
+    assert r1["iou_per_class"][C] is None and r3["num_images"] == 2
+    table = format_iou_table(r1)
+    assert "class_4" in table and "-" in table.splitlines()[2 + C] and "mode: original" in table
+
+
+def test_evaluate_restores_training_mode_and_accepts_momentum_net():
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(backbone="resnet18", num_classes=C, aspp_dilations=(2, 4))).train()
+    data = [(colour_image(33, 33, s), colour_label(colour_image(33, 33, s))) for s in range(2)]
+    res = evaluate(net, data, num_classes=C)
+    assert net.training
+    mom = MomentumNetwork(net)
+    res_m = evaluate(mom, data, num_classes=C)
+    assert res_m["miou"] == pytest.approx(res["miou"])  # same weights, both in eval mode
+
+
+def test_format_iou_table():
+    res = {"miou": 0.5, "iou_per_class": [0.25, 0.75, None], "pixel_acc": 0.9, "mode": "sliding",
+           "crop_size": 321, "stride": 214, "num_images": 7}
+    table = format_iou_table(res, ["bg", "cat", "dog"])
+    assert "cat" in table and "75.00" in table and "50.00" in table and "90.00" in table
+    assert "mode: sliding (crop 321, stride 214)" in table
+    with pytest.raises(ValueError):
+        format_iou_table(res, ["bg"])
+
+
+# --------------------------------------------------------------------------- #
+# CLI
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    lines = []
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        img = rng.integers(0, 256, (41, 49, 3), dtype=np.uint8)
+        lab = rng.integers(0, C, (41, 49), dtype=np.uint8)
+        lab[:3] = 255
+        Image.fromarray(img).save(root / "JPEGImages" / f"im{i}.png")
+        Image.fromarray(lab, mode="L").save(root / "SegmentationClass" / f"im{i}.png")
+        lines.append(f"JPEGImages/im{i}.png SegmentationClass/im{i}.png")
+    (root / "val.txt").write_text("\n".join(lines) + "\n")
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", num_classes=C, aspp_dilations=(2, 4), two_heads=False)
+    net = build_model(cfg)
+    mom = MomentumNetwork(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = root / "last.pt"
+    checkpoint.save(path, {
+        "model": net.state_dict(),
+        "momentum": mom.state_dict(),
+        "epoch": 3,
+        "config": {"model": cfg.to_dict(),
+                   "data": {"root": str(root), "layout": "pascal", "val_list": "val.txt", "num_classes": C}},
+    })
+    return root, path, net, mom
+
+
+def test_cli_evaluates_both_weight_sets(tiny_run, tmp_path, capsys):
+    root, path, net, mom = tiny_run
+    out = tmp_path / "res" / "eval.json"
+    rc = main(["--checkpoint", str(path), "--device", "cpu", "--mode", "sliding", "--crop-size", "33",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "== model weights" in printed and "== momentum weights" in printed and "mIoU" in printed
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"model", "momentum"} and res["epoch"] == 3
+    assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left behind
+    # the CLI's numbers equal evaluate() on the same weights
+    from derprop.evaluate import eval_dataset
+
+    ds = eval_dataset({"root": str(root), "val_list": str(root / "val.txt"), "num_classes": C})
+    for name, model in (("model", net), ("momentum", mom)):
+        direct = evaluate(model, ds, num_classes=C, mode="sliding", crop_size=33)
+        assert res["results"][name]["miou"] == pytest.approx(direct["miou"])
+        assert res["results"][name]["mode"] == "sliding"
+
+
+def test_cli_corrupt_checkpoint(tiny_run, tmp_path, capsys):
+    _, path, _, _ = tiny_run
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(path.read_bytes()[:2000])
+    assert main(["--checkpoint", str(broken), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "broken.pt" in err and "error:" in err
+    assert main(["--checkpoint", str(tmp_path / "absent.pt")]) == 2
+    assert "absent.pt" in capsys.readouterr().err
+
+
+def test_cli_only_model_and_missing_list(tiny_run, tmp_path, capsys):
+    root, path, _, _ = tiny_run
+    args = ["--checkpoint", str(path), "--device", "cpu", "--which", "model", "--limit", "1", "--workers", "0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "== model weights" in printed and "momentum" not in printed and "images: 1" in printed
+    assert main(["--checkpoint", str(path), "--val-list", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+
+
+def test_confusion_matrix_sanity_with_cli_data(tiny_run):
+    """evaluate's mIoU is ConfusionMatrix over argmax predictions (no hidden reweighting)."""
+    root, _, net, _ = tiny_run
+    from derprop.evaluate import eval_dataset
+
+    ds = eval_dataset({"root": str(root), "val_list": "val.txt", "num_classes": C})
+    cm = ConfusionMatrix(C)
+    net.eval()
+    with torch.no_grad():
+        for img, lab in ds:
+            cm.update(net(img[None].as_subclass(torch.Tensor)).logits.argmax(1), lab[None])
+    assert evaluate(net, ds, num_classes=C)["miou"] == pytest.approx(cm.miou())
+
+
+def test_eval_dataset_from_layout(scenes_tiny):
+    """Without a list file the layout's own val split is used (scenes keeps its lists under its root)."""
+    from derprop.evaluate import eval_dataset
+
+    ds = eval_dataset({"layout": "scenes", "root": str(scenes_tiny), "val_list": None, "num_classes": None})
+    assert len(ds) == 8 and ds.num_classes == 11 and len(ds.class_names) == 11
+    with pytest.raises(ValueError, match="val_list"):
+        eval_dataset({"layout": "nowhere", "root": str(scenes_tiny)})

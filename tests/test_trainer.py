@@ -1,0 +1,246 @@
+"""The trainer on a tiny scenes tree: outputs, profiles, ablation switches, faults, exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from derprop import checkpoint as ck
+from derprop.config import load_config
+from derprop.data import DatasetError
+from derprop.model import SegOutput
+from derprop.train import main
+from derprop.trainer import Dist, NonFiniteLossError, Threshold, Trainer, TrainingInterrupted, ohem_ce
+
+TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
+
+
+def tiny(root, *overrides):
+    return load_config(TINY, [f"data.root={root}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def reference_run(scenes_tiny, tmp_path_factory):
+    """One uninterrupted 2-epoch tiny run through the CLI (paper profile)."""
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    assert main(["--config", str(TINY), "--out", str(out), f"data.root={scenes_tiny}"]) == 0
+    return out
+
+
+def _metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("train_time_s")
+    return rows
+
+
+def test_run_writes_every_output(reference_run):
+    out = reference_run
+    for name in ("config.yaml", "metrics.jsonl", "steps.jsonl", "last.pt", "best.pt", "results.json"):
+        assert (out / name).is_file(), name
+    rows = _metrics(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_ce_x", "train_kl", "train_der_x", "train_der_u", "miou_backprop",
+                "miou_momentum", "pl_acc_before", "pl_acc_after", "pl_miou_before", "pl_miou_after"):
+        assert key in rows[-1], key
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["profile"] == "paper" and res["miou_net"] == "momentum"
+    assert set(res["final"]) == {"backprop", "momentum"}
+    assert set(res["final"]["momentum"]) == {"original", "center_crop"}
+    assert len(res["final"]["momentum"]["original"]["iou_per_class"]) == 11
+    for key in ("wall_time_s", "device", "torch_version"):
+        assert res[key]
+    state = ck.load(out / "last.pt")
+    for key in ("model", "momentum", "optimizer", "scheduler", "threshold", "rng", "epoch", "config"):
+        assert key in state, key
+    assert state["epoch"] == 2
+    snap = np.load(out / "pseudo_labels" / "epoch_002.npz")
+    n = len(snap["names"])
+    assert 1 <= n <= 8
+    assert snap["image"].shape == (n, 32, 32, 3) and snap["image"].dtype == np.uint8
+    for key in ("gt", "pl_before", "pl_after", "confidence"):
+        assert snap[key].shape == (n, 32, 32)
+
+
+def test_resume_after_a_kill_matches_the_uninterrupted_run(reference_run, scenes_tiny, tmp_path):
+    cfg = tiny(scenes_tiny)
+
+    def kill(event, epoch=None, step=None, **_):
+        if event == "step_end" and epoch == 1 and step == 0:
+            raise TrainingInterrupted("simulated kill in epoch 2")
+
+    with pytest.raises(TrainingInterrupted):
+        Trainer(cfg, tmp_path, hook=kill).fit()
+    assert ck.load(tmp_path / "last.pt")["epoch"] == 1
+    Trainer(cfg, tmp_path, resume=True).fit()
+    assert _metrics(tmp_path) == _metrics(reference_run)
+    a, b = ck.load(tmp_path / "last.pt"), ck.load(reference_run / "last.pt")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    ra = json.loads((tmp_path / "results.json").read_text())
+    rb = json.loads((reference_run / "results.json").read_text())
+    assert ra["final"] == rb["final"]
+
+
+def test_corrupt_checkpoint_on_resume_is_a_clear_error_and_nothing_changes(reference_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    last = run / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["--config", str(TINY), "--out", str(run), "--resume"]) == 2
+    with pytest.raises(ck.CheckpointError, match="truncated or not a DerProp checkpoint"):
+        Trainer(tiny("/nonexistent"), run, resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(scenes_tiny, tmp_path, monkeypatch):
+    cfg = tiny(scenes_tiny, "optim.iters_per_epoch=1", "data.diag_images=0", "data.val_limit=1")
+    real_step = Trainer.train_step
+
+    def step(self, batch, epoch):
+        loss, logs = real_step(self, batch, epoch)
+        return (loss * float("nan") if epoch == 1 else loss), logs
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    seen = {}
+
+    def hook(event, **info):
+        if event == "epoch_end":
+            seen["bytes"] = (tmp_path / "last.pt").read_bytes()
+
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, step 1.*last good checkpoint"):
+        Trainer(cfg, tmp_path, hook=hook).fit()
+    assert (tmp_path / "last.pt").read_bytes() == seen["bytes"]
+    assert ck.load(tmp_path / "last.pt")["epoch"] == 1
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
+    """Every release extra runs; each ablation switch removes exactly its terms."""
+    cfg = tiny(scenes_tiny, "profile=official", "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2",
+               "data.diag_images=2", "method.region_samples=16")
+    res = Trainer(cfg, tmp_path).fit()
+    assert res["miou_mode"] == "center_crop"
+    row = _metrics(tmp_path)[0]
+    for key in ("train_ce_x_prop", "train_ce_u_prop", "train_ce_fp", "train_der_x", "train_der_u"):
+        assert key in row, key
+    assert row["train_threshold"] < 0.85 + 1e-9  # EMA from 0.85
+    variants = {
+        (): {"ce_x", "ce_x_prop", "ce_u", "ce_u_prop", "kl", "der_x", "der_u"},
+        ("method.dlp=false",): {"ce_x", "ce_u", "kl", "der_x", "der_u"},
+        ("method.derivative_loss=false",): {"ce_x", "ce_x_prop", "ce_u", "ce_u_prop", "kl"},
+        ("method.momentum=false",): {"ce_x", "ce_x_prop", "ce_u", "ce_u_prop", "kl", "der_x", "der_u"},
+        ("method.Q=3", "method.op=second", "method.sparsity=false"): {"ce_x", "ce_x_prop", "ce_u", "ce_u_prop",
+                                                                      "kl", "der_x", "der_u"},
+    }
+    for over, expected in variants.items():
+        tr = Trainer(tiny(scenes_tiny, *over), tmp_path / "v")
+        assert (tr.momentum is None) == ("method.momentum=false" in over)
+        batch = next(iter(zip(*(tr._loader(ds, 0) for ds in (tr.train_l, tr.train_u, tr.train_mix)))))
+        loss, logs = tr.train_step(batch, 1)
+        assert torch.isfinite(loss)
+        assert set(logs) - {"threshold", "mask_ratio"} == expected, over
+        loss.backward()
+
+
+def test_paper_blend_is_in_probability_space_and_official_in_logit_space(scenes_tiny, tmp_path):
+    logits, prop = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2) * 5
+    paper = Trainer(tiny(scenes_tiny, "data.diag_images=0"), tmp_path / "p")
+    official = Trainer(tiny(scenes_tiny, "profile=official", "data.diag_images=0"), tmp_path / "o")
+    torch.testing.assert_close(paper._blend(logits, prop, 0.25), 0.75 * logits.softmax(1) + 0.25 * prop.softmax(1))
+    torch.testing.assert_close(official._blend(logits, prop, 0.25), (0.75 * logits + 0.25 * prop).softmax(1))
+    torch.testing.assert_close(paper._blend(logits, None, 0.25), logits.softmax(1))
+
+
+@pytest.mark.parametrize("fault", ["root", "image", "size", "values"])
+def test_bad_data_gives_one_error_naming_the_file(scenes_tiny, tmp_path, fault):
+    root = tmp_path / "scenes"
+    shutil.copytree(scenes_tiny, root)
+    line = (root / "splits" / "1_8" / "labeled.txt").read_text().split()
+    image, label = root / line[0], root / line[1]
+    if fault == "root":
+        shutil.rmtree(root)
+        named = str(root)
+    elif fault == "image":
+        image.unlink()
+        named = str(image)
+    elif fault == "size":
+        lab = Image.open(label)
+        lab.resize((lab.width // 2, lab.height)).save(label)
+        named = str(label)
+    else:
+        lab = Image.open(label)
+        arr = np.array(lab)
+        arr[0, 0] = 77
+        bad = Image.fromarray(arr, "P")
+        bad.putpalette(lab.getpalette())
+        bad.save(label)
+        named = str(label)
+    cfg = tiny(root, "optim.epochs=1", "optim.iters_per_epoch=4", "data.labeled_limit=1", "data.diag_images=0")
+    with pytest.raises(DatasetError) as exc:
+        Trainer(cfg, tmp_path / "run").fit()
+    assert named in str(exc.value)
+    rc = main(["--config", str(TINY), "--out", str(tmp_path / "cli"), f"data.root={root}", "optim.epochs=1",
+               "optim.iters_per_epoch=4", "data.labeled_limit=1", "data.diag_images=0"])
+    assert rc == 2
+
+
+def test_cli_reports_bad_config_keys(capsys):
+    assert main(["--config", str(TINY), "method.dlpp=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'method.dlpp'")
+
+
+def test_threshold_ema_and_fixed():
+    d = Dist()
+    probs = torch.zeros(1, 3, 2, 2)
+    probs[0, 0] = torch.tensor([[0.9, 0.6], [0.2, 0.2]])
+    probs[0, 1] = torch.tensor([[0.1, 0.4], [0.7, 0.5]])
+    probs[0, 2] = 1 - probs[0, 0] - probs[0, 1]
+    ignore = torch.zeros(1, 2, 2, dtype=torch.long)
+    t = Threshold("ema", 0.95, 0.85, 0.999)
+    t.update(probs, ignore, d)
+    # classes predicted: 0 (max conf 0.9) and 1 (max 0.7) → mean 0.8
+    assert t.value == pytest.approx(0.999 * 0.85 + 0.001 * 0.8)
+    fixed = Threshold("fixed", 0.95, 0.85, 0.999)
+    fixed.update(probs, ignore, d)
+    assert fixed.value == 0.95
+
+
+def test_ohem_keeps_hard_pixels():
+    logits = torch.tensor([[[[5.0, -5.0, 0.0, 0.0]]], [[[-5.0, 5.0, 0.0, 0.0]]]]).transpose(0, 1).contiguous()
+    target = torch.tensor([[[0, 0, 0, 255]]])
+    # probs of class 0: ≈1, ≈0, 0.5 — with thresh 0.7 the easy pixel is dropped
+    full = torch.nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")[0, 0]
+    assert ohem_ce(logits, target, 0.7, 1).item() == pytest.approx(((full[1] + full[2]) / 2).item())
+
+
+def test_region_propagation_fills_an_agreeing_region():
+    """A region of pixels that share features, mostly confident and one class, gets that class everywhere."""
+    b, c, h, w, k = 1, 3, 4, 4, 8
+    f = torch.zeros(b, c, h, w)
+    f[:, 0, :, :2] = 20.0  # left half: one feature direction
+    f[:, 2, :, 2:] = 20.0  # right half: another
+    out = SegOutput(logits=torch.zeros(2, c, h, w), f1=torch.cat([f, f]), f2=torch.cat([f, f]), logits_fp=None,
+                    logits_grid=torch.zeros(2, c, h, w))
+    mask = torch.zeros(b, h, w, dtype=torch.long)
+    mask[:, :, 2:] = 2
+    keep = torch.ones(b, h, w, dtype=torch.bool)
+    keep[0, 0, 0] = False  # one unconfident pixel in the left region
+    mask[0, 0, 0] = 1  # with a wrong label
+    fake = SimpleNamespace(cfg=SimpleNamespace(method=SimpleNamespace(region_samples=k, op="forward"),
+                                               model=SimpleNamespace(num_classes=c)))
+    box = torch.zeros(b, h, w, dtype=torch.bool)
+    ign = torch.zeros(b, h, w, dtype=torch.long)
+    torch.manual_seed(0)
+    new_mask, new_keep = Trainer._region_propagation(fake, out, 1, mask, keep, box, ign, 0.8, (h, w))
+    assert new_keep.all()
+    assert (new_mask[0, :, :2] == 0).all() and (new_mask[0, :, 2:] == 2).all()
