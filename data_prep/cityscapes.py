@@ -1,8 +1,8 @@
-"""Cityscapes, ready for training: ``python -m data_prep.cityscapes --root DIR --from-zips ZIPDIR``.
+"""Cityscapes, ready for training: ``python -m data_prep.cityscapes --root DIR --from-archives DIR``.
 
 Cityscapes needs a login at https://www.cityscapes-dataset.com, so there are two ways in:
 
-- ``--from-zips ZIPDIR``: the two official archives you downloaded,
+- ``--from-archives DIR``: the two official archives you downloaded,
   ``leftImg8bit_trainvaltest.zip`` and ``gtFine_trainvaltest.zip``;
 - ``--download``: ``cityscapesscripts``' downloader (``csDownload``) fetches
   them into ``DIR/archives`` with your credentials (it asks for them, or
@@ -125,19 +125,19 @@ def make_train_ids(root: Path, workers: int | None = None, progress: bool = True
     return len(todo)
 
 
-def prepare(root: Path, from_zips: Path | None = None, download: bool = False, progress: bool = True) -> int:
+def prepare(root: Path, from_archives: Path | None = None, download: bool = False, progress: bool = True) -> int:
     root.mkdir(parents=True, exist_ok=True)
     check_split_hashes()
     if download:
-        from_zips = download_zips(root / "archives")
-    if from_zips is None:
+        from_archives = download_zips(root / "archives")
+    if from_archives is None:
         raise DatasetError(
             "Cityscapes needs a login: download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from "
-            "https://www.cityscapes-dataset.com/downloads/ and pass their folder with --from-zips, "
+            "https://www.cityscapes-dataset.com/downloads/ and pass their folder with --from-archives, "
             "or pass --download to fetch them with your credentials (cityscapesscripts' csDownload)"
         )
     for name in ZIPS:
-        print(f"{name}: {extract(from_zips / name, root, progress)} files extracted")
+        print(f"{name}: {extract(from_archives / name, root, progress)} files extracted")
     print(f"labelTrainIds: {make_train_ids(root, progress=progress)} made")
     return check_tree("cityscapes", root)
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.cityscapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="dataset root (leftImg8bit/, gtFine/ end up here)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--from-zips", type=Path, help="folder holding the two official zips")
+    source.add_argument("--from-archives", type=Path, help="folder holding the two official zips")
     source.add_argument("--download", action="store_true", help="fetch the zips with csDownload (needs a login)")
     parser.add_argument("--check", action="store_true", help="only check the tree against the split lists")
     parser.add_argument("--deep", action="store_true", help="with --check: also decode and validate every file")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             check_split_hashes()
             n = check_tree("cityscapes", args.root, deep=args.deep)
         else:
-            n = prepare(args.root, args.from_zips, args.download, progress=not args.quiet)
+            n = prepare(args.root, args.from_archives, args.download, progress=not args.quiet)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

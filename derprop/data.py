@@ -143,7 +143,10 @@ def fix_hint(name: str, root: str | Path) -> str:
     """The sentence that error messages end with: how to (re)create or check the tree."""
     command = dataset_spec(name).prepare.format(root=root)
     check = f"{command.split(' --root')[0]} --check --root {root}"
-    return f"Fix: run `{command}` to recreate missing files (delete damaged ones first), or `{check}` to list every problem."
+    return (
+        f"Fix: run `{command}` to recreate missing files (delete damaged ones first), "
+        f"or `{check}` to list every problem."
+    )
 
 
 def splits_dir(name: str, root: str | Path | None = None) -> Path:
@@ -229,7 +232,7 @@ def split_items(
 
 
 def read_image(path: str | Path, fix: str = "") -> np.ndarray:
-    """Decode an image file fully to an ``H×W×3`` uint8 array; a missing or damaged file raises :class:`DatasetError`."""
+    """Decode an image file fully to an ``H×W×3`` uint8 array; a missing or damaged one raises :class:`DatasetError`."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"missing image {path}. {fix}".strip())

@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms.v2 import functional as TF
 
 from derprop import checkpoint as ckpt_io
@@ -306,6 +306,7 @@ class Trainer:
         self.global_step = 0
         self.best: dict[str, Any] = {"miou": -1.0, "epoch": None, "net": None}
         self.history: list[dict[str, Any]] = []
+        self._eval_cache: dict[tuple[str, str], dict[str, Any]] = {}
         if self._resume_state is not None:
             self._restore(self._resume_state)
             self._resume_state = None
@@ -675,10 +676,10 @@ class Trainer:
                    self._loader(self.train_mix, cfg.seed + 1))
         for epoch in range(self.start_epoch, cfg.optim.epochs):
             self._train_epoch(epoch, loaders)
-        results = self._final_results(time.time() - t0) if d.is_main else {}
+        results = self._final_results(time.time() - t0)
         if d.distributed:
             dist.barrier()
-        return results
+        return results if d.is_main else {}
 
     def _train_epoch(self, epoch: int, loaders) -> None:
         cfg, d = self.cfg, self.d
@@ -742,9 +743,10 @@ class Trainer:
                                    "lr": self.optimizer.param_groups[0]["lr"], "eta_ep": epoch / cfg.optim.epochs,
                                    **{f"train_{k}": v for k, v in means.items()}}
         last_epoch = epoch + 1 == cfg.optim.epochs
+        self._eval_cache = {}
+        if (epoch + 1) % cfg.eval.every == 0 or last_epoch:
+            metrics.update(self._evaluate_epoch(epoch))  # every rank evaluates its shard
         if d.is_main:
-            if (epoch + 1) % cfg.eval.every == 0 or last_epoch:
-                metrics.update(self._evaluate_epoch(epoch))
             if self.diag_set is not None:
                 metrics.update(self._pseudo_label_diagnostics(epoch))
             self.history.append(metrics)
@@ -765,7 +767,7 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ #
-    # evaluation and diagnostics (rank 0)
+    # evaluation (every rank, on its shard) and diagnostics (rank 0)
     # ------------------------------------------------------------------ #
     def _nets(self) -> dict[str, nn.Module]:
         nets: dict[str, nn.Module] = {"backprop": self.net}
@@ -773,17 +775,23 @@ class Trainer:
             nets["momentum"] = self.momentum.module
         return nets
 
-    def _eval(self, net: nn.Module, mode: str) -> dict[str, Any]:
+    def _eval(self, name: str, mode: str) -> dict[str, Any]:
+        """mIoU of net ``name`` (``backprop``/``momentum``) on the val set; reuses this epoch's result."""
         mode = eval_mode(self.cfg, mode)
+        if (name, mode) in self._eval_cache:
+            return self._eval_cache[(name, mode)]
+        d = self.d
+        data = self.val_set if not d.distributed else Subset(self.val_set, range(d.rank, len(self.val_set), d.world_size))
         with self._autocast():
-            return evaluate(net, self.val_set, num_classes=self.cfg.model.num_classes, mode=mode,
-                            crop_size=self.cfg.eval.crop_size, device=self.d.device)
+            res = evaluate(self._nets()[name], data, num_classes=self.cfg.model.num_classes, mode=mode,
+                           crop_size=self.cfg.eval.crop_size, device=d.device, all_reduce=d.distributed)
+        self._eval_cache[(name, mode)] = res
+        return res
 
     def _evaluate_epoch(self, epoch: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, net in self._nets().items():
-            res = self._eval(net, self.cfg.eval.mode)
-            out[f"miou_{name}"] = res["miou"]
+        for name in self._nets():
+            out[f"miou_{name}"] = self._eval(name, self.cfg.eval.mode)["miou"]
         nets = list(self._nets())
         candidates = nets if self.cfg.eval.select == "best_of_both" else nets[-1:]  # momentum if kept
         best_net = max(candidates, key=lambda n: out[f"miou_{n}"])
@@ -908,10 +916,10 @@ class Trainer:
         modes = list(dict.fromkeys(eval_mode(cfg, m) for m in (cfg.eval.mode, *cfg.eval.final_modes)))
         names = list(self.val_set.class_names)
         nets: dict[str, Any] = {}
-        for name, net in self._nets().items():
+        for name in self._nets():
             nets[name] = {}
             for mode in modes:
-                res = self._eval(net, mode)
+                res = self._eval(name, mode)
                 nets[name][mode] = {
                     "miou": res["miou"],
                     "pixel_acc": res["pixel_acc"],
@@ -938,7 +946,8 @@ class Trainer:
             "torch_version": str(torch.__version__),
             "python": platform.python_version(),
         }
-        _atomic_write(self.out / "results.json", json.dumps(_jsonable(results), indent=2) + "\n")
+        if self.d.is_main:
+            _atomic_write(self.out / "results.json", json.dumps(_jsonable(results), indent=2) + "\n")
         return results
 
 

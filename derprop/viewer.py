@@ -193,10 +193,7 @@ def snapshot_figure(snapshots: dict[int, dict[str, np.ndarray]], *, epochs: Sequ
 def render_png(snap: dict[str, np.ndarray], i: int, *, overlay: bool = False, confidence: bool = False,
                palette=None, dpi: int = 90) -> bytes:
     """PNG bytes of one image's panels (what the interactive viewer displays)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: leaves the notebook's backend alone
 
     n = 6 if confidence else 5
     fig = Figure(figsize=(2.4 * n, 2.8), constrained_layout=True)

@@ -95,7 +95,7 @@ def voc_tree(tmp: Path) -> tuple[Path, Path]:
 
 
 def sbd_mat_bytes(segmentation: np.ndarray) -> bytes:
-    """An SBD ``cls/<id>.mat`` in its real structure: struct ``GTcls`` with Boundaries, Segmentation, CategoriesPresent."""
+    """An SBD ``cls/<id>.mat`` in its real structure: struct ``GTcls`` (Boundaries, Segmentation, CategoriesPresent)."""
     from scipy.io import savemat
     from scipy.sparse import csc_matrix
 

@@ -160,7 +160,8 @@ def test_truncated_jpeg(voc):
 def test_label_of_wrong_size(voc):
     label = np.zeros((10, 10), np.uint8)
     Image.fromarray(label).save(voc / "SegmentationClass/2007_000001.png")
-    with pytest.raises(DatasetError, match=r"label .*2007_000001\.png is 10×10 but its image .*2007_000001\.jpg is 500×375"):
+    message = r"label .*2007_000001\.png is 10×10 but its image .*2007_000001\.jpg is 500×375"
+    with pytest.raises(DatasetError, match=message):
         _one(voc)[0]
 
 

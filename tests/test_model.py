@@ -68,7 +68,7 @@ def test_perturbation_branch():
     torch.testing.assert_close(pert.logits_fp, plain.logits)
     net.train()
     torch.manual_seed(1)
-    out = net(x, perturb=True)
+    out = net(x[..., :33, :33], perturb=True)
     assert not torch.allclose(out.logits_fp, out.logits)
     (out.logits.sum() + out.logits_fp.sum()).backward()
 
@@ -76,7 +76,7 @@ def test_perturbation_branch():
 def test_every_parameter_gets_a_gradient():
     """No unused parameters: DDP can run with find_unused_parameters=False."""
     net = tiny().train()
-    out = net(image(), perturb=True)
+    out = net(image(2, 33, 33), perturb=True)
     (out.logits.mean() + out.logits_fp.mean() + out.f1.mean() + out.f2.mean()).backward()
     unused = [n for n, p in net.named_parameters() if p.grad is None]
     assert not unused
@@ -180,16 +180,13 @@ def test_aspp_branches_follow_dilations():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("os_", [8, 16])
-def test_resnet101_forward_backward(os_):
-    """The full-size path (deep stem, dilated ResNet-101) at a tiny input."""
+def test_resnet101_forward_backward():
+    """The full-size path (the release's: deep stem, ResNet-101 at output stride 8) at a tiny input."""
     torch.manual_seed(0)
-    dil = (12, 24, 36) if os_ == 8 else (6, 12, 18)
-    net = build_model(ModelConfig(backbone="resnet101", output_stride=os_, aspp_dilations=dil)).train()
+    net = build_model(ModelConfig()).train()
     # batch 2: BN of ASPP's image-pooling branch needs more than one value per channel in train mode
     out = net(image(2, 33, 33), perturb=True)
-    grid = 5 if os_ == 8 else 3
-    assert out.logits.shape == (2, 21, 33, 33) and out.f1.shape == (2, 21, grid, grid)
+    assert out.logits.shape == (2, 21, 33, 33) and out.f1.shape == out.f2.shape == (2, 21, 5, 5)
     loss = F.cross_entropy(out.logits, torch.zeros(2, 33, 33, dtype=torch.long)) + out.f1.mean() + out.f2.mean()
     loss.backward()
     assert net.backbone.conv1[0].weight.grad is not None and net.head2.weight.grad is not None

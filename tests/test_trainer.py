@@ -244,3 +244,33 @@ def test_region_propagation_fills_an_agreeing_region():
     new_mask, new_keep = Trainer._region_propagation(fake, out, 1, mask, keep, box, ign, 0.8, (h, w))
     assert new_keep.all()
     assert (new_mask[0, :, :2] == 0).all() and (new_mask[0, :, 2:] == 2).all()
+
+
+def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
+    from benchmarks import cpu_evidence
+
+    out = tmp_path / "evidence.json"
+    cpu_evidence.main(["--config", str(TINY), "--seeds", "0", "1", "--variants", "full", "wo_dlp",
+                       "--runs-dir", str(tmp_path / "runs"), "--out", str(out), f"data.root={scenes_tiny}",
+                       "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2", "data.diag_images=2",
+                       "eval.final_modes=[original]"])
+    payload = json.loads(out.read_text())
+    assert set(payload["summary"]) == {"full", "wo_dlp"}
+    full = payload["summary"]["full"]
+    vals = [r["miou"] for r in payload["runs"] if r["variant"] == "full"]
+    assert full["miou_mean"] == pytest.approx(sum(vals) / 2)
+    assert full["seeds"] == [0, 1] and "miou_std" in full
+    assert payload["configs"]["wo_dlp"]["method"]["dlp"] is False
+    assert payload["runs"][0]["pl_acc_before"] is not None
+
+
+def test_bf16_autocast_and_channels_last_step(scenes_tiny, tmp_path):
+    tr = Trainer(tiny(scenes_tiny, "optim.amp=bf16", "optim.channels_last=true", "profile=official",
+                      "method.chunk=5", "data.diag_images=0"), tmp_path)
+    batch = next(iter(zip(*(tr._loader(ds, 0) for ds in (tr.train_l, tr.train_u, tr.train_mix)))))
+    loss, logs = tr.train_step(batch, 1)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in tr.net.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Trainer(tiny(scenes_tiny, "optim.amp=fp16"), tmp_path / "x", device="cpu")

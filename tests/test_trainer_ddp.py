@@ -18,7 +18,7 @@ from derprop.trainer import Trainer
 TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
 # Dropout draws differ between processes, so it is switched off. BatchNorm statistics are global
 # (CpuSyncBatchNorm); the curves still differ a little: losses are averaged per process.
-COMMON = ["model.proj_dropout=0.0", "optim.lr=0.002", "optim.epochs=2", "optim.iters_per_epoch=3", "data.diag_images=0",
+COMMON = ["model.proj_dropout=0.0", "optim.lr=0.002", "optim.epochs=1", "optim.iters_per_epoch=4", "data.diag_images=0",
           "data.val_limit=2", "eval.final_modes=[original]"]
 
 
@@ -52,9 +52,9 @@ def test_two_gloo_processes_match_one_process(scenes_tiny, tmp_path):
                      tmp_path / "single", device="cpu")
     single.fit()
     ddp, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
-    assert len(ddp) == len(one) == 6
-    assert ddp[0] == pytest.approx(one[0], rel=0.05)
-    assert ddp == pytest.approx(one, rel=0.15)
+    assert len(ddp) == len(one) == 4
+    assert ddp[:3] == pytest.approx(one[:3], rel=1e-4)
+    assert ddp == pytest.approx(one, rel=0.05)  # later, thresholded pseudo-labels may flip a pixel or two
     # gradients were averaged: both ranks hold the same weights
     p0, p1 = (torch.load(tmp_path / "ddp" / f"params_rank{r}.pt") for r in (0, 1))
     torch.testing.assert_close(p0, p1)
