@@ -219,7 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pipelines/run_matrix.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("one", help="train one configuration")
-    one.add_argument("config")
+    one.add_argument("config", nargs="?", help="config file (or --config)")
+    one.add_argument("--config", dest="config_opt", default=None, help=argparse.SUPPRESS)
     one.add_argument("--ablation", default="", choices=["", *ABLATIONS])
     every = sub.add_parser("all", help="train every entry of Tables 1-4 that is not finished")
     every.add_argument("--tables", nargs="*", default=["1", "2", "3", "4"], choices=["1", "2", "3", "4"])
@@ -237,7 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs_root = Path(args.runs_root)
 
     if args.cmd == "one":
-        run_one(args.config, ablation=args.ablation, size=args.size, runs_root=runs_root, device=args.device,
+        config = args.config_opt or args.config
+        if not config:
+            ap.error("one: a config file is required")
+        run_one(config, ablation=args.ablation, size=args.size, runs_root=runs_root, device=args.device,
                 profile=args.profile, force=args.force, extra=args.overrides)
         return 0
     entries = _unique_runs([e for e in MATRIX if args.cmd == "list" or e.table in args.tables])

@@ -1,0 +1,93 @@
+"""The training-step benchmark: quick preset end to end, the dense == tiled gate, the goal bookkeeping."""
+
+import json
+
+import pytest
+
+from benchmarks import train_step
+
+
+def test_grid_pixels_match_the_issue():
+    assert train_step.grid_pixels(321) == 1681
+    assert train_step.grid_pixels(801) == 10201
+    assert train_step.grid_pixels(161) == 441
+
+
+def test_quick_preset_writes_results(tmp_path, scenes_tiny):
+    out = tmp_path / "bench_train_step_cpu.json"
+    payload = train_step.main(["--size", "quick", "--device", "cpu", "--scenes-root", str(scenes_tiny),
+                               "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    assert payload["machine"]["device"] == "cpu" and payload["machine"]["torch"]
+    assert set(payload["resolved_configs"]) == {"official", "paper"}
+    assert payload["resolved_configs"]["official"]["method"]["chunk"] == 8
+
+    # dense and tiled agree before anything is timed
+    assert [c["profile"] for c in payload["check"]] == ["official", "paper"]
+    for c in payload["check"]:
+        assert c["passed"], c
+        assert c["loss_rel_diff"] <= 1e-4 and c["grad_max_rel_diff"] <= 1e-4
+        assert c["params_with_grad"] > 10 and not c["params_grad_mismatch"]
+
+    configs = train_step.PRESETS["quick"]["configs"]
+    assert len(payload["rows"]) == 2 * len(configs)
+    for row in payload["rows"]:
+        assert "error" not in row, row
+        assert row["M"] == 25 and row["batch"] == 2
+        assert row["images_per_s"] > 0 and row["seconds"] > 0 and row["peak_mib"] >= 0
+        assert 0 < row["dlp_loss_share"] and row["dlp_loss_calls"] >= 3
+        assert row["loss_finite"]
+        assert f"method.chunk={8 if row['impl'] == 'tiled' else 'null'}" in row["overrides"]
+    amp_rows = [r for r in payload["rows"] if r["config"] == "tiled-amp-cl"]
+    assert all(r["amp"] == "bf16" and r["channels_last"] for r in amp_rows)
+
+    assert {(r["profile"], r["crop"]) for r in payload["ratios"]} == {("official", 33), ("paper", 33)}
+    for r in payload["ratios"]:
+        assert r["tiled_vs_dense_memory"] > 0 and r["tiled_vs_dense_throughput"] > 0
+        assert r["best_config"] in configs
+    assert len(payload["goals"]) == 6
+    assert all(g["met"] in (True, False, None) for g in payload["goals"])
+    assert [g["met"] for g in payload["goals"] if "80 GB" in g["goal"]] == [None, None]  # no GPU here
+
+
+def test_disagreement_stops_the_benchmark(tmp_path, scenes_tiny, monkeypatch):
+    def bad_check(case, out_dir):
+        return {"profile": case["profile"], "crop": case["crop"], "loss_dense": 1.0, "loss_tiled": 1.5,
+                "loss_rel_diff": 0.5, "max_term_rel_diff": 0.5, "grad_max_rel_diff": 0.1, "grad_global_rel_diff": 0.1,
+                "grad_worst_param": "head1.weight", "params_grad_mismatch": [], "passed": False}
+
+    monkeypatch.setattr(train_step, "run_check", bad_check)
+    out = tmp_path / "never.json"
+    with pytest.raises(SystemExit, match="dense and tiled disagree"):
+        train_step.main(["--size", "quick", "--device", "cpu", "--scenes-root", str(scenes_tiny), "--out", str(out)])
+    assert not out.exists()
+
+
+def _row(profile, config, crop, ips, peak, reserved=None):
+    row = {"profile": profile, "config": config, "crop": crop, "M": train_step.grid_pixels(crop),
+           "images_per_s": ips, "peak_mib": peak}
+    if reserved is not None:
+        row.update(peak_reserved_total_mib=reserved, peak_allocated_total_mib=reserved * 0.9)
+    return row
+
+
+def test_goals_are_judged_from_the_ratios():
+    rows = [
+        _row("official", "dense-fp32", 321, 10.0, 9000, 20000), _row("official", "tiled-fp32", 321, 10.5, 8000, 18000),
+        _row("official", "tiled-amp-cl", 321, 16.0, 5000, 12000),
+        _row("official", "dense-fp32", 801, 2.0, 60000, 85000), _row("official", "tiled-fp32", 801, 2.2, 15000, 70000),
+        _row("official", "tiled-amp-cl", 801, 3.0, 9000, 50000),
+    ]
+    ratios = train_step.compute_ratios(rows, ["official"], [321, 801])
+    by = {r["crop"]: r for r in ratios}
+    assert by[801]["tiled_vs_dense_memory"] == pytest.approx(0.25)
+    assert by[321]["best_config"] == "tiled-amp-cl" and by[321]["best_vs_dense_throughput"] == pytest.approx(1.6)
+    goals = train_step.evaluate_goals(rows, ratios, "cuda", "full", [321, 801])
+    assert [g["met"] for g in goals] == [True, True, True]
+    assert goals[2]["measured"]["config"] == "tiled-amp-cl"
+
+    # dense out of memory at 801 while tiled runs: the memory goal counts as met
+    rows[3] = {"profile": "official", "config": "dense-fp32", "crop": 801, "M": 10201, "error": "out of memory"}
+    goals = train_step.evaluate_goals(rows, train_step.compute_ratios(rows, ["official"], [321, 801]),
+                                      "cuda", "full", [321, 801])
+    assert goals[0]["met"] is True and "out of memory" in goals[0]["note"]

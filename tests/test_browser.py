@@ -1,0 +1,269 @@
+"""The built book and the rectification viewer in a real browser (headless Debian chromium).
+
+* Every chapter of the smoke build (tests/test_book.py builds it into
+  ``_build/smoke``) loads from a local http.server with no console error,
+  no failed request and no request leaving 127.0.0.1; its maths is typeset by
+  the vendored MathJax (no raw TeX left); every image has decoded; the
+  vendored ipywidgets bundle renders chapter 8's saved widgets, and its static
+  fallback figure is there.
+* JupyterLab runs chapter 8 (converted to .ipynb with jupytext) cell by cell;
+  moving the epoch slider and picking another image changes the displayed
+  picture, and no cell errors.
+
+Skipped, with a message, when no chromium is installed
+(``apt-get install -y chromium``). ``DERPROP_BOOK_HTML=_build/html`` tests an
+existing build (e.g. ``make book``'s) instead of the smoke build.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("DERPROP_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no chromium at {CHROMIUM} (apt-get install -y chromium)"),
+]
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+# Console messages that are not errors of the book: ajv's schema warnings inside the
+# ipywidgets bundle are logged at "warning" level and are not collected.
+IGNORED_CONSOLE = ()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def book_html():
+    """The smoke build of tests/test_book.py, or an already built book named by $DERPROP_BOOK_HTML."""
+    if os.environ.get("DERPROP_BOOK_HTML"):
+        html = Path(os.environ["DERPROP_BOOK_HTML"])
+        assert (html / "index.html").is_file(), f"DERPROP_BOOK_HTML={html} holds no built book"
+        return html
+    from test_book import SMOKE_HTML, build_smoke_book
+
+    rc, log, _ = build_smoke_book()
+    if rc != 0:
+        pytest.fail("the smoke build of the book failed (see tests/test_book.py):\n" + log[-3000:])
+    return SMOKE_HTML
+
+
+@pytest.fixture(scope="module")
+def server(book_html):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(book_html)))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+class PageWatch:
+    """Console errors, page errors, failed requests and requests that leave localhost."""
+
+    def __init__(self, page, origin: str):
+        self.errors: list[str] = []
+        self.remote: list[str] = []
+        page.on("console", lambda m: m.type == "error" and not any(s in m.text for s in IGNORED_CONSOLE)
+                and self.errors.append(f"console: {m.text}"))
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("requestfailed", lambda r: r.url.startswith(origin) and self.errors.append(f"failed: {r.url}"))
+
+        def route(r):
+            if r.request.url.startswith(origin) or r.request.url.startswith(("data:", "blob:")):
+                r.continue_()
+            else:
+                self.remote.append(r.request.url)
+                r.abort()
+
+        page.route("**/*", route)
+
+
+def chapter_paths() -> list[str]:
+    from test_book import toc_files
+
+    return [f"{f.removesuffix('.md')}.html" for f in toc_files()]
+
+
+RAW_TEX = """() => {
+  const main = (document.querySelector('main') || document.body).cloneNode(true);
+  main.querySelectorAll('pre, code, script, style, mjx-container, .highlight').forEach(e => e.remove());
+  const t = main.textContent;
+  return ['$$', '\\\\(', '\\\\[', '\\\\begin{', '\\\\mathbf'].filter(s => t.includes(s));
+}"""
+
+
+@pytest.mark.timeout(240)
+def test_every_chapter_renders_offline(server, browser, book_html):
+    problems = []
+    for path in chapter_paths():
+        page = browser.new_page()
+        watch = PageWatch(page, server)
+        page.goto(f"{server}/{path}", wait_until="load")
+        has_math = page.locator(".math, span.math, div.math").count() > 0
+        if has_math:
+            page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=20000)
+            page.evaluate("() => MathJax.startup.promise")
+            if page.locator("mjx-container").count() == 0:
+                problems.append(f"{path}: maths present but no MathJax output")
+        raw = page.evaluate(RAW_TEX)
+        if raw:
+            problems.append(f"{path}: raw TeX left visible: {raw}")
+        page.wait_for_load_state("networkidle")
+        broken = page.evaluate("() => Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)"
+                               ".map(i => i.src.slice(0, 80))")
+        if broken:
+            problems.append(f"{path}: images that did not decode: {broken}")
+        problems += [f"{path}: {e}" for e in watch.errors]
+        problems += [f"{path}: request left localhost: {u}" for u in watch.remote]
+        page.close()
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(120)
+def test_rectification_page_has_widgets_and_static_fallback(server, browser):
+    page = browser.new_page()
+    watch = PageWatch(page, server)
+    page.goto(f"{server}/book/rectification.html", wait_until="networkidle")
+    heading = page.locator("h2", has_text="Static fallback")
+    assert heading.count() == 1
+    # the figure right after the heading is an image that decoded
+    fallback = page.locator("section:has(> h2:has-text('Static fallback')) img")
+    assert fallback.count() >= 1
+    assert fallback.first.evaluate("i => i.naturalWidth") > 0
+    # the vendored html-manager rendered the saved widget state (a dropdown and the PNG picture)
+    page.wait_for_selector(".widget-dropdown select", timeout=20000)
+    assert page.locator(".jupyter-widgets img, .widget-image").count() >= 1
+    assert not watch.errors and not watch.remote, watch.errors + watch.remote
+    page.close()
+
+
+# --------------------------------------------------------------------------- #
+# JupyterLab: run chapter 8 and drive its viewer
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, book_html):
+    import jupytext
+
+    work = tmp_path_factory.mktemp("lab")
+    nb = jupytext.read(ROOT / "book" / "rectification.md")
+    jupytext.write(nb, work / "rectification.ipynb")
+    port, token = _free_port(), secrets.token_hex(16)
+    jupyter = Path(sys.executable).with_name("jupyter")
+    env = {**os.environ, "DERPROP_SIZE": "smoke", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+           "JUPYTER_CONFIG_DIR": str(work / ".jupyter"), "JUPYTER_RUNTIME_DIR": str(work / ".runtime")}
+    proc = subprocess.Popen(
+        [str(jupyter), "lab", "--no-browser", "--ip", "127.0.0.1", f"--port={port}", f"--ServerApp.token={token}",
+         f"--ServerApp.root_dir={work}", "--ServerApp.open_browser=False", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("jupyter lab exited:\n" + (proc.stdout.read() if proc.stdout else ""))
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("jupyter lab did not start within 60 s")
+    yield base, token
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    shutil.rmtree(work / ".runtime", ignore_errors=True)
+
+
+def _picture_src(page) -> str:
+    img = page.locator(".jp-OutputArea-output .widget-image, .jp-OutputArea-output .jupyter-widgets img").first
+    img.wait_for(timeout=30000)
+    return img.get_attribute("src") or ""
+
+
+def _wait_changed(page, old: str, what: str) -> str:
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        src = _picture_src(page)
+        if src and src != old:
+            return src
+        time.sleep(0.25)
+    raise AssertionError(f"the viewer's picture did not change after {what}")
+
+
+@pytest.mark.timeout(240)
+def test_jupyterlab_runs_chapter_8_and_the_viewer_reacts(lab, browser):
+    base, token = lab
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    page.goto(f"{base}/lab/tree/rectification.ipynb?token={token}", wait_until="domcontentloaded")
+    page.wait_for_selector(".jp-Notebook", timeout=60000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'], .jp-Toolbar-kernelStatus",
+                           timeout=60000)
+    page.click(".jp-Notebook")
+    # Run > Run All Cells
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+    n_code = page.locator(".jp-CodeCell").count()
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        prompts = page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
+        done = [p for p in prompts if p.strip().startswith("[") and p.strip()[1:-2].strip().isdigit()]
+        if len(done) == n_code:
+            break
+        if page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count():
+            break
+        time.sleep(1)
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
+    assert not errors, "cell errors:\n" + "\n".join(e[-1500:] for e in errors)
+    assert len(done) == n_code, f"only {len(done)} of {n_code} cells finished: {prompts}"
+
+    first = _picture_src(page)
+    # move the epoch slider one step to the left (keyboard on the slider handle)
+    handle = page.locator(".jp-OutputArea-output .widget-slider .noUi-handle, "
+                          ".jp-OutputArea-output .widget-hslider .noUi-handle").first
+    handle.focus()
+    handle.press("Home")
+    second = _wait_changed(page, first, "moving the epoch slider")
+    # pick another image
+    page.locator(".jp-OutputArea-output .widget-dropdown select").first.select_index(1)
+    _wait_changed(page, second, "picking another image")
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
+    assert not errors, errors
+    page.close()

@@ -1,0 +1,118 @@
+"""The papermill pipelines (pipelines/*.ipynb) and the matrix runner, at smoke size.
+
+``make reproduce`` / ``make reproduce-all`` go through ``pipelines/run_matrix.py``,
+which executes ``pipelines/train.ipynb`` with papermill; ``pipelines/evaluate.ipynb``
+evaluates a checkpoint. Here both run on the tiny scenes tree, and the notebooks
+also run unmodified under ``pytest --nbval-lax``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = ROOT / "pipelines"
+TINY = "configs/cpu_scenes_tiny.yaml"
+
+
+def _run_matrix():
+    spec = importlib.util.spec_from_file_location("run_matrix", PIPELINES / "run_matrix.py")
+    mod = sys.modules["run_matrix"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rm = _run_matrix()
+
+
+# --------------------------------------------------------------------------- #
+# the matrix (no training)
+# --------------------------------------------------------------------------- #
+def test_matrix_covers_tables_1_to_4_with_the_papers_numbers():
+    cells = {(e.table, e.row, e.column): e.paper for e in rm.MATRIX}
+    assert cells[("1", "DerProp", "92")] == 77.6 and cells[("1", "w/o DLP", "92")] == 66.6
+    assert ("1", "w/o DLP", "1464") not in cells  # not applicable with every image labeled
+    assert cells[("2", "DerProp", "744")] == 62.1
+    assert cells[("3", "L_2", "w/o sparsity")] == 76.0 and cells[("3", "L_1", "w/ sparsity")] == 77.6
+    assert cells[("4", "eq. 11", "183")] == 77.1
+    assert len([e for e in rm.MATRIX if e.table == "1"]) == 4 * 5 - 1
+    for e in rm.MATRIX:
+        assert (ROOT / e.config).is_file(), e.config
+        assert e.ablation in ("", *rm.ABLATIONS), e.ablation
+
+
+def test_main_run_is_shared_by_tables():
+    names = {(e.table, e.row, e.column): e.name for e in rm.MATRIX}
+    assert names[("1", "DerProp", "92")] == names[("3", "L_1", "w/ sparsity")] == names[("4", "eq. 2", "92")] == "voc_92"
+    assert rm.run_name("configs/voc_92.yaml", "Q2_nosparsity") == "voc_92_Q2_nosparsity"
+
+
+def test_dedicated_config_files_are_preferred():
+    assert rm.resolve_config("configs/voc_92.yaml", "wo_dlp") == ("configs/voc_92_wo_dlp.yaml", "")
+    assert rm.resolve_config("configs/voc_366.yaml", "wo_dlp") == ("configs/voc_366.yaml", "wo_dlp")
+
+
+def test_overrides_load_into_a_valid_config():
+    from derprop.config import load_config
+
+    for abl in rm.ABLATIONS:
+        ov = rm.overrides_for(split="183", profile="paper", ablation=abl, size="smoke", seed=3)
+        cfg = load_config(ROOT / "configs/voc_92.yaml", ov)
+        assert cfg.data.split == "183" and cfg.profile == "paper" and cfg.seed == 3 and cfg.optim.epochs == 1
+    with pytest.raises(ValueError, match="unknown ablation"):
+        rm.overrides_for(ablation="nope")
+
+
+# --------------------------------------------------------------------------- #
+# papermill, end to end
+# --------------------------------------------------------------------------- #
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_run_one_trains_through_papermill_then_skips(scenes_tiny, tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    extra = [f"data.root={scenes_tiny}"]
+    run_dir = rm.run_one(TINY, ablation="wo_dlp", size="smoke", runs_root=runs, device="cpu", extra=extra,
+                         results_dir=results)
+    assert run_dir == runs / "cpu_scenes_tiny_wo_dlp"
+    executed = json.loads((run_dir / "train.ipynb").read_text())
+    assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code")
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["config"]["method"]["dlp"] is False and res["epochs"] == 1
+    summary = json.loads((results / "cpu_scenes_tiny_wo_dlp.json").read_text())
+    assert summary["miou"] == res["miou"] and summary["size"] == "smoke" and summary["ablation"] == "wo_dlp"
+    stamp = (run_dir / "results.json").stat().st_mtime_ns
+    rm.run_one(TINY, ablation="wo_dlp", size="smoke", runs_root=runs, device="cpu", extra=extra, results_dir=results)
+    assert (run_dir / "results.json").stat().st_mtime_ns == stamp, "a finished run is skipped"
+    assert rm.state(run_dir) == "done"
+
+    import papermill
+
+    out = tmp_path / "eval.ipynb"
+    papermill.execute_notebook(str(PIPELINES / "evaluate.ipynb"), str(out), kernel_name="python3", cwd=str(ROOT),
+                               parameters={"RUN_DIR": str(run_dir), "MODE": "center_crop", "CROP_SIZE": 32,
+                                           "LIMIT": 4, "DEVICE": "cpu"}, progress_bar=False)
+    ev = json.loads((run_dir / "eval_center_crop.json").read_text())
+    assert ev["num_images"] == 4 or ev["results"]
+    assert 0.0 <= ev["results"]["model"]["miou"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pipelines_run_under_nbval_lax():
+    """The notebooks as committed (default parameters: the tiny scenes config) under ``pytest --nbval-lax``."""
+    subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(ROOT / "data" / "scenes_tiny"),
+                    "--num-train", "24", "--num-val", "8", "--size", "48", "--workers", "1", "--quiet"],
+                   cwd=ROOT, check=True)
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider",
+                           "--rootdir", str(PIPELINES), str(PIPELINES / "train.ipynb"), str(PIPELINES / "evaluate.ipynb")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
