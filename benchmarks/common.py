@@ -7,6 +7,7 @@ before the measured call and reports the rise of that mark.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -129,3 +130,38 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def core_parser(doc: str) -> argparse.ArgumentParser:
+    """Options shared by the core benchmarks (``dlp``, ``derloss``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1681, 4225, 10201])
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(RESULTS / "bench_core.json"))
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_cases(module: str, cases: list[dict], run_case: Callable[[dict], dict]) -> list[dict]:
+    """Run each case (isolated on CPU, in-process on CUDA) and print a line per case."""
+    rows = []
+    for case in cases:
+        row = run_isolated(module, case) if case["device"] == "cpu" else run_case(case)
+        print(f"  {row['impl']:17s} M={row['M']:6d}  {row['seconds'] * 1e3:9.1f} ms  {row['peak_mib']:8.1f} MiB",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
+def finish_core(args: argparse.Namespace, key: str, rows: list[dict], ratios: list[dict],
+                columns: list[tuple[str, str, str]]) -> dict:
+    """Print the ratio table and store this benchmark's section of ``bench_core.json``."""
+    print()
+    print_table(ratios, columns)
+    section = {"machine": machine_info(args.device), "config": vars(args) | {"case": None},
+               "rows": rows, "ratios": ratios}
+    update_results(Path(args.out), key, section)
+    print(f"\nwrote {args.out}")
+    return section

@@ -9,13 +9,11 @@ memory at ≤ 1.5× its time.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, machine_info, measure, print_table, run_isolated, update_results
+from benchmarks.common import core_parser, finish_core, measure, run_cases
 from derprop.losses import similarity_l1
 
 
@@ -37,25 +35,13 @@ def run_case(case: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1681, 4225, 10201])
-    parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS / "bench_core.json"))
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = core_parser(__doc__).parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return {}
-
-    rows = []
-    for m in args.sizes:
-        for impl in ("dense", "tiled"):
-            case = {"impl": impl, "M": m, "B": 2, "D": 21, "chunk": args.chunk,
-                    "device": args.device, "repeats": args.repeats}
-            rows.append(run_isolated("benchmarks.derloss", case) if args.device == "cpu" else run_case(case))
-            print(f"  {impl:6s} M={m:6d}  {rows[-1]['seconds'] * 1e3:9.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", flush=True)
+    cases = [{"impl": impl, "M": m, "B": 2, "D": 21, "chunk": args.chunk,
+              "device": args.device, "repeats": args.repeats} for m in args.sizes for impl in ("dense", "tiled")]
+    rows = run_cases("benchmarks.derloss", cases, run_case)
     ratios = []
     for m in args.sizes:
         by = {r["impl"]: r for r in rows if r["M"] == m}
@@ -64,14 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
             "time_ratio": by["tiled"]["seconds"] / by["dense"]["seconds"],
             "memory_ratio": by["tiled"]["peak_mib"] / max(by["dense"]["peak_mib"], 1e-9),
         })
-    print()
-    print_table(ratios, [("M", "M", "d"), ("time_ratio", "tiled/dense time", ".2f"),
-                         ("memory_ratio", "tiled/dense memory", ".3f")])
-    section = {"machine": machine_info(args.device), "config": vars(args) | {"case": None},
-               "rows": rows, "ratios": ratios}
-    update_results(Path(args.out), "derloss", section)
-    print(f"\nwrote {args.out}")
-    return section
+    return finish_core(args, "derloss", rows, ratios, [
+        ("M", "M", "d"), ("time_ratio", "tiled/dense time", ".2f"), ("memory_ratio", "tiled/dense memory", ".3f")])
 
 
 if __name__ == "__main__":

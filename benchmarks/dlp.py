@@ -10,13 +10,11 @@ at M = 10201.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, machine_info, measure, print_table, run_isolated, update_results
+from benchmarks.common import core_parser, finish_core, measure, run_cases
 from derprop.propagation import propagate
 from derprop.reference import propagate_literal
 
@@ -46,25 +44,13 @@ def run_case(case: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1681, 4225, 10201])
-    parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(RESULTS / "bench_core.json"))
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = core_parser(__doc__).parse_args(argv)
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
         return {}
-
-    rows = []
-    for m in args.sizes:
-        for impl in IMPLS:
-            case = {"impl": impl, "M": m, "B": 2, "C": 21, "D": 21, "chunk": args.chunk,
-                    "device": args.device, "repeats": args.repeats}
-            rows.append(run_isolated("benchmarks.dlp", case) if args.device == "cpu" else run_case(case))
-            print(f"  {impl:17s} M={m:6d}  {rows[-1]['seconds'] * 1e3:9.1f} ms  {rows[-1]['peak_mib']:8.1f} MiB", flush=True)
+    cases = [{"impl": impl, "M": m, "B": 2, "C": 21, "D": 21, "chunk": args.chunk,
+              "device": args.device, "repeats": args.repeats} for m in args.sizes for impl in IMPLS]
+    rows = run_cases("benchmarks.dlp", cases, run_case)
     ratios = []
     for m in args.sizes:
         by = {r["impl"]: r for r in rows if r["M"] == m}
@@ -74,15 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
             "official_time_ratio": by["official-tiled"]["seconds"] / by["official-dense"]["seconds"],
             "official_memory_ratio": by["official-tiled"]["peak_mib"] / max(by["official-dense"]["peak_mib"], 1e-9),
         })
-    print()
-    print_table(ratios, [("M", "M", "d"), ("paper_speedup", "factorised speed-up", ".1f"),
-                         ("official_time_ratio", "tiled/dense time", ".2f"),
-                         ("official_memory_ratio", "tiled/dense memory", ".3f")])
-    section = {"machine": machine_info(args.device), "config": vars(args) | {"case": None},
-               "rows": rows, "ratios": ratios}
-    update_results(Path(args.out), "dlp", section)
-    print(f"\nwrote {args.out}")
-    return section
+    return finish_core(args, "dlp", rows, ratios, [
+        ("M", "M", "d"), ("paper_speedup", "factorised speed-up", ".1f"),
+        ("official_time_ratio", "tiled/dense time", ".2f"), ("official_memory_ratio", "tiled/dense memory", ".3f")])
 
 
 if __name__ == "__main__":
