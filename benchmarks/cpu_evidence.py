@@ -145,7 +145,7 @@ def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
     payload = {
         "what": "ResNet-101 DeepLabV3+ (deep stem, output stride 8, ASPP 12/24/36), release profile with every "
                 "extra term, random init, a few iterations on CPU: proves the full-size training path runs",
-        "command": "python -m benchmarks.cpu_evidence --resnet101-smoke " + " ".join(args.overrides),
+        "command": "python -m benchmarks.cpu_evidence " + " ".join(sys.argv[1:]),
         "params_millions": n_params / 1e6,
         "iterations": len(steps),
         "losses": [s["loss"] for s in steps],

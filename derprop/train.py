@@ -36,6 +36,7 @@ from typing import Sequence
 from derprop.checkpoint import CheckpointError
 from derprop.config import load_config
 from derprop.data import DatasetError
+from derprop.evaluate import format_iou_table
 from derprop.trainer import NonFiniteLossError, Trainer
 
 
@@ -84,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     if trainer.d.is_main:
+        for net, by_mode in results["final"].items():
+            for mode, res in by_mode.items():
+                print(f"== {net} network, {mode} ==")
+                print(format_iou_table({**res, "iou_per_class": list(res["iou_per_class"].values()), "mode": mode},
+                                       list(res["iou_per_class"])))
         print(f"mIoU {100 * results['miou']:.2f} ({results['miou_net']} net, {results['miou_mode']}); "
               f"results in {out / 'results.json'}")
     return 0

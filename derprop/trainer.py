@@ -336,22 +336,24 @@ class Trainer:
     def _dataset(self, kind: str, labeled: bool, limit: int | None) -> SegmentationDataset:
         c = self.cfg.data
         root = Path(c.root)
+        spec = data_io.dataset_spec(c.layout)
         if not root.is_dir():
-            spec = data_io.dataset_spec(c.layout)
             raise DatasetError(
                 f"dataset root {root} does not exist. Fix: run `{spec.prepare.format(root=root)}` "
                 "or set data.root to where the data is"
             )
-        spec = data_io.dataset_spec(c.layout)
         items = self._items(kind)
         if limit is not None:
             items = items[:limit]
         if not items:
             raise DatasetError(f"the {kind} list of {c.layout} split {c.split!r} under {root} is empty")
         fix = f"Fix: run `{spec.prepare.format(root=root)}` to (re)create it, or correct the split list."
+        try:  # the dataset's own class names (scenes keeps them in its manifest)
+            names = SegmentationDataset.from_split(c.layout, root, kind="val").class_names
+        except DatasetError:
+            names = spec.class_names
         ds = SegmentationDataset(root, items, num_classes=self.cfg.model.num_classes, labeled=labeled,
-                                 class_names=spec.class_names if spec.num_classes == self.cfg.model.num_classes
-                                 else None, fix=fix)
+                                 class_names=names if len(names) == self.cfg.model.num_classes else None, fix=fix)
         missing = ds.missing_files()
         if missing:
             raise DatasetError(

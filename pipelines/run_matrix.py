@@ -252,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = []
     for e in entries:
         if args.dry_run:
-            print(f"{state(ROOT / runs_root / e.name):8s} {e.name}: {e.config} {e.ablation}")
+            cfg_file, abl = resolve_config(e.config, e.ablation)
+            print(f"{state(ROOT / runs_root / e.name):8s} {e.name}: {cfg_file}{' + ' + abl if abl else ''}")
             continue
         try:
             run_one(e.config, ablation=e.ablation, size=args.size, runs_root=runs_root, device=args.device,

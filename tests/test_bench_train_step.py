@@ -43,7 +43,8 @@ def test_quick_preset_writes_results(tmp_path, scenes_tiny):
 
     assert {(r["profile"], r["crop"]) for r in payload["ratios"]} == {("official", 33), ("paper", 33)}
     for r in payload["ratios"]:
-        assert r["tiled_vs_dense_memory"] > 0 and r["tiled_vs_dense_throughput"] > 0
+        # in-process (quick) the resident-size rise of a step may be 0: freed memory stays with malloc
+        assert r["tiled_vs_dense_memory"] >= 0 and r["tiled_vs_dense_throughput"] > 0
         assert r["best_config"] in configs
     assert len(payload["goals"]) == 6
     assert all(g["met"] in (True, False, None) for g in payload["goals"])

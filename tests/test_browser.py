@@ -270,7 +270,7 @@ def test_jupyterlab_runs_chapter_8_and_the_viewer_reacts(lab, browser):
     handle.press("Home")
     second = _wait_changed(page, first, "moving the epoch slider")
     # pick another image
-    page.locator(".jp-OutputArea-output .widget-dropdown select").first.select_index(1)
+    page.locator(".jp-OutputArea-output .widget-dropdown select").first.select_option(index=1)
     _wait_changed(page, second, "picking another image")
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
     assert not errors, errors
