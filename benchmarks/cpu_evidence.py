@@ -1,6 +1,7 @@
 """CPU evidence: DerProp with and without its parts on the scenes dataset, 3 seeds each.
 
     python -m benchmarks.cpu_evidence                      # 4 variants × 3 seeds of configs/cpu_scenes.yaml
+    python -m benchmarks.cpu_evidence --jobs 2 --threads 1 # two runs at a time, one thread each
     python -m benchmarks.cpu_evidence --resnet101-smoke    # a few iterations of the full-size model
 
 Variants (the paper's ablation rows, Table 1; "w/o DLP" and "w/o L_Der" also
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,9 +73,24 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_one(config: str, variant: str, seed: int, runs_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
+def _overrides(variant: str, seed: int, extra: Sequence[str]) -> list[str]:
+    return [*VARIANTS[variant], f"seed={seed}", *extra]
+
+
+def launch(config: str, variant: str, seed: int, runs_dir: Path, extra: Sequence[str], threads: int | None):
+    """Start one run as ``python -m derprop.train`` in its own process (for ``--jobs`` > 1)."""
     out = runs_dir / f"{variant}_s{seed}"
-    cfg = load_config(config, [*VARIANTS[variant], f"seed={seed}", *extra])
+    cmd = [sys.executable, "-m", "derprop.train", "--config", config, "--out", str(out),
+           *(["--threads", str(threads)] if threads else []), *_overrides(variant, seed, extra)]
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train.log", "w")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_one(config: str, variant: str, seed: int, runs_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
+    """Train one variant/seed in this process unless its ``results.json`` exists; return its numbers."""
+    out = runs_dir / f"{variant}_s{seed}"
+    cfg = load_config(config, _overrides(variant, seed, extra))
     if not (out / "results.json").is_file():
         Trainer(cfg, out).fit()
     res = json.loads((out / "results.json").read_text())
@@ -99,11 +116,27 @@ def run_one(config: str, variant: str, seed: int, runs_dir: Path, extra: Sequenc
 
 def evidence(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
+    runs_dir = Path(args.runs_dir)
+    todo = [(v, s) for s in args.seeds for v in args.variants]
+    if args.jobs > 1:  # train several runs at once, each in its own process
+        pending = [(v, s) for v, s in todo if not (runs_dir / f"{v}_s{s}" / "results.json").is_file()]
+        running: list = []
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                v, s = pending.pop(0)
+                print(f"== {v}, seed {s}", file=sys.stderr, flush=True)
+                running.append(((v, s), launch(args.config, v, s, runs_dir, args.overrides, args.threads)))
+            time.sleep(2)
+            for item in [r for r in running if r[1].poll() is not None]:
+                running.remove(item)
+                if item[1].returncode != 0:
+                    log = runs_dir / f"{item[0][0]}_s{item[0][1]}" / "train.log"
+                    raise RuntimeError(f"run {item[0]} failed; see {log}")
     runs = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            print(f"== {variant}, seed {seed}", file=sys.stderr, flush=True)
-            runs.append(run_one(args.config, variant, seed, Path(args.runs_dir), args.overrides))
+    for v, s in todo:
+        if args.jobs <= 1:
+            print(f"== {v}, seed {s}", file=sys.stderr, flush=True)
+        runs.append(run_one(args.config, v, s, runs_dir, args.overrides))
     summary = aggregate(runs)
     configs = {v: next(r["config"] for r in runs if r["variant"] == v) for v in args.variants}
     for r in runs:
@@ -173,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--resnet101-smoke", action="store_true")
     ap.add_argument("--smoke-out", default=str(RESULTS / "cpu_resnet101_smoke.json"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each in its own process")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
     if args.threads:

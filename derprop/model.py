@@ -172,11 +172,11 @@ def _pos_int(v: Any) -> bool:
 class SegOutput:
     """What :meth:`DerPropNet.forward` returns.
 
-    logits:      (B, C, H, W) at the input size — L of the paper.
-    f1, f2:      (B, D, h, w) projection features V at the F4 grid; ``f2 is f1``
-                 when ``two_heads=False``.
-    logits_fp:   (B, C, H, W) feature-perturbation branch, only with ``perturb=True``.
-    logits_grid: (B, C, h, w) decoder logits resized to the f1 grid (for propagation).
+    - ``logits``: (B, C, H, W) at the input size, L of the paper.
+    - ``f1``, ``f2``: (B, D, h, w) projection features V at the F4 grid;
+      ``f2 is f1`` when ``two_heads=False``.
+    - ``logits_fp``: (B, C, H, W) feature-perturbation branch, only with ``perturb=True``.
+    - ``logits_grid``: (B, C, h, w) decoder logits resized to the f1 grid (for propagation).
     """
 
     logits: Tensor

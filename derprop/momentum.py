@@ -6,17 +6,17 @@ exponential average over epochs with weight 1/2 on the newest epoch.
 
 Paper vs released code (the switches of :class:`MomentumNetwork`):
 
-==================  ===============================  ==========================================
-                    paper (§1)                       release (§2, ``official``)
-==================  ===============================  ==========================================
-``when``            ``"epoch_end"``: after each      ``"epoch_start"``: at the start of each
-                    epoch                            epoch, so Θm lags one epoch behind
-``include_buffers`` not said (parameters Θ)          ``True``: the whole state dict, BN
-                                                     running statistics too
-pseudo-labels       the back-prop net                the back-prop net for the weak view; the
-                                                     momentum net for the second (CutMix) batch
-evaluated           only Θm                          both nets; the best checkpoint is kept
-==================  ===============================  ==========================================
+====================  ===============================  ==========================================
+                      paper (§1)                       release (§2, ``official``)
+====================  ===============================  ==========================================
+``when``              ``"epoch_end"``: after each      ``"epoch_start"``: at the start of each
+                      epoch                            epoch, so Θm lags one epoch behind
+``include_buffers``   not said (parameters Θ)          ``True``: the whole state dict, BN
+                                                       running statistics too
+pseudo-labels         the back-prop net                the back-prop net for the weak view; the
+                                                       momentum net for the second (CutMix) batch
+evaluated             only Θm                          both nets; the best checkpoint is kept
+====================  ===============================  ==========================================
 
 Buffers: with ``include_buffers=True`` floating-point buffers (BN running
 mean/var) are averaged like parameters; with ``False`` they are *copied* from
