@@ -39,21 +39,24 @@ test: setup
 data-scenes: setup
 	$(PY) -m data_prep.scenes --root $(SCENES)
 
-# A finished run (results.json) is not trained again; an interrupted one resumes from last.pt.
-train-cpu: $(RUNS)/cpu_scenes/results.json $(RUNS)/cpu_scenes_wo_dlp/results.json
+# The CPU default with and without DLP: the same runs the book's chapters load (derprop.viewer.BOOK_RUNS,
+# size "small"). A finished run (results.json) is not trained again; an interrupted one resumes from last.pt.
+BOOK_RUNS := $(RUNS)/book/small
+WITHOUT_DLP := method.dlp=false method.derivative_loss=false method.momentum=false
+train-cpu: $(BOOK_RUNS)/cpu_dlp/results.json $(BOOK_RUNS)/cpu_nodlp/results.json
 
-$(RUNS)/cpu_scenes/results.json: | data-scenes
+$(BOOK_RUNS)/cpu_dlp/results.json: | data-scenes
 	$(PY) -m derprop.train --config configs/cpu_scenes.yaml --out $(@D) $(if $(wildcard $(@D)/last.pt),--resume)
 
-$(RUNS)/cpu_scenes_wo_dlp/results.json: | data-scenes
-	$(PY) -m derprop.train --config configs/cpu_scenes.yaml --out $(@D) $(if $(wildcard $(@D)/last.pt),--resume) method.dlp=false
+$(BOOK_RUNS)/cpu_nodlp/results.json: | data-scenes
+	$(PY) -m derprop.train --config configs/cpu_scenes.yaml --out $(@D) $(if $(wildcard $(@D)/last.pt),--resume) $(WITHOUT_DLP)
 
 book: setup
 	$(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)
 
 demo: train-cpu
 	$(MAKE) book
-	@echo "Book: _build/html/index.html  Runs: $(RUNS)/cpu_scenes*/results.json"
+	@echo "Book: _build/html/index.html  Runs: $(BOOK_RUNS)/cpu_{dlp,nodlp}/results.json"
 
 bench: setup
 	$(PY) -m benchmarks.dlp

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_json_atomic
+from benchmarks.common import RESULTS, ROOT, machine_info, print_table
+from derprop import atomic
 from derprop.viewer import BOOK_RUNS, ensure_scenes, load_or_train
 
 GROUPS: dict[str, dict[str, list[str]]] = {
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": machine["date"][:10], "machine": machine, "groups": groups,
         "total_wall_time_s": time.time() - t0,
     }
-    write_json_atomic(Path(args.out), payload)
+    atomic.write_json(Path(args.out), payload)
     print_table([{"group": g, "name": r["name"], "miou": 100 * r["mean"], "std": 100 * r["std"], "n": r["n"]}
                  for g, rows in groups.items() for r in rows],
                 [("group", "group", "s"), ("name", "run", "s"), ("miou", "mIoU %", ".2f"), ("std", "± std", ".2f"),

@@ -16,13 +16,14 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import torch
+
+from derprop import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -105,19 +106,11 @@ def run_isolated(module: str, case: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2)
-        tmp.write("\n")
-    os.replace(tmp.name, path)
-
-
 def update_results(path: Path, key: str, section: dict) -> None:
     """Replace one benchmark's section of a shared results file, keeping the others."""
     payload = json.loads(path.read_text()) if path.exists() else {}
     payload[key] = section
-    write_json_atomic(path, payload)
+    atomic.write_json(path, payload)
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
@@ -132,8 +125,12 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def core_parser(doc: str) -> argparse.ArgumentParser:
-    """Options shared by the core benchmarks (``dlp``, ``derloss``)."""
+def core_args(doc: str, run_case: Callable[[dict], dict], argv: list[str] | None) -> argparse.Namespace | None:
+    """Parse the options shared by the core benchmarks (``dlp``, ``derloss``).
+
+    Returns ``None`` after running the one case that ``--case`` names (how
+    :func:`run_isolated` measures each case in a fresh process) and printing it.
+    """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1681, 4225, 10201])
@@ -141,7 +138,11 @@ def core_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "bench_core.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    return parser
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return None
+    return args
 
 
 def run_cases(module: str, cases: list[dict], run_case: Callable[[dict], dict]) -> list[dict]:

@@ -38,7 +38,8 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_json_atomic
+from benchmarks.common import RESULTS, ROOT, machine_info, print_table
+from derprop import atomic
 from derprop.config import load_config, resolved
 from derprop.trainer import Trainer
 
@@ -154,7 +155,7 @@ def evidence(args: argparse.Namespace) -> dict[str, Any]:
         "torch_version": str(torch.__version__),
         "total_wall_time_s": time.time() - t0,
     }
-    write_json_atomic(Path(args.out), payload)
+    atomic.write_json(Path(args.out), payload)
     rows = [{"variant": v, "miou": 100 * s["miou_mean"], "std": 100 * s["miou_std"],
              "acc_b": 100 * s.get("pl_acc_before_mean", float("nan")),
              "acc_a": 100 * s.get("pl_acc_after_mean", float("nan")), "n": len(s["seeds"])}
@@ -190,7 +191,7 @@ def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info("cpu"),
         "torch_version": str(torch.__version__),
     }
-    write_json_atomic(Path(args.smoke_out), payload)
+    atomic.write_json(Path(args.smoke_out), payload)
     print(f"ResNet-101: {n_params / 1e6:.1f} M parameters, {len(steps)} iterations, losses "
           f"{[round(x, 3) for x in payload['losses']]}, {payload['seconds_per_iteration']:.1f} s/iteration")
     return payload

@@ -9,11 +9,10 @@ memory at ≤ 1.5× its time.
 
 from __future__ import annotations
 
-import json
 
 import torch
 
-from benchmarks.common import core_parser, finish_core, measure, run_cases
+from benchmarks.common import core_args, finish_core, measure, run_cases
 from derprop.losses import similarity_l1
 
 
@@ -35,9 +34,8 @@ def run_case(case: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = core_parser(__doc__).parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+    args = core_args(__doc__, run_case, argv)
+    if args is None:
         return {}
     cases = [{"impl": impl, "M": m, "B": 2, "D": 21, "chunk": args.chunk,
               "device": args.device, "repeats": args.repeats} for m in args.sizes for impl in ("dense", "tiled")]

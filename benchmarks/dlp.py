@@ -10,11 +10,10 @@ at M = 10201.
 
 from __future__ import annotations
 
-import json
 
 import torch
 
-from benchmarks.common import core_parser, finish_core, measure, run_cases
+from benchmarks.common import core_args, finish_core, measure, run_cases
 from derprop.propagation import propagate
 from derprop.reference import propagate_literal
 
@@ -44,9 +43,8 @@ def run_case(case: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = core_parser(__doc__).parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+    args = core_args(__doc__, run_case, argv)
+    if args is None:
         return {}
     cases = [{"impl": impl, "M": m, "B": 2, "C": 21, "D": 21, "chunk": args.chunk,
               "device": args.device, "repeats": args.repeats} for m in args.sizes for impl in IMPLS]

@@ -69,7 +69,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import RESULTS, machine_info, measure, print_table, run_isolated, write_json_atomic
+from benchmarks.common import RESULTS, machine_info, measure, print_table, run_isolated
+from derprop import atomic
 
 MODULE = "benchmarks.train_step"
 PROFILES = ("official", "paper")
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": ratios,
         "goals": goals,
     }
-    write_json_atomic(out, payload)
+    atomic.write_json(out, payload)
     print(f"\nwrote {out}")
     return payload
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.common import atomic_write_bytes, check_split_hashes, check_tree
+from data_prep.common import check_split_hashes, check_tree, run_cli
+from derprop import atomic
 from derprop.data import DatasetError
 
 ZIPS = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
@@ -78,7 +79,7 @@ def extract(zip_path: Path, root: Path, progress: bool = True) -> int:
                 target = root / m.filename
                 if target.is_file() and target.stat().st_size == m.file_size:
                     continue
-                atomic_write_bytes(target, z.read(m))  # ZipFile.read checks the member's CRC
+                atomic.write_bytes(target, z.read(m))  # ZipFile.read checks the member's CRC
                 written += 1
     except zipfile.BadZipFile as e:
         raise DatasetError(f"{zip_path} is damaged ({e}); download it again") from e
@@ -102,7 +103,7 @@ def _convert_one(json_path: Path) -> None:
         png = polygons_to_train_ids(json_path)
     except (SystemExit, Exception) as e:  # cityscapesscripts calls sys.exit on an unknown label
         raise DatasetError(f"cannot convert {json_path} ({e!r}); re-extract it from gtFine_trainvaltest.zip") from None
-    atomic_write_bytes(str(json_path).replace("_polygons.json", "_labelTrainIds.png"), png)
+    atomic.write_bytes(str(json_path).replace("_polygons.json", "_labelTrainIds.png"), png)
 
 
 def make_train_ids(root: Path, workers: int | None = None, progress: bool = True) -> int:
@@ -148,21 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--from-archives", type=Path, help="folder holding the two official zips")
     source.add_argument("--download", action="store_true", help="fetch the zips with csDownload (needs a login)")
-    parser.add_argument("--check", action="store_true", help="only check the tree against the split lists")
-    parser.add_argument("--deep", action="store_true", help="with --check: also decode and validate every file")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    try:
-        if args.check:
-            check_split_hashes()
-            n = check_tree("cityscapes", args.root, deep=args.deep)
-        else:
-            n = prepare(args.root, args.from_archives, args.download, progress=not args.quiet)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"ok: {args.root} holds all {n} images and labels of the Cityscapes split lists")
-    return 0
+    return run_cli(parser, "cityscapes", "Cityscapes",
+                   lambda args: prepare(args.root, args.from_archives, args.download, progress=not args.quiet), argv)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,22 @@
-"""File helpers shared by the preparation commands: atomic writes, hashes, label PNGs, split checks.
+"""File helpers shared by the preparation commands: hashes, label PNGs, split checks.
 
-Every file the commands write goes to a temporary file in the same directory
-first and is moved into place with ``os.replace``, so an interrupted run never
-leaves a half-written file under its final name.
+Every file the commands write goes through :mod:`derprop.atomic`, so an
+interrupted run never leaves a half-written file under its final name.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
-import os
-import tempfile
-from collections.abc import Iterable
-from contextlib import contextmanager
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from derprop import data
+from derprop import atomic, data
 from derprop.data import (
     DatasetError,
     SegmentationDataset,
@@ -28,31 +26,6 @@ from derprop.data import (
     splits_dir,
     voc_palette,
 )
-
-
-@contextmanager
-def atomic_open(path: str | Path, mode: str = "wb"):
-    """Open a temporary file beside ``path``; on success it replaces ``path``, on error it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def file_hash(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
@@ -76,11 +49,11 @@ def label_png_bytes(label: np.ndarray) -> bytes:
 
 
 def save_label_png(path: str | Path, label: np.ndarray) -> None:
-    atomic_write_bytes(path, label_png_bytes(label))
+    atomic.write_bytes(path, label_png_bytes(label))
 
 
 def write_split(path: str | Path, items: Iterable[tuple[str, str]]) -> None:
-    atomic_write_text(path, "".join(f"{image} {label}\n" for image, label in items))
+    atomic.write_text(path, "".join(f"{image} {label}\n" for image, label in items))
 
 
 def check_split_hashes(folder: str | Path | None = None) -> None:
@@ -125,3 +98,28 @@ def check_tree(name: str, root: str | Path, deep: bool = False, max_report: int 
         more = f"\n  ... and {len(problems) - max_report} more" if len(problems) > max_report else ""
         raise DatasetError(f"{name} tree at {root} has {len(problems)} problem(s):\n  {shown}{more}\n{ds.fix}")
     return len(items)
+
+
+def run_cli(parser: argparse.ArgumentParser, layout: str, what: str,
+            prepare: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """The shared tail of ``python -m data_prep.voc`` / ``.cityscapes``: ``--check``, ``--deep``, ``--quiet``.
+
+    ``prepare(args)`` builds the tree and returns the number of images checked;
+    a :class:`DatasetError` is printed as one ``error:`` line with exit code 1.
+    """
+    parser.add_argument("--check", action="store_true", help="only check the tree against the split lists")
+    parser.add_argument("--deep", action="store_true", help="with --check: also decode and validate every file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            check_split_hashes()
+            n = check_tree(layout, args.root, deep=args.deep)
+        else:
+            n = prepare(args)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"ok: {args.root} holds all {n} images and labels of the {what} split lists")
+    return 0
+

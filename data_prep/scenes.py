@@ -52,13 +52,12 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from data_prep.common import (
-    atomic_write_bytes,
-    atomic_write_text,
     check_tree,
     file_hash,
     label_png_bytes,
     write_split,
 )
+from derprop import atomic
 from derprop.data import DatasetError, derive_unlabeled, read_split
 
 FORMAT = 1  # bump when the generator's output changes for the same settings
@@ -353,7 +352,7 @@ def generate(
                 "choose an empty --root for the scenes"
             )
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / IN_PROGRESS, json.dumps(wanted) + "\n")
+    atomic.write_text(root / IN_PROGRESS, json.dumps(wanted) + "\n")
     (root / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not look complete
 
     start = time.perf_counter()
@@ -375,7 +374,7 @@ def generate(
         for rendered in results:
             for image_id, jpeg, png in rendered:
                 for rel, data in ((f"JPEGImages/{image_id}.jpg", jpeg), (f"SegmentationClass/{image_id}.png", png)):
-                    atomic_write_bytes(root / rel, data)
+                    atomic.write_bytes(root / rel, data)
                     files[rel] = hashlib.sha256(data).hexdigest()
             bar.update(len(rendered))
     finally:
@@ -394,7 +393,7 @@ def generate(
     for rel, items in lists.items():
         write_split(root / rel, items)
     for rel, items in (("ImageSets/Segmentation/train.txt", train), ("ImageSets/Segmentation/val.txt", val)):
-        atomic_write_text(root / rel, "".join(Path(image).stem + "\n" for image, _ in items))
+        atomic.write_text(root / rel, "".join(Path(image).stem + "\n" for image, _ in items))
     for rel in list(lists) + ["ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt"]:
         files[rel] = file_hash(root / rel)
 
@@ -409,7 +408,7 @@ def generate(
         "seconds": round(time.perf_counter() - start, 2),
         "files": dict(sorted(files.items())),
     }
-    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic.write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     (root / IN_PROGRESS).unlink(missing_ok=True)
     if progress:
         print(f"wrote {num_train} + {num_val} scenes of {size}×{size} from {glyphs.name} to {root} "

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.common import atomic_write_bytes, check_split_hashes, check_tree, save_label_png
+from data_prep.common import check_split_hashes, check_tree, run_cli, save_label_png
+from derprop import atomic
 from data_prep.download import REGISTRY, download, verify
 from derprop.data import DatasetError, read_split, splits_dir
 
@@ -81,7 +82,7 @@ def extract_voc(tar_path: Path, root: Path, progress: bool = True) -> int:
             target = root / rel
             if target.is_file() and target.stat().st_size == member.size:
                 continue
-            atomic_write_bytes(target, tar.extractfile(member).read())
+            atomic.write_bytes(target, tar.extractfile(member).read())
             written += 1
     return written
 
@@ -152,21 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.voc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="dataset root (JPEGImages/ etc. end up here)")
     parser.add_argument("--from-archives", type=Path, help="folder holding the two archives already (no download)")
-    parser.add_argument("--check", action="store_true", help="only check the tree against the split lists")
-    parser.add_argument("--deep", action="store_true", help="with --check: also decode and validate every file")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    try:
-        if args.check:
-            check_split_hashes()
-            n = check_tree("pascal", args.root, deep=args.deep)
-        else:
-            n = prepare(args.root, args.from_archives, progress=not args.quiet)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"ok: {args.root} holds all {n} images and labels of the VOC split lists")
-    return 0
+    return run_cli(parser, "pascal", "VOC",
+                   lambda args: prepare(args.root, args.from_archives, progress=not args.quiet), argv)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from derprop import atomic
 
 FORMAT = "derprop-checkpoint"
 VERSION = 1
@@ -39,21 +40,10 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     The format tag and version are added; the file at ``path`` is replaced only
     once the new one is complete on disk.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic.open_atomic(path) as f:
+        torch.save(payload, f)
+    return Path(path)
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

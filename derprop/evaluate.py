@@ -38,12 +38,10 @@ a one-line ``error:`` message on a bad checkpoint, dataset or config.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import atomic
 from . import checkpoint as ckpt_io
 from . import data as data_io
 from .backbones import strip_prefixes
@@ -330,33 +329,6 @@ def _weights(entry: Any) -> Mapping[str, Tensor]:
     return strip_prefixes(entry, prefixes=("module.", "_orig_mod."))
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON via a temporary file in the same folder and ``os.replace`` (NaN → null)."""
-    obj = _jsonable(obj)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str | os.PathLike | None = None,
                  list_file: str | os.PathLike | None = None,
                  num_classes: int | None = None) -> data_io.SegmentationDataset:
@@ -439,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"== {w} weights of {args.checkpoint} ==")
             print(format_iou_table(res, dataset.class_names))
         if args.out:
-            _atomic_write_json(args.out, {
+            atomic.write_json(args.out, {
                 "checkpoint": os.fspath(args.checkpoint),
                 "epoch": ckpt.get("epoch"),
                 "num_images": len(dataset),

@@ -48,7 +48,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +61,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms.v2 import functional as TF
 
+from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop import data as data_io
 from derprop.augment import LabeledTrainSet, UnlabeledTrainSet
@@ -71,7 +71,7 @@ from derprop.evaluate import evaluate
 from derprop.losses import derivative_loss
 from derprop.metrics import ConfusionMatrix
 from derprop.model import DerPropNet, SegOutput, build_model
-from derprop.momentum import MomentumNetwork, unwrap
+from derprop.momentum import MomentumNetwork
 from derprop.propagation import official_similarity_factors, propagate
 
 log = logging.getLogger(__name__)
@@ -670,7 +670,7 @@ class Trainer:
         t0 = time.time()
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.out / "config.yaml", dump_yaml(cfg))
+            atomic.write_text(self.out / "config.yaml", dump_yaml(cfg))
             if self.start_epoch == 0 and self.resume_path is None:
                 for name in ("metrics.jsonl", "steps.jsonl"):
                     (self.out / name).unlink(missing_ok=True)
@@ -836,7 +836,7 @@ class Trainer:
                 arrays["confidence"].append(conf[0].cpu().numpy().astype(np.float16))
                 arrays["names"].append(self.diag_set.name(i))
         net.train(was)
-        _atomic_savez(self.out / "pseudo_labels" / f"epoch_{epoch + 1:03d}.npz",
+        _savez(self.out / "pseudo_labels" / f"epoch_{epoch + 1:03d}.npz",
                       **{k: np.stack(v) if k != "names" else np.array(v) for k, v in arrays.items()},
                       eta_ep=np.float32(eta), epoch=np.int32(epoch + 1))
         return {
@@ -917,7 +917,7 @@ class Trainer:
     def _append_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         with open(self.out / name, "a", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps(_jsonable(row)) + "\n")
+                f.write(json.dumps(atomic.jsonable(row)) + "\n")
 
     # ------------------------------------------------------------------ #
     def _final_results(self, wall: float) -> dict[str, Any]:
@@ -956,7 +956,7 @@ class Trainer:
             "python": platform.python_version(),
         }
         if self.d.is_main:
-            _atomic_write(self.out / "results.json", json.dumps(_jsonable(results), indent=2) + "\n")
+            atomic.write_json(self.out / "results.json", results)
         return results
 
 
@@ -982,38 +982,9 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_savez(path: Path, **arrays: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _savez(path: Path, **arrays: Any) -> None:
+    with atomic.open_atomic(path) as f:
+        np.savez_compressed(f, **arrays)
 
 
 RESUME_MAY_CHANGE = ("name", "data.root", "data.num_workers", "eval.every", "eval.final_modes")
@@ -1043,4 +1014,4 @@ def _truncate_jsonl(path: Path, upto: int, *, key: str, zero_based: bool) -> Non
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
     keep = [r for r in rows if (json.loads(r)[key] + (1 if zero_based else 0)) <= upto]
-    _atomic_write(path, "".join(r + "\n" for r in keep))
+    atomic.write_text(path, "".join(r + "\n" for r in keep))

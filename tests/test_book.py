@@ -148,9 +148,13 @@ def test_vendored_assets_match_their_checksums():
 # --------------------------------------------------------------------------- #
 # the build
 # --------------------------------------------------------------------------- #
+SMOKE_ENV = {"DERPROP_SIZE": "smoke", "MPLBACKEND": "module://matplotlib_inline.backend_inline", "PYTHONHASHSEED": "0"}
+"""The kernels' environment: the inline backend, so that ``plt.show()`` leaves a figure in the page."""
+
+
 def source_stamp() -> str:
-    """Hash of the code the chapters execute; a change invalidates the smoke build's execution cache."""
-    h = hashlib.sha256()
+    """Hash of the code the chapters execute and their environment; a change invalidates the execution cache."""
+    h = hashlib.sha256(json.dumps(SMOKE_ENV, sort_keys=True).encode())
     for folder in ("derprop", "configs", "data_prep", "pipelines"):
         for p in sorted((ROOT / folder).rglob("*")):
             if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".txt") and "__pycache__" not in p.parts:
@@ -168,7 +172,7 @@ def build_smoke_book() -> tuple[int, str, float]:
         shutil.rmtree(SMOKE_OUT / "_build" / ".jupyter_cache", ignore_errors=True)
         shutil.rmtree(SMOKE_OUT / "_build" / ".doctrees", ignore_errors=True)
     SMOKE_OUT.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "DERPROP_SIZE": "smoke", "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"}
+    env = {**os.environ, **SMOKE_ENV}
     t0 = time.time()
     proc = subprocess.run([str(JB), "build", ".", "--path-output", str(SMOKE_OUT), "-W", "-n", "--keep-going"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
@@ -221,3 +225,16 @@ def test_built_chapters_show_no_errors():
         assert 'class="output traceback' not in html, page.name
     widgets = (SMOKE_HTML / "book" / "rectification.html").read_text()
     assert "static fallback" in widgets.lower() or "<img" in widgets
+
+
+def test_every_chapter_that_plots_shows_its_figures():
+    rc, _, _ = build_smoke_book()
+    assert rc == 0
+    missing = []
+    for chapter in chapters():
+        shows = chapter.read_text().count("plt.show()")
+        if shows:
+            page = SMOKE_HTML / "book" / f"{chapter.stem}.html"
+            if page.read_text().count("<img") < shows:
+                missing.append(f"{page.name}: {shows} plt.show() calls, fewer images")
+    assert not missing, "figures missing from the built book (a non-inline matplotlib backend?):\n" + "\n".join(missing)
