@@ -8,7 +8,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SCENES ?= data/scenes
-RUNS ?= runs
 CONFIG ?= configs/cpu_scenes.yaml
 BOOK_FLAGS := -W -n --keep-going
 
@@ -39,24 +38,17 @@ test: setup
 data-scenes: setup
 	$(PY) -m data_prep.scenes --root $(SCENES)
 
-# The CPU default with and without DLP: the same runs the book's chapters load (derprop.viewer.BOOK_RUNS,
-# size "small"). A finished run (results.json) is not trained again; an interrupted one resumes from last.pt.
-BOOK_RUNS := $(RUNS)/book/small
-WITHOUT_DLP := method.dlp=false method.derivative_loss=false method.momentum=false
-train-cpu: $(BOOK_RUNS)/cpu_dlp/results.json $(BOOK_RUNS)/cpu_nodlp/results.json
-
-$(BOOK_RUNS)/cpu_dlp/results.json: | data-scenes
-	$(PY) -m derprop.train --config configs/cpu_scenes.yaml --out $(@D) $(if $(wildcard $(@D)/last.pt),--resume)
-
-$(BOOK_RUNS)/cpu_nodlp/results.json: | data-scenes
-	$(PY) -m derprop.train --config configs/cpu_scenes.yaml --out $(@D) $(if $(wildcard $(@D)/last.pt),--resume) $(WITHOUT_DLP)
+# The CPU default with and without DLP: the runs the book's chapters load (derprop.viewer.TRAINING_RUNS at
+# size "small", in runs/book/small/). A finished run is not trained again; an interrupted one resumes.
+train-cpu: data-scenes
+	$(PY) -m derprop.viewer small
 
 book: setup
 	$(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)
 
 demo: train-cpu
 	$(MAKE) book
-	@echo "Book: _build/html/index.html  Runs: $(BOOK_RUNS)/cpu_{dlp,nodlp}/results.json"
+	@echo "Book: _build/html/index.html  Runs: runs/book/small/cpu_{dlp,nodlp}/results.json"
 
 bench: setup
 	$(PY) -m benchmarks.dlp

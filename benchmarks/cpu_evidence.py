@@ -42,10 +42,11 @@ from benchmarks.common import RESULTS, ROOT, machine_info, print_table
 from derprop import atomic
 from derprop.config import load_config, resolved
 from derprop.trainer import Trainer
+from derprop.viewer import WITHOUT_DLP
 
 VARIANTS: dict[str, list[str]] = {
     "full": [],
-    "wo_dlp": ["method.dlp=false", "method.derivative_loss=false", "method.momentum=false"],
+    "wo_dlp": list(WITHOUT_DLP),
     "wo_der": ["method.derivative_loss=false", "method.momentum=false"],
     "wo_momentum": ["method.momentum=false"],
 }

@@ -9,7 +9,6 @@ memory at ≤ 1.5× its time.
 
 from __future__ import annotations
 
-
 import torch
 
 from benchmarks.common import core_args, finish_core, measure, run_cases

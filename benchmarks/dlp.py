@@ -10,7 +10,6 @@ at M = 10201.
 
 from __future__ import annotations
 
-
 import torch
 
 from benchmarks.common import core_args, finish_core, measure, run_cases

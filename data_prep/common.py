@@ -122,4 +122,3 @@ def run_cli(parser: argparse.ArgumentParser, layout: str, what: str,
         return 1
     print(f"ok: {args.root} holds all {n} images and labels of the {what} split lists")
     return 0
-

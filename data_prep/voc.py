@@ -26,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.common import check_split_hashes, check_tree, run_cli, save_label_png
-from derprop import atomic
 from data_prep.download import REGISTRY, download, verify
+from derprop import atomic
 from derprop.data import DatasetError, read_split, splits_dir
 
 VOC_PREFIX = "VOCdevkit/VOC2012/"

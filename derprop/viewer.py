@@ -308,6 +308,9 @@ BOOK_RUNS: dict[str, dict] = {
 WITHOUT_DLP = ("method.dlp=false", "method.derivative_loss=false", "method.momentum=false")
 """The paper's "w/o DLP" row (Table 1): no propagation, no derivative loss, no momentum network."""
 
+TRAINING_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {"DerProp": ("cpu_dlp", ()), "w/o DLP": ("cpu_nodlp", WITHOUT_DLP)}
+"""The runs of chapter *Training on a CPU*, label → (run id, overrides); ``make demo`` trains them."""
+
 
 def repo_root() -> Path:
     """The repository this (editable) install of ``derprop`` lives in."""
@@ -338,3 +341,20 @@ def book_run(size: str, name: str, extra: Sequence[str] = (), *, progress: bool 
     results = load_or_train(repo_root() / s["config"], out, [f"data.root={data}", *s["overrides"], *extra],
                             progress=progress)
     return out, results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m derprop.viewer [SIZE]``: train (or load) the runs of :data:`TRAINING_RUNS` at ``SIZE``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m derprop.viewer", description=main.__doc__)
+    ap.add_argument("size", nargs="?", default="small", choices=list(BOOK_RUNS))
+    size = ap.parse_args(argv).size
+    for label, (run_id, extra) in TRAINING_RUNS.items():
+        out, results = book_run(size, run_id, extra, progress=True)
+        print(f"{label}: mIoU {results['miou']:.4f} in {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
