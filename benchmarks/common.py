@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import torch
 
 from derprop import atomic
@@ -42,6 +41,8 @@ def machine_info(device: str) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if device == "cpu":
+        import psutil  # CPU figures only: a GPU box needs no psutil
+
         info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     return info
 
@@ -74,6 +75,8 @@ def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
         _sync(device)
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        import psutil
+
         _reset_peak_rss()
         base = psutil.Process().memory_info().rss
         step()

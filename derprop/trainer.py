@@ -71,6 +71,7 @@ from derprop.losses import derivative_loss
 from derprop.metrics import ConfusionMatrix
 from derprop.model import DerPropNet, SegOutput, build_model
 from derprop.momentum import MomentumNetwork
+from derprop.progress import DEFAULT_EVERY, ProgressLog
 from derprop.propagation import official_similarity_factors, propagate
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,8 @@ class Trainer:
     ``best.pt``, ``pseudo_labels/`` and ``results.json`` into ``out_dir``.
 
     ``resume``: a checkpoint path (or ``True`` for ``out_dir/last.pt``).
+    ``log_every``: iterations per progress line in ``out_dir/train.log`` (and on
+    stdout when no tqdm bar is drawn; :mod:`derprop.progress`).
     ``hook(event, **info)`` is called at ``"step_end"`` (epoch, step, loss)
     and ``"epoch_end"`` (epoch, metrics); raising from it stops training.
     """
@@ -277,10 +280,12 @@ class Trainer:
         device: str | None = None,
         hook: Hook | None = None,
         progress: bool | None = None,
+        log_every: int = DEFAULT_EVERY,
     ):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.hook = hook
+        self.log_every = log_every
         self.d = setup_distributed(device)
         if self.d.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -711,6 +716,7 @@ class Trainer:
             self.global_step += 1
             n_steps += 1
             logs["loss"] = value
+            ProgressLog.of(self).step(self.global_step, logs, self.optimizer.param_groups[0]["lr"])
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps_log.append({"epoch": epoch, "step": step, "global_step": self.global_step, "loss": value,
