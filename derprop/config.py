@@ -61,7 +61,8 @@ different image.
 written (``none``) sums over all ``M`` pixels and saturates the softmax, so
 the paper profile trains with ``row_sum`` (see
 :data:`derprop.propagation.PAPER_NORMS`; the book's *Derivative label
-propagation* chapter shows the literal form). Ablations (Tables 1–4) are the switches
+propagation* chapter shows the literal form, *Paper vs released code* the
+training curves of all three). Ablations (Tables 1–4) are the switches
 ``method.dlp``, ``method.derivative_loss``, ``method.momentum``,
 ``method.Q``, ``method.sparsity`` and ``method.op``, independent of the profile.
 
