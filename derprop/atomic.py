@@ -48,8 +48,10 @@ def write_error(path: Path, err: OSError, needed: int | None) -> WriteError:
         free = f"{path.parent} is not accessible"
     need = f"needs about {_mb(needed)}; " if needed else ""
     reason = err.strerror or str(err) or type(err).__name__
-    return WriteError(err.errno, f"cannot write {path}: {reason} ({need}{free}); free some space or choose "
-                                 "another output folder")
+    error = WriteError(f"cannot write {path}: {reason} ({need}{free}); free some space or choose another output "
+                       "folder")
+    error.errno = err.errno
+    return error
 
 
 @contextmanager

@@ -87,12 +87,11 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, float] | None:
     """``(name, value)`` of the first floating tensor holding a NaN/inf, or None: such weights are never saved."""
-    for name, t in tensors.items():
-        if t.is_floating_point():
-            bad = ~torch.isfinite(t)
-            if bool(bad.any()):
-                return name, float(t[bad].flatten()[0])
-    return None
+    floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
+    if not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats.values()]).all()):
+        return None
+    name, t = next((n, t) for n, t in floats.items() if not bool(torch.isfinite(t).all()))
+    return name, float(t[~torch.isfinite(t)].flatten()[0])
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:

@@ -236,6 +236,16 @@ def clear_run_files(out: Path) -> None:
             p.unlink()
 
 
+def adopt(source: Path, out: Path) -> None:
+    """A run resumed from another folder's checkpoint starts from that folder's logs and ``best.pt``."""
+    if not source.is_dir() or source.resolve() == out.resolve():
+        return
+    for name in (*LOGS, "best.pt"):
+        if (source / name).is_file() and not (out / name).exists():
+            with open(source / name, "rb") as src, atomic.open_atomic(out / name, (source / name).stat().st_size) as f:
+                shutil.copyfileobj(src, f)
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a log; a torn last line (a kill mid-append) is skipped."""
     if not path.is_file():
@@ -329,8 +339,7 @@ def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any, f
     ``scheduler`` is the trainer's ``LambdaLR``; its lambda already uses the new config's total.
     """
     for group, new in zip(optimizer.param_groups, fresh):
-        for key in ("momentum", "weight_decay", "initial_lr"):
-            group[key] = new[key]
+        group.update({k: v for k, v in new.items() if k != "params" and k != "lr"})
     scheduler.base_lrs = [g["initial_lr"] for g in fresh]
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):

@@ -705,6 +705,7 @@ class Trainer:
         if self.fresh:
             rundir.clear_run_files(self.out)
         else:
+            rundir.adopt(self.resume_path.parent, self.out)
             self.history = rundir.truncate_logs(self.out, self.start_epoch)
             if self.start_epoch < self.cfg.optim.epochs:
                 (self.out / "results.json").unlink(missing_ok=True)  # the run is unfinished again
