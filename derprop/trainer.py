@@ -797,8 +797,8 @@ class Trainer:
         where = f"at epoch {epoch + 1}, step {step + 1} (global step {self.global_step + 1})" if step >= 0 else \
             f"during epoch {epoch + 1}"
         if epoch and (self.out / "last.pt").is_file():  # every finished epoch was committed
-            kept = (f"the last finite checkpoint {self.out / 'last.pt'} (epoch {epoch}) is kept; continue with a "
-                    "lower lr: --resume optim.lr=...")
+            kept = (f"the last finite checkpoint {self.out / 'last.pt'} (epoch {epoch}) is kept; continue it with a "
+                    "lower lr (--resume optim.lr=...) or start again (--overwrite optim.lr=...)")
         else:
             kept = "no checkpoint was written yet; start again with a lower optim.lr"
         raise NonFiniteLossError(f"{what} became {value} {where}; training stopped and {kept} (or try optim.amp=none)")

@@ -187,6 +187,8 @@ def test_best_is_rebuilt_when_a_kill_came_between_last_and_best(runs, scenes_tin
         tr.fit()
     assert "rewriting" in caplog.text
     assert_same_run(out, ref)
+    for name in ("last.pt", "best.pt"):  # evaluate finds the data from anywhere (a relative data.root, resolved)
+        assert ck.load(out / name)["data_root"] == str(Path(scenes_tiny).resolve())
 
 
 def test_a_second_run_into_a_locked_folder_refuses_in_one_line(runs, scenes_tiny, tmp_path, capsys):
