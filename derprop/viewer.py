@@ -312,9 +312,19 @@ TRAINING_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {"DerProp": ("cpu_dlp", 
 """The runs of chapter *Training on a CPU*, label → (run id, overrides); ``make demo`` trains them."""
 
 
+_ROOT: Path | None = None  # set by ``python -m derprop.viewer --root DIR``
+
+
 def repo_root() -> Path:
-    """The repository this (editable) install of ``derprop`` lives in."""
-    return Path(__file__).resolve().parents[1]
+    """Where the book's CPU runs and their data live: ``--root``, else the checkout, else the current folder.
+
+    The checkout is the folder above this package when it holds ``configs/`` (an editable install or
+    ``PYTHONPATH``); an installed package lives in site-packages, so runs then go to the current folder.
+    """
+    if _ROOT is not None:
+        return _ROOT
+    checkout = Path(__file__).resolve().parents[1]
+    return checkout if (checkout / "configs").is_dir() else Path.cwd()
 
 
 def ensure_scenes(size: str) -> Path:
@@ -349,7 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m derprop.viewer", description=main.__doc__)
     ap.add_argument("size", nargs="?", default="small", choices=list(BOOK_RUNS))
-    size = ap.parse_args(argv).size
+    ap.add_argument("--root", default=None, help="project folder with configs/; runs/ and data/ go there "
+                                                  "(default: the checkout, else the current folder)")
+    args = ap.parse_args(argv)
+    global _ROOT
+    _ROOT = Path(args.root).resolve() if args.root else None
+    size = args.size
     for label, (run_id, extra) in TRAINING_RUNS.items():
         out, results = book_run(size, run_id, extra, progress=True)
         print(f"{label}: mIoU {results['miou']:.4f} in {out}", flush=True)
