@@ -83,6 +83,7 @@ def launch(config: str, variant: str, seed: int, runs_dir: Path, extra: Sequence
     """Start one run as ``python -m derprop.train`` in its own process (for ``--jobs`` > 1)."""
     out = runs_dir / f"{variant}_s{seed}"
     cmd = [sys.executable, "-m", "derprop.train", "--config", config, "--out", str(out),
+           *(["--resume"] if (out / "last.pt").is_file() else []),
            *(["--threads", str(threads)] if threads else []), *_overrides(variant, seed, extra)]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train.log", "w")
@@ -94,7 +95,7 @@ def run_one(config: str, variant: str, seed: int, runs_dir: Path, extra: Sequenc
     out = runs_dir / f"{variant}_s{seed}"
     cfg = load_config(config, _overrides(variant, seed, extra))
     if not (out / "results.json").is_file():
-        Trainer(cfg, out).fit()
+        Trainer(cfg, out, resume=(out / "last.pt").is_file()).fit()
     res = json.loads((out / "results.json").read_text())
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = metrics[-1]
@@ -172,7 +173,7 @@ def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(args.config, [*SMOKE_OVERRIDES, *args.overrides])
     out = Path(args.runs_dir) / "resnet101_smoke"
     t0 = time.time()
-    trainer = Trainer(cfg, out)
+    trainer = Trainer(cfg, out, overwrite=True)  # a timing run: always trained again
     n_params = sum(p.numel() for p in trainer.net.parameters())
     res = trainer.fit()
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
