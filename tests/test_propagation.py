@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from derprop.derivatives import derivative
-from derprop.propagation import propagate
+from derprop.propagation import attention_shares, propagate, propagation_weights
 from derprop.reference import propagate_literal
 
 
@@ -153,3 +153,23 @@ def test_tiled_under_autocast_matches_float32():
     reference = propagate(logits, f1.bfloat16().float(), f2.bfloat16().float())
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
     assert f1.grad is not None and torch.isfinite(f1.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_propagation_weights_reproduce_propagate(mode):
+    logits, f1, f2 = make(grad=False)
+    w = propagation_weights(f1, f2, mode=mode)
+    assert torch.allclose(logits @ w, propagate(logits, f1, f2, mode=mode), atol=1e-10)
+
+
+def test_attention_shares_uniform_and_class_only_weights():
+    labels = torch.tensor([[0, 1, 1, 2, 2, 2, 255]])
+    m = labels.shape[1]
+    own, uniform, support = attention_shares(torch.ones(1, m, m, dtype=torch.float64), labels)
+    expect = torch.tensor([2 / 6, 2 / 6, 3 / 6, 3 / 6, 3 / 6], dtype=torch.float64)
+    assert torch.allclose(own, expect) and torch.allclose(uniform, expect)  # foreground pixels only
+    assert torch.allclose(support, torch.full((5,), 6.0, dtype=torch.float64))  # six labeled pixels
+    same = (labels.T == labels).double().unsqueeze(0)  # each pixel takes from its own class only
+    own, _, support = attention_shares(same, labels)
+    assert torch.allclose(own, torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(support, torch.tensor([2.0, 2.0, 3.0, 3.0, 3.0], dtype=torch.float64))
