@@ -9,25 +9,32 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SCENES ?= data/scenes
 CONFIG ?= configs/cpu_scenes.yaml
+ABLATION ?=
+SIZE ?= full
+# gpu-check runs on a box with a preinstalled torch and no registry: the .venv when there is one, else $(PYTHON).
+CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 BOOK_FLAGS := -W -n --keep-going
 
-.PHONY: help setup test demo data-scenes train-cpu book bench reproduce reproduce-all clean
+.PHONY: help setup test demo data-scenes train-cpu book bench gpu-check weights reproduce reproduce-all clean
 
 help:
 	@echo "make demo   - set up, build the CPU dataset, train the CPU default with and without DLP, build the book"
 	@echo "make test   - set up, run the whole test suite (CI runs this)"
 	@echo "make book   - build the Jupyter Book into _build/html"
 	@echo "make bench  - run the benchmarks, write results/*.json"
-	@echo "make reproduce CONFIG=configs/voc_92.yaml   - one paper run through papermill (GPU box)"
-	@echo "make reproduce-all                         - the Table 1-4 matrix, skipping finished runs"
+	@echo "make gpu-check - CUDA tests, train-step benchmark, 300-iteration ResNet-101 run -> results/gpu_check_<device>.json"
+	@echo "make weights  - check pretrained/resnet101.pth, the ImageNet deep-stem ResNet-101 the VOC configs load"
+	@echo "make reproduce CONFIG=configs/voc_92.yaml [ABLATION=wo_dlp] [SIZE=small]  - one paper run (GPU box)"
+	@echo "make reproduce-all [SIZE=small]            - the Table 1-4 matrix, skipping finished runs"
 
 setup: $(STAMP)
 
 # Re-runs only when a requirements file changes, so a second `make setup` is a no-op.
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+# constraints.txt pins the transitive set the tests ran with, so the same packages install a year later.
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	bash .ci/system-deps
 	@touch $@
@@ -55,11 +62,18 @@ bench: setup
 	$(PY) -m benchmarks.derloss
 	$(PY) -m benchmarks.train_step
 
+# No setup: a GPU box may have torch preinstalled and no package registry (see README).
+gpu-check:
+	$(CHECK_PY) -m benchmarks.gpu_check
+
+weights:
+	$(CHECK_PY) -m data_prep.weights
+
 reproduce: setup
-	$(PY) -m pipelines.run_matrix one --config $(CONFIG)
+	$(PY) -m pipelines.run_matrix one --config $(CONFIG) --size $(SIZE) $(if $(ABLATION),--ablation $(ABLATION))
 
 reproduce-all: setup
-	$(PY) -m pipelines.run_matrix all
+	$(PY) -m pipelines.run_matrix all --size $(SIZE)
 
 clean:
 	rm -rf _build .pytest_cache

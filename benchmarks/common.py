@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import torch
 
 from derprop import atomic
@@ -42,6 +41,8 @@ def machine_info(device: str) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if device == "cpu":
+        import psutil  # CPU figures only: a GPU box needs no psutil
+
         info["memory_gib"] = round(psutil.virtual_memory().total / 2**30, 1)
     return info
 
@@ -74,6 +75,8 @@ def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
         _sync(device)
         peak = torch.cuda.max_memory_allocated() - base
     else:
+        import psutil
+
         _reset_peak_rss()
         base = psutil.Process().memory_info().rss
         step()
@@ -136,11 +139,15 @@ def core_args(doc: str, run_case: Callable[[dict], dict], argv: list[str] | None
     parser.add_argument("--sizes", type=int, nargs="+", default=[1681, 4225, 10201])
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to measure at")
     parser.add_argument("--out", default=str(RESULTS / "bench_core.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+        case = json.loads(args.case)
+        if case.get("threads"):
+            torch.set_num_threads(case["threads"])
+        print(json.dumps(run_case(case)))
         return None
     return args
 
@@ -157,12 +164,14 @@ def run_cases(module: str, cases: list[dict], run_case: Callable[[dict], dict]) 
 
 
 def finish_core(args: argparse.Namespace, key: str, rows: list[dict], ratios: list[dict],
-                columns: list[tuple[str, str, str]]) -> dict:
+                columns: list[tuple[str, str, str]], extra: dict | None = None) -> dict:
     """Print the ratio table and store this benchmark's section of ``bench_core.json``."""
     print()
     print_table(ratios, columns)
-    section = {"machine": machine_info(args.device), "config": vars(args) | {"case": None},
-               "rows": rows, "ratios": ratios}
+    config = vars(args) | {"case": None, "out": str(Path(args.out).resolve().relative_to(ROOT))
+                           if Path(args.out).resolve().is_relative_to(ROOT) else args.out}
+    section = {"machine": machine_info(args.device), "config": config, "rows": rows, "ratios": ratios,
+               **(extra or {})}
     update_results(Path(args.out), key, section)
     print(f"\nwrote {args.out}")
     return section

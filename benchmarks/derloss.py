@@ -36,19 +36,23 @@ def main(argv: list[str] | None = None) -> dict:
     args = core_args(__doc__, run_case, argv)
     if args is None:
         return {}
-    cases = [{"impl": impl, "M": m, "B": 2, "D": 21, "chunk": args.chunk,
-              "device": args.device, "repeats": args.repeats} for m in args.sizes for impl in ("dense", "tiled")]
+    threads = args.threads if args.device == "cpu" else [None]
+    cases = [{"impl": impl, "M": m, "B": 2, "D": 21, "chunk": args.chunk, "threads": t, "device": args.device,
+              "repeats": args.repeats} for t in threads for m in args.sizes for impl in ("dense", "tiled")]
     rows = run_cases("benchmarks.derloss", cases, run_case)
     ratios = []
-    for m in args.sizes:
-        by = {r["impl"]: r for r in rows if r["M"] == m}
-        ratios.append({
-            "M": m,
-            "time_ratio": by["tiled"]["seconds"] / by["dense"]["seconds"],
-            "memory_ratio": by["tiled"]["peak_mib"] / max(by["dense"]["peak_mib"], 1e-9),
-        })
+    for t in threads:
+        for m in args.sizes:
+            by = {r["impl"]: r for r in rows if r["M"] == m and r["threads"] == t}
+            ratios.append({
+                "threads": t,
+                "M": m,
+                "time_ratio": by["tiled"]["seconds"] / by["dense"]["seconds"],
+                "memory_ratio": by["tiled"]["peak_mib"] / max(by["dense"]["peak_mib"], 1e-9),
+            })
     return finish_core(args, "derloss", rows, ratios, [
-        ("M", "M", "d"), ("time_ratio", "tiled/dense time", ".2f"), ("memory_ratio", "tiled/dense memory", ".3f")])
+        ("threads", "threads", "d"), ("M", "M", "d"), ("time_ratio", "tiled/dense time", ".2f"),
+        ("memory_ratio", "tiled/dense memory", ".3f")])
 
 
 if __name__ == "__main__":

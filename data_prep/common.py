@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from derprop import atomic, data
 from derprop.data import (
@@ -22,9 +20,9 @@ from derprop.data import (
     SegmentationDataset,
     dataset_spec,
     fix_hint,
+    label_png_bytes,
     read_split,
     splits_dir,
-    voc_palette,
 )
 
 
@@ -35,17 +33,6 @@ def file_hash(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20)
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def label_png_bytes(label: np.ndarray) -> bytes:
-    """Encode an ``H×W`` uint8 index array as a VOC palette PNG."""
-    if label.dtype != np.uint8 or label.ndim != 2:
-        raise ValueError(f"label must be a 2-D uint8 array, got {label.dtype} {label.shape}")
-    im = Image.fromarray(label)
-    im.putpalette(voc_palette())  # mode L becomes P; the indices stay as they are
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
 
 
 def save_label_png(path: str | Path, label: np.ndarray) -> None:

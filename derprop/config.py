@@ -27,6 +27,7 @@ key                                     official (release)  paper               
 ``method.blend_space``                  logit               prob                §2 "Blend in logit space"; eq. 5
 ``method.feature_norm``                 softmax             l1                  §2 "channel-softmax"; §1 ‖v‖₁ = 1
 ``method.label_resize``                 bilinear            nearest             §2 "resized bilinearly"; eq. 8 S_GT
+``method.cutmix_partner``               same_image          other_image         §2 "zip(loader_u, loader_u)"
 ``method.labeled_der_detached``         true                false               §2 quirk; eq. 8 labeled terms
 ``method.spatial_softmax_sparsity``     true                false               §2 quirk; eq. 8 η‖Δ²V‖₁
 ``method.momentum_timing``              epoch_start         epoch_end           §2 "Momentum"; eq. 6
@@ -47,7 +48,20 @@ key                                     official (release)  paper               
 ======================================  ==================  ==================  =====================================
 
 ``auto`` evaluation means original size for pascal/scenes and sliding window
-for cityscapes (SPEC §1). Ablations (Tables 1–4) are the switches
+for cityscapes (SPEC §1). Both label resizes sample the feature grid the
+logits are upsampled from (align corners): ``nearest`` takes the label at
+each grid point, ``bilinear`` interpolates class indices there. At the crops
+321, 513 and 801 every grid point falls on a pixel and the two are identical;
+at other crops ``bilinear`` mixes neighbouring class indices into wrong ones.
+``cutmix_partner: same_image`` pastes another augmentation of the *same*
+unlabeled image (the release zips one loader twice); ``other_image`` draws a
+different image.
+
+``method.paper_dlp_norm`` is not a divergence but a necessity: eq. 4 as
+written (``none``) sums over all ``M`` pixels and saturates the softmax, so
+the paper profile trains with ``row_sum`` (see
+:data:`derprop.propagation.PAPER_NORMS`; the book's *Derivative label
+propagation* chapter shows the literal form). Ablations (Tables 1–4) are the switches
 ``method.dlp``, ``method.derivative_loss``, ``method.momentum``,
 ``method.Q``, ``method.sparsity`` and ``method.op``, independent of the profile.
 
@@ -167,6 +181,7 @@ class MethodConfig:
     sparsity: bool = True
     op: str = "forward"
     dlp_form: str = "linear"
+    paper_dlp_norm: str = "row_sum"
     blend_space: str = "prob"
     feature_norm: str = "l1"
     label_resize: str = "nearest"
@@ -181,6 +196,7 @@ class MethodConfig:
     pseudo_label_source: str = "backprop"
     unlabeled_ce: str = "hard"
     cutmix_consistent_targets: bool = True
+    cutmix_partner: str = "other_image"
     propagated_ce: bool = True
     weak_propagated_ce: bool = False
     fp_branch: bool = False
@@ -243,6 +259,8 @@ CHOICES: dict[str, tuple] = {
     "method.blend_space": ("logit", "prob"),
     "method.feature_norm": ("softmax", "l1"),
     "method.label_resize": ("bilinear", "nearest"),
+    "method.paper_dlp_norm": ("none", "row_sum", "mean"),
+    "method.cutmix_partner": ("same_image", "other_image"),
     "method.momentum_timing": ("epoch_start", "epoch_end"),
     "method.threshold": ("fixed", "ema"),
     "method.pseudo_label_source": ("momentum", "backprop"),
@@ -267,6 +285,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "method.pseudo_label_source": "momentum",
         "method.unlabeled_ce": "soft",
         "method.cutmix_consistent_targets": False,
+        "method.cutmix_partner": "same_image",
         "method.weak_propagated_ce": True,
         "method.fp_branch": True,
         "method.region_propagation": True,
@@ -290,6 +309,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "method.pseudo_label_source": "backprop",
         "method.unlabeled_ce": "hard",
         "method.cutmix_consistent_targets": True,
+        "method.cutmix_partner": "other_image",
         "method.weak_propagated_ce": False,
         "method.fp_branch": False,
         "method.region_propagation": False,

@@ -21,6 +21,7 @@ indices, never their colours), with 255 = ignore. Every bad input raises
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,17 @@ def voc_palette() -> list[int]:
             c >>= 3
         palette += [r, g, b]
     return palette
+
+
+def label_png_bytes(label: np.ndarray) -> bytes:
+    """Encode an ``H×W`` uint8 index array as a VOC palette PNG (reads back as the same indices)."""
+    if label.dtype != np.uint8 or label.ndim != 2:
+        raise ValueError(f"label must be a 2-D uint8 array, got {label.dtype} {label.shape}")
+    im = Image.fromarray(label)
+    im.putpalette(voc_palette())  # mode L becomes P; the indices stay as they are
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
 
 
 VOC_CLASSES = (

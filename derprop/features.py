@@ -13,14 +13,18 @@ from torch import Tensor
 
 NORMALIZATIONS = ("l1", "softmax", "none")
 
-EPS = 1e-12
+EPS = 1e-4
+"""Floor of ``‖v‖₁`` under ``"l1"``. The map's gradient is of order ``1/‖v‖₁``;
+below the floor ``v`` is divided by ``EPS`` instead, which caps it at ``~2/EPS``
+(features of a trained head have ``‖v‖₁`` of order ``D``)."""
 
 
 def normalize_features(v: Tensor, how: str = "l1", dim: int = 1) -> Tensor:
     """Normalise each pixel's feature vector along the channel axis ``dim``.
 
     ``"l1"``: ``v / ‖v‖₁`` (the paper); ``"softmax"``: softmax over channels (the
-    release); ``"none"``: unchanged. An all-zero vector stays zero under ``"l1"``.
+    release); ``"none"``: unchanged. Under ``"l1"`` a vector with ``‖v‖₁ < EPS``
+    is divided by :data:`EPS` (an all-zero vector stays zero, gradients stay finite).
     """
     if how == "l1":
         return v / v.abs().sum(dim=dim, keepdim=True).clamp_min(EPS)

@@ -9,12 +9,17 @@ Two forms:
 
 ``mode="paper"`` (eq. 4)
     ``L̃ = L (S + Δ¹S)`` with ``S = V1ᵀV2`` and ``Δ¹S = (ΔV1)ᵀ(ΔV2)`` of
-    L1-normalised features, literal and unscaled. It is evaluated as
-    ``(L V1ᵀ) V2 + (L ΔV1ᵀ) ΔV2``: ``O(M·D·C)`` work, no ``M × M`` matrix.
-    Being linear in ``L``, its magnitude grows with ``M``.
+    L1-normalised features. The derivative is linear, ``ΔV = K V``, so
+    ``S + Δ¹S = V1ᵀ (I + KᵀK) V2`` and eq. 4 is evaluated as
+    ``((L V1ᵀ)(I + KᵀK)) V2``: ``O(M·D·C)`` work, no ``M × M`` matrix and no
+    derivative copies of the features. Literal (``paper_norm="none"``)
+    it sums over all ``M`` pixels, so its magnitude grows with ``M`` and
+    ``softmax(L̃)`` saturates; ``paper_norm`` names the normalisation that
+    makes it trainable (:data:`PAPER_NORMS`).
 
 ``mode="official"`` (what the released code does, SPEC §2)
-    ``s_ij = f1_iᵀ f2_j / √D + Δf1_iᵀ Δf2_j / √D₁``, ``A = softmax_j(s)``,
+    ``s_ij = f1_iᵀ f2_j / √D + Δf1_iᵀ Δf2_j / √D₁ = f1_iᵀ G f2_j`` with
+    ``G = I/√D + KᵀK/√D₁``, ``A = softmax_j(s)``,
     ``L̃_j = Σ_i sg(L)_i A_ij``. The softmax normalises over ``j`` but the sum
     runs over ``i``: the transpose of ordinary attention. Rows of ``A`` are
     independent, so ``chunk=k`` computes ``A`` ``k`` rows at a time, forward
@@ -23,15 +28,28 @@ Two forms:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from derprop.derivatives import derivative
+from derprop.derivatives import derivative_matrix
 from derprop.features import normalize_features
 
 MODES = ("official", "paper")
+
+PAPER_NORMS = ("none", "row_sum", "mean")
+"""Normalisations of the paper form, ``W = S + Δ¹S``:
+
+``none``: eq. 4 as written. ``row_sum``: each source pixel ``i`` spreads its
+logit with weights ``W_ij / Σ_k W_ik`` (the release's softmax normalises the
+same axis); with one head ``W`` is symmetric and this is a weighted average
+over similar pixels. ``mean``: ``W / M``, the average over the image."""
+
+ROW_SUM_FLOOR = 1e-3
+"""Smallest row sum ``Σ_k W_ik`` divided by, so a pixel whose signed
+similarities cancel cannot blow ``L̃`` up."""
 
 
 def _check_shapes(logits: Tensor, f1: Tensor, f2: Tensor) -> None:
@@ -57,6 +75,7 @@ def propagate(
     mode: str = "official",
     op: str = "forward",
     chunk: int | None = None,
+    paper_norm: str = "none",
 ) -> Tensor:
     """Propagate logits along pixel similarities of features and their derivatives (eq. 4).
 
@@ -68,41 +87,64 @@ def propagate(
         op: derivative operator used for ``Δ`` (eq. 2, 10, 11 or 12).
         chunk: official mode only: rows of the ``M × M`` matrix per tile;
             ``None`` materialises it whole.
+        paper_norm: paper mode only: one of :data:`PAPER_NORMS`.
 
     Returns:
-        ``L̃``, shape ``(B, C, M)``. In official mode ``L`` is detached and
-        gradients reach ``f1`` and ``f2`` only, as in the release.
+        ``L̃``, shape ``(B, C, M)``, in float32 (or float64 for float64
+        inputs) whatever autocast says: scores, log-sum-exps and sums over
+        ``M`` pixels lose whole logits in bfloat16. In official mode ``L`` is
+        detached and gradients reach ``f1`` and ``f2`` only, as in the release.
     """
     f2 = f1 if f2 is None else f2
     _check_shapes(logits, f1, f2)
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of rows or None, got {chunk}")
-    if mode == "paper":
-        return _propagate_paper(logits, f1, f2, op)
-    if mode == "official":
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if paper_norm not in PAPER_NORMS:
+        raise ValueError(f"paper_norm must be one of {list(PAPER_NORMS)}, got {paper_norm!r}")
+    dtype = torch.promote_types(torch.promote_types(logits.dtype, f1.dtype), torch.float32)
+    symmetric = f2 is f1
+    logits, f1 = logits.to(dtype), f1.to(dtype)
+    f2 = f1 if symmetric else f2.to(dtype)
+    with torch.autocast(logits.device.type, enabled=False):
+        if mode == "paper":
+            return _propagate_paper(logits, f1, f2, op, paper_norm)
         return _propagate_official(logits, f1, f2, op, chunk)
-    raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
 
-def _propagate_paper(logits: Tensor, f1: Tensor, f2: Tensor, op: str) -> Tensor:
+@functools.lru_cache(maxsize=32)
+def _gram(length: int, op: str, scaled: bool) -> Tensor:
+    k = derivative_matrix(length, 1, op)
+    a, b = (1 / math.sqrt(length), 1 / math.sqrt(k.shape[0])) if scaled else (1.0, 1.0)
+    return a * torch.eye(length, dtype=torch.float64) + b * (k.T @ k)
+
+
+def similarity_gram(length: int, op: str, like: Tensor, *, scaled: bool) -> Tensor:
+    """``G`` with ``vᵀ G w = vᵀw + (Δv)ᵀ(Δw)`` (eq. 4), or ``vᵀw/√D + (Δv)ᵀ(Δw)/√D₁`` (release) when ``scaled``."""
+    return _gram(length, op, scaled).to(device=like.device, dtype=like.dtype)
+
+
+def _propagate_paper(logits: Tensor, f1: Tensor, f2: Tensor, op: str, norm: str) -> Tensor:
     v1 = normalize_features(f1, "l1")
     v2 = v1 if f2 is f1 else normalize_features(f2, "l1")
-    dv1 = derivative(v1, 1, op)
-    dv2 = dv1 if v2 is v1 else derivative(v2, 1, op)
-    return (logits @ v1.transpose(1, 2)) @ v2 + (logits @ dv1.transpose(1, 2)) @ dv2
+    gram = similarity_gram(v1.shape[1], op, v1, scaled=False)
+    if norm == "mean":
+        logits = logits / logits.shape[2]
+    elif norm == "row_sum":
+        rows = (v1 * (gram @ v2.sum(2, keepdim=True))).sum(1)  # Σ_j (S + Δ¹S)_ij
+        logits = logits / rows.clamp_min(ROW_SUM_FLOOR).unsqueeze(1)
+    return ((logits @ v1.transpose(1, 2)) @ gram) @ v2
 
 
 def official_similarity_factors(f1: Tensor, f2: Tensor, op: str = "forward") -> tuple[Tensor, Tensor]:
     """Factors ``g1, g2`` with ``s = g1ᵀ g2`` for the release's scaled similarity.
 
-    ``g1 = [f1/√D ; Δf1/√D₁]`` and ``g2 = [f2 ; Δf2]`` stacked along channels, so
+    ``g1 = G f1`` with ``G = I/√D + KᵀK/√D₁`` (symmetric) and ``g2 = f2``, so
     ``g1_iᵀ g2_j = f1_iᵀ f2_j/√D + Δf1_iᵀ Δf2_j/√D₁``.
     """
-    d1f1 = derivative(f1, 1, op)
-    d1f2 = derivative(f2, 1, op)
-    g1 = torch.cat([f1 / math.sqrt(f1.shape[1]), d1f1 / math.sqrt(d1f1.shape[1])], dim=1)
-    g2 = torch.cat([f2, d1f2], dim=1)
-    return g1, g2
+    gram = similarity_gram(f1.shape[1], op, f1, scaled=True)
+    return gram @ f1, f2
 
 
 def _propagate_official(logits: Tensor, f1: Tensor, f2: Tensor, op: str, chunk: int | None) -> Tensor:
@@ -111,10 +153,7 @@ def _propagate_official(logits: Tensor, f1: Tensor, f2: Tensor, op: str, chunk: 
     if chunk is None or chunk >= g1.shape[2]:
         attn = (g1.transpose(1, 2) @ g2).softmax(dim=-1)
         return labels @ attn
-    # One dtype inside the custom Function (autocast is off there): under AMP the
-    # features may be half precision while the detached logits are float32.
-    dtype = torch.promote_types(labels.dtype, g1.dtype)
-    return _TiledRowSoftmaxPropagation.apply(labels.to(dtype), g1.to(dtype), g2.to(dtype), chunk)
+    return _TiledRowSoftmaxPropagation.apply(labels, g1, g2, chunk)
 
 
 class _TiledRowSoftmaxPropagation(torch.autograd.Function):
@@ -131,12 +170,11 @@ class _TiledRowSoftmaxPropagation(torch.autograd.Function):
         out = labels.new_zeros(labels.shape)
         lse = labels.new_empty(g1.shape[0], g1.shape[2], 1)
         g1t = g1.transpose(1, 2)
-        with torch.autocast(g1.device.type, enabled=False):
-            for start in range(0, g1.shape[2], chunk):
-                rows = slice(start, start + chunk)
-                scores = g1t[:, rows] @ g2
-                lse[:, rows] = scores.logsumexp(dim=-1, keepdim=True)
-                out.baddbmm_(labels[:, :, rows], scores.sub_(lse[:, rows]).exp_())
+        for start in range(0, g1.shape[2], chunk):
+            rows = slice(start, start + chunk)
+            scores = g1t[:, rows] @ g2
+            lse[:, rows] = scores.logsumexp(dim=-1, keepdim=True)
+            out.baddbmm_(labels[:, :, rows], scores.sub_(lse[:, rows]).exp_())
         ctx.save_for_backward(labels, g1, g2, lse)
         return out
 
@@ -146,34 +184,39 @@ class _TiledRowSoftmaxPropagation(torch.autograd.Function):
         grad_g1 = torch.empty_like(g1)
         grad_g2 = torch.zeros_like(g2)
         g1t = g1.transpose(1, 2)
-        for start in range(0, g1.shape[2], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            attn = (g1t[:, rows] @ g2).sub_(lse[:, rows]).exp_()
-            grad_attn = labels[:, :, rows].transpose(1, 2) @ grad_out
-            grad_s = attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))
-            grad_g1[:, :, rows] = g2 @ grad_s.transpose(1, 2)
-            grad_g2.baddbmm_(g1[:, :, rows], grad_s)
+        with torch.autocast(g1.device.type, enabled=False):
+            for start in range(0, g1.shape[2], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                attn = (g1t[:, rows] @ g2).sub_(lse[:, rows]).exp_()
+                grad_attn = labels[:, :, rows].transpose(1, 2) @ grad_out
+                grad_s = attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))
+                grad_g1[:, :, rows] = g2 @ grad_s.transpose(1, 2)
+                grad_g2.baddbmm_(g1[:, :, rows], grad_s)
         return None, grad_g1, grad_g2, None
 
 
-def propagation_weights(f1: Tensor, f2: Tensor | None = None, *, mode: str = "official",
-                        op: str = "forward") -> Tensor:
+def propagation_weights(f1: Tensor, f2: Tensor | None = None, *, mode: str = "official", op: str = "forward",
+                        paper_norm: str = "none") -> Tensor:
     """The ``M × M`` matrix ``W`` with ``L̃ = L·W`` (eq. 1, 4): ``W_ij`` is what pixel ``j`` takes from pixel ``i``.
 
-    ``official``: ``W = A = softmax_j(s)``; ``paper``: ``W = S + Δ¹S``. For diagnostics and figures
-    (chapter *Pseudo-label rectification*), where a small image's whole matrix fits; training never builds it.
-    Shape ``(B, M, M)``.
+    ``official``: ``W = A = softmax_j(s)``; ``paper``: ``W = S + Δ¹S``, normalised as ``paper_norm`` says
+    (:data:`PAPER_NORMS`). For diagnostics and figures (chapter *Pseudo-label rectification*), where a
+    small image's whole matrix fits; training never builds it. Shape ``(B, M, M)``.
     """
     f2 = f1 if f2 is None else f2
     if mode == "official":
         g1, g2 = official_similarity_factors(f1, f2, op)
         return (g1.transpose(1, 2) @ g2).softmax(dim=-1)
-    if mode == "paper":
-        v1 = normalize_features(f1, "l1")
-        v2 = v1 if f2 is f1 else normalize_features(f2, "l1")
-        dv1, dv2 = derivative(v1, 1, op), derivative(v2, 1, op)
-        return v1.transpose(1, 2) @ v2 + dv1.transpose(1, 2) @ dv2
-    raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode != "paper":
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    v1 = normalize_features(f1, "l1")
+    v2 = v1 if f2 is f1 else normalize_features(f2, "l1")
+    w = v1.transpose(1, 2) @ similarity_gram(v1.shape[1], op, v1, scaled=False) @ v2
+    if paper_norm == "mean":
+        return w / w.shape[-1]
+    if paper_norm == "row_sum":
+        return w / w.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR)
+    return w
 
 
 def attention_shares(weights: Tensor, labels: Tensor, *, background: int | None = 0,

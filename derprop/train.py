@@ -6,11 +6,11 @@ Explained in the book chapter *Training*.
 
     python -m derprop.train --config configs/cpu_scenes.yaml [--out runs/NAME]
         [--resume [PATH]] [--amp bf16|fp16] [--channels-last] [--seed N]
-        [--device cpu|cuda] [--threads N] [key.sub=value ...]
+        [--device cpu|cuda] [--threads N] [--log-every N] [key.sub=value ...]
 
     torchrun --nproc_per_node 2 -m derprop.train --config configs/voc_92.yaml
 
-Writes ``runs/NAME/{config.yaml, metrics.jsonl, steps.jsonl, last.pt,
+Writes ``runs/NAME/{config.yaml, train.log, metrics.jsonl, steps.jsonl, last.pt,
 best.pt, results.json, pseudo_labels/}`` (``NAME`` defaults to the config
 file's stem). ``--resume`` without a path continues from ``runs/NAME/last.pt``.
 ``--amp``, ``--channels-last`` and ``--seed`` are shorthands for the
@@ -37,6 +37,7 @@ from derprop.checkpoint import CheckpointError
 from derprop.config import load_config
 from derprop.data import DatasetError
 from derprop.evaluate import format_iou_table
+from derprop.progress import DEFAULT_EVERY
 from derprop.trainer import NonFiniteLossError, Trainer
 
 
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (on a busy machine 1 is often fastest: idle-spinning threads compete)")
+    ap.add_argument("--log-every", type=int, default=DEFAULT_EVERY, metavar="N",
+                    help=f"a progress line every N iterations to <out>/train.log (and stdout without a terminal; "
+                         f"default {DEFAULT_EVERY})")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. method.dlp=false")
     return ap
 
@@ -79,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
-        trainer = Trainer(cfg, out, resume=args.resume, device=args.device)
+        trainer = Trainer(cfg, out, resume=args.resume, device=args.device, log_every=args.log_every)
         results = trainer.fit()
     except (ValueError, FileNotFoundError, DatasetError, CheckpointError, NonFiniteLossError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)

@@ -41,7 +41,6 @@ the uninterrupted run does (on CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -72,6 +71,7 @@ from derprop.losses import derivative_loss
 from derprop.metrics import ConfusionMatrix
 from derprop.model import DerPropNet, SegOutput, build_model
 from derprop.momentum import MomentumNetwork
+from derprop.progress import DEFAULT_EVERY, ProgressLog
 from derprop.propagation import attention_shares, official_similarity_factors, propagate, propagation_weights
 
 log = logging.getLogger(__name__)
@@ -253,11 +253,6 @@ def masked_mean(per_pixel: Tensor, keep: Tensor, denom: Tensor) -> Tensor:
     return (per_pixel * keep).sum() / denom.sum().clamp_min(1)
 
 
-def _has_kwargs(fn: Callable, *names: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return all(n in params for n in names)
-
-
 # --------------------------------------------------------------------------- #
 # The trainer
 # --------------------------------------------------------------------------- #
@@ -270,6 +265,8 @@ class Trainer:
     ``best.pt``, ``pseudo_labels/`` and ``results.json`` into ``out_dir``.
 
     ``resume``: a checkpoint path (or ``True`` for ``out_dir/last.pt``).
+    ``log_every``: iterations per progress line in ``out_dir/train.log`` (and on
+    stdout when no tqdm bar is drawn; :mod:`derprop.progress`).
     ``hook(event, **info)`` is called at ``"step_end"`` (epoch, step, loss)
     and ``"epoch_end"`` (epoch, metrics); raising from it stops training.
     """
@@ -283,10 +280,12 @@ class Trainer:
         device: str | None = None,
         hook: Hook | None = None,
         progress: bool | None = None,
+        log_every: int = DEFAULT_EVERY,
     ):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.hook = hook
+        self.log_every = log_every
         self.d = setup_distributed(device)
         if self.d.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -396,6 +395,17 @@ class Trainer:
                           drop_last=True, pin_memory=self.d.device.type == "cuda", persistent_workers=False,
                           multiprocessing_context="fork" if nw and sys.platform == "linux" else None)
 
+    def _loaders(self) -> tuple[DataLoader, DataLoader, DataLoader]:
+        """Labeled, unlabeled and CutMix-partner loaders (``method.cutmix_partner``).
+
+        ``same_image``: the partner's sampler replays the unlabeled order, so each image is mixed
+        with another augmentation of itself (the release zips one loader twice).
+        """
+        seed = self.cfg.seed
+        mix_seed = seed if self.cfg.method.cutmix_partner == "same_image" else seed + 1
+        return (self._loader(self.train_l, seed), self._loader(self.train_u, seed),
+                self._loader(self.train_mix, mix_seed))
+
     def _build_model(self) -> None:
         cfg, d = self.cfg, self.d
         net = build_model(cfg.model)
@@ -435,13 +445,6 @@ class Trainer:
         )
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.optim.amp]
         self.scaler = torch.amp.GradScaler("cuda") if cfg.optim.amp == "fp16" else None
-        self._split_quirks = _has_kwargs(derivative_loss, "detach_labeled", "spatial_softmax_sparsity")
-        if (not self._split_quirks and m.derivative_loss
-                and m.labeled_der_detached != m.spatial_softmax_sparsity):
-            raise ValueError(
-                "method.labeled_der_detached and method.spatial_softmax_sparsity can only be set together with this "
-                "version of derprop.losses.derivative_loss (one release_quirks flag); set both to the same value"
-            )
 
     # ------------------------------------------------------------------ #
     # forward helpers
@@ -455,7 +458,7 @@ class Trainer:
         b, c, h, w = out.logits_grid.shape
         f1, f2 = self._similarity_features(out)
         lt = propagate(out.logits_grid.flatten(2), f1, f2, mode="official" if m.dlp_form == "softmax" else "paper",
-                       op=m.op, chunk=m.chunk)
+                       op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
         return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
 
     def _similarity_features(self, out: SegOutput) -> tuple[Tensor, Tensor | None]:
@@ -607,10 +610,8 @@ class Trainer:
 
     def _der_options(self) -> dict[str, Any]:
         m, lc = self.cfg.method, self.cfg.loss
-        opts = dict(Q=m.Q, eta=lc.eta, op=m.op, sparsity=m.sparsity, normalize=m.feature_norm, chunk=m.chunk)
-        if self._split_quirks:
-            return opts | {"detach_labeled": m.labeled_der_detached, "spatial_softmax_sparsity": m.spatial_softmax_sparsity}
-        return opts | {"release_quirks": m.labeled_der_detached}
+        return dict(Q=m.Q, eta=lc.eta, op=m.op, sparsity=m.sparsity, normalize=m.feature_norm, chunk=m.chunk,
+                    spatial_softmax_sparsity=m.spatial_softmax_sparsity)
 
     def _labeled_derivative_term(self, out: SegOutput, nb: int, y: Tensor) -> Tensor:
         """Labeled derivative loss (eq. 8/9, S_GT = YᵀY) of the first ``nb`` images of ``out``."""
@@ -618,16 +619,13 @@ class Trainer:
         c = self.cfg.model.num_classes
         h, w = out.f1.shape[-2:]
         # labeled target: the label on the feature grid, one-hot; ignore pixels drop out (mask)
-        if m.label_resize == "nearest":
-            yg = F.interpolate(y.unsqueeze(1).float(), size=(h, w), mode="nearest")[:, 0].long()
-        else:  # release: bilinear (align_corners) on class indices, truncated; mixtures with 255 → ignore
-            yg = F.interpolate(y.unsqueeze(1).float(), size=(h, w), mode="bilinear", align_corners=True)[:, 0].long()
-        yg = yg.flatten(1)
+        yg = label_on_grid(y, (h, w), m.label_resize).flatten(1)
         keep = yg < c
         onehot = F.one_hot(yg.clamp(0, c), c + 1)[..., :c].transpose(1, 2).float()
         f1x = out.f1[:nb].flatten(2).float()
         f2x = f1x if out.f2 is out.f1 else out.f2[:nb].flatten(2).float()
-        return derivative_loss(f1x, f2x, onehot, onehot, labeled=True, mask=keep, **self._der_options())
+        return derivative_loss(f1x, f2x, onehot, onehot, labeled=True, mask=keep,
+                               detach_labeled=m.labeled_der_detached, **self._der_options())
 
     def _derivative_terms(self, out_w: SegOutput, out_s: SegOutput, out_mix: SegOutput, nb: int, y: Tensor,
                           box: Tensor) -> tuple[Tensor, Tensor]:
@@ -714,8 +712,7 @@ class Trainer:
             if self.start_epoch == 0 and self.resume_path is None:
                 for name in ("metrics.jsonl", "steps.jsonl"):
                     (self.out / name).unlink(missing_ok=True)
-        loaders = (self._loader(self.train_l, cfg.seed), self._loader(self.train_u, cfg.seed),
-                   self._loader(self.train_mix, cfg.seed + 1))
+        loaders = self._loaders()
         if self.start_epoch == 0 and d.is_main and self.diag_set is not None:
             self._pseudo_label_diagnostics(-1)  # the state training starts from: snapshot epoch_000
         for epoch in range(self.start_epoch, cfg.optim.epochs):
@@ -765,6 +762,7 @@ class Trainer:
             self.global_step += 1
             n_steps += 1
             logs["loss"] = value
+            ProgressLog.of(self).step(self.global_step, logs, self.optimizer.param_groups[0]["lr"])
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps_log.append({"epoch": epoch, "step": step, "global_step": self.global_step, "loss": value,
@@ -884,8 +882,10 @@ class Trainer:
                 broken += int((valid & (pl_before == gt) & (pl_after != gt)).sum())
                 h, w = out.f1.shape[-2:]
                 f1, f2 = self._similarity_features(out)
-                weights = propagation_weights(f1.float(), None if f2 is None else f2.float(), mode="official" if m.dlp_form == "softmax" else "paper", op=m.op)
-                yg = F.interpolate(gt.unsqueeze(1).float(), size=(h, w), mode="nearest")[:, 0].long().flatten(1)
+                weights = propagation_weights(f1.float(), None if f2 is None else f2.float(), op=m.op,
+                                              mode="official" if m.dlp_form == "softmax" else "paper",
+                                              paper_norm=m.paper_dlp_norm)
+                yg = label_on_grid(gt, (h, w), "nearest").flatten(1)
                 o, u, sp = attention_shares(weights, yg, ignore_index=IGNORE_INDEX)
                 own.append(o)
                 uniform.append(u)
@@ -1072,6 +1072,25 @@ def _chosen_pixel(grid_label: Tensor) -> int:
                for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     score = torch.where(fg, same, torch.full_like(same, -1)).flatten()
     return int(score.argmax())
+
+
+def label_on_grid(label: Tensor, size: tuple[int, int], how: str) -> Tensor:
+    """Class indices ``(B, H, W)`` sampled on the ``h × w`` feature grid (eq. 8's ``Y``).
+
+    The logits are upsampled from that grid with ``align_corners=True``, so
+    grid point ``k`` sits at pixel ``k·(H−1)/(h−1)``. ``nearest`` takes the
+    label of the pixel nearest to each grid point; ``bilinear`` (release)
+    interpolates class indices there and truncates, which mixes neighbours
+    into a wrong class (or a value ≥ C, then ignored) wherever grid points
+    fall between pixels. At crops 321, 513 and 801 (stride 8) every grid point
+    is a pixel and the two agree exactly.
+    """
+    if how == "bilinear":
+        return F.interpolate(label.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=True)[:, 0].long()
+    (h, w), (big_h, big_w) = size, label.shape[-2:]
+    rows = torch.linspace(0, big_h - 1, h, device=label.device).round().long()
+    cols = torch.linspace(0, big_w - 1, w, device=label.device).round().long()
+    return label[:, rows][:, :, cols].long()
 
 
 def _center_fit(image: Tensor, label: Tensor, size: int) -> tuple[Tensor, Tensor]:

@@ -366,9 +366,19 @@ TRAINING_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {"DerProp": ("cpu_dlp", 
 """The runs of chapter *Training on a CPU*, label → (run id, overrides); ``make demo`` trains them."""
 
 
+_ROOT: Path | None = None  # set by ``python -m derprop.viewer --root DIR``
+
+
 def repo_root() -> Path:
-    """The repository this (editable) install of ``derprop`` lives in."""
-    return Path(__file__).resolve().parents[1]
+    """Where the book's CPU runs and their data live: ``--root``, else the checkout, else the current folder.
+
+    The checkout is the folder above this package when it holds ``configs/`` (an editable install or
+    ``PYTHONPATH``); an installed package lives in site-packages, so runs then go to the current folder.
+    """
+    if _ROOT is not None:
+        return _ROOT
+    checkout = Path(__file__).resolve().parents[1]
+    return checkout if (checkout / "configs").is_dir() else Path.cwd()
 
 
 _SCENES_CHECKED: set[Path] = set()
@@ -426,15 +436,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m derprop.viewer", description=main.__doc__)
     ap.add_argument("size", nargs="?", default="small", choices=list(BOOK_RUNS))
+    ap.add_argument("--root", default=None, help="project folder with configs/; runs/ and data/ go there "
+                                                  "(default: the checkout, else the current folder)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")
     ap.add_argument("--only", choices=[r for r, _ in TRAINING_RUNS.values()], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    global _ROOT
+    _ROOT = Path(args.root).resolve() if args.root else None
     runs = {label: run for label, run in TRAINING_RUNS.items() if args.only in (None, run[0])}
     if args.only is None:
         warm_start(args.size, progress=True)
     if args.only is None and args.jobs > 1:
         torch.set_num_threads(1)
-        procs = [subprocess.Popen([sys.executable, "-m", "derprop.viewer", args.size, "--only", run_id],
+        root = ["--root", str(_ROOT)] if _ROOT is not None else []
+        procs = [subprocess.Popen([sys.executable, "-m", "derprop.viewer", args.size, "--only", run_id, *root],
                                   cwd=repo_root(), env={**os.environ, "OMP_NUM_THREADS": "1"})
                  for run_id, _ in runs.values()]
         if any(p.wait() != 0 for p in procs):

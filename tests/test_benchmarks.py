@@ -5,13 +5,18 @@ import json
 from benchmarks import derloss, dlp
 
 
-def test_core_benchmarks_write_results(tmp_path):
+def test_core_benchmarks_write_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(dlp, "TARGETS", (("factorised ≥ 20× literal", 64, "paper_speedup", 20.0, "min"),
+                                         ("tiled ≤ 1.5× dense time", 64, "official_time_ratio", 1.5, "max")))
     out = tmp_path / "bench_core.json"
-    dlp.main(["--sizes", "64", "--chunk", "16", "--repeats", "1", "--out", str(out)])
-    derloss.main(["--sizes", "64", "--chunk", "16", "--repeats", "1", "--out", str(out)])
+    dlp.main(["--sizes", "64", "--chunk", "16", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    derloss.main(["--sizes", "64", "--chunk", "16", "--repeats", "1", "--threads", "1", "--out", str(out)])
     payload = json.loads(out.read_text())
     assert set(payload) == {"dlp", "derloss"}
     assert {r["impl"] for r in payload["dlp"]["rows"]} == set(dlp.IMPLS)
     assert payload["dlp"]["machine"]["torch"]
     assert payload["derloss"]["ratios"][0]["M"] == 64
     assert all(r["seconds"] > 0 for r in payload["derloss"]["rows"])
+    targets = payload["dlp"]["targets"]
+    assert [t["target"] for t in targets] == ["factorised ≥ 20× literal", "tiled ≤ 1.5× dense time"]
+    assert all(isinstance(t["met"], bool) and t["threads"] == 1 for t in targets)

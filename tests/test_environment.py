@@ -33,3 +33,26 @@ def test_requirements_are_exact_pins():
 def test_pyproject_declares_ranges_for_the_gpu_box():
     text = (ROOT / "pyproject.toml").read_text()
     assert '"torch>=2.4"' in text, "pyproject.toml must accept the GPU box's torch (>=2.4), not a pin"
+
+
+def test_constraints_pin_the_same_versions_as_requirements():
+    constraints = dict(line.split("==", 1) for line in pins("constraints.txt"))
+    constraints = {k.lower().replace("_", "-"): v for k, v in constraints.items()}
+    for line in pins("requirements.txt") + pins("requirements-dev.txt"):
+        name, version = line.split("==")
+        key = name.lower().replace("_", "-")
+        assert constraints.get(key) == version, f"constraints.txt pins {name} at {constraints.get(key)}, not {version}"
+    assert not any(k.startswith("derprop") for k in constraints), "constraints.txt must not pin derprop itself"
+
+
+def test_pyproject_runtime_is_lean_and_extras_cover_the_pins():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {d.split(">")[0].split("=")[0].lower() for d in project["dependencies"]}
+    assert runtime == {"torch", "torchvision", "numpy", "pyyaml", "pillow", "tqdm"}
+    extras = project["optional-dependencies"]
+    assert {"demo", "book", "cityscapes", "bench", "dev"} <= set(extras)
+    declared = runtime | {d.split(">")[0].split("=")[0].split("<")[0].lower() for ds in extras.values() for d in ds}
+    for line in pins("requirements.txt") + pins("requirements-dev.txt"):
+        assert line.split("==")[0].lower() in declared, f"{line} is pinned but in no extra of pyproject.toml"

@@ -118,6 +118,7 @@ def test_float32_tiled_matches_dense():
         ({"mode": "literal"}, "mode must be one of"),
         ({"chunk": 0}, "chunk must be a positive"),
         ({"op": "nope"}, "op must be one of"),
+        ({"mode": "paper", "paper_norm": "max"}, "paper_norm must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -144,22 +145,83 @@ def test_cuda_tiled_matches_dense():
     torch.testing.assert_close(propagate(logits, f1, f2, chunk=256), propagate(logits, f1, f2), rtol=1e-4, atol=1e-4)
 
 
-def test_tiled_under_autocast_matches_float32():
-    logits, f1, f2 = (t.float().detach() for t in make(m=64, d=8, c=5))
-    f1.requires_grad_(True)
+def _grid_features(sigma, seed=0, m=1681, c=21):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, c, m, generator=g) * 3
+    f1, f2 = (torch.randn(2, c, m, generator=g) * sigma for _ in range(2))
+    return logits, f1.requires_grad_(), f2.requires_grad_()
+
+
+@pytest.mark.parametrize("chunk", [None, 256])
+@pytest.mark.parametrize("sigma", [1.0, 3.0])
+def test_official_dlp_under_bf16_autocast_is_the_float32_result(chunk, sigma):
+    """M = 1681 (a 321 crop), realistic feature scales: autocast must not lower the DLP's precision."""
+    logits, f1, f2 = _grid_features(sigma)
+    reference = propagate(logits, f1, f2, chunk=chunk)
+    ref_grads = torch.autograd.grad(reference.square().sum(), (f1, f2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = propagate(logits, f1.bfloat16(), f2.bfloat16(), chunk=16)
-    out.sum().backward()
-    reference = propagate(logits, f1.bfloat16().float(), f2.bfloat16().float())
-    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
-    assert f1.grad is not None and torch.isfinite(f1.grad).all()
+        out = propagate(logits, f1, f2, chunk=chunk)
+    assert out.dtype == torch.float32
+    grads = torch.autograd.grad(out.square().sum(), (f1, f2))
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(out, reference, rtol=1e-3, atol=1e-3 * scale)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("mode", ["official", "paper"])
-def test_propagation_weights_reproduce_propagate(mode):
+def test_a_bf16_dlp_would_fail_that_tolerance():
+    """The tolerance above discriminates: the same scores computed in bf16 miss by far more than 1e-3."""
+    logits, f1, f2 = (t.detach() for t in _grid_features(3.0))
+    reference = propagate(logits, f1, f2)
+    half = propagate(logits.bfloat16().double(), f1.bfloat16().double(), f2.bfloat16().double())
+    g1, g2 = (torch.cat([f / math.sqrt(f.shape[1]), derivative(f, 1) / math.sqrt(f.shape[1] - 1)], 1) for f in (f1, f2))
+    g2 = torch.cat([f2, derivative(f2, 1)], 1)
+    bf16 = logits.bfloat16() @ (g1.bfloat16().transpose(1, 2) @ g2.bfloat16()).softmax(-1)
+    assert (bf16.float() - reference).abs().max() > 1e-3 * reference.abs().max() * 10
+    assert (half.float() - reference).abs().max() < (bf16.float() - reference).abs().max()
+
+
+def dense_paper_normalised(logits, f1, f2, norm):
+    w = torch.einsum("bdi,bdj->bij", *(f / f.abs().sum(1, keepdim=True) for f in (f1, f2)))
+    w = w + torch.einsum("bdi,bdj->bij", *(derivative(f / f.abs().sum(1, keepdim=True), 1) for f in (f1, f2)))
+    if norm == "mean":
+        return logits @ w / w.shape[-1]
+    return (logits / w.sum(-1).unsqueeze(1)) @ w
+
+
+@pytest.mark.parametrize("norm", ["mean", "row_sum"])
+def test_paper_normalisations_match_their_dense_form(norm):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 37, generator=g, dtype=torch.float64)
+    f1, f2 = (torch.rand(2, 6, 37, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    torch.testing.assert_close(propagate(logits, f1, f2, mode="paper", paper_norm=norm),
+                               dense_paper_normalised(logits, f1, f2, norm))
+    assert torch.autograd.gradcheck(lambda a, b: propagate(logits, a, b, mode="paper", paper_norm=norm), (f1, f2))
+
+
+def test_row_sum_averages_over_same_class_pixels_at_any_m():
+    """Class features far apart in channels: L̃ at each pixel is the mean logit of its class, whatever M.
+
+    (Adjacent one-hot channels would not do: their derivatives overlap, so Δ¹S makes neighbouring
+    classes anti-similar.)
+    """
+    for m in (60, 600):
+        cls = torch.arange(m) % 3
+        f = torch.nn.functional.one_hot(3 * cls + 1, 9).T[None].double()
+        logits = torch.randn(1, 2, m, dtype=torch.float64)
+        out = propagate(logits, f, mode="paper", paper_norm="row_sum")
+        for k in range(3):
+            expected = logits[..., cls == k].mean(-1, keepdim=True).expand(1, 2, int((cls == k).sum()))
+            torch.testing.assert_close(out[..., cls == k], expected)
+
+
+@pytest.mark.parametrize("mode, norm", [("official", "none"), ("paper", "none"), ("paper", "mean"),
+                                        ("paper", "row_sum")])
+def test_propagation_weights_reproduce_propagate(mode, norm):
     logits, f1, f2 = make(grad=False)
-    w = propagation_weights(f1, f2, mode=mode)
-    assert torch.allclose(logits @ w, propagate(logits, f1, f2, mode=mode), atol=1e-10)
+    f1, f2 = f1.abs(), f2.abs()  # row sums away from zero for row_sum
+    w = propagation_weights(f1, f2, mode=mode, paper_norm=norm)
+    assert torch.allclose(logits @ w, propagate(logits, f1, f2, mode=mode, paper_norm=norm), atol=1e-10)
 
 
 def test_attention_shares_uniform_and_class_only_weights():

@@ -1,0 +1,101 @@
+"""Progress lines for runs nobody watches (book chapter *Training on a CPU*).
+
+Under papermill, ``nohup`` or a batch scheduler there is no terminal for tqdm,
+so the trainer also writes one line every ``log_every`` iterations::
+
+    epoch 3/80 it 120/1830 (6.6%) loss 0.8123 ce_x 0.41 ... kl 0.03 lr 9.6e-04 threshold 0.873 mask_ratio 0.62 12.4 img/s ETA 2:16:40
+
+to ``<run>/train.log`` (always) and to stdout (only when tqdm is not drawing
+a bar, i.e. when stderr is not a terminal). Loss terms are the ones
+:meth:`derprop.trainer.Trainer.train_step` logs (eq. 7–9), averaged over the
+iterations since the previous line; ``threshold`` and ``mask_ratio`` are the
+confidence threshold and the share of unlabeled pixels above it; img/s counts
+labeled + unlabeled images of all processes; the ETA covers the remaining
+training iterations at the rate since the previous line (evaluation not
+included). When the ``tensorboard`` package is installed, the same numbers go
+to ``<run>/tensorboard/`` as scalars (optional dependency ``derprop[tensorboard]``).
+Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EVERY = 50
+
+
+class ProgressLog:
+    """Collects per-iteration logs and writes a line every ``every`` iterations (see module doc)."""
+
+    def __init__(self, out_dir: str | Path, *, total_steps: int, steps_per_epoch: int, epochs: int,
+                 images_per_step: int, every: int = DEFAULT_EVERY, echo: bool = True, enabled: bool = True):
+        if every < 1:
+            raise ValueError(f"log_every must be a positive number of iterations, got {every}")
+        self.out = Path(out_dir)
+        self.total, self.per_epoch, self.epochs = total_steps, steps_per_epoch, epochs
+        self.images_per_step, self.every, self.echo, self.enabled = images_per_step, every, echo, enabled
+        self._sums: dict[str, float] = {}
+        self._n = 0
+        self._t = time.perf_counter()
+        self._tb: Any = None
+        if enabled and importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+
+    @classmethod
+    def of(cls, trainer: Any) -> "ProgressLog":
+        """The trainer's log, made on first use (one per trainer, so rates and ETA span epochs)."""
+        if getattr(trainer, "_progress_log", None) is None:
+            cfg = trainer.cfg
+            trainer._progress_log = cls(
+                trainer.out, total_steps=cfg.optim.epochs * trainer.iters_per_epoch,
+                steps_per_epoch=trainer.iters_per_epoch, epochs=cfg.optim.epochs,
+                images_per_step=2 * cfg.optim.batch_size * trainer.d.world_size,
+                every=getattr(trainer, "log_every", DEFAULT_EVERY), echo=not trainer.progress,
+                enabled=trainer.d.is_main)
+        return trainer._progress_log
+
+    def step(self, global_step: int, logs: dict[str, float], lr: float) -> str | None:
+        """Record one iteration (``global_step`` counts from 1); returns the line when one is written."""
+        if not self.enabled:
+            return None
+        for k, v in logs.items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._n += 1
+        if global_step % self.every and global_step != self.total:
+            return None
+        now = time.perf_counter()
+        rate = self._n / max(now - self._t, 1e-9)
+        means = {k: v / self._n for k, v in self._sums.items()}
+        line = self.format(global_step, means, lr, rate)
+        with open(self.out / "train.log", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if self.echo:
+            print(line, flush=True)
+        if self._tb is not None:
+            for k, v in means.items():
+                self._tb.add_scalar(f"train/{k}", v, global_step)
+            self._tb.add_scalar("train/lr", lr, global_step)
+            self._tb.add_scalar("train/images_per_s", rate * self.images_per_step, global_step)
+            self._tb.flush()
+            if global_step == self.total:
+                self._tb.close()
+        self._sums, self._n, self._t = {}, 0, now
+        return line
+
+    def format(self, global_step: int, means: dict[str, float], lr: float, steps_per_s: float) -> str:
+        """One progress line (see module doc)."""
+        epoch = min((global_step - 1) // max(self.per_epoch, 1) + 1, self.epochs)
+        eta = _dt.timedelta(seconds=round((self.total - global_step) / max(steps_per_s, 1e-9)))
+        names = sorted(means, key=lambda k: k != "loss")  # the total first, then the terms as logged
+        terms = " ".join(f"{k} {means[k]:.4g}" for k in names if k not in ("threshold", "mask_ratio"))
+        return (f"epoch {epoch}/{self.epochs} it {global_step}/{self.total} "
+                f"({100 * global_step / max(self.total, 1):.1f}%) {terms} lr {lr:.3g} "
+                f"threshold {means.get('threshold', float('nan')):.3f} "
+                f"mask_ratio {means.get('mask_ratio', float('nan')):.3f} "
+                f"{steps_per_s * self.images_per_step:.1f} img/s ETA {eta}")

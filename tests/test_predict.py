@@ -1,0 +1,91 @@
+"""derprop.load_model and python -m derprop.predict on a tiny CPU checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import derprop
+from derprop import checkpoint as ckpt_io
+from derprop.config import load_config, resolved
+from derprop.model import build_model
+from derprop.predict import main, predict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save_tiny_checkpoint(path: Path, *, momentum: bool = False) -> dict:
+    """A checkpoint shaped like the trainer's best.pt (or last.pt with ``momentum``) for the CPU default's network."""
+    torch.manual_seed(0)
+    cfg = resolved(load_config(REPO / "configs" / "cpu_scenes.yaml", ["model.pretrained=none"]))
+    net = build_model(cfg["model"])
+    state = {"epoch": 1, "model": net.state_dict(), "config": cfg}
+    if momentum:
+        state["momentum"] = {"model": {k: v + 1 if v.is_floating_point() else v for k, v in net.state_dict().items()}}
+    ckpt_io.save(path, state)
+    return cfg
+
+
+def write_image(path: Path, h: int = 40, w: int = 52) -> np.ndarray:
+    img = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(img).save(path)
+    return img
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_tiny_checkpoint(path)
+    return path
+
+
+def test_load_model_returns_eval_net_and_config(tiny_ckpt):
+    net, cfg = derprop.load_model(tiny_ckpt)
+    assert not net.training
+    assert cfg["model"]["backbone"] == "mobilenet_v2" and cfg["model"]["num_classes"] == 11
+    out = net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    assert out.logits.shape == (1, 11, 32, 32)
+
+
+def test_load_model_prefers_the_momentum_network(tmp_path):
+    path = tmp_path / "last.pt"
+    save_tiny_checkpoint(path, momentum=True)
+    auto, _ = derprop.load_model(path)
+    model, _ = derprop.load_model(path, which="model")
+    name = next(k for k, v in model.state_dict().items() if v.is_floating_point())
+    assert torch.equal(auto.state_dict()[name], model.state_dict()[name] + 1)
+
+
+@pytest.mark.parametrize("mode", ["original", "sliding"])
+def test_predict_cli_writes_palette_png_and_overlay(tiny_ckpt, tmp_path, mode, capsys):
+    img = write_image(tmp_path / "a.jpg")
+    out = tmp_path / "a.png"
+    assert main(["--checkpoint", str(tiny_ckpt), "--image", str(tmp_path / "a.jpg"), "--mode", mode,
+                 "--crop-size", "32", "--out", str(out), "--device", "cpu"]) == 0
+    with Image.open(out) as im:
+        assert im.mode == "P" and im.size == (52, 40)
+        label = np.array(im)
+    assert label.max() < 11
+    with Image.open(tmp_path / "a_overlay.png") as ov:
+        assert ov.mode == "RGB" and ov.size == (52, 40)
+    net, _ = derprop.load_model(tiny_ckpt)
+    assert np.array_equal(label, predict(net, np.array(Image.open(tmp_path / "a.jpg")), mode=mode, crop_size=32))
+    assert img.shape == (40, 52, 3)
+
+
+def test_predict_bad_inputs_give_one_error_line(tiny_ckpt, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    for args in (["--checkpoint", str(broken), "--image", "x.jpg"],
+                 ["--checkpoint", str(tiny_ckpt), "--image", str(tmp_path / "missing.jpg")]):
+        proc = subprocess.run([sys.executable, "-m", "derprop.predict", *args, "--out", str(tmp_path / "o.png")],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "o.png").exists()
