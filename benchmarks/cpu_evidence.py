@@ -109,8 +109,7 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], n_jobs: int, thre
     if n_jobs <= 1:
         for out, overrides in todo:
             print(f"== {out.name}", file=sys.stderr, flush=True)
-            Trainer(load_config(config, overrides), out, resume=(out / "last.pt") if (out / "last.pt").is_file()
-                    else None).fit()
+            Trainer(load_config(config, overrides), out, resume=(out / "last.pt").is_file()).fit()
         return
     running: list[tuple[Path, subprocess.Popen]] = []
     while todo or running:
@@ -119,6 +118,7 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], n_jobs: int, thre
             print(f"== {out.name}", file=sys.stderr, flush=True)
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "derprop.train", "--config", config, "--out", str(out),
+                   *(["--resume"] if (out / "last.pt").is_file() else []),
                    *(["--threads", str(threads)] if threads else []), *overrides]
             with open(out / "train.log", "w") as log:
                 running.append((out, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
@@ -218,7 +218,7 @@ def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
     cfg = load_config(config, [*SMOKE_OVERRIDES, *args.overrides])
     out = Path(args.runs_dir) / "resnet101_smoke"
     t0 = time.time()
-    trainer = Trainer(cfg, out)
+    trainer = Trainer(cfg, out, overwrite=True)  # a timing run: always trained again
     n_params = sum(p.numel() for p in trainer.net.parameters())
     res = trainer.fit()
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]

@@ -6,7 +6,8 @@ A checkpoint is a plain dictionary of tensors, numbers, strings, lists and
 dicts, so it loads with ``torch.load(weights_only=True)`` and no pickled code
 runs on load. :func:`save` writes it to a temporary file in the same folder and
 renames it over the target (``os.replace``), so a crash mid-write never leaves
-a half-written ``last.pt``: the previous one stays intact. :func:`load` turns
+a half-written ``last.pt``: the previous one stays intact; a failed write
+(disk full) is one :class:`derprop.atomic.WriteError` naming the file and its size. :func:`load` turns
 every way a file can be broken (truncated, not a zip, not ours) into one
 :class:`CheckpointError` that names the file.
 
@@ -41,9 +42,20 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     once the new one is complete on disk.
     """
     payload = {"format": FORMAT, "version": VERSION, **state}
-    with atomic.open_atomic(path) as f:
+    with atomic.open_atomic(path, size_hint=_nbytes(payload)) as f:
         torch.save(payload, f)
     return Path(path)
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts/lists): about the size of the saved file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -61,16 +73,25 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     except Exception as err:  # zip/pickle/EOF errors all mean the same to the user
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a DerProp checkpoint ({type(err).__name__}: "
-            f"{_first_line(err)}); delete it or pass --resume with another file"
+            f"{_first_line(err)}); delete it or pass another file with --resume-from"
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(
             f"checkpoint {path} is not a DerProp checkpoint (no '{FORMAT}' tag); "
-            "delete it or pass --resume with another file"
+            "delete it or pass another file with --resume-from"
         )
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, this code reads version {VERSION}")
     return state
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, float] | None:
+    """``(name, value)`` of the first floating tensor holding a NaN/inf, or None: such weights are never saved."""
+    floats = {name: t for name, t in tensors.items() if t.is_floating_point()}
+    if not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats.values()]).all()):
+        return None
+    name, t = next((n, t) for n, t in floats.items() if not bool(torch.isfinite(t).all()))
+    return name, float(t[~torch.isfinite(t)].flatten()[0])
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:

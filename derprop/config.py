@@ -7,9 +7,11 @@ A config file is YAML with the sections ``model``, ``data``, ``optim``,
 file may start with ``base: other.yaml`` (relative to itself) to inherit
 everything and override some keys. :func:`load_config` also takes dotted
 command-line overrides, ``method.dlp=false`` or ``optim.lr=0.01``, whose
-values are parsed with ``yaml.safe_load``. An unknown key raises
-``ValueError`` naming the full dotted key and the keys allowed there; a bad
-value names the allowed values.
+values are parsed as YAML too. Every float notation reads as a number
+(``1e-3``, ``5E-3``, ``.5``; plain YAML 1.1 would read ``1e-3`` as a string).
+An unknown key raises ``ValueError`` naming the full dotted key and the keys
+allowed there; a bad value names the allowed values; a YAML syntax error is
+``<file>:<line>:<col>: <problem>`` (``override 'k=v'`` for an override).
 
 Profiles
 --------
@@ -61,7 +63,8 @@ different image.
 written (``none``) sums over all ``M`` pixels and saturates the softmax, so
 the paper profile trains with ``row_sum`` (see
 :data:`derprop.propagation.PAPER_NORMS`; the book's *Derivative label
-propagation* chapter shows the literal form). Ablations (Tables 1–4) are the switches
+propagation* chapter shows the literal form, *Paper vs released code* the
+training curves of all three). Ablations (Tables 1–4) are the switches
 ``method.dlp``, ``method.derivative_loss``, ``method.momentum``,
 ``method.Q``, ``method.sparsity`` and ``method.op``, independent of the profile.
 
@@ -75,6 +78,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -329,6 +333,33 @@ assert PROFILES["official"].keys() == PROFILES["paper"].keys()
 # --------------------------------------------------------------------------- #
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads every float notation (``1e-3`` too) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str, source: str, col_offset: int = 0) -> Any:
+    """Parse YAML ``text``; a syntax error becomes ``ValueError("<source>:<line>:<col>: <problem>")``."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.line + 1}:{mark.column + 1 + (col_offset if mark.line == 0 else 0)}" if mark else "1:1"
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise ValueError(f"{source}:{where}: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML file merged over its ``base:`` chain (bases are relative to the file)."""
     path = path.resolve()
@@ -336,7 +367,7 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ValueError(f"config {path} inherits from itself (base chain {[str(p) for p in seen]})")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path.read_text(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config {path} must be a YAML mapping of keys to values, got {type(raw).__name__}")
     base = raw.pop("base", None)
@@ -357,14 +388,17 @@ def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` → ``("a.b", yaml.safe_load("value"))``."""
+    """``"a.b=value"`` → ``("a.b", value read as YAML)``."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like key.sub=value (e.g. method.dlp=false)")
+        hint = "; a checkpoint to resume from goes after --resume-from" if text.endswith(".pt") or "/" in text else ""
+        raise ValueError(f"override {text!r} must look like key.sub=value (e.g. method.dlp=false){hint}")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
         raise ValueError(f"override {text!r} has no key")
-    return key, yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        return key, None
+    return key, read_yaml(value, f"override {text!r}", col_offset=len(text) - len(value))
 
 
 def _flatten(raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -31,8 +31,12 @@ optionally ``"momentum"`` (:meth:`derprop.momentum.MomentumNetwork.state_dict`
 or a bare state dict) and ``"config"`` whose ``"model"`` section holds
 :class:`~derprop.model.ModelConfig` fields and whose ``"data"`` section holds
 ``root``, ``layout``, ``val_list`` and ``num_classes`` (see :func:`eval_dataset`).
-Both weight sets are evaluated when present. The CLI exits with status 2 and
-a one-line ``error:`` message on a bad checkpoint, dataset or config.
+Both weight sets are evaluated when present. A relative ``data.root`` is
+resolved as training resolved it (the checkpoint's ``data_root``), else
+against the current folder; the CLI says which root it used. A checkpoint
+whose ``num_classes`` differs from the dataset's is refused. The CLI exits
+with status 2 and a one-line ``error:`` message on a bad checkpoint, dataset
+or config, or an output file it cannot write.
 """
 
 from __future__ import annotations
@@ -364,6 +368,24 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
     return data_io.SegmentationDataset(root, data_io.read_split(p), num_classes=n, labeled=True, class_names=names)
 
 
+def data_root(ckpt: Mapping[str, Any], given: str | os.PathLike | None) -> tuple[Path, str]:
+    """The dataset root to evaluate on and how it was found: ``--data-root``, else the checkpoint's
+    ``data.root`` (absolute as is; relative: as the training run resolved it, else from the current folder)."""
+    if given is not None:
+        return Path(given), "--data-root"
+    root = Path(((ckpt.get("config") or {}).get("data") or {}).get("root") or ".")
+    if root.is_absolute():
+        return root, "the checkpoint's data.root"
+    trained = ckpt.get("data_root")
+    if trained and Path(trained).is_dir():
+        return Path(trained), f"the checkpoint's data.root {os.fspath(root)!r} as the training run resolved it"
+    if root.is_dir():
+        return root.resolve(), f"the checkpoint's data.root {os.fspath(root)!r} from the current folder"
+    tried = ", ".join(dict.fromkeys(str(p) for p in (trained, root.resolve()) if p))
+    raise data_io.DatasetError(f"dataset root {os.fspath(root)!r} of the checkpoint is not found (tried {tried}); "
+                               "pass --data-root DIR")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m derprop.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="trainer checkpoint (.pt)")
@@ -387,8 +409,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no 'model' weights")
         cfg = model_config_from_checkpoint(ckpt)
         data_cfg = dict((ckpt.get("config") or {}).get("data") or {})
-        dataset = eval_dataset(data_cfg, split=args.split, root=args.data_root, list_file=args.val_list,
+        root, how = data_root(ckpt, args.data_root)
+        log.info("dataset root %s (%s)", root, how)
+        dataset = eval_dataset(data_cfg, split=args.split, root=root, list_file=args.val_list,
                                num_classes=cfg.num_classes)
+        if dataset.num_classes != cfg.num_classes:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {args.checkpoint} predicts {cfg.num_classes} classes but the dataset under {root} has "
+                f"{dataset.num_classes}; evaluate it on a dataset with {cfg.num_classes} classes (--data-root) "
+                "or pass a checkpoint trained for this one")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         which = ["model", "momentum"] if args.which == "both" else [args.which]
         which = [w for w in which if ckpt.get(w) is not None]
@@ -408,16 +437,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                            window_batch=args.window_batch, limit=args.limit, progress=sys.stderr.isatty(),
                            num_workers=args.workers)
             results[w] = res
-            print(f"== {w} weights of {args.checkpoint} ==")
+            print(f"== {w} weights of {args.checkpoint} on {root} ==")
             print(format_iou_table(res, dataset.class_names))
         if args.out:
             atomic.write_json(args.out, {
                 "checkpoint": os.fspath(args.checkpoint),
+                "data_root": str(root),
                 "epoch": ckpt.get("epoch"),
                 "num_images": len(dataset),
                 "results": results,
             })
-    except (ckpt_io.CheckpointError, data_io.DatasetError, ValueError) as exc:
+    except (ckpt_io.CheckpointError, data_io.DatasetError, ValueError, atomic.WriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

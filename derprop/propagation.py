@@ -47,9 +47,10 @@ logit with weights ``W_ij / Σ_k W_ik`` (the release's softmax normalises the
 same axis); with one head ``W`` is symmetric and this is a weighted average
 over similar pixels. ``mean``: ``W / M``, the average over the image."""
 
-ROW_SUM_FLOOR = 1e-3
-"""Smallest row sum ``Σ_k W_ik`` divided by, so a pixel whose signed
-similarities cancel cannot blow ``L̃`` up."""
+ROW_SUM_FLOOR = 0.1
+"""Smallest row sum divided by, as a fraction of the image's mean ``|Σ_k W_ik|``:
+signed similarities can cancel, and ``1/Σ_k W_ik`` would then blow up ``L̃`` and
+the gradient of ``L``."""
 
 
 def _check_shapes(logits: Tensor, f1: Tensor, f2: Tensor) -> None:
@@ -133,7 +134,8 @@ def _propagate_paper(logits: Tensor, f1: Tensor, f2: Tensor, op: str, norm: str)
         logits = logits / logits.shape[2]
     elif norm == "row_sum":
         rows = (v1 * (gram @ v2.sum(2, keepdim=True))).sum(1)  # Σ_j (S + Δ¹S)_ij
-        logits = logits / rows.clamp_min(ROW_SUM_FLOOR).unsqueeze(1)
+        floor = ROW_SUM_FLOOR * rows.detach().abs().mean(-1, keepdim=True)
+        logits = logits / torch.maximum(rows, floor).unsqueeze(1)
     return ((logits @ v1.transpose(1, 2)) @ gram) @ v2
 
 
@@ -160,8 +162,10 @@ class _TiledRowSoftmaxPropagation(torch.autograd.Function):
     """``L @ softmax_rows(g1ᵀ g2)`` computed ``chunk`` rows at a time.
 
     Forward keeps only the row log-sum-exps; backward recomputes each tile of
-    ``A`` from them instead of storing it, so memory stays ``O(chunk · M)``. ``L`` receives no gradient (it is detached by the
-    caller, as in the release).
+    ``A`` from them instead of storing it, so memory stays ``O(chunk · M)``.
+    Each tile is exponentiated once: ``Σ_i L_i A_ij = Σ_i (L_i / z_i) e^{s_ij − m_i}``
+    rescales the ``C × chunk`` logits instead of the ``chunk × M`` tile. ``L``
+    receives no gradient (it is detached by the caller, as in the release).
     """
 
     @staticmethod
@@ -172,9 +176,12 @@ class _TiledRowSoftmaxPropagation(torch.autograd.Function):
         g1t = g1.transpose(1, 2)
         for start in range(0, g1.shape[2], chunk):
             rows = slice(start, start + chunk)
-            scores = g1t[:, rows] @ g2
-            lse[:, rows] = scores.logsumexp(dim=-1, keepdim=True)
-            out.baddbmm_(labels[:, :, rows], scores.sub_(lse[:, rows]).exp_())
+            tile = g1t[:, rows] @ g2
+            top = tile.amax(dim=-1, keepdim=True)
+            tile = tile.sub_(top).exp_()
+            total = tile.sum(dim=-1, keepdim=True)
+            lse[:, rows] = top + total.log()
+            out.baddbmm_(labels[:, :, rows] / total.transpose(1, 2), tile)
         ctx.save_for_backward(labels, g1, g2, lse)
         return out
 
@@ -184,12 +191,15 @@ class _TiledRowSoftmaxPropagation(torch.autograd.Function):
         grad_g1 = torch.empty_like(g1)
         grad_g2 = torch.zeros_like(g2)
         g1t = g1.transpose(1, 2)
+        grad_out_t = grad_out.transpose(1, 2)
         with torch.autocast(g1.device.type, enabled=False):
             for start in range(0, g1.shape[2], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 attn = (g1t[:, rows] @ g2).sub_(lse[:, rows]).exp_()
-                grad_attn = labels[:, :, rows].transpose(1, 2) @ grad_out
-                grad_s = attn * (grad_attn - (grad_attn * attn).sum(dim=-1, keepdim=True))
+                lab_t = labels[:, :, rows].transpose(1, 2)  # (B, k, C)
+                # Σ_j (∂/∂A_ij) A_ij = L_iᵀ (A Gᵀ)_i: a (k × C) product instead of a (k × M) one
+                centre = (lab_t * (attn @ grad_out_t)).sum(dim=-1, keepdim=True)
+                grad_s = (lab_t @ grad_out).sub_(centre).mul_(attn)
                 grad_g1[:, :, rows] = g2 @ grad_s.transpose(1, 2)
                 grad_g2.baddbmm_(g1[:, :, rows], grad_s)
         return None, grad_g1, grad_g2, None

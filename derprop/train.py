@@ -5,14 +5,20 @@ Explained in the book chapter *Training*.
 ::
 
     python -m derprop.train --config configs/cpu_scenes.yaml [--out runs/NAME]
-        [--resume [PATH]] [--amp bf16|fp16] [--channels-last] [--seed N]
-        [--device cpu|cuda] [--threads N] [--log-every N] [key.sub=value ...]
+        [--resume | --resume-from PATH | --overwrite] [--amp bf16|fp16]
+        [--channels-last] [--seed N] [--device cpu|cuda] [--threads N]
+        [--log-every N] [key.sub=value ...]
 
     torchrun --nproc_per_node 2 -m derprop.train --config configs/voc_92.yaml
 
 Writes ``runs/NAME/{config.yaml, train.log, metrics.jsonl, steps.jsonl, last.pt,
 best.pt, results.json, pseudo_labels/}`` (``NAME`` defaults to the config
-file's stem). ``--resume`` without a path continues from ``runs/NAME/last.pt``.
+file's stem). ``--resume`` continues from ``runs/NAME/last.pt``,
+``--resume-from PATH`` from another checkpoint (into ``--out``); a resumed
+run may change the learning rate and schedule (``--resume optim.lr=1e-4``;
+the changes are printed). A fresh run refuses a folder that already holds a
+run; ``--overwrite`` deletes that run's files first. One process at a time
+writes a run folder (its ``run.lock`` names the pid and host).
 ``--amp``, ``--channels-last`` and ``--seed`` are shorthands for the
 overrides ``optim.amp=…``, ``optim.channels_last=true`` and ``seed=…``.
 
@@ -21,8 +27,9 @@ Batch size and learning rate: ``optim.batch_size`` is per process, so
 ``optim.lr`` is used as given unless ``optim.ref_batch`` is set (then it is
 scaled by ``global batch / ref_batch``).
 
-Exit status 2 with one ``error:`` line for a bad config, dataset or
-checkpoint, or a loss that became NaN/inf.
+Exit status 2 with one ``error:`` line for a bad config (file:line:col for
+YAML syntax), dataset or checkpoint, an output folder that is in use, not
+writable or full, or a loss, gradient or weight that became NaN/inf.
 """
 
 from __future__ import annotations
@@ -33,11 +40,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from derprop.atomic import WriteError
 from derprop.checkpoint import CheckpointError
 from derprop.config import load_config
 from derprop.data import DatasetError
 from derprop.evaluate import format_iou_table
 from derprop.progress import DEFAULT_EVERY
+from derprop.rundir import RunDirError
 from derprop.trainer import NonFiniteLossError, Trainer
 
 
@@ -45,8 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m derprop.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
-    ap.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                    help="continue from PATH, or from <out>/last.pt when no path is given")
+    start = ap.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    start.add_argument("--resume-from", default=None, metavar="PATH", help="continue from the checkpoint PATH")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start again in a folder that holds a run (deletes that run's files)")
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast dtype (CUDA)")
     ap.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     ap.add_argument("--seed", type=int, default=None)
@@ -67,7 +79,7 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides may follow options: --resume optim.lr=1e-4
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         import torch
@@ -83,9 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
-        trainer = Trainer(cfg, out, resume=args.resume, device=args.device, log_every=args.log_every)
+        resume = args.resume_from or args.resume or None
+        trainer = Trainer(cfg, out, resume=resume, device=args.device, log_every=args.log_every,
+                          overwrite=args.overwrite)
         results = trainer.fit()
-    except (ValueError, FileNotFoundError, DatasetError, CheckpointError, NonFiniteLossError) as err:
+    except (ValueError, FileNotFoundError, DatasetError, CheckpointError, NonFiniteLossError, RunDirError,
+            WriteError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     if trainer.d.is_main:

@@ -41,7 +41,6 @@ the uninterrupted run does (on CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -63,6 +62,7 @@ from torchvision.transforms.v2 import functional as TF
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop import data as data_io
+from derprop import rundir
 from derprop.augment import LabeledTrainSet, UnlabeledTrainSet
 from derprop.config import TrainConfig, dump_yaml, eval_mode, resolved
 from derprop.data import IGNORE_INDEX, DatasetError, SegmentationDataset
@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint was kept."""
+    """The loss, the gradient norm or a weight became NaN or infinite; the last finite checkpoint was kept."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -264,7 +264,9 @@ class Trainer:
     """Trains one config; writes ``config.yaml``, ``metrics.jsonl``, ``steps.jsonl``, ``last.pt``,
     ``best.pt``, ``pseudo_labels/`` and ``results.json`` into ``out_dir``.
 
-    ``resume``: a checkpoint path (or ``True`` for ``out_dir/last.pt``).
+    ``resume``: a checkpoint path (or ``True`` for ``out_dir/last.pt``); a
+    fresh run refuses a folder that holds a run unless ``overwrite``. The
+    folder's rules (lock, commit point, clean-up) are :mod:`derprop.rundir`'s.
     ``log_every``: iterations per progress line in ``out_dir/train.log`` (and on
     stdout when no tqdm bar is drawn; :mod:`derprop.progress`).
     ``hook(event, **info)`` is called at ``"step_end"`` (epoch, step, loss)
@@ -281,12 +283,19 @@ class Trainer:
         hook: Hook | None = None,
         progress: bool | None = None,
         log_every: int = DEFAULT_EVERY,
+        overwrite: bool = False,
     ):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.hook = hook
         self.log_every = log_every
         self.d = setup_distributed(device)
+        self.fresh = resume is None or resume is False
+        if self.d.is_main:  # folder problems come before the (slow) data and model
+            rundir.check_writable(self.out)
+            rundir.check_unlocked(self.out)
+            if self.fresh:
+                rundir.check_fresh(self.out, overwrite)
         if self.d.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         if cfg.optim.amp == "fp16" and self.d.device.type != "cuda":
@@ -295,6 +304,8 @@ class Trainer:
         self.resume_path = self._resume_path(resume)
         # Reading a checkpoint comes first: a broken one must fail before anything is written.
         self._resume_state = ckpt_io.load(self.resume_path) if self.resume_path else None
+        self._changes = (rundir.resume_changes(self.resume_path, self._resume_state, resolved(cfg))
+                         if self._resume_state is not None else {})
 
         seed_all(cfg.seed)
         self._build_data()
@@ -305,6 +316,7 @@ class Trainer:
         self.global_step = 0
         self.best: dict[str, Any] = {"miou": -1.0, "epoch": None, "net": None}
         self.history: list[dict[str, Any]] = []
+        self.resumes: list[dict[str, Any]] = []  # settings changed at each resume (rundir.RESUME_MAY_CHANGE)
         self._eval_cache: dict[tuple[str, str], dict[str, Any]] = {}
         if self._resume_state is not None:
             self._restore(self._resume_state)
@@ -318,7 +330,9 @@ class Trainer:
             return None
         path = self.out / "last.pt" if resume is True else Path(resume)
         if not path.is_file():
-            raise ckpt_io.CheckpointError(f"cannot resume: checkpoint {path} does not exist")
+            hint = (f"{self.out} holds no finished epoch: start the run again without --resume"
+                    if resume is True else "pass the last.pt of a run with --resume-from")
+            raise ckpt_io.CheckpointError(f"cannot resume: checkpoint {path} does not exist; {hint}")
         return path
 
     def _items(self, kind: str) -> list[tuple[str, str]]:
@@ -706,21 +720,41 @@ class Trainer:
         """Train from ``start_epoch`` to ``optim.epochs``; returns the ``results.json`` content (rank 0)."""
         cfg, d = self.cfg, self.d
         t0 = time.time()
-        if d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(self.out / "config.yaml", dump_yaml(cfg))
-            if self.start_epoch == 0 and self.resume_path is None:
-                for name in ("metrics.jsonl", "steps.jsonl"):
-                    (self.out / name).unlink(missing_ok=True)
-        loaders = self._loaders()
-        if self.start_epoch == 0 and d.is_main and self.diag_set is not None:
-            self._pseudo_label_diagnostics(-1)  # the state training starts from: snapshot epoch_000
-        for epoch in range(self.start_epoch, cfg.optim.epochs):
-            self._train_epoch(epoch, loaders)
-        results = self._final_results(time.time() - t0)
-        if d.distributed:
-            dist.barrier()
+        lock = rundir.RunLock(self.out) if d.is_main else None
+        try:
+            if lock is not None:
+                lock.acquire()
+                self._prepare_folder()
+            loaders = self._loaders()
+            if self.start_epoch == 0 and d.is_main and self.diag_set is not None:
+                self._pseudo_label_diagnostics(-1)  # the state training starts from: snapshot epoch_000
+            for epoch in range(self.start_epoch, cfg.optim.epochs):
+                self._train_epoch(epoch, loaders)
+            results = self._final_results(time.time() - t0)
+            if d.distributed:
+                dist.barrier()
+        finally:
+            if lock is not None:
+                lock.release()
         return results if d.is_main else {}
+
+    def _prepare_folder(self) -> None:
+        """With the lock held: remove stale temporaries, start clean or reconcile with the last commit."""
+        rundir.remove_stale_temporaries(self.out)
+        if self.fresh:
+            rundir.clear_run_files(self.out)
+        else:
+            rundir.adopt(self.resume_path.parent, self.out)
+            self.history = rundir.truncate_logs(self.out, self.start_epoch)
+            if self.start_epoch < self.cfg.optim.epochs:
+                (self.out / "results.json").unlink(missing_ok=True)  # the run is unfinished again
+            self._reconcile_best()
+        atomic.write_text(self.out / "config.yaml", dump_yaml(self.cfg))
+
+    def _reconcile_best(self) -> None:
+        """``best.pt`` after a kill between the commit (``last.pt``) and its write: rebuilt from the nets."""
+        if rundir.best_needs_rewrite(self.out, self.best.get("epoch"), self.start_epoch):
+            self._save_best(self.start_epoch - 1, self.best["net"], self.best["miou"])
 
     def _train_epoch(self, epoch: int, loaders) -> None:
         cfg, d = self.cfg, self.d
@@ -757,6 +791,7 @@ class Trainer:
                 self.scaler.update()
             else:
                 loss.backward()
+                self._check_grad_norm(epoch, step)
                 self.optimizer.step()
             self.scheduler.step()
             self.global_step += 1
@@ -776,6 +811,7 @@ class Trainer:
             bar.close()
         if self.momentum is not None:
             self.momentum.on_epoch_end(self.net, epoch)
+        self._check_weights(epoch)
 
         means = {k: v / max(n_steps, 1) for k, v in sums.items()}
         if d.distributed:
@@ -792,22 +828,35 @@ class Trainer:
         if d.is_main:
             if self.diag_set is not None:
                 metrics.update(self._pseudo_label_diagnostics(epoch))
-            self.history.append(metrics)
-            self._append_jsonl("steps.jsonl", steps_log)
-            self._save_epoch(epoch, metrics)
-            self._append_jsonl("metrics.jsonl", [metrics])
+            self._save_epoch(epoch, metrics, steps_log)
         if d.distributed:
             dist.barrier()
         if self.hook:
             self.hook("epoch_end", epoch=epoch, metrics=metrics)
 
-    def _non_finite(self, value: float, epoch: int, step: int) -> None:
-        last = self.out / "last.pt"
-        kept = f"the last good checkpoint {last} is kept" if last.is_file() else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"loss became {value} at epoch {epoch + 1}, step {step + 1} (global step {self.global_step + 1}); "
-            f"training stopped and {kept}. Lower optim.lr, try optim.amp=none, or resume with --resume"
-        )
+    def _non_finite(self, value: float, epoch: int, step: int, what: str = "loss") -> None:
+        where = f"at epoch {epoch + 1}, step {step + 1} (global step {self.global_step + 1})" if step >= 0 else \
+            f"during epoch {epoch + 1}"
+        if epoch and (self.out / "last.pt").is_file():  # every finished epoch was committed
+            kept = (f"the last finite checkpoint {self.out / 'last.pt'} (epoch {epoch}) is kept; continue it with a "
+                    "lower lr (--resume optim.lr=...) or start again (--overwrite optim.lr=...)")
+        else:
+            kept = "no checkpoint was written yet; start again with a lower optim.lr"
+        raise NonFiniteLossError(f"{what} became {value} {where}; training stopped and {kept} (or try optim.amp=none)")
+
+    def _check_grad_norm(self, epoch: int, step: int) -> None:
+        """A NaN/inf gradient stops training before the optimiser step can write it into the weights."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(norm):
+            self._non_finite(norm, epoch, step, "gradient norm")
+
+    def _check_weights(self, epoch: int) -> None:
+        """Every parameter and buffer (both nets) must be finite before an epoch can be evaluated and saved."""
+        for net_name, net in self._nets().items():
+            bad = ckpt_io.first_non_finite(net.state_dict())
+            if bad is not None:
+                self._non_finite(bad[1], epoch, -1, f"{net_name} network tensor {bad[0]}")
 
     # ------------------------------------------------------------------ #
     # evaluation (every rank, on its shard) and diagnostics (rank 0)
@@ -941,33 +990,36 @@ class Trainer:
             "threshold": self.threshold.state_dict(),
             "rng": ckpt_io.rng_state(),
             "best": dict(self.best),
+            "resumes": list(self.resumes),
             "config": resolved(self.cfg),
+            "data_root": str(Path(self.cfg.data.root).resolve()),
             "world_size": self.d.world_size,
             "torch_version": str(torch.__version__),
         }
 
-    def _save_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
+    def _save_epoch(self, epoch: int, metrics: dict[str, Any], steps_log: list[dict[str, Any]]) -> None:
+        """Log rows first, then ``last.pt`` (the epoch's commit point), then ``best.pt`` (rebuilt on resume)."""
         cand = metrics.pop("_best_candidate", None)
         improved = cand is not None and cand[1] > self.best["miou"]
         if improved:
             self.best = {"miou": cand[1], "epoch": epoch + 1, "net": cand[0]}
         metrics["best_miou"] = self.best["miou"] if self.best["epoch"] is not None else None
+        self.history.append(metrics)
+        rundir.append_jsonl(self.out / "steps.jsonl", steps_log)
+        rundir.append_jsonl(self.out / "metrics.jsonl", [metrics])
         ckpt_io.save(self.out / "last.pt", self._state(epoch))
         if improved:
-            net = self._nets()[cand[0]]
-            ckpt_io.save(self.out / "best.pt", {
-                "epoch": epoch + 1, "net": cand[0], "miou": cand[1], "model": net.state_dict(),
-                "config": resolved(self.cfg),
-            })
+            self._save_best(epoch, cand[0], cand[1])
+
+    def _save_best(self, epoch: int, net_name: str, miou: float) -> None:
+        ckpt_io.save(self.out / "best.pt", {
+            "epoch": epoch + 1, "net": net_name, "miou": miou, "model": self._nets()[net_name].state_dict(),
+            "config": resolved(self.cfg), "data_root": str(Path(self.cfg.data.root).resolve()),
+        })
 
     def _restore(self, state: dict[str, Any]) -> None:
-        diff = _config_diff(state.get("config") or {}, resolved(self.cfg))
-        if diff:
-            raise ckpt_io.CheckpointError(
-                f"checkpoint {self.resume_path} was written with a different config: "
-                + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff[:8])
-                + ". Resume with the config it was written with (its config.yaml)"
-            )
+        changed = self._changes
+        fresh_groups = [dict(g) for g in self.optimizer.param_groups]
         try:
             self.net.load_state_dict(state["model"])
             if self.momentum is not None:
@@ -988,17 +1040,11 @@ class Trainer:
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.best = dict(state["best"])
-        if self.d.is_main:
-            for name in ("metrics.jsonl", "steps.jsonl"):
-                _truncate_jsonl(self.out / name, self.start_epoch, key="epoch", zero_based=name == "steps.jsonl")
-            mpath = self.out / "metrics.jsonl"
-            if mpath.is_file():
-                self.history = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
-
-    def _append_jsonl(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
-        with open(self.out / name, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(atomic.jsonable(row)) + "\n")
+        self.resumes = list(state.get("resumes") or [])
+        if changed:
+            self.resumes.append({"epoch": self.start_epoch, "changed": changed})
+        if any(k in rundir.OPTIMIZER_KEYS for k in changed):
+            rundir.apply_optimizer_settings(self.optimizer, self.scheduler, fresh_groups)
 
     # ------------------------------------------------------------------ #
     def _final_results(self, wall: float) -> dict[str, Any]:
@@ -1027,6 +1073,7 @@ class Trainer:
             "miou_mode": modes[0],
             "final": nets,
             "best": self.best,
+            "resumes": self.resumes,
             "epochs": cfg.optim.epochs,
             "iters_per_epoch": self.iters_per_epoch,
             "global_batch": cfg.optim.batch_size * self.d.world_size,
@@ -1113,33 +1160,3 @@ def _device_name(device: torch.device) -> str:
 def _savez(path: Path, **arrays: Any) -> None:
     with atomic.open_atomic(path) as f:
         np.savez_compressed(f, **arrays)
-
-
-RESUME_MAY_CHANGE = ("name", "data.root", "data.num_workers", "eval.every", "eval.final_modes")
-"""Config keys a resumed run may change (where the data lives, how often to evaluate)."""
-
-
-def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """Dotted keys whose values differ between two resolved configs (ignoring :data:`RESUME_MAY_CHANGE`)."""
-
-    def flat(d: dict[str, Any]) -> dict[str, Any]:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update({f"{k}.{sk}": sv for sk, sv in v.items()})
-            else:
-                out[k] = v
-        return out
-
-    fa, fb = flat(a), flat(b)
-    return [(k, fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb))
-            if k not in RESUME_MAY_CHANGE and fa.get(k) != fb.get(k)]
-
-
-def _truncate_jsonl(path: Path, upto: int, *, key: str, zero_based: bool) -> None:
-    """Keep the rows of finished epochs only (a resumed run rewrites the rest)."""
-    if not path.is_file():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [r for r in rows if (json.loads(r)[key] + (1 if zero_based else 0)) <= upto]
-    atomic.write_text(path, "".join(r + "\n" for r in keep))

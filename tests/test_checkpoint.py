@@ -61,3 +61,36 @@ def test_broken_files_give_one_clear_error(tmp_path, damage):
 def test_missing_file(tmp_path):
     with pytest.raises(ck.CheckpointError, match="does not exist"):
         ck.load(tmp_path / "nope.pt")
+
+
+def test_atomic_files_get_the_umask_mode(tmp_path):
+    from derprop import atomic
+
+    old = os.umask(0o022)
+    try:
+        atomic.write_text(tmp_path / "a.txt", "x")
+        ck.save(tmp_path / "b.pt", {"epoch": 1})
+        os.umask(0o077)
+        atomic.write_json(tmp_path / "c.json", {})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.txt": 0o644, "b.pt": 0o644, "c.json": 0o600}
+
+
+def test_a_failed_write_is_one_line_naming_the_file_and_the_space(tmp_path, monkeypatch):
+    import errno
+
+    from derprop import atomic
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "last.pt"
+    monkeypatch.setattr(torch, "save", lambda obj, f: (f.write(b"x" * 100), full()))
+    with pytest.raises(atomic.WriteError) as exc:
+        ck.save(path, {"w": torch.ones(250_000)})
+    msg = str(exc.value)
+    assert msg.startswith(f"cannot write {path}: No space left on device (needs about 1.0 MB; ")
+    assert " MB free in " in msg and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []

@@ -131,3 +131,35 @@ def _flat(cfg):
             for sf in dataclasses.fields(v):
                 out[f"{f.name}.{sf.name}"] = getattr(v, sf.name)
     return out
+
+
+@pytest.mark.parametrize("text, where", [
+    ("optim:\n  lr: 0.1\n   epochs: 3\n", ":3:10: mapping values are not allowed here"),
+    ("optim: [1, 2\n", ":2:1: expected ',' or ']'"),
+])
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path, text, where):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        load_config(p)
+    assert str(exc.value).startswith(f"{p}{where}") and "\n" not in str(exc.value)
+
+
+def test_yaml_syntax_error_in_an_override_is_one_line_with_rc_2(capsys):
+    from derprop.train import main
+
+    with pytest.raises(ValueError, match=r"^override 'optim.lr=\[1':1:12: expected ',' or ']'"):
+        load_config(None, ["optim.lr=[1"])
+    assert main(["--config", str(CONFIG_DIR / "cpu_scenes_tiny.yaml"), "optim.lr=[1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: override 'optim.lr=[1':1:12:") and "\n" not in err
+
+
+def test_every_float_notation_is_a_number(tmp_path):
+    p = tmp_path / "f.yaml"
+    p.write_text("optim:\n  lr: 1e-3\n  weight_decay: 5E-4\nloss:\n  eta: .5\n  scale: 1.0e+0\n")
+    cfg = load_config(p, ["method.threshold_value=9e-1", "data.split=1_8"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.loss.eta, cfg.loss.scale) == (0.001, 0.0005, 0.5, 1.0)
+    assert cfg.method.threshold_value == 0.9 and cfg.data.split == "1_8"
+    assert load_config(None, ["optim.lr=5e-3"]).optim.lr == 0.005
+    assert resolved(config_from_dict(yaml.safe_load(dump_yaml(cfg)))) == resolved(cfg)

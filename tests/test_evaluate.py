@@ -1,6 +1,7 @@
 """derprop.evaluate: the three modes, the result dict, the table and the CLI."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +237,38 @@ def test_eval_dataset_from_layout(scenes_tiny):
     assert len(ds) == 8 and ds.num_classes == 11 and len(ds.class_names) == 11
     with pytest.raises(ValueError, match="val_list"):
         eval_dataset({"layout": "nowhere", "root": str(scenes_tiny)})
+
+
+def _scenes_checkpoint(path, num_classes, root, trained_root=None):
+    cfg = ModelConfig(backbone="resnet18", num_classes=num_classes, aspp_dilations=(2, 4), two_heads=False)
+    state = {"model": build_model(cfg).state_dict(), "epoch": 1,
+             "config": {"model": cfg.to_dict(), "data": {"root": root, "layout": "scenes", "val_list": None,
+                                                         "num_classes": None}}}
+    if trained_root is not None:
+        state["data_root"] = trained_root
+    checkpoint.save(path, state)
+    return path
+
+
+def test_cli_refuses_a_checkpoint_of_another_class_count(scenes_tiny, tmp_path, capsys):
+    path = _scenes_checkpoint(tmp_path / "c12.pt", 12, str(scenes_tiny))
+    assert main(["--checkpoint", str(path), "--device", "cpu", "--workers", "0", "--limit", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: checkpoint {path} predicts 12 classes but the dataset under {scenes_tiny} has 11; "
+                   "evaluate it on a dataset with 12 classes (--data-root) or pass a checkpoint trained for this one")
+
+
+def test_cli_resolves_a_relative_root_as_training_did_and_says_so(scenes_tiny, tmp_path, monkeypatch, capsys, caplog):
+    rel = Path("data") / "scenes_tiny"
+    path = _scenes_checkpoint(tmp_path / "c11.pt", 11, str(rel), trained_root=str(scenes_tiny))
+    monkeypatch.chdir(tmp_path)  # another folder than the training run's: data/scenes_tiny is not here
+    args = ["--checkpoint", str(path), "--device", "cpu", "--workers", "0", "--limit", "1", "--which", "model"]
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert f"dataset root {scenes_tiny} (the checkpoint's data.root '{rel}' as the training run resolved it)" \
+        in caplog.text
+    assert f"== model weights of {path} on {scenes_tiny} ==" in capsys.readouterr().out
+    old = _scenes_checkpoint(tmp_path / "old.pt", 11, str(rel))  # no data_root: the current folder, else an error
+    assert main(["--checkpoint", str(old), "--device", "cpu"]) == 2
+    assert f"dataset root '{rel}' of the checkpoint is not found (tried {tmp_path / rel}); pass --data-root DIR" \
+        in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -116,11 +117,60 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(scenes_tiny, tmp_path
         if event == "epoch_end":
             seen["bytes"] = (tmp_path / "last.pt").read_bytes()
 
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, step 1.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, step 1.*last finite checkpoint"):
         Trainer(cfg, tmp_path, hook=hook).fit()
     assert (tmp_path / "last.pt").read_bytes() == seen["bytes"]
     assert ck.load(tmp_path / "last.pt")["epoch"] == 1
     assert not (tmp_path / "results.json").exists()
+
+
+def _all_finite(path):
+    state = ck.load(path)
+    tensors = {**state["model"], **(state.get("momentum") or {}).get("model", {})}
+    return ck.first_non_finite(tensors) is None
+
+
+@pytest.mark.parametrize("fault", ["buffer", "gradient"])
+def test_non_finite_weights_or_gradients_never_reach_a_checkpoint(scenes_tiny, tmp_path, monkeypatch, fault):
+    """A finite loss can still leave NaN weights (BN statistics) or inf gradients: epoch 1's state is kept."""
+    cfg = tiny(scenes_tiny, "optim.iters_per_epoch=1", "data.diag_images=0", "data.val_limit=1",
+               "eval.final_modes=[original]")
+    real_step = Trainer.train_step
+
+    def step(self, batch, epoch):
+        loss, logs = real_step(self, batch, epoch)
+        if epoch == 1 and fault == "buffer":
+            bn = next(m for m in self.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var.data[0] = float("nan")  # .data: the step's autograd graph keeps the buffer
+        if epoch == 1 and fault == "gradient":
+            self.net.classifier.weight.register_hook(lambda g: g * float("inf"))
+        return loss, logs
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    what = r"backprop network tensor \S+running_var became nan during epoch 2" if fault == "buffer" else \
+        r"gradient norm became (inf|nan) at epoch 2, step 1"
+    with pytest.raises(NonFiniteLossError, match=what + r".*last finite checkpoint .*last.pt \(epoch 1\)"):
+        Trainer(cfg, tmp_path).fit()
+    assert ck.load(tmp_path / "last.pt")["epoch"] == 1 and _all_finite(tmp_path / "last.pt")
+    assert [json.loads(r)["epoch"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_huge_lr_stops_with_finite_checkpoints_and_resumes_with_a_lower_one(scenes_tiny, tmp_path, capsys, caplog):
+    args = ["--config", str(TINY), "--out", str(tmp_path), f"data.root={scenes_tiny}", "optim.iters_per_epoch=1",
+            "data.diag_images=0", "data.val_limit=1", "eval.final_modes=[original]"]
+    assert main([*args, "optim.lr=1.0e+10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "became" in err and "\n" not in err
+    for name in ("last.pt", "best.pt"):
+        if (tmp_path / name).exists():
+            assert _all_finite(tmp_path / name), name
+    if (tmp_path / "last.pt").exists():  # a resume may lower the lr (here the weights are already too large)
+        with caplog.at_level(logging.WARNING):
+            main([*args, "--resume", "optim.lr=1e-3"])
+        assert "changed settings: optim.lr 10000000000.0 → 0.001" in caplog.text
+        assert "different config" not in capsys.readouterr().err
+    assert main([*args, "--overwrite", "optim.lr=1e-3"]) == 0
+    assert _all_finite(tmp_path / "last.pt") and _all_finite(tmp_path / "best.pt")
 
 
 def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
@@ -309,5 +359,7 @@ def test_bf16_autocast_and_channels_last_step(scenes_tiny, tmp_path):
 
 
 def test_resume_with_a_different_config_is_refused(reference_run, scenes_tiny):
-    with pytest.raises(ck.CheckpointError, match=r"different config: optim.lr: 0.01 there, 0.5 here"):
-        Trainer(tiny(scenes_tiny, "optim.lr=0.5"), reference_run, resume=True)
+    with pytest.raises(ck.CheckpointError, match=r"different config: loss.lambda_kl: 0.25 there, 0.5 here.*optim.lr"):
+        Trainer(tiny(scenes_tiny, "loss.lambda_kl=0.5", "optim.lr=0.5"), reference_run, resume=True)
+    with pytest.raises(ck.CheckpointError, match=r"finished epoch 2, more than optim.epochs=1"):
+        Trainer(tiny(scenes_tiny, "optim.epochs=1"), reference_run, resume=True)

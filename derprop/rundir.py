@@ -1,0 +1,366 @@
+"""The run folder: one writer at a time, one commit point per epoch, nothing stale.
+
+Explained in the book chapter *Training* (``book/training_cpu.md``).
+
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``steps.jsonl``,
+``last.pt``, ``best.pt``, ``pseudo_labels/epoch_XXX.npz`` and, once training
+has finished, ``results.json``. The rules that keep it consistent:
+
+- **Lock.** ``run.lock`` holds the pid and host of the process that writes
+  the folder (:class:`RunLock`). A second run refuses with one line naming
+  the holder; the lock of a process that is gone (same host) is taken over
+  with a warning.
+- **Commit point.** Each epoch writes its snapshot and appends its rows to
+  the two logs first, then replaces ``last.pt`` (atomically): that rename
+  commits the epoch. ``best.pt`` follows and can always be rebuilt from
+  ``last.pt`` (an improved epoch's best weights are in it). On resume,
+  :func:`truncate_logs` drops the rows of epochs after ``last.pt``'s, so a
+  kill at any write leaves a folder that ``--resume`` completes exactly.
+- **Fresh start.** A new run refuses a folder that holds a checkpoint or
+  results (:func:`check_fresh`) unless told to overwrite it; then, and for
+  the leftovers of a run that never finished an epoch, every run file is
+  removed (:func:`clear_run_files`).
+- **Temporaries.** ``.<name>.*.tmp`` files left by a kill are removed on
+  start and on resume (:func:`remove_stale_temporaries`).
+- **Resume.** A resumed run may change the settings of
+  :data:`RESUME_MAY_CHANGE` (learning rate and schedule, where the data
+  lives, how often to evaluate); :func:`config_changes` lists them, every other
+  difference is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from derprop import atomic
+from derprop import checkpoint as ckpt_io
+
+log = logging.getLogger(__name__)
+
+LOCK = "run.lock"
+LOGS = ("metrics.jsonl", "steps.jsonl")
+RUN_FILES = ("config.yaml", *LOGS, "last.pt", "best.pt", "results.json")
+SNAPSHOTS = "pseudo_labels"
+
+RESUME_MAY_CHANGE = (
+    "name", "data.root", "data.num_workers", "eval.every", "eval.final_modes",
+    "optim.lr", "optim.epochs", "optim.iters_per_epoch", "optim.momentum", "optim.weight_decay",
+    "optim.head_lr_mult", "optim.poly_power", "optim.ref_batch",
+)
+"""Config keys a resumed run may change: none of them changes the model's shape or the data it sees."""
+
+OPTIMIZER_KEYS = tuple(k for k in RESUME_MAY_CHANGE if k.startswith("optim."))
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used as asked; the one-line message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- #
+# Before anything is built
+# --------------------------------------------------------------------------- #
+def check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be written (probed in it, or in its nearest existing parent)."""
+    probe_dir = out
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise RunDirError(f"cannot use output folder {out}: {probe_dir} is not a folder; choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=atomic.TMP_SUFFIX, dir=probe_dir)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        free = shutil.disk_usage(probe_dir).free / 1e6 if probe_dir.exists() else 0.0
+        raise RunDirError(
+            f"cannot write to output folder {out}: {err.strerror or err} in {probe_dir} ({free:.1f} MB free); "
+            "choose another --out or fix its permissions"
+        ) from err
+
+
+def check_fresh(out: Path, overwrite: bool) -> None:
+    """A new run refuses a folder holding a run's checkpoint or results, unless ``overwrite``."""
+    held = [name for name in ("results.json", "last.pt") if (out / name).is_file()]
+    if held and not overwrite:
+        what = "a finished run" if "results.json" in held else "an unfinished run"
+        raise RunDirError(
+            f"output folder {out} already holds {what} ({held[0]}); continue it with --resume, "
+            "or start again with --overwrite (deletes its run files)"
+        )
+
+
+def check_unlocked(out: Path) -> None:
+    """Refuse early (before data and model are built) when a live process holds ``out``'s lock."""
+    holder = read_lock(out / LOCK)
+    if holder is not None and _alive(holder):
+        raise RunDirError(_in_use(out, holder))
+
+
+# --------------------------------------------------------------------------- #
+# Lock
+# --------------------------------------------------------------------------- #
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """The lock's ``{"pid", "host", "started"}``; ``{}`` for an unreadable one, None when there is none."""
+    try:
+        holder = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the lock's process may still run (on another host it cannot be told: assume so)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _in_use(out: Path, holder: dict[str, Any]) -> str:
+    return (
+        f"output folder {out} is in use by pid {holder.get('pid')} on host {holder.get('host')} "
+        f"(since {holder.get('started', '?')}, lock file {out / LOCK}); wait for that run, choose another --out, "
+        "or delete the lock file if that process is not running"
+    )
+
+
+class RunLock:
+    """``run.lock`` in ``out`` while training writes the folder (a context manager)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / LOCK
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Create the lock, taking over a stale one; raise :class:`RunDirError` if a live process holds it."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            if self._create(me):
+                self.held = True
+                return
+            holder = read_lock(self.path)
+            if holder is None:
+                continue
+            if _alive(holder):
+                raise RunDirError(_in_use(self.out, holder))
+            log.warning("taking over the stale lock %s of pid %s on host %s (that process is gone)",
+                        self.path, holder.get("pid", "?"), holder.get("host", "?"))
+            self._break()
+        raise RunDirError(f"could not take the lock {self.path}: another process keeps creating it")
+
+    def _create(self, me: dict[str, Any]) -> bool:
+        """Write the lock complete under a temporary name, then link it into place (fails if one exists)."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{LOCK}.", suffix=atomic.TMP_SUFFIX, dir=self.out)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _break(self) -> None:
+        aside = self.path.with_name(f".{LOCK}.stale.{os.getpid()}{atomic.TMP_SUFFIX}")
+        try:
+            os.replace(self.path, aside)  # only one of two racing takers finds the file to move
+        except FileNotFoundError:
+            return
+        aside.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Remove the lock if this process still holds it."""
+        if self.held and (read_lock(self.path) or {}).get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+
+# --------------------------------------------------------------------------- #
+# Cleaning and reconciling (with the lock held)
+# --------------------------------------------------------------------------- #
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete ``.*.tmp`` files in ``out`` and ``out/pseudo_labels`` (left by a kill mid-write); returns the count."""
+    stale = [p for folder in (out, out / SNAPSHOTS) if folder.is_dir()
+             for p in folder.glob(f".*{atomic.TMP_SUFFIX}") if p.is_file()]
+    size = 0
+    for p in stale:
+        size += p.stat().st_size
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d stale temporary file(s) (%.1f MB) from %s", len(stale), size / 1e6, out)
+    return len(stale)
+
+
+def clear_run_files(out: Path) -> None:
+    """Delete the files a run writes (not other files a user may keep there)."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    snaps = out / SNAPSHOTS
+    if snaps.is_dir():
+        for p in snaps.glob("epoch_*.npz"):
+            p.unlink()
+
+
+def adopt(source: Path, out: Path) -> None:
+    """A run resumed from another folder's checkpoint starts from that folder's logs and ``best.pt``."""
+    if not source.is_dir() or source.resolve() == out.resolve():
+        return
+    for name in (*LOGS, "best.pt"):
+        if (source / name).is_file() and not (out / name).exists():
+            with open(source / name, "rb") as src, atomic.open_atomic(out / name, (source / name).stat().st_size) as f:
+                shutil.copyfileobj(src, f)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a log; a torn last line (a kill mid-append) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Append rows (strict JSON) to a log."""
+    atomic.append_text(path, "".join(json.dumps(atomic.jsonable(r)) + "\n" for r in rows))
+
+
+def truncate_logs(out: Path, epochs_done: int) -> list[dict[str, Any]]:
+    """Keep the log rows of the committed epochs 1…``epochs_done`` only; returns the metrics rows kept.
+
+    ``metrics.jsonl`` rows carry the 1-based ``epoch``, ``steps.jsonl`` rows the 0-based one.
+    """
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for name in LOGS:
+        path = out / name
+        if not path.is_file():
+            kept[name] = []
+            continue
+        shift = 1 if name == "steps.jsonl" else 0
+        kept[name] = [r for r in read_jsonl(path) if isinstance(r.get("epoch"), int) and r["epoch"] + shift <= epochs_done]
+        atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept[name]))
+    return kept["metrics.jsonl"]
+
+
+# --------------------------------------------------------------------------- #
+# Resume policy
+# --------------------------------------------------------------------------- #
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{sk}": sv for sk, sv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
+    """``(allowed, refused)``: dotted keys whose values differ between two resolved configs, as ``[saved, now]``."""
+    fa, fb = _flat(saved), _flat(now)
+    diff = {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+    allowed = {k: v for k, v in diff.items() if k in RESUME_MAY_CHANGE}
+    refused = {k: v for k, v in diff.items() if k not in RESUME_MAY_CHANGE}
+    return allowed, refused
+
+
+def describe_changes(changes: dict[str, list]) -> str:
+    """``"optim.lr 0.01 → 0.001, optim.epochs 2 → 4"``."""
+    return ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in changes.items())
+
+
+def resume_changes(path: Path | None, state: dict[str, Any], now: dict[str, Any]) -> dict[str, list]:
+    """The allowed changes of a resume from checkpoint ``state`` to the resolved config ``now``.
+
+    Raises:
+        CheckpointError: another key differs, or ``optim.epochs`` is below the epochs already done.
+    """
+    changed, refused = config_changes(state.get("config") or {}, now)
+    if refused:
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {path} was written with a different config: "
+            + "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in list(refused.items())[:8])
+            + ". Resume with the config it was written with (its config.yaml); a resume may change only "
+            + ", ".join(RESUME_MAY_CHANGE)
+        )
+    done, epochs = int(state["epoch"]), int(now["optim"]["epochs"])
+    if done > epochs:
+        raise ckpt_io.CheckpointError(f"checkpoint {path} has finished epoch {done}, more than optim.epochs={epochs}; "
+                                      f"resume with optim.epochs={done} or more")
+    if changed:
+        log.warning("resuming %s (epoch %d) with changed settings: %s", path, done, describe_changes(changed))
+    return changed
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """Put a new config's lr, momentum, weight decay and schedule (``fresh``: its param groups) over a restored state.
+
+    ``scheduler`` is the trainer's ``LambdaLR``; its lambda already uses the new config's total.
+    """
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update({k: v for k, v in new.items() if k != "params" and k != "lr"})
+    scheduler.base_lrs = [g["initial_lr"] for g in fresh]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+
+
+def best_needs_rewrite(out: Path, best_epoch: int | None, committed: int) -> bool:
+    """Whether ``best.pt`` lags the committed best (a kill after ``last.pt``); it can be rebuilt when that best
+    is the committed epoch itself, whose weights ``last.pt`` holds. Any other mismatch is only reported."""
+    if best_epoch is None:
+        return False
+    path = out / "best.pt"
+    try:
+        on_disk = ckpt_io.load(path).get("epoch")
+    except ckpt_io.CheckpointError:
+        on_disk = None
+    if on_disk == best_epoch:
+        return False
+    if best_epoch == committed:
+        log.warning("rewriting %s: it holds epoch %s, the run's best is epoch %s (stopped before it was written)",
+                    path, on_disk, best_epoch)
+        return True
+    log.warning("%s holds epoch %s but the run's best is epoch %s, whose weights are lost", path, on_disk, best_epoch)
+    return False
