@@ -71,17 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=None, help="default runs/cpu_bench/<size> (shared with cpu_evidence)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, one thread each")
     ap.add_argument("--out", default=str(RESULTS / "ablations_cpu.json"))
+    ap.add_argument("--collect-only", action="store_true", help="train nothing: report the runs that finished")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
     t0 = time.time()
     plan = Plan(args.size, None, Path(args.runs_dir or ROOT / "runs" / "cpu_bench" / args.size), args.overrides)
     rows = {"full": [], **{f"{g}: {name}": o for g in args.groups for name, o in GROUPS[g].items()}}
-    runs = measure(plan, rows, args.seeds, args.jobs, 1)
+    runs = measure(plan, rows, args.seeds, args.jobs, 1, collect_only=args.collect_only)
     summary = summarise(runs)
-    groups = {g: [{"name": name, "overrides": o, "n": len(summary[f"{g}: {name}"]["seeds"]),
-                   "mean": summary[f"{g}: {name}"]["miou_mean"], "std": summary[f"{g}: {name}"]["miou_std"],
-                   **{k: v for k, v in summary[f"{g}: {name}"].items() if k not in ("row", "miou_mean", "miou_std")}}
-                  for name, o in GROUPS[g].items()] for g in args.groups}
+
+    def row(g: str, name: str, overrides: list[str]) -> dict:
+        s = summary.get(f"{g}: {name}")
+        if s is None:
+            return {"name": name, "overrides": overrides, "n": 0, "status": "not yet measured"}
+        return {"name": name, "overrides": overrides, "n": len(s["seeds"]), "mean": s["miou_mean"],
+                "std": s["miou_std"], **{k: v for k, v in s.items() if k not in ("row", "miou_mean", "miou_std")}}
+
+    groups = {g: [row(g, name, o) for name, o in GROUPS[g].items()] for g in args.groups}
     machine = machine_info("cpu")
     payload = {
         "what": "headline mIoU on the scenes val set (original size), mean ± sample std over seeds, and the "
@@ -91,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size, "base": BOOK_RUNS[args.size], "seeds": len(args.seeds),
         "eval_mode": ", ".join(sorted({r["miou_mode"] for r in runs})),
         "date": machine["date"][:10], "machine": machine, "jobs": args.jobs,
-        "reference": summary["full"], "groups": groups, "runs": runs,
+        "reference": summary.get("full"), "groups": groups, "runs": runs,
         "total_wall_time_s": time.time() - t0,
     }
     atomic.write_json(Path(args.out), payload)
-    print_table([{"group": g, "name": r["name"], "miou": 100 * r["mean"], "std": 100 * r["std"],
-                  "diff": 100 * r.get("paired_diff_mean", 0.0), "n": r["n"]}
+    print_table([{"group": g, "name": r["name"], "miou": 100 * r.get("mean", float("nan")),
+                  "std": 100 * r.get("std", float("nan")), "diff": 100 * r.get("paired_diff_mean", 0.0), "n": r["n"]}
                  for g, rs in groups.items() for r in rs],
                 [("group", "group", "s"), ("name", "run", "s"), ("miou", "mIoU %", ".2f"), ("std", "± std", ".2f"),
                  ("diff", "Δ vs full", "+.2f"), ("n", "seeds", "d")])

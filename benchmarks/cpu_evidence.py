@@ -167,21 +167,25 @@ def summarise(runs: list[dict[str, Any]], reference: str = "full") -> dict[str, 
 
 
 def measure(plan: Plan, rows: dict[str, Sequence[str]], seeds: Sequence[int], n_jobs: int,
-            threads: int | None) -> list[dict[str, Any]]:
-    """Train the warm starts, then every row × seed (reusing finished runs); one record per row and seed."""
-    train_all(plan.config, [(plan.warm_dir(s), plan.warm_overrides(s)) for s in seeds], n_jobs, threads)
+            threads: int | None, *, collect_only: bool = False) -> list[dict[str, Any]]:
+    """Train the warm starts, then every row × seed (reusing finished runs); one record per finished run.
+
+    ``collect_only``: train nothing, report the runs that have finished (an interrupted benchmark's part).
+    """
     cells = [(name, seed, plan.run_dir(name, row, seed), plan.overrides(row, seed))
              for seed in seeds for name, row in rows.items()]
-    train_all(plan.config, [(d, o) for _, _, d, o in cells], n_jobs, threads)
-    return [{"row": name, "seed": seed, **read_run(d)} for name, seed, d, _ in cells]
+    if not collect_only:
+        train_all(plan.config, [(plan.warm_dir(s), plan.warm_overrides(s)) for s in seeds], n_jobs, threads)
+        train_all(plan.config, [(d, o) for _, _, d, o in cells], n_jobs, threads)
+    return [{"row": name, "seed": seed, **read_run(d)} for name, seed, d, _ in cells if (d / "results.json").is_file()]
 
 
 def evidence(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     plan = Plan(args.size, args.config, Path(args.runs_dir), args.overrides)
     rows = {v: VARIANTS[v] for v in args.variants}
-    runs = measure(plan, rows, args.seeds, args.jobs, args.threads)
-    warm = [{"seed": s, **read_run(plan.warm_dir(s))} for s in args.seeds]
+    runs = measure(plan, rows, args.seeds, args.jobs, args.threads, collect_only=args.collect_only)
+    warm = [{"seed": s, **read_run(plan.warm_dir(s))} for s in args.seeds if (plan.warm_dir(s) / "results.json").is_file()]
     payload = {
         "what": "headline mIoU on the scenes val set (original size) after the semi-supervised phase, every run "
                 "starting from its seed's supervised warm start; mean ± sample std over seeds, paired difference "
@@ -256,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--smoke-out", default=str(RESULTS / "cpu_resnet101_smoke.json"))
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each in its own process")
+    ap.add_argument("--collect-only", action="store_true", help="train nothing: report the runs that finished")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
     args.runs_dir = args.runs_dir or str(ROOT / "runs" / "cpu_bench" / args.size)

@@ -341,10 +341,11 @@ BOOK_RUNS: dict[str, dict] = {
     # (runs/book/small/cpu_warm, then cpu_dlp and cpu_nodlp side by side) before it builds the book.
     "smoke": {"config": "configs/cpu_scenes_tiny.yaml", "data": "data/scenes_tiny",
               "data_args": ["--num-train", "24", "--num-val", "8", "--size", "48", "--classes", "all",
-                            "--clutter", "--object-size", "0.3", "0.6"],
+                            "--clutter", "--object-size", "0.3", "0.6", "--max-objects", "4"],
               "overrides": ["optim.epochs=2", "optim.iters_per_epoch=2"],
               "warm": ["optim.epochs=1", "optim.iters_per_epoch=2"]},
-    "small": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [], "overrides": [], "warm": []},
+    "small": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [], "overrides": [],
+              "warm": ["optim.epochs=2", "optim.iters_per_epoch=200"]},
     "full": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [],
              "overrides": ["optim.epochs=10", "optim.iters_per_epoch=100"],
              "warm": ["optim.epochs=4", "optim.iters_per_epoch=250"]},

@@ -17,7 +17,8 @@ def scenes_tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "scenes_tiny"
     subprocess.run(
         [sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--num-train", "24", "--num-val", "8",
-         "--size", "48", "--classes", "all", "--clutter", "--object-size", "0.3", "0.6", "--workers", "1", "--quiet"],
+         "--size", "48", "--classes", "all", "--clutter", "--object-size", "0.3", "0.6", "--max-objects", "4",
+         "--workers", "1", "--quiet"],
         cwd=REPO, check=True,
     )
     return root

@@ -230,5 +230,5 @@ def scenes_tree(root: Path, **kwargs) -> dict:
     from data_prep.scenes import generate
 
     options = {"size": 48, "num_train": 32, "num_val": 8, "seed": 0, "workers": 1, "progress": False,
-               "classes": None, "clutter": True, "object_size": (0.3, 0.6)} | kwargs
+               "classes": None, "clutter": True, "object_size": (0.3, 0.6), "max_objects": 4} | kwargs
     return generate(root, **options)
