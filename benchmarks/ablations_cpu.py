@@ -1,6 +1,6 @@
 """CPU-scale ablations of the book's chapter *Ablations at CPU scale*: Tables 3 and 4, profiles, switches.
 
-    python -m benchmarks.ablations_cpu                         # every group, 3 seeds, size "small"
+    python -m benchmarks.ablations_cpu --jobs 2                # Tables 3 and 4, 3 seeds, size "small"
     python -m benchmarks.ablations_cpu --groups Q op --seeds 0 1 2 3 4 --size full
     python -m benchmarks.ablations_cpu --size smoke --seeds 0  # seconds per run: checks the plumbing
 
@@ -13,28 +13,30 @@ profile    ``profile=paper`` vs ``profile=official`` (chapter *Paper vs released
 switches   single release switches flipped on the paper profile
 =========  ================================================================
 
-Every run is ``runs/ablations_cpu/<size>/<name>_s<seed>`` and is reused when
-its ``results.json`` exists, so an interrupted benchmark continues. The number
-is the run's headline mIoU (``results.json``), reported as mean ± sample
-standard deviation over seeds. Output: ``results/ablations_cpu.json``.
+Runs are planned and trained as in :mod:`benchmarks.cpu_evidence` (same
+``runs/cpu_bench/<size>`` directory, same warm start per seed; a row whose
+resolved config equals another's, e.g. ``L_1`` and ``eq. 2`` and the CPU
+default, is trained once). Every row also gets the per-seed paired difference
+against the CPU default (``full``). The number is the run's headline mIoU
+(``results.json``), as mean ± sample standard deviation over seeds. Output:
+``results/ablations_cpu.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table
+from benchmarks.cpu_evidence import Plan, measure, summarise
 from derprop import atomic
-from derprop.viewer import BOOK_RUNS, ensure_scenes, load_or_train
+from derprop.viewer import BOOK_RUNS
 
 ACTIVE_DER = ("method.labeled_der_detached=false", "method.spatial_softmax_sparsity=false")
-"""The Q and op groups run the CPU config (release profile) with its two zero-gradient loss quirks off,
-so that every term of eq. 9 that Tables 3 and 4 vary actually trains the features."""
+"""The Q and op groups keep the release's two zero-gradient loss quirks off (the CPU default already
+does), so that every term of eq. 9 that Tables 3 and 4 vary actually trains the features."""
 
 GROUPS: dict[str, dict[str, list[str]]] = {
     "Q": {
@@ -61,57 +63,49 @@ GROUPS: dict[str, dict[str, list[str]]] = {
 }
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-
-
-def run(size: str, name: str, overrides: list[str], seed: int) -> dict[str, Any]:
-    s = BOOK_RUNS[size]
-    out = ROOT / "runs" / "ablations_cpu" / size / f"{slug(name)}_s{seed}"
-    res = load_or_train(ROOT / s["config"], out,
-                        [f"data.root={ensure_scenes(size)}", *s["overrides"], *overrides, f"seed={seed}"])
-    return {"miou": res["miou"], "miou_mode": res["miou_mode"], "miou_net": res["miou_net"],
-            "wall_time_s": res["wall_time_s"], "device": res.get("device")}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.ablations_cpu", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--groups", nargs="*", default=list(GROUPS), choices=list(GROUPS))
+    ap.add_argument("--groups", nargs="*", default=["Q", "op"], choices=list(GROUPS))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--size", default="small", choices=list(BOOK_RUNS))
+    ap.add_argument("--runs-dir", default=None, help="default runs/cpu_bench/<size> (shared with cpu_evidence)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, one thread each")
     ap.add_argument("--out", default=str(RESULTS / "ablations_cpu.json"))
+    ap.add_argument("--collect-only", action="store_true", help="train nothing: report the runs that finished")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
     t0 = time.time()
-    groups: dict[str, list[dict[str, Any]]] = {}
-    modes, devices = set(), set()
-    for g in args.groups:
-        rows = []
-        for name, overrides in GROUPS[g].items():
-            runs = []
-            for seed in args.seeds:
-                print(f"== {g}: {name}, seed {seed}", file=sys.stderr, flush=True)
-                runs.append(run(args.size, name, overrides, seed))
-            mious = [r["miou"] for r in runs]
-            modes |= {r["miou_mode"] for r in runs}
-            devices |= {r["device"] for r in runs}
-            rows.append({"name": name, "overrides": overrides, "n": len(mious), "mious": mious,
-                         "mean": statistics.fmean(mious), "std": statistics.stdev(mious) if len(mious) > 1 else 0.0})
-        groups[g] = rows
+    plan = Plan(args.size, None, Path(args.runs_dir or ROOT / "runs" / "cpu_bench" / args.size), args.overrides)
+    rows = {"full": [], **{f"{g}: {name}": o for g in args.groups for name, o in GROUPS[g].items()}}
+    runs = measure(plan, rows, args.seeds, args.jobs, 1, collect_only=args.collect_only)
+    summary = summarise(runs)
+
+    def row(g: str, name: str, overrides: list[str]) -> dict:
+        s = summary.get(f"{g}: {name}")
+        if s is None:
+            return {"name": name, "overrides": overrides, "n": 0, "status": "not yet measured"}
+        return {"name": name, "overrides": overrides, "n": len(s["seeds"]), "mean": s["miou_mean"],
+                "std": s["miou_std"], **{k: v for k, v in s.items() if k not in ("row", "miou_mean", "miou_std")}}
+
+    groups = {g: [row(g, name, o) for name, o in GROUPS[g].items()] for g in args.groups}
     machine = machine_info("cpu")
     payload = {
-        "what": "headline mIoU on the scenes val set, mean ± sample std over seeds; book CPU run settings "
-                "(derprop.viewer.BOOK_RUNS) plus each row's overrides",
+        "what": "headline mIoU on the scenes val set (original size), mean ± sample std over seeds, and the "
+                "per-seed paired difference to the CPU default (full); book CPU run settings "
+                "(derprop.viewer.BOOK_RUNS, warm start per seed) plus each row's overrides",
         "command": "python -m benchmarks.ablations_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "size": args.size, "base": BOOK_RUNS[args.size], "seeds": len(args.seeds),
-        "eval_mode": ", ".join(sorted(modes)), "device": ", ".join(sorted(d for d in devices if d)),
-        "date": machine["date"][:10], "machine": machine, "groups": groups,
+        "eval_mode": ", ".join(sorted({r["miou_mode"] for r in runs})),
+        "date": machine["date"][:10], "machine": machine, "jobs": args.jobs,
+        "reference": summary.get("full"), "groups": groups, "runs": runs,
         "total_wall_time_s": time.time() - t0,
     }
     atomic.write_json(Path(args.out), payload)
-    print_table([{"group": g, "name": r["name"], "miou": 100 * r["mean"], "std": 100 * r["std"], "n": r["n"]}
-                 for g, rows in groups.items() for r in rows],
+    print_table([{"group": g, "name": r["name"], "miou": 100 * r.get("mean", float("nan")),
+                  "std": 100 * r.get("std", float("nan")), "diff": 100 * r.get("paired_diff_mean", 0.0), "n": r["n"]}
+                 for g, rs in groups.items() for r in rs],
                 [("group", "group", "s"), ("name", "run", "s"), ("miou", "mIoU %", ".2f"), ("std", "± std", ".2f"),
-                 ("n", "seeds", "d")])
+                 ("diff", "Δ vs full", "+.2f"), ("n", "seeds", "d")])
     return 0
 
 

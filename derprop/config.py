@@ -127,7 +127,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """SGD with the release's poly schedule ``lr·(1 − it/total)^power`` and head lr multiplier."""
+    """SGD with the release's poly schedule ``lr·(1 − it/total)^power`` and head lr multiplier.
+
+    ``warm_start``: a checkpoint (a run's ``best.pt`` or ``last.pt``) whose model weights initialise Θb,
+    and so Θm, before the first step; the book's CPU runs start from one shared supervised run.
+    """
 
     epochs: int = 80
     batch_size: int = 4
@@ -138,6 +142,7 @@ class OptimConfig:
     poly_power: float = 0.9
     ref_batch: int | None = None
     iters_per_epoch: int | None = None
+    warm_start: str | None = None
     amp: str = "none"
     channels_last: bool = False
 
@@ -164,11 +169,18 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """The method's switches: ablations (Tables 1–4) and every paper/release divergence (module doc)."""
+    """The method's switches: ablations (Tables 1–4) and every paper/release divergence (module doc).
+
+    ``semi_supervised=false`` trains on the labeled images only: the labeled terms of eq. 7/8
+    (CE on L, CE on L̃ when ``dlp``, the labeled derivative loss when ``derivative_loss``); a warm start.
+    ``dlp_temperature`` T: the softmax form of DLP (and region propagation) uses ``softmax_j(s_ij / T)``;
+    1 is the release. The linear (paper) form L1-normalises the features, so T has no effect there.
+    """
 
     dlp: bool = True
     derivative_loss: bool = True
     momentum: bool = True
+    semi_supervised: bool = True
     Q: int = 1
     sparsity: bool = True
     op: str = "forward"
@@ -194,6 +206,7 @@ class MethodConfig:
     fp_branch: bool = False
     region_propagation: bool = False
     region_samples: int = 128
+    dlp_temperature: float = 1.0
     chunk: int | None = None
 
 
@@ -545,7 +558,7 @@ def _validate(cfg: TrainConfig) -> None:
         if mode not in EVAL_MODES:
             raise ValueError(f"config key 'eval.final_modes' entries must be in {list(EVAL_MODES)}, got {mode!r}")
     positive = ["data.crop_size", "optim.epochs", "optim.batch_size", "optim.lr", "eval.crop_size", "eval.every",
-                "method.region_samples"]
+                "method.region_samples", "method.dlp_temperature"]
     for key in positive:
         if not flat[key] > 0:
             raise ValueError(f"config key '{key}' must be > 0, got {flat[key]!r}")

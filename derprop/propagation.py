@@ -203,3 +203,48 @@ class _TiledRowSoftmaxPropagation(torch.autograd.Function):
                 grad_g1[:, :, rows] = g2 @ grad_s.transpose(1, 2)
                 grad_g2.baddbmm_(g1[:, :, rows], grad_s)
         return None, grad_g1, grad_g2, None
+
+
+def propagation_weights(f1: Tensor, f2: Tensor | None = None, *, mode: str = "official", op: str = "forward",
+                        paper_norm: str = "none") -> Tensor:
+    """The ``M × M`` matrix ``W`` with ``L̃ = L·W`` (eq. 1, 4): ``W_ij`` is what pixel ``j`` takes from pixel ``i``.
+
+    ``official``: ``W = A = softmax_j(s)``; ``paper``: ``W = S + Δ¹S``, normalised as ``paper_norm`` says
+    (:data:`PAPER_NORMS`). For diagnostics and figures (chapter *Pseudo-label rectification*), where a
+    small image's whole matrix fits; training never builds it. Shape ``(B, M, M)``.
+    """
+    f2 = f1 if f2 is None else f2
+    if mode == "official":
+        g1, g2 = official_similarity_factors(f1, f2, op)
+        return (g1.transpose(1, 2) @ g2).softmax(dim=-1)
+    if mode != "paper":
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    v1 = normalize_features(f1, "l1")
+    v2 = v1 if f2 is f1 else normalize_features(f2, "l1")
+    w = v1.transpose(1, 2) @ similarity_gram(v1.shape[1], op, v1, scaled=False) @ v2
+    if paper_norm == "mean":
+        return w / w.shape[-1]
+    if paper_norm == "row_sum":
+        return w / w.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR)
+    return w
+
+
+def attention_shares(weights: Tensor, labels: Tensor, *, background: int | None = 0,
+                     ignore_index: int = 255) -> tuple[Tensor, Tensor, Tensor]:
+    """How class-aware the propagation weights are, per receiving pixel (chapter *Pseudo-label rectification*).
+
+    ``weights`` ``(B, M, M)`` with ``L̃ = L·W``, ``labels`` ``(B, M)`` the true classes on the feature grid.
+    Pixel ``j`` takes the normalised weights ``p_ij = |W_ij| / Σ_i |W_ij|`` (over labeled ``i``). Returns,
+    for every labeled ``j`` whose class is not ``background``, three flat tensors: the **own-class share**
+    ``Σ_{i: y_i = y_j} p_ij``, the share that uniform weights would give (the class's fraction of the
+    image) and the **effective support** ``1 / Σ_i p_ij²`` (``M`` for uniform weights, 1 for a single pixel).
+    """
+    valid = labels != ignore_index
+    p = weights.abs() * valid.unsqueeze(-1).to(weights.dtype)
+    p = p / p.sum(1, keepdim=True).clamp_min(1e-30)
+    same = (labels.unsqueeze(-1) == labels.unsqueeze(1)) & valid.unsqueeze(-1)  # [b, i, j]: y_i = y_j
+    own = (p * same).sum(1)
+    uniform = same.sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+    support = 1.0 / (p * p).sum(1).clamp_min(1e-30)
+    pick = valid & (labels != background) if background is not None else valid
+    return own[pick], uniform[pick], support[pick]

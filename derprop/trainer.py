@@ -72,7 +72,7 @@ from derprop.metrics import ConfusionMatrix
 from derprop.model import DerPropNet, SegOutput, build_model
 from derprop.momentum import MomentumNetwork
 from derprop.progress import DEFAULT_EVERY, ProgressLog
-from derprop.propagation import official_similarity_factors, propagate
+from derprop.propagation import attention_shares, official_similarity_factors, propagate, propagation_weights
 
 log = logging.getLogger(__name__)
 
@@ -423,6 +423,8 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, d = self.cfg, self.d
         net = build_model(cfg.model)
+        if cfg.optim.warm_start:
+            _load_warm_start(net, Path(cfg.optim.warm_start))
         if d.distributed:  # BN statistics over the global batch, as with one process
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if d.device.type == "cuda" else CpuSyncBatchNorm.convert(net)
         net = net.to(d.device)
@@ -430,7 +432,7 @@ class Trainer:
             net = net.to(memory_format=torch.channels_last)
         self.net: DerPropNet = net
         m = cfg.method
-        uses_heads = (m.dlp and (m.propagated_ce or m.weak_propagated_ce)) or m.derivative_loss
+        uses_heads = ((m.dlp and (m.propagated_ce or m.weak_propagated_ce)) or m.derivative_loss) and m.semi_supervised
         self.model: nn.Module = (
             nn.parallel.DistributedDataParallel(
                 net, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
@@ -468,11 +470,19 @@ class Trainer:
         """``L̃`` (eq. 4) at the feature grid, upsampled to ``size``."""
         m = self.cfg.method
         b, c, h, w = out.logits_grid.shape
-        f1 = out.f1.flatten(2)
-        f2 = None if out.f2 is out.f1 else out.f2.flatten(2)
+        f1, f2 = self._similarity_features(out)
         lt = propagate(out.logits_grid.flatten(2), f1, f2, mode="official" if m.dlp_form == "softmax" else "paper",
                        op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
         return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
+
+    def _similarity_features(self, out: SegOutput) -> tuple[Tensor, Tensor | None]:
+        """``f1, f2`` flattened to ``(B, D, M)`` (``f2`` None when symmetric), ``f1`` divided by
+        ``method.dlp_temperature``: in the softmax form the similarity becomes ``s/T`` (Δ is linear)."""
+        t = self.cfg.method.dlp_temperature
+        f1 = out.f1.flatten(2)
+        if t == 1.0:
+            return f1, None if out.f2 is out.f1 else out.f2.flatten(2)
+        return f1 / t, f1 if out.f2 is out.f1 else out.f2.flatten(2)
 
     def _blend(self, logits: Tensor, prop: Tensor | None, eta: float) -> Tensor:
         """Pseudo-label probabilities (eq. 5)."""
@@ -488,6 +498,9 @@ class Trainer:
         """Loss of one batch (see the module doc); returns ``(loss, logged terms)``."""
         cfg, m, lc = self.cfg, self.cfg.method, self.cfg.loss
         dev = self.d.device
+        if not m.semi_supervised:
+            x, y = batch[0]
+            return self._labeled_step(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
         (x, y), (uw, us, ign, box), (uw2, us2, ign2, _) = batch
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         uw, us, ign, box = (t.to(dev, non_blocking=True) for t in (uw, us, ign, box))
@@ -589,23 +602,52 @@ class Trainer:
         logs["mask_ratio"] = float(keep_w.sum() / valid_w.sum().clamp_min(1))
         return total, logs
 
-    def _derivative_terms(self, out_w: SegOutput, out_s: SegOutput, out_mix: SegOutput, nb: int, y: Tensor,
-                          box: Tensor) -> tuple[Tensor, Tensor]:
-        """Labeled (S_GT = YᵀY) and unlabeled (weak view as target) derivative losses, eq. 8/9."""
+    def _labeled_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Loss of a supervised-only step (``method.semi_supervised=false``): the labeled terms of eq. 7/8."""
         m, lc = self.cfg.method, self.cfg.loss
+        with self._autocast():
+            out = self.model(x)
+            prop = self._prop(out, x.shape[-2:]) if m.dlp and m.propagated_ce else None
+        ce_l = (lambda lg, t: ohem_ce(lg, t, lc.ohem_thresh, lc.ohem_min_kept)) if lc.ohem else (
+            lambda lg, t: F.cross_entropy(lg, t, ignore_index=IGNORE_INDEX))
+        terms: dict[str, Tensor] = {"ce_x": ce_l(out.logits.float(), y)}
+        if prop is not None:
+            terms["ce_x_prop"] = ce_l(prop, y)
+        total = lc.lambda_ce * (terms["ce_x"] + terms.get("ce_x_prop", 0.0))
+        if m.derivative_loss:
+            terms["der_x"] = self._labeled_derivative_term(out, x.shape[0], y)
+            total = total + lc.lambda_der * terms["der_x"]
+        logs = {k: float(v.detach()) for k, v in terms.items()}
+        logs["threshold"] = self.threshold.value
+        logs["mask_ratio"] = 0.0
+        return lc.scale * total, logs
+
+    def _der_options(self) -> dict[str, Any]:
+        m, lc = self.cfg.method, self.cfg.loss
+        return dict(Q=m.Q, eta=lc.eta, op=m.op, sparsity=m.sparsity, normalize=m.feature_norm, chunk=m.chunk,
+                    spatial_softmax_sparsity=m.spatial_softmax_sparsity)
+
+    def _labeled_derivative_term(self, out: SegOutput, nb: int, y: Tensor) -> Tensor:
+        """Labeled derivative loss (eq. 8/9, S_GT = YᵀY) of the first ``nb`` images of ``out``."""
+        m = self.cfg.method
         c = self.cfg.model.num_classes
-        h, w = out_w.f1.shape[-2:]
-        one_head = out_w.f2 is out_w.f1
+        h, w = out.f1.shape[-2:]
         # labeled target: the label on the feature grid, one-hot; ignore pixels drop out (mask)
         yg = label_on_grid(y, (h, w), m.label_resize).flatten(1)
         keep = yg < c
         onehot = F.one_hot(yg.clamp(0, c), c + 1)[..., :c].transpose(1, 2).float()
-        common = dict(Q=m.Q, eta=lc.eta, op=m.op, sparsity=m.sparsity, normalize=m.feature_norm, chunk=m.chunk,
-                      spatial_softmax_sparsity=m.spatial_softmax_sparsity)
-        f1x = out_w.f1[:nb].flatten(2).float()
-        f2x = f1x if one_head else out_w.f2[:nb].flatten(2).float()
-        der_x = derivative_loss(f1x, f2x, onehot, onehot, labeled=True, mask=keep,
-                                detach_labeled=m.labeled_der_detached, **common)
+        f1x = out.f1[:nb].flatten(2).float()
+        f2x = f1x if out.f2 is out.f1 else out.f2[:nb].flatten(2).float()
+        return derivative_loss(f1x, f2x, onehot, onehot, labeled=True, mask=keep,
+                               detach_labeled=m.labeled_der_detached, **self._der_options())
+
+    def _derivative_terms(self, out_w: SegOutput, out_s: SegOutput, out_mix: SegOutput, nb: int, y: Tensor,
+                          box: Tensor) -> tuple[Tensor, Tensor]:
+        """Labeled (S_GT = YᵀY) and unlabeled (weak view as target) derivative losses, eq. 8/9."""
+        m = self.cfg.method
+        h, w = out_w.f1.shape[-2:]
+        one_head = out_w.f2 is out_w.f1
+        der_x = self._labeled_derivative_term(out_w, nb, y)
         # unlabeled: the weak view's features are the target of the (CutMixed) strong view's
         t1 = out_w.f1[nb:].detach().float()
         t2 = t1 if one_head else out_w.f2[nb:].detach().float()
@@ -617,7 +659,7 @@ class Trainer:
         f2s = f1s if one_head else out_s.f2.flatten(2).float()
         t1f = t1.flatten(2)
         t2f = t1f if one_head else t2.flatten(2)
-        der_u = derivative_loss(f1s, f2s, t1f, t2f, labeled=False, **common)
+        der_u = derivative_loss(f1s, f2s, t1f, t2f, labeled=False, **self._der_options())
         return der_x, der_u
 
     @torch.no_grad()
@@ -639,8 +681,9 @@ class Trainer:
         ones); where accepted regions overlap the last one wins, as there.
         """
         k = self.cfg.method.region_samples
-        f1 = out_w.f1[nb:].detach().float().flatten(2)
-        f2 = out_w.f2[nb:].detach().float().flatten(2)
+        f1, f2 = self._similarity_features(out_w)
+        f1 = f1[nb:].detach().float()
+        f2 = f1 if f2 is None else f2[nb:].detach().float()
         g1, g2 = official_similarity_factors(f1, f2, self.cfg.method.op)
         b, _, mpix = g1.shape
         h, w = out_w.f1.shape[-2:]
@@ -683,6 +726,8 @@ class Trainer:
                 lock.acquire()
                 self._prepare_folder()
             loaders = self._loaders()
+            if self.start_epoch == 0 and d.is_main and self.diag_set is not None:
+                self._pseudo_label_diagnostics(-1)  # the state training starts from: snapshot epoch_000
             for epoch in range(self.start_epoch, cfg.optim.epochs):
                 self._train_epoch(epoch, loaders)
             results = self._final_results(time.time() - t0)
@@ -730,7 +775,8 @@ class Trainer:
 
             bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False)
         steps_log = []
-        for step, batch in enumerate(zip(*loaders)):
+        # a supervised-only run reads no unlabeled images
+        for step, batch in enumerate(zip(*(loaders if cfg.method.semi_supervised else loaders[:1]))):
             if step >= self.iters_per_epoch:
                 break
             loss, logs = self.train_step(batch, epoch)
@@ -847,47 +893,87 @@ class Trainer:
 
     @torch.no_grad()
     def _pseudo_label_diagnostics(self, epoch: int) -> dict[str, Any]:
-        """Pseudo-label quality on fixed unlabeled images with known labels, before and after DLP (eq. 5)."""
-        cfg = self.cfg
-        s = cfg.data.crop_size
+        """Pseudo-labels of fixed unlabeled images with known labels, before and after DLP (eq. 5), and how
+        class-aware the propagation weights are (chapter *Pseudo-label rectification*).
+
+        ``epoch = -1`` is the state before the first step (snapshot ``epoch_000``). Without DLP
+        (``method.dlp=false``) only the "before" figures exist: nothing propagates, so there is no "after".
+        """
+        cfg, m = self.cfg, self.cfg.method
+        s = cfg.eval.crop_size
         c = cfg.model.num_classes
-        eta = epoch / cfg.optim.epochs
+        eta = max(epoch, 0) / cfg.optim.epochs
         net = self.net
         was = net.training
         net.eval()
-        cms = {k: ConfusionMatrix(c) for k in ("before", "after", "prop")}
-        arrays: dict[str, list] = {"image": [], "gt": [], "pl_before": [], "pl_after": [], "confidence": [], "names": []}
-        for i in range(len(self.diag_set)):
-            image, label = self.diag_set[i]
-            image, label = _center_fit(image.as_subclass(Tensor), label.as_subclass(Tensor), s)
-            x = image.unsqueeze(0).to(self.d.device)
+        cms = {k: ConfusionMatrix(c) for k in (("before", "after", "prop") if m.dlp else ("before",))}
+        fixed = broken = 0
+        own, uniform, support = [], [], []
+        keys = ["image", "gt", "pl_before", "confidence", "names"] + (["pl_after", "attn", "attn_pixel"] if m.dlp else [])
+        arrays: dict[str, list] = {k: [] for k in keys}
+        n = len(self.diag_set)
+        for start in range(0, n, 16):
+            pairs = [_center_fit(*(t.as_subclass(Tensor) for t in self.diag_set[i]), s) for i in range(start, min(start + 16, n))]
+            x = torch.stack([p[0] for p in pairs]).to(self.d.device)
+            gt = torch.stack([p[1] for p in pairs]).to(self.d.device)
             with self._autocast():
                 out = net(x)
-                prop = self._prop(out, x.shape[-2:])
-            before = out.logits.float().softmax(1)
-            after = self._blend(out.logits, prop, eta)
-            conf, pl_after = after.max(1)
-            pl_before = before.argmax(1)
-            gt = label.unsqueeze(0).to(self.d.device)
+                prop = self._prop(out, x.shape[-2:]) if m.dlp else None
+            probs = self._blend(out.logits, prop, eta)  # softmax(L) when there is no L̃
+            pl_before = out.logits.float().argmax(1)
             cms["before"].update(pl_before, gt)
-            cms["after"].update(pl_after, gt)
-            cms["prop"].update(prop.argmax(1), gt)
-            if i < 8:
-                arrays["image"].append(image.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-                arrays["gt"].append(label.cpu().numpy().astype(np.uint8))
-                arrays["pl_before"].append(pl_before[0].cpu().numpy().astype(np.uint8))
-                arrays["pl_after"].append(pl_after[0].cpu().numpy().astype(np.uint8))
-                arrays["confidence"].append(conf[0].cpu().numpy().astype(np.float16))
+            conf, pl_after = probs.max(1)
+            if m.dlp:
+                cms["after"].update(pl_after, gt)
+                cms["prop"].update(prop.argmax(1), gt)
+                valid = gt != IGNORE_INDEX
+                fixed += int((valid & (pl_before != gt) & (pl_after == gt)).sum())
+                broken += int((valid & (pl_before == gt) & (pl_after != gt)).sum())
+                h, w = out.f1.shape[-2:]
+                f1, f2 = self._similarity_features(out)
+                weights = propagation_weights(f1.float(), None if f2 is None else f2.float(), op=m.op,
+                                              mode="official" if m.dlp_form == "softmax" else "paper",
+                                              paper_norm=m.paper_dlp_norm)
+                yg = label_on_grid(gt, (h, w), "nearest").flatten(1)
+                o, u, sp = attention_shares(weights, yg, ignore_index=IGNORE_INDEX)
+                own.append(o)
+                uniform.append(u)
+                support.append(sp)
+            for k in range(len(pairs)):
+                i = start + k
+                if i >= 8:
+                    break
+                arrays["image"].append(pairs[k][0].permute(1, 2, 0).cpu().numpy().astype(np.uint8))
+                arrays["gt"].append(pairs[k][1].cpu().numpy().astype(np.uint8))
+                arrays["pl_before"].append(pl_before[k].cpu().numpy().astype(np.uint8))
+                arrays["confidence"].append(conf[k].cpu().numpy().astype(np.float16))
                 arrays["names"].append(self.diag_set.name(i))
+                if m.dlp:
+                    arrays["pl_after"].append(pl_after[k].cpu().numpy().astype(np.uint8))
+                    j = _chosen_pixel(yg[k].view(h, w))
+                    col = weights[k, :, j].abs()
+                    arrays["attn"].append((col / col.sum().clamp_min(1e-30)).view(h, w).cpu().numpy().astype(np.float32))
+                    arrays["attn_pixel"].append(np.array(divmod(j, w), np.int32))
         net.train(was)
+        stats: dict[str, Any] = {"pl_images": n, "pl_acc_before": cms["before"].pixel_accuracy(),
+                                 "pl_miou_before": cms["before"].miou()}
+        if m.dlp:
+            o, u, sp = torch.cat(own), torch.cat(uniform), torch.cat(support)
+            stats |= {
+                "pl_acc_after": cms["after"].pixel_accuracy(), "pl_miou_after": cms["after"].miou(),
+                "pl_acc_prop": cms["prop"].pixel_accuracy(), "pl_miou_prop": cms["prop"].miou(),
+                "pl_fixed": fixed, "pl_broken": broken,
+                "attn_own_share": float(o.mean()) if o.numel() else float("nan"),
+                "attn_uniform_share": float(u.mean()) if u.numel() else float("nan"),
+                "attn_support": float(sp.mean()) if sp.numel() else float("nan"),
+                "attn_grid_pixels": h * w,
+            }
+            stats["attn_share_ratio"] = stats["attn_own_share"] / max(stats["attn_uniform_share"], 1e-12)
         _savez(self.out / "pseudo_labels" / f"epoch_{epoch + 1:03d}.npz",
-                      **{k: np.stack(v) if k != "names" else np.array(v) for k, v in arrays.items()},
-                      eta_ep=np.float32(eta), epoch=np.int32(epoch + 1))
-        return {
-            "pl_acc_before": cms["before"].pixel_accuracy(), "pl_acc_after": cms["after"].pixel_accuracy(),
-            "pl_miou_before": cms["before"].miou(), "pl_miou_after": cms["after"].miou(),
-            "pl_acc_prop": cms["prop"].pixel_accuracy(), "pl_miou_prop": cms["prop"].miou(),
-        }
+               **{k: np.stack(v) if k != "names" else np.array(v) for k, v in arrays.items()},
+               eta_ep=np.float32(eta), epoch=np.int32(epoch + 1),
+               **{f"stat_{k}": np.float64(v) for k, v in stats.items()})
+        return stats
 
     # ------------------------------------------------------------------ #
     # checkpoints
@@ -1005,6 +1091,34 @@ class Trainer:
 # --------------------------------------------------------------------------- #
 # small helpers
 # --------------------------------------------------------------------------- #
+
+
+def _load_warm_start(net: nn.Module, path: Path) -> None:
+    """Initialise ``net`` with the model weights of checkpoint ``path`` (``optim.warm_start``)."""
+    if not path.is_file():
+        raise ckpt_io.CheckpointError(f"optim.warm_start: checkpoint {path} does not exist; train the warm-start run "
+                                      "first or correct the path")
+    state = ckpt_io.load(path)
+    try:
+        net.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        raise ckpt_io.CheckpointError(
+            f"optim.warm_start: {path} does not fit this model ({type(err).__name__}: {err}); "
+            "warm-start from a run with the same model section") from err
+
+
+def _chosen_pixel(grid_label: Tensor) -> int:
+    """Flat index of the pixel whose attention the snapshots keep: the foreground grid pixel with the most
+    same-class pixels among its 8 neighbours (an object's interior), else the grid centre."""
+    h, w = grid_label.shape
+    fg = (grid_label > 0) & (grid_label != IGNORE_INDEX)
+    if not bool(fg.any()):
+        return (h // 2) * w + w // 2
+    padded = F.pad(grid_label[None, None].float(), (1, 1, 1, 1), value=-1.0)
+    same = sum((padded[0, 0, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] == grid_label).int()
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    score = torch.where(fg, same, torch.full_like(same, -1)).flatten()
+    return int(score.argmax())
 
 
 def label_on_grid(label: Tensor, size: tuple[int, int], how: str) -> Tensor:

@@ -8,7 +8,12 @@ fixed set of unlabeled images whose labels are known:
 ``<run>/pseudo_labels/epoch_XXX.npz`` with the arrays ``image`` (N, H, W, 3)
 uint8, ``gt`` (N, H, W), ``pl_before`` (N, H, W) = argmax softmax(L),
 ``pl_after`` (N, H, W) = argmax of the eq. 5 blend, ``confidence`` (N, H, W)
-= max of the blend, ``names`` (N,), and the scalars ``eta_ep`` and ``epoch``.
+= max of the blend, ``names`` (N,), ``attn`` (N, h, w) = the normalised propagation
+weights that one chosen pixel ``attn_pixel`` (N, 2; row, column on the h × w feature
+grid) receives from every pixel, and the scalars ``eta_ep``, ``epoch`` and
+``stat_*`` (the run's diagnostics over all its diagnostic images, e.g.
+``stat_pl_fixed``, ``stat_attn_own_share``). ``epoch_000`` is the state before the
+first step. A run without DLP has no ``pl_after``/``attn``: nothing propagates.
 
 This module reads them (:func:`load_snapshots`), compares before and after
 (:func:`compare`), draws a static figure that needs no kernel
@@ -23,7 +28,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -33,7 +38,7 @@ IGNORE_INDEX = 255
 FIXED_RGB = (40, 160, 40)
 BROKEN_RGB = (210, 40, 40)
 SNAPSHOT_PATTERN = re.compile(r"epoch_(\d+)\.npz$")
-KEYS = ("image", "gt", "pl_before", "pl_after", "confidence", "names")
+KEYS = ("image", "gt", "pl_before", "confidence", "names")
 
 
 @dataclass(frozen=True)
@@ -244,13 +249,50 @@ def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | N
 
 
 def summary(snapshots: dict[int, dict[str, np.ndarray]]) -> list[dict[str, float]]:
-    """Per epoch, over all snapshot images: accuracy before/after and fixed/broken pixel counts."""
-    rows = []
-    for e, snap in snapshots.items():
-        c = compare(snap["gt"], snap["pl_before"], snap["pl_after"])
-        rows.append({"epoch": e, "eta_ep": float(snap.get("eta_ep", np.nan)), "acc_before": c.acc_before,
-                     "acc_after": c.acc_after, "fixed": c.fixed, "broken": c.broken})
-    return rows
+    """Per epoch, the run's diagnostics over all its diagnostic images (the snapshots' ``stat_*``)."""
+    return [{"epoch": e, "eta_ep": float(snap.get("eta_ep", np.nan)),
+             **{k[5:]: float(v) for k, v in snap.items() if k.startswith("stat_")}} for e, snap in snapshots.items()]
+
+
+def attention_figure(stages: Mapping[str, dict[str, np.ndarray]], images: Sequence[int] = (0,), palette=None):
+    """For a chosen pixel of each image (cross), the propagation weights it receives from every pixel (eq. 4,
+    normalised to sum 1) in each snapshot of ``stages`` (title → one epoch's snapshot of the same images);
+    uniform weights would be ``1/(h·w)`` everywhere."""
+    import matplotlib.pyplot as plt
+
+    snaps = list(stages.values())
+    fig, axes = plt.subplots(len(images), len(snaps) + 1, figsize=(2.6 * (len(snaps) + 1), 2.7 * len(images)),
+                             squeeze=False, constrained_layout=True)
+    for row, i in zip(axes, images):
+        gt = snaps[-1]["gt"][i]
+        r, c = snaps[-1]["attn_pixel"][i]
+        h, w = snaps[-1]["attn"][i].shape
+        row[0].imshow(colorize(gt, palette), interpolation="nearest")
+        row[0].plot([(c + 0.5) * gt.shape[1] / w], [(r + 0.5) * gt.shape[0] / h], "w+", ms=14, mew=3)
+        row[0].set_title("ground truth, chosen pixel", fontsize=8)
+        vmax = max(float(snap["attn"][i].max()) for snap in snaps)
+        for ax, (title, snap) in zip(row[1:], stages.items()):
+            a = snap["attn"][i]
+            im = ax.imshow(a, cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+            ax.plot([c], [r], "c+", ms=14, mew=3)
+            own, uniform = _own_share(a, gt, int(r), int(c))
+            ax.set_title(f"{title}\nown class {own:.0%} (uniform {uniform:.0%})", fontsize=8)
+        fig.colorbar(im, ax=row[-1], shrink=0.8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig
+
+
+def _own_share(attn: np.ndarray, gt: np.ndarray, r: int, c: int) -> tuple[float, float]:
+    """Share of the weights on the chosen pixel's class, and that class's share of the grid (nearest grid label)."""
+    h, w = attn.shape
+    ys = (np.arange(h) * gt.shape[0] / h).astype(int)
+    xs = (np.arange(w) * gt.shape[1] / w).astype(int)
+    grid = gt[np.ix_(ys, xs)]
+    same = grid == grid[r, c]
+    valid = grid != IGNORE_INDEX
+    return float(attn[same & valid].sum() / max(attn[valid].sum(), 1e-30)), float(same.sum() / max(valid.sum(), 1))
 
 
 def load_or_train(config: str | os.PathLike, out_dir: str | os.PathLike, overrides: Sequence[str] = (), *,
@@ -293,20 +335,33 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 BOOK_RUNS: dict[str, dict] = {
     # The CPU runs of the book's training chapters, per size: config, data folder, the
-    # arguments that generate that folder (python -m data_prep.scenes), and the
-    # overrides that size the run. "small" is the CPU default as is: `make demo` trains
-    # exactly these runs (runs/book/small/cpu_dlp, cpu_nodlp) before it builds the book.
+    # arguments that generate that folder (python -m data_prep.scenes), the overrides that
+    # size the runs, and those that size the supervised warm start they all begin from.
+    # "small" is the CPU default as is: `make demo` trains exactly these runs
+    # (runs/book/small/cpu_warm, then cpu_dlp and cpu_nodlp side by side) before it builds the book.
     "smoke": {"config": "configs/cpu_scenes_tiny.yaml", "data": "data/scenes_tiny",
-              "data_args": ["--num-train", "24", "--num-val", "8", "--size", "48"],
-              "overrides": ["optim.epochs=2", "optim.iters_per_epoch=2"]},
-    "small": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [], "overrides": []},
+              "data_args": ["--num-train", "24", "--num-val", "8", "--size", "48", "--classes", "all",
+                            "--clutter", "--object-size", "0.3", "0.6", "--max-objects", "4"],
+              "overrides": ["optim.epochs=2", "optim.iters_per_epoch=2"],
+              "warm": ["optim.epochs=1", "optim.iters_per_epoch=2"]},
+    "small": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [], "overrides": [],
+              "warm": ["optim.epochs=2", "optim.iters_per_epoch=200"]},
     "full": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [],
-             "overrides": ["optim.epochs=20", "optim.iters_per_epoch=100", "data.val_limit=300"]},
+             "overrides": ["optim.epochs=10", "optim.iters_per_epoch=100"],
+             "warm": ["optim.epochs=4", "optim.iters_per_epoch=250"]},
 }
 """Settings of the book's CPU runs (chapters *Training on a CPU*, *Rectification*, *Ablations*)."""
 
-WITHOUT_DLP = ("method.dlp=false", "method.derivative_loss=false", "method.momentum=false")
-"""The paper's "w/o DLP" row (Table 1): no propagation, no derivative loss, no momentum network."""
+WARM_RUN = "cpu_warm"
+"""Run id of the supervised warm start that every book run of a size starts from (``optim.warm_start``)."""
+
+WARM_START = ("method.semi_supervised=false", "method.momentum=false")
+"""The warm start: the labeled terms of eq. 7/8 only (CE on L and on L̃, labeled derivative loss), no Θm."""
+
+WITHOUT_DLP = ("method.dlp=false", "method.derivative_loss=false", "method.momentum=false",
+               "method.region_propagation=false")
+"""The paper's "w/o DLP" row (Table 1): no propagation, no derivative loss, no momentum network, and no
+similarity head anywhere (the release's region propagation also reads f1/f2, so it goes too)."""
 
 TRAINING_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {"DerProp": ("cpu_dlp", ()), "w/o DLP": ("cpu_nodlp", WITHOUT_DLP)}
 """The runs of chapter *Training on a CPU*, label → (run id, overrides); ``make demo`` trains them."""
@@ -327,47 +382,85 @@ def repo_root() -> Path:
     return checkout if (checkout / "configs").is_dir() else Path.cwd()
 
 
+_SCENES_CHECKED: set[Path] = set()
+
+
 def ensure_scenes(size: str) -> Path:
-    """Generate the scenes data of ``BOOK_RUNS[size]`` if it is not there yet; returns its folder."""
+    """Generate the scenes data of ``BOOK_RUNS[size]`` unless it is there with these settings; returns its folder."""
     import subprocess
     import sys
 
     s = BOOK_RUNS[size]
     root = repo_root() / s["data"]
-    if not (root / "manifest.json").is_file():
+    if root not in _SCENES_CHECKED:  # the generator does nothing when the manifest matches its settings
+        _SCENES_CHECKED.add(root)
         subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--quiet", *s["data_args"]],
                        cwd=repo_root(), check=True)
     return root
 
 
+def warm_start(size: str, *, progress: bool = False) -> Path:
+    """Load or train the supervised warm start ``runs/book/<size>/cpu_warm``; returns its ``last.pt``."""
+    s = BOOK_RUNS[size]
+    data = ensure_scenes(size)
+    out = repo_root() / "runs" / "book" / size / WARM_RUN
+    load_or_train(repo_root() / s["config"], out, [f"data.root={data}", *WARM_START, *s["warm"]], progress=progress)
+    return out / "last.pt"
+
+
+def run_overrides(size: str, extra: Sequence[str] = (), *, progress: bool = False) -> list[str]:
+    """Overrides of a book run at ``size``: data folder, sizing, the shared warm start (trained if missing), ``extra``."""
+    s = BOOK_RUNS[size]
+    return [f"data.root={ensure_scenes(size)}", *s["overrides"], f"optim.warm_start={warm_start(size, progress=progress)}",
+            *extra]
+
+
 def book_run(size: str, name: str, extra: Sequence[str] = (), *, progress: bool = False) -> tuple[Path, dict]:
     """Load or train the book's CPU run ``runs/book/<size>/<name>`` with ``extra`` overrides.
 
-    Returns ``(run directory, results)``. The data is generated first if needed.
+    Returns ``(run directory, results)``. The data and the warm start are made first if needed.
     """
-    s = BOOK_RUNS[size]
-    data = ensure_scenes(size)
     out = repo_root() / "runs" / "book" / size / name
-    results = load_or_train(repo_root() / s["config"], out, [f"data.root={data}", *s["overrides"], *extra],
+    results = load_or_train(repo_root() / BOOK_RUNS[size]["config"], out, run_overrides(size, extra, progress=progress),
                             progress=progress)
     return out, results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m derprop.viewer [SIZE]``: train (or load) the runs of :data:`TRAINING_RUNS` at ``SIZE``."""
+    """``python -m derprop.viewer [SIZE]``: train (or load) the warm start, then the runs of :data:`TRAINING_RUNS`
+    at ``SIZE``, side by side in ``--jobs`` processes of one thread each."""
     import argparse
+    import subprocess
+    import sys
+
+    import torch
 
     ap = argparse.ArgumentParser(prog="python -m derprop.viewer", description=main.__doc__)
     ap.add_argument("size", nargs="?", default="small", choices=list(BOOK_RUNS))
     ap.add_argument("--root", default=None, help="project folder with configs/; runs/ and data/ go there "
                                                   "(default: the checkout, else the current folder)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")
+    ap.add_argument("--only", choices=[r for r, _ in TRAINING_RUNS.values()], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     global _ROOT
     _ROOT = Path(args.root).resolve() if args.root else None
-    size = args.size
-    for label, (run_id, extra) in TRAINING_RUNS.items():
-        out, results = book_run(size, run_id, extra, progress=True)
-        print(f"{label}: mIoU {results['miou']:.4f} in {out}", flush=True)
+    runs = {label: run for label, run in TRAINING_RUNS.items() if args.only in (None, run[0])}
+    if args.only is None:
+        warm_start(args.size, progress=True)
+    if args.only is None and args.jobs > 1:
+        torch.set_num_threads(1)
+        root = ["--root", str(_ROOT)] if _ROOT is not None else []
+        procs = [subprocess.Popen([sys.executable, "-m", "derprop.viewer", args.size, "--only", run_id, *root],
+                                  cwd=repo_root(), env={**os.environ, "OMP_NUM_THREADS": "1"})
+                 for run_id, _ in runs.values()]
+        if any(p.wait() != 0 for p in procs):
+            return 1
+    for label, (run_id, extra) in runs.items():
+        if args.only is not None:
+            torch.set_num_threads(1)
+        out, results = book_run(args.size, run_id, extra, progress=True)
+        if args.only is None:
+            print(f"{label}: mIoU {results['miou']:.4f} in {out}", flush=True)
     return 0
 
 

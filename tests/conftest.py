@@ -13,11 +13,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def scenes_tiny(tmp_path_factory) -> Path:
-    """24 training and 8 validation scenes of 48×48 (``python -m data_prep.scenes``), read-only by convention."""
+    """24 training and 8 validation scenes of 48×48, all ten classes (``python -m data_prep.scenes``), read-only."""
     root = tmp_path_factory.mktemp("data") / "scenes_tiny"
     subprocess.run(
         [sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--num-train", "24", "--num-val", "8",
-         "--size", "48", "--workers", "1", "--quiet"],
+         "--size", "48", "--classes", "all", "--clutter", "--object-size", "0.3", "0.6", "--max-objects", "4",
+         "--workers", "1", "--quiet"],
         cwd=REPO, check=True,
     )
     return root

@@ -226,8 +226,9 @@ def cityscapes_zips(tree: Path, folder: Path) -> Path:
 
 
 def scenes_tree(root: Path, **kwargs) -> dict:
-    """A small scenes dataset (48×48, 32 train, 8 val, one process) made by the real generator; its manifest."""
+    """A small scenes dataset (48×48, 32 train, 8 val, ten classes, one process) made by the real generator."""
     from data_prep.scenes import generate
 
-    options = {"size": 48, "num_train": 32, "num_val": 8, "seed": 0, "workers": 1, "progress": False} | kwargs
+    options = {"size": 48, "num_train": 32, "num_val": 8, "seed": 0, "workers": 1, "progress": False,
+               "classes": None, "clutter": True, "object_size": (0.3, 0.6), "max_objects": 4} | kwargs
     return generate(root, **options)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from derprop.derivatives import derivative
-from derprop.propagation import propagate
+from derprop.propagation import attention_shares, propagate, propagation_weights
 from derprop.reference import propagate_literal
 
 
@@ -213,3 +213,25 @@ def test_row_sum_averages_over_same_class_pixels_at_any_m():
         for k in range(3):
             expected = logits[..., cls == k].mean(-1, keepdim=True).expand(1, 2, int((cls == k).sum()))
             torch.testing.assert_close(out[..., cls == k], expected)
+
+
+@pytest.mark.parametrize("mode, norm", [("official", "none"), ("paper", "none"), ("paper", "mean"),
+                                        ("paper", "row_sum")])
+def test_propagation_weights_reproduce_propagate(mode, norm):
+    logits, f1, f2 = make(grad=False)
+    f1, f2 = f1.abs(), f2.abs()  # row sums away from zero for row_sum
+    w = propagation_weights(f1, f2, mode=mode, paper_norm=norm)
+    assert torch.allclose(logits @ w, propagate(logits, f1, f2, mode=mode, paper_norm=norm), atol=1e-10)
+
+
+def test_attention_shares_uniform_and_class_only_weights():
+    labels = torch.tensor([[0, 1, 1, 2, 2, 2, 255]])
+    m = labels.shape[1]
+    own, uniform, support = attention_shares(torch.ones(1, m, m, dtype=torch.float64), labels)
+    expect = torch.tensor([2 / 6, 2 / 6, 3 / 6, 3 / 6, 3 / 6], dtype=torch.float64)
+    assert torch.allclose(own, expect) and torch.allclose(uniform, expect)  # foreground pixels only
+    assert torch.allclose(support, torch.full((5,), 6.0, dtype=torch.float64))  # six labeled pixels
+    same = (labels.T == labels).double().unsqueeze(0)  # each pixel takes from its own class only
+    own, _, support = attention_shares(same, labels)
+    assert torch.allclose(own, torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(support, torch.tensor([2.0, 2.0, 3.0, 3.0, 3.0], dtype=torch.float64))

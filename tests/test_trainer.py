@@ -300,16 +300,48 @@ def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
     from benchmarks import cpu_evidence
 
     out = tmp_path / "evidence.json"
-    cpu_evidence.main(["--config", str(TINY), "--seeds", "0", "1", "--variants", "full", "wo_dlp",
+    cpu_evidence.main(["--size", "smoke", "--seeds", "0", "1", "--variants", "full", "wo_dlp",
                        "--runs-dir", str(tmp_path / "runs"), "--out", str(out), f"data.root={scenes_tiny}",
                        "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2", "data.diag_images=2",
                        "eval.final_modes=[original]"])
     payload = json.loads(out.read_text())
     assert set(payload["summary"]) == {"full", "wo_dlp"}
-    full = payload["summary"]["full"]
-    vals = [r["miou"] for r in payload["runs"] if r["variant"] == "full"]
+    full, wo = payload["summary"]["full"], payload["summary"]["wo_dlp"]
+    vals = [r["miou"] for r in payload["runs"] if r["row"] == "full"]
     assert full["miou_mean"] == pytest.approx(sum(vals) / 2)
     assert full["seeds"] == [0, 1] and "miou_std" in full
+    assert wo["paired_diff"] == pytest.approx([r["miou"] - f for r, f in zip(
+        [r for r in payload["runs"] if r["row"] == "wo_dlp"], vals)])
+    assert "pl_acc_after_mean" in full and "pl_acc_after_mean" not in wo  # no "after DLP" without DLP
+    assert [r["seed"] for r in payload["warm_start"]["runs"]] == [0, 1]
+
+
+def test_supervised_warm_start_then_diagnostics_with_and_without_dlp(scenes_tiny, tmp_path):
+    from derprop.viewer import WARM_START, WITHOUT_DLP, load_snapshots
+
+    warm = Trainer(tiny(scenes_tiny, *WARM_START, "optim.epochs=1", "data.val_limit=1", "data.diag_images=0"),
+                   tmp_path / "warm")
+    warm.fit()
+    steps = [json.loads(line) for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    assert "train_ce_x" in steps[0] and "train_ce_u" not in steps[0] and "train_der_x" in steps[0]
+    start = tmp_path / "warm" / "last.pt"
+    for name, extra in (("dlp", ()), ("nodlp", WITHOUT_DLP)):
+        tr = Trainer(tiny(scenes_tiny, f"optim.warm_start={start}", "optim.epochs=1", "optim.iters_per_epoch=1",
+                          "data.val_limit=1", "data.diag_images=3", *extra), tmp_path / name)
+        for k, v in ck.load(start)["model"].items():
+            assert torch.equal(tr.net.state_dict()[k], v), k  # the warm start's weights, exactly
+        tr.fit()
+        row = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+        snaps = load_snapshots(tmp_path / name)
+        assert list(snaps) == [0, 1] and row["pl_images"] == 3
+        if name == "dlp":
+            assert {"pl_acc_after", "pl_fixed", "pl_broken", "attn_own_share", "attn_support"} <= set(row)
+            assert snaps[1]["attn"].shape[0] == 3 and np.allclose(snaps[1]["attn"].sum((1, 2)), 1, atol=1e-4)
+        else:
+            assert not {k for k in row if "after" in k or k.startswith("attn")}
+            assert "pl_after" not in snaps[1] and "attn" not in snaps[1]
+    with pytest.raises(ck.CheckpointError, match="optim.warm_start"):
+        Trainer(tiny(scenes_tiny, f"optim.warm_start={tmp_path / 'none.pt'}"), tmp_path / "x")
     assert payload["configs"]["wo_dlp"]["method"]["dlp"] is False
     assert payload["runs"][0]["pl_acc_before"] is not None
 
