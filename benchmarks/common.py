@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -150,6 +150,20 @@ def core_args(doc: str, run_case: Callable[[dict], dict], argv: list[str] | None
         print(json.dumps(run_case(case)))
         return None
     return args
+
+
+def core_cases(args: argparse.Namespace, impls: Iterable[str], **shape: int) -> list[dict]:
+    """One case per thread count (CPU), size and implementation."""
+    threads = args.threads if args.device == "cpu" else [None]
+    return [{"impl": impl, "M": m, **shape, "chunk": args.chunk, "threads": t, "device": args.device,
+             "repeats": args.repeats} for t in threads for m in args.sizes for impl in impls]
+
+
+def core_ratios(rows: list[dict], ratios: Callable[[dict[str, dict]], dict]) -> list[dict]:
+    """``ratios(by_impl)`` for every (threads, M) of the rows, in order."""
+    keys = list(dict.fromkeys((r["threads"], r["M"]) for r in rows))
+    return [{"threads": t, "M": m, **ratios({r["impl"]: r for r in rows if (r["threads"], r["M"]) == (t, m)})}
+            for t, m in keys]
 
 
 def run_cases(module: str, cases: list[dict], run_case: Callable[[dict], dict]) -> list[dict]:

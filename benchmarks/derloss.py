@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import core_args, finish_core, measure, run_cases
+from benchmarks.common import core_args, core_cases, core_ratios, finish_core, measure, run_cases
 from derprop.losses import similarity_l1
 
 
@@ -36,20 +36,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = core_args(__doc__, run_case, argv)
     if args is None:
         return {}
-    threads = args.threads if args.device == "cpu" else [None]
-    cases = [{"impl": impl, "M": m, "B": 2, "D": 21, "chunk": args.chunk, "threads": t, "device": args.device,
-              "repeats": args.repeats} for t in threads for m in args.sizes for impl in ("dense", "tiled")]
-    rows = run_cases("benchmarks.derloss", cases, run_case)
-    ratios = []
-    for t in threads:
-        for m in args.sizes:
-            by = {r["impl"]: r for r in rows if r["M"] == m and r["threads"] == t}
-            ratios.append({
-                "threads": t,
-                "M": m,
-                "time_ratio": by["tiled"]["seconds"] / by["dense"]["seconds"],
-                "memory_ratio": by["tiled"]["peak_mib"] / max(by["dense"]["peak_mib"], 1e-9),
-            })
+    rows = run_cases("benchmarks.derloss", core_cases(args, ("dense", "tiled"), B=2, D=21), run_case)
+    ratios = core_ratios(rows, lambda by: {
+        "time_ratio": by["tiled"]["seconds"] / by["dense"]["seconds"],
+        "memory_ratio": by["tiled"]["peak_mib"] / max(by["dense"]["peak_mib"], 1e-9),
+    })
     return finish_core(args, "derloss", rows, ratios, [
         ("threads", "threads", "d"), ("M", "M", "d"), ("time_ratio", "tiled/dense time", ".2f"),
         ("memory_ratio", "tiled/dense memory", ".3f")])

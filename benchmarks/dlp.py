@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import core_args, finish_core, measure, run_cases
+from benchmarks.common import core_args, core_cases, core_ratios, finish_core, measure, run_cases
 from derprop.propagation import propagate
 from derprop.reference import propagate_literal
 
@@ -68,21 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = core_args(__doc__, run_case, argv)
     if args is None:
         return {}
-    threads = args.threads if args.device == "cpu" else [None]
-    cases = [{"impl": impl, "M": m, "B": 2, "C": 21, "D": 21, "chunk": args.chunk, "threads": t,
-              "device": args.device, "repeats": args.repeats} for t in threads for m in args.sizes for impl in IMPLS]
-    rows = run_cases("benchmarks.dlp", cases, run_case)
-    ratios = []
-    for t in threads:
-        for m in args.sizes:
-            by = {r["impl"]: r for r in rows if r["M"] == m and r["threads"] == t}
-            ratios.append({
-                "threads": t,
-                "M": m,
-                "paper_speedup": by["paper-literal"]["seconds"] / by["paper-factorised"]["seconds"],
-                "official_time_ratio": by["official-tiled"]["seconds"] / by["official-dense"]["seconds"],
-                "official_memory_ratio": by["official-tiled"]["peak_mib"] / max(by["official-dense"]["peak_mib"], 1e-9),
-            })
+    rows = run_cases("benchmarks.dlp", core_cases(args, IMPLS, B=2, C=21, D=21), run_case)
+    ratios = core_ratios(rows, lambda by: {
+        "paper_speedup": by["paper-literal"]["seconds"] / by["paper-factorised"]["seconds"],
+        "official_time_ratio": by["official-tiled"]["seconds"] / by["official-dense"]["seconds"],
+        "official_memory_ratio": by["official-tiled"]["peak_mib"] / max(by["official-dense"]["peak_mib"], 1e-9),
+    })
     section = finish_core(args, "dlp", rows, ratios, [
         ("threads", "threads", "d"), ("M", "M", "d"), ("paper_speedup", "factorised speed-up", ".1f"),
         ("official_time_ratio", "tiled/dense time", ".2f"), ("official_memory_ratio", "tiled/dense memory", ".3f")],

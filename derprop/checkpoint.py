@@ -7,7 +7,7 @@ dicts, so it loads with ``torch.load(weights_only=True)`` and no pickled code
 runs on load. :func:`save` writes it to a temporary file in the same folder and
 renames it over the target (``os.replace``), so a crash mid-write never leaves
 a half-written ``last.pt``: the previous one stays intact; a failed write
-(disk full) is one :class:`derprop.atomic.WriteError` naming the file and its size. :func:`load` turns
+(disk full) is one ``derprop.atomic.WriteError`` naming the file and its size. :func:`load` turns
 every way a file can be broken (truncated, not a zip, not ours) into one
 :class:`CheckpointError` that names the file.
 

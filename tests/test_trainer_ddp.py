@@ -17,7 +17,8 @@ from derprop.trainer import Trainer
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
 # Dropout draws differ between processes, so it is switched off. BatchNorm statistics are global
-# (CpuSyncBatchNorm); the curves still differ a little: losses are averaged per process.
+# (CpuSyncBatchNorm); the curves still differ a little: losses are averaged per process (the CE over
+# each process's valid pixels, the labeled derivative loss over its valid pixel pairs).
 COMMON = ["model.proj_dropout=0.0", "optim.lr=0.002", "optim.epochs=1", "optim.iters_per_epoch=4", "data.diag_images=0",
           "data.val_limit=2", "eval.final_modes=[original]"]
 
@@ -53,7 +54,7 @@ def test_two_gloo_processes_match_one_process(scenes_tiny, tmp_path):
     single.fit()
     ddp, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
     assert len(ddp) == len(one) == 4
-    assert ddp[:3] == pytest.approx(one[:3], rel=1e-4)
+    assert ddp[:3] == pytest.approx(one[:3], rel=5e-4)
     assert ddp == pytest.approx(one, rel=0.05)  # later, thresholded pseudo-labels may flip a pixel or two
     # gradients were averaged: both ranks hold the same weights
     p0, p1 = (torch.load(tmp_path / "ddp" / f"params_rank{r}.pt") for r in (0, 1))
