@@ -14,7 +14,7 @@ switches   single release switches flipped on the paper profile
 =========  ================================================================
 
 Runs are planned and trained as in :mod:`benchmarks.cpu_evidence` (same
-``runs/cpu_bench/<size>`` directory, same warm start per seed; a row whose
+``runs/cpu_bench/<size>`` directory, same warm starts, ``--warm-start``; a row whose
 resolved config equals another's, e.g. ``L_1`` and ``eq. 2`` and the CPU
 default, is trained once). Every row also gets the per-seed paired difference
 against the CPU default (``full``). The number is the run's headline mIoU
@@ -72,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, one thread each")
     ap.add_argument("--out", default=str(RESULTS / "ablations_cpu.json"))
     ap.add_argument("--collect-only", action="store_true", help="train nothing: report the runs that finished")
+    ap.add_argument("--warm-start", type=Path, default=None,
+                    help="a finished warm-start run folder shared by every seed (default: one per seed)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
     t0 = time.time()
-    plan = Plan(args.size, None, Path(args.runs_dir or ROOT / "runs" / "cpu_bench" / args.size), args.overrides)
+    plan = Plan(args.size, None, Path(args.runs_dir or ROOT / "runs" / "cpu_bench" / args.size), args.overrides,
+                args.warm_start)
     rows = {"full": [], **{f"{g}: {name}": o for g in args.groups for name, o in GROUPS[g].items()}}
     runs = measure(plan, rows, args.seeds, args.jobs, 1, collect_only=args.collect_only)
     summary = summarise(runs)
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "what": "headline mIoU on the scenes val set (original size), mean ± sample std over seeds, and the "
                 "per-seed paired difference to the CPU default (full); book CPU run settings "
-                "(derprop.viewer.BOOK_RUNS, warm start per seed) plus each row's overrides",
+                "(derprop.viewer.BOOK_RUNS, from a supervised warm start) plus each row's overrides",
+        "warm_start": str(args.warm_start) if args.warm_start else "one per seed",
         "command": "python -m benchmarks.ablations_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "size": args.size, "base": BOOK_RUNS[args.size], "seeds": len(args.seeds),
         "eval_mode": ", ".join(sorted({r["miou_mode"] for r in runs})),

@@ -17,8 +17,11 @@ wo_momentum   ``method.momentum=false``
 
 Every run is a book CPU run (:data:`derprop.viewer.BOOK_RUNS`, ``--size``): it
 starts from the supervised warm start of its seed (``warm_s<seed>``, trained
-first, shared by all variants of that seed), so a difference between variants
-is the effect of the semi-supervised phase alone. Same data, seed and
+first, shared by all variants of that seed), or with ``--warm-start DIR`` from
+one finished warm-start run for every seed (e.g. the book's
+``runs/book/small/cpu_warm``; the seeds then vary the semi-supervised phase
+only). So a difference between variants is the effect of the semi-supervised
+phase alone. Same data, seed and
 iteration budget for every variant. The number reported is the run's headline
 mIoU (``results.json``: the momentum net where it is kept, else the
 back-propagation net, at original size), as mean ± sample standard deviation
@@ -74,18 +77,23 @@ SMOKE_OVERRIDES = [
 class Plan:
     """The runs of a benchmark: warm starts per seed, then rows × seeds; identical configs share a run."""
 
-    def __init__(self, size: str, config: str | None, runs_dir: Path, extra: Sequence[str]):
+    def __init__(self, size: str, config: str | None, runs_dir: Path, extra: Sequence[str],
+                 warm_start: Path | None = None):
         self.size, self.runs_dir = size, runs_dir
+        self.shared_warm = warm_start.resolve() if warm_start else None
         s = BOOK_RUNS[size]
         self.config = config or str(ROOT / s["config"])
         has_root = any(o.startswith("data.root=") for o in extra)
         self.base = [*([] if has_root else [f"data.root={ensure_scenes(size)}"]), *s["overrides"]]
         self.warm = [*WARM_START, *s["warm"]]
         self.extra = list(extra)
+        # finished book runs (runs/book/<size>/*) whose resolved config a cell needs are reused as they are
         self._dirs: dict[str, Path] = {}
+        for done in sorted((ROOT / "runs" / "book" / size).glob("*/results.json")):
+            self._dirs.setdefault(_key(json.loads(done.read_text())["config"]), done.parent)
 
     def warm_dir(self, seed: int) -> Path:
-        return self.runs_dir / f"warm_s{seed}"
+        return self.shared_warm or self.runs_dir / f"warm_s{seed}"
 
     def warm_overrides(self, seed: int) -> list[str]:
         return [*self.base, *self.warm, f"seed={seed}", *self.extra]
@@ -95,8 +103,13 @@ class Plan:
 
     def run_dir(self, name: str, row: Sequence[str], seed: int) -> Path:
         """``runs_dir/<name>_s<seed>``, or the directory of an earlier row with the same resolved config."""
-        key = json.dumps(resolved(load_config(self.config, self.overrides(row, seed))), sort_keys=True)
+        key = _key(resolved(load_config(self.config, self.overrides(row, seed))))
         return self._dirs.setdefault(key, self.runs_dir / f"{slug(name)}_s{seed}")
+
+
+def _key(config: dict[str, Any]) -> str:
+    """What makes two runs the same: the resolved config without its name."""
+    return json.dumps({k: v for k, v in config.items() if k != "name"}, sort_keys=True, default=str)
 
 
 def slug(name: str) -> str:
@@ -182,20 +195,21 @@ def measure(plan: Plan, rows: dict[str, Sequence[str]], seeds: Sequence[int], n_
 
 def evidence(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
-    plan = Plan(args.size, args.config, Path(args.runs_dir), args.overrides)
+    plan = Plan(args.size, args.config, Path(args.runs_dir), args.overrides, args.warm_start)
     rows = {v: VARIANTS[v] for v in args.variants}
     runs = measure(plan, rows, args.seeds, args.jobs, args.threads, collect_only=args.collect_only)
     warm = [{"seed": s, **read_run(plan.warm_dir(s))} for s in args.seeds if (plan.warm_dir(s) / "results.json").is_file()]
     payload = {
         "what": "headline mIoU on the scenes val set (original size) after the semi-supervised phase, every run "
-                "starting from its seed's supervised warm start; mean ± sample std over seeds, paired difference "
+                "starting from a supervised warm start (warm_start); mean ± sample std over seeds, paired difference "
                 "to full per seed; same data, seeds and iteration budget per variant",
         "command": "python -m benchmarks.cpu_evidence " + " ".join(sys.argv[1:]),
         "size": args.size, "base": BOOK_RUNS[args.size], "config_file": plan.config,
         "variants": {v: VARIANTS[v] for v in args.variants},
         "summary": summarise(runs),
         "runs": runs,
-        "warm_start": {"overrides": plan.warm, "runs": warm},
+        "warm_start": {"overrides": plan.warm, "shared": str(args.warm_start) if args.warm_start else None,
+                       "runs": warm},
         "configs": {v: resolved(load_config(plan.config, plan.overrides(VARIANTS[v], args.seeds[0])))
                     for v in args.variants},
         "machine": machine_info("cpu"),
@@ -261,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each in its own process")
     ap.add_argument("--collect-only", action="store_true", help="train nothing: report the runs that finished")
+    ap.add_argument("--warm-start", type=Path, default=None,
+                    help="a finished warm-start run folder shared by every seed (default: one per seed)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
     args.runs_dir = args.runs_dir or str(ROOT / "runs" / "cpu_bench" / args.size)

@@ -244,7 +244,7 @@ def attention_shares(weights: Tensor, labels: Tensor, *, background: int | None 
     p = p / p.sum(1, keepdim=True).clamp_min(1e-30)
     same = (labels.unsqueeze(-1) == labels.unsqueeze(1)) & valid.unsqueeze(-1)  # [b, i, j]: y_i = y_j
     own = (p * same).sum(1)
-    uniform = same.sum(1) / valid.sum(1, keepdim=True).clamp_min(1)
+    uniform = same.sum(1).to(p.dtype) / valid.sum(1, keepdim=True).clamp_min(1)
     support = 1.0 / (p * p).sum(1).clamp_min(1e-30)
     pick = valid & (labels != background) if background is not None else valid
     return own[pick], uniform[pick], support[pick]

@@ -470,19 +470,10 @@ class Trainer:
         """``L̃`` (eq. 4) at the feature grid, upsampled to ``size``."""
         m = self.cfg.method
         b, c, h, w = out.logits_grid.shape
-        f1, f2 = self._similarity_features(out)
+        f1, f2 = similarity_features(out, m.dlp_temperature)
         lt = propagate(out.logits_grid.flatten(2), f1, f2, mode="official" if m.dlp_form == "softmax" else "paper",
                        op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
         return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
-
-    def _similarity_features(self, out: SegOutput) -> tuple[Tensor, Tensor | None]:
-        """``f1, f2`` flattened to ``(B, D, M)`` (``f2`` None when symmetric), ``f1`` divided by
-        ``method.dlp_temperature``: in the softmax form the similarity becomes ``s/T`` (Δ is linear)."""
-        t = self.cfg.method.dlp_temperature
-        f1 = out.f1.flatten(2)
-        if t == 1.0:
-            return f1, None if out.f2 is out.f1 else out.f2.flatten(2)
-        return f1 / t, f1 if out.f2 is out.f1 else out.f2.flatten(2)
 
     def _blend(self, logits: Tensor, prop: Tensor | None, eta: float) -> Tensor:
         """Pseudo-label probabilities (eq. 5)."""
@@ -681,7 +672,7 @@ class Trainer:
         ones); where accepted regions overlap the last one wins, as there.
         """
         k = self.cfg.method.region_samples
-        f1, f2 = self._similarity_features(out_w)
+        f1, f2 = similarity_features(out_w, self.cfg.method.dlp_temperature)
         f1 = f1[nb:].detach().float()
         f2 = f1 if f2 is None else f2[nb:].detach().float()
         g1, g2 = official_similarity_factors(f1, f2, self.cfg.method.op)
@@ -930,7 +921,7 @@ class Trainer:
                 fixed += int((valid & (pl_before != gt) & (pl_after == gt)).sum())
                 broken += int((valid & (pl_before == gt) & (pl_after != gt)).sum())
                 h, w = out.f1.shape[-2:]
-                f1, f2 = self._similarity_features(out)
+                f1, f2 = similarity_features(out, m.dlp_temperature)
                 weights = propagation_weights(f1.float(), None if f2 is None else f2.float(), op=m.op,
                                               mode="official" if m.dlp_form == "softmax" else "paper",
                                               paper_norm=m.paper_dlp_norm)
@@ -1091,6 +1082,15 @@ class Trainer:
 # --------------------------------------------------------------------------- #
 # small helpers
 # --------------------------------------------------------------------------- #
+
+
+def similarity_features(out: SegOutput, temperature: float) -> tuple[Tensor, Tensor | None]:
+    """``f1, f2`` flattened to ``(B, D, M)`` (``f2`` None when symmetric), ``f1`` divided by the temperature
+    (``method.dlp_temperature``): in the softmax form the similarity becomes ``s/T`` (Δ is linear)."""
+    f1 = out.f1.flatten(2)
+    if temperature == 1.0:
+        return f1, None if out.f2 is out.f1 else out.f2.flatten(2)
+    return f1 / temperature, f1 if out.f2 is out.f1 else out.f2.flatten(2)
 
 
 def _load_warm_start(net: nn.Module, path: Path) -> None:

@@ -24,9 +24,9 @@ CONFIG = REPO / "configs" / "cpu_scenes.yaml"
 def test_cpu_default_predicts_every_class(tmp_path):
     root = tmp_path / "scenes"
     subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--num-train", "320",
-                    "--num-val", "24", "--workers", "1", "--quiet"], cwd=REPO, check=True)
+                    "--num-val", "40", "--workers", "1", "--quiet"], cwd=REPO, check=True)
     common = [f"data.root={root}", "data.diag_images=0", "eval.final_modes=[original]"]
-    warm = load_config(CONFIG, [*common, *WARM_START, "optim.epochs=1", "optim.iters_per_epoch=90"])
+    warm = load_config(CONFIG, [*common, *WARM_START, "optim.epochs=1", "optim.iters_per_epoch=150"])
     Trainer(warm, tmp_path / "warm").fit()
     cfg = load_config(CONFIG, [*common, f"optim.warm_start={tmp_path / 'warm' / 'last.pt'}", "optim.epochs=1",
                                "optim.iters_per_epoch=4"])

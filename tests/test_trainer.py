@@ -286,7 +286,7 @@ def test_region_propagation_fills_an_agreeing_region():
     keep = torch.ones(b, h, w, dtype=torch.bool)
     keep[0, 0, 0] = False  # one unconfident pixel in the left region
     mask[0, 0, 0] = 1  # with a wrong label
-    fake = SimpleNamespace(cfg=SimpleNamespace(method=SimpleNamespace(region_samples=k, op="forward"),
+    fake = SimpleNamespace(cfg=SimpleNamespace(method=SimpleNamespace(region_samples=k, op="forward", dlp_temperature=1.0),
                                                model=SimpleNamespace(num_classes=c)))
     box = torch.zeros(b, h, w, dtype=torch.bool)
     ign = torch.zeros(b, h, w, dtype=torch.long)
@@ -314,6 +314,9 @@ def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
         [r for r in payload["runs"] if r["row"] == "wo_dlp"], vals)])
     assert "pl_acc_after_mean" in full and "pl_acc_after_mean" not in wo  # no "after DLP" without DLP
     assert [r["seed"] for r in payload["warm_start"]["runs"]] == [0, 1]
+    assert payload["configs"]["wo_dlp"]["method"]["dlp"] is False
+    assert payload["configs"]["wo_dlp"]["method"]["region_propagation"] is False
+    assert payload["runs"][0]["pl_acc_before"] is not None
 
 
 def test_supervised_warm_start_then_diagnostics_with_and_without_dlp(scenes_tiny, tmp_path):
@@ -342,8 +345,6 @@ def test_supervised_warm_start_then_diagnostics_with_and_without_dlp(scenes_tiny
             assert "pl_after" not in snaps[1] and "attn" not in snaps[1]
     with pytest.raises(ck.CheckpointError, match="optim.warm_start"):
         Trainer(tiny(scenes_tiny, f"optim.warm_start={tmp_path / 'none.pt'}"), tmp_path / "x")
-    assert payload["configs"]["wo_dlp"]["method"]["dlp"] is False
-    assert payload["runs"][0]["pl_acc_before"] is not None
 
 
 def test_bf16_autocast_and_channels_last_step(scenes_tiny, tmp_path):
