@@ -538,8 +538,9 @@ def device_slug(device: str) -> str:
 def _make_scenes(root: Path) -> None:
     from data_prep import scenes
 
-    scenes.main(["--root", str(root), "--num-train", "24", "--num-val", "8", "--size", "48", "--workers", "1",
-                 "--quiet"])
+    from derprop.viewer import BOOK_RUNS
+
+    scenes.main(["--root", str(root), *BOOK_RUNS["smoke"]["data_args"], "--workers", "1", "--quiet"])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from derprop.viewer import BOOK_RUNS
+
 REPO = Path(__file__).resolve().parent.parent
+TINY_SCENES = BOOK_RUNS["smoke"]["data_args"]  # the tree configs/cpu_scenes_tiny.yaml expects
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +19,7 @@ def scenes_tiny(tmp_path_factory) -> Path:
     """24 training and 8 validation scenes of 48×48, all ten classes (``python -m data_prep.scenes``), read-only."""
     root = tmp_path_factory.mktemp("data") / "scenes_tiny"
     subprocess.run(
-        [sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--num-train", "24", "--num-val", "8",
-         "--size", "48", "--classes", "all", "--clutter", "--object-size", "0.3", "0.6", "--max-objects", "4",
-         "--workers", "1", "--quiet"],
+        [sys.executable, "-m", "data_prep.scenes", "--root", str(root), *TINY_SCENES, "--workers", "1", "--quiet"],
         cwd=REPO, check=True,
     )
     return root

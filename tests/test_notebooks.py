@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from derprop.viewer import BOOK_RUNS
+
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"
 TINY = "configs/cpu_scenes_tiny.yaml"
@@ -108,7 +110,7 @@ def test_run_one_trains_through_papermill_then_skips(scenes_tiny, tmp_path):
 def test_pipelines_run_under_nbval_lax():
     """The notebooks as committed (default parameters: the tiny scenes config) under ``pytest --nbval-lax``."""
     subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(ROOT / "data" / "scenes_tiny"),
-                    "--num-train", "24", "--num-val", "8", "--size", "48", "--workers", "1", "--quiet"],
+                    *BOOK_RUNS["smoke"]["data_args"], "--workers", "1", "--quiet"],
                    cwd=ROOT, check=True)
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider",
