@@ -154,7 +154,7 @@ def read_run(out: Path) -> dict[str, Any]:
         "miou_momentum": res["final"].get("momentum", {}).get(mode, {}).get("miou"),
         "iou_per_class": head["iou_per_class"], "num_val_images": head["num_images"],
         **{k: metrics[-1][k] for k in DIAGNOSTICS if k in metrics[-1]},
-        "wall_time_s": res["wall_time_s"], "run_dir": str(out.relative_to(ROOT) if out.is_relative_to(ROOT) else out),
+        "wall_time_s": res["wall_time_s"], "run_dir": _relative(out),
     }
 
 
@@ -193,6 +193,12 @@ def measure(plan: Plan, rows: dict[str, Sequence[str]], seeds: Sequence[int], n_
     return [{"row": name, "seed": seed, **read_run(d)} for name, seed, d, _ in cells if (d / "results.json").is_file()]
 
 
+def _relative(path: str | Path) -> str:
+    """A path inside the repository as written from its root (results files name no machine's folders)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def evidence(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     plan = Plan(args.size, args.config, Path(args.runs_dir), args.overrides, args.warm_start)
@@ -204,7 +210,7 @@ def evidence(args: argparse.Namespace) -> dict[str, Any]:
                 "starting from a supervised warm start (warm_start); mean ± sample std over seeds, paired difference "
                 "to full per seed; same data, seeds and iteration budget per variant",
         "command": "python -m benchmarks.cpu_evidence " + " ".join(sys.argv[1:]),
-        "size": args.size, "base": BOOK_RUNS[args.size], "config_file": plan.config,
+        "size": args.size, "base": BOOK_RUNS[args.size], "config_file": _relative(plan.config),
         "variants": {v: VARIANTS[v] for v in args.variants},
         "summary": summarise(runs),
         "runs": runs,
