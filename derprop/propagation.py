@@ -115,15 +115,21 @@ def propagate(
 
 
 @functools.lru_cache(maxsize=32)
-def _gram(length: int, op: str, scaled: bool) -> Tensor:
+def _gram(length: int, op: str, scaled: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Cached per device and dtype: every forward needs it, and a fresh host-to-device copy each time would be waste.
     k = derivative_matrix(length, 1, op)
     a, b = (1 / math.sqrt(length), 1 / math.sqrt(k.shape[0])) if scaled else (1.0, 1.0)
-    return a * torch.eye(length, dtype=torch.float64) + b * (k.T @ k)
+    return (a * torch.eye(length, dtype=torch.float64) + b * (k.T @ k)).to(device=device, dtype=dtype)
 
 
 def similarity_gram(length: int, op: str, like: Tensor, *, scaled: bool) -> Tensor:
     """``G`` with ``vᵀ G w = vᵀw + (Δv)ᵀ(Δw)`` (eq. 4), or ``vᵀw/√D + (Δv)ᵀ(Δw)/√D₁`` (release) when ``scaled``."""
-    return _gram(length, op, scaled).to(device=like.device, dtype=like.dtype)
+    return _gram(length, op, scaled, like.dtype, like.device)
+
+
+def _floored_row_sums(rows: Tensor) -> Tensor:
+    """Row sums ``Σ_j W_ij`` ``(B, M)``, floored at :data:`ROW_SUM_FLOOR` of the image's mean ``|Σ_j W_ij|``."""
+    return torch.maximum(rows, ROW_SUM_FLOOR * rows.detach().abs().mean(-1, keepdim=True))
 
 
 def _propagate_paper(logits: Tensor, f1: Tensor, f2: Tensor, op: str, norm: str) -> Tensor:
@@ -134,8 +140,7 @@ def _propagate_paper(logits: Tensor, f1: Tensor, f2: Tensor, op: str, norm: str)
         logits = logits / logits.shape[2]
     elif norm == "row_sum":
         rows = (v1 * (gram @ v2.sum(2, keepdim=True))).sum(1)  # Σ_j (S + Δ¹S)_ij
-        floor = ROW_SUM_FLOOR * rows.detach().abs().mean(-1, keepdim=True)
-        logits = logits / torch.maximum(rows, floor).unsqueeze(1)
+        logits = logits / _floored_row_sums(rows).unsqueeze(1)
     return ((logits @ v1.transpose(1, 2)) @ gram) @ v2
 
 
@@ -225,7 +230,7 @@ def propagation_weights(f1: Tensor, f2: Tensor | None = None, *, mode: str = "of
     if paper_norm == "mean":
         return w / w.shape[-1]
     if paper_norm == "row_sum":
-        return w / w.sum(-1, keepdim=True).clamp_min(ROW_SUM_FLOOR)
+        return w / _floored_row_sums(w.sum(-1)).unsqueeze(-1)
     return w
 
 
