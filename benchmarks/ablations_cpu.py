@@ -4,7 +4,7 @@
     python -m benchmarks.ablations_cpu --groups Q op --seeds 0 1 2 3 4 --size full
     python -m benchmarks.ablations_cpu --size smoke --seeds 0  # seconds per run: checks the plumbing
 
-Groups (overrides on top of the book's CPU run, :data:`derprop.viewer.BOOK_RUNS`):
+Groups (overrides on top of the book's CPU run, :data:`derprop.book_runs.BOOK_RUNS`):
 
 =========  ================================================================
 Q          eq. 9 with Q = 0..3, with and without the sparsity term (Table 3)
@@ -32,7 +32,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table
 from benchmarks.cpu_evidence import Plan, measure, summarise
 from derprop import atomic
-from derprop.viewer import BOOK_RUNS
+from derprop.book_runs import BOOK_RUNS
 
 ACTIVE_DER = ("method.labeled_der_detached=false", "method.spatial_softmax_sparsity=false")
 """The Q and op groups keep the release's two zero-gradient loss quirks off (the CPU default already
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "what": "headline mIoU on the scenes val set (original size), mean ± sample std over seeds, and the "
                 "per-seed paired difference to the CPU default (full); book CPU run settings "
-                "(derprop.viewer.BOOK_RUNS, from a supervised warm start) plus each row's overrides",
+                "(derprop.book_runs.BOOK_RUNS, from a supervised warm start) plus each row's overrides",
         "warm_start": str(args.warm_start) if args.warm_start else "one per seed",
         "command": "python -m benchmarks.ablations_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "size": args.size, "base": BOOK_RUNS[args.size], "seeds": len(args.seeds),

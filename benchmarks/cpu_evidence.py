@@ -9,13 +9,13 @@ drop the momentum network, as the paper says it did):
 
 ============  ==========================================================
 full          the config as is
-wo_dlp        :data:`derprop.viewer.WITHOUT_DLP`: no propagation, no derivative loss, no momentum,
+wo_dlp        :data:`derprop.book_runs.WITHOUT_DLP`: no propagation, no derivative loss, no momentum,
               no region propagation (no similarity head anywhere)
 wo_der        ``method.derivative_loss=false method.momentum=false``
 wo_momentum   ``method.momentum=false``
 ============  ==========================================================
 
-Every run is a book CPU run (:data:`derprop.viewer.BOOK_RUNS`, ``--size``): it
+Every run is a book CPU run (:data:`derprop.book_runs.BOOK_RUNS`, ``--size``): it
 starts from the supervised warm start of its seed (``warm_s<seed>``, trained
 first, shared by all variants of that seed), or with ``--warm-start DIR`` from
 one finished warm-start run for every seed (e.g. the book's
@@ -51,9 +51,10 @@ import torch
 
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table
 from derprop import atomic
-from derprop.config import load_config, resolved
+from derprop.config import resolved
+from derprop.configfile import load_config
 from derprop.trainer import Trainer
-from derprop.viewer import BOOK_RUNS, WARM_START, WITHOUT_DLP, ensure_scenes
+from derprop.book_runs import BOOK_RUNS, WARM_START, WITHOUT_DLP, ensure_scenes
 
 VARIANTS: dict[str, list[str]] = {
     "full": [],

@@ -74,7 +74,8 @@ def train_step(dry_run: bool, out: Path) -> dict[str, Any]:
 
 
 def scenes_run(dry_run: bool, scenes_root: Path | None, work: Path) -> dict[str, Any]:
-    from derprop.config import load_config, resolved
+    from derprop.config import resolved
+    from derprop.configfile import load_config
 
     root = scenes_root or work / "scenes"
     overrides = [*SCENES_OVERRIDES, f"data.root={root}"]

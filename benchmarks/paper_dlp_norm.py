@@ -24,7 +24,8 @@ import torch
 
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table
 from derprop import atomic
-from derprop.config import load_config, resolved
+from derprop.config import resolved
+from derprop.configfile import load_config
 from derprop.propagation import PAPER_NORMS
 from derprop.trainer import Trainer
 

@@ -143,7 +143,7 @@ def overrides(case: dict) -> list[str]:
 
 def build_trainer(case: dict, out_dir: str):
     """A :class:`~derprop.trainer.Trainer` for ``case``, with ``trainer.model`` compiled if the config says so."""
-    from derprop.config import load_config
+    from derprop.configfile import load_config
     from derprop.trainer import Trainer
 
     cfg = load_config(None, overrides(case))
@@ -538,7 +538,7 @@ def device_slug(device: str) -> str:
 def _make_scenes(root: Path) -> None:
     from data_prep import scenes
 
-    from derprop.viewer import BOOK_RUNS
+    from derprop.book_runs import BOOK_RUNS
 
     scenes.main(["--root", str(root), *BOOK_RUNS["smoke"]["data_args"], "--workers", "1", "--quiet"])
 
@@ -670,7 +670,8 @@ def main(argv: list[str] | None = None) -> dict:
     machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     resolved_configs = {}
     for profile in args.profiles:
-        from derprop.config import load_config, resolved
+        from derprop.config import resolved
+        from derprop.configfile import load_config
 
         case = {**base, "profile": profile, "config": TILED, "crop": max(args.crops)}
         cfg = resolved(load_config(None, overrides(case)))

@@ -54,7 +54,8 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
 
 def verify(path: str | Path) -> dict[str, int]:
     """Check ``path`` (see module doc); returns counts ``{"tensors", "matched", "extra_fc"}``."""
-    from derprop.backbones import PretrainedWeightsError, read_checkpoint_state_dict, strip_prefixes
+    from derprop.backbones import PretrainedWeightsError, read_checkpoint_state_dict
+    from derprop.checkpoint import strip_prefixes
 
     path = Path(path)
     if not path.is_file():

@@ -64,6 +64,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from derprop.checkpoint import WRAPPER_PREFIXES, strip_prefixes
+
 log = logging.getLogger(__name__)
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -80,7 +82,7 @@ _TORCHVISION_WEIGHTS = {
     "mobilenet_v2": ("MobileNet_V2_Weights", "IMAGENET1K_V2"),
 }
 
-_STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
+_STRIP_PREFIXES = (*WRAPPER_PREFIXES, "backbone.", "encoder.")
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -320,27 +322,13 @@ def read_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
 
-def strip_prefixes(sd: Mapping[str, Tensor], prefixes=_STRIP_PREFIXES) -> dict[str, Tensor]:
-    """Remove wrapper prefixes (DDP ``module.``, ``torch.compile``'s ``_orig_mod.``, …)."""
-    out = {}
-    for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
-
-
 def load_matching(net: nn.Module, sd: Mapping[str, Tensor], *, source: str) -> LoadReport:
     """Copy every tensor of ``sd`` whose name and shape match into ``net``.
 
     Logs a warning listing missing / unexpected / shape-mismatched keys and
     raises :class:`PretrainedWeightsError` if no key matched at all.
     """
-    sd = strip_prefixes(sd)
+    sd = strip_prefixes(sd, _STRIP_PREFIXES)
     target = net.state_dict()
     report = LoadReport(source=source)
     usable = {}

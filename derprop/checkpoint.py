@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from derprop import atomic
 
 FORMAT = "derprop-checkpoint"
 VERSION = 1
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Key prefixes that DDP and ``torch.compile`` add to a wrapped module's state dict."""
 
 
 class CheckpointError(RuntimeError):
@@ -122,3 +124,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, Any]:
+    """Remove wrapper prefixes (DDP ``module.``, ``torch.compile``'s ``_orig_mod.``, …)."""
+    out = {}
+    for k, v in sd.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out

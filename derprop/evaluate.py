@@ -29,7 +29,7 @@ The checkpoint is the trainer's, read with :func:`derprop.checkpoint.load`
 naming it): a dict with ``"model"`` (a state dict),
 optionally ``"momentum"`` (:meth:`derprop.momentum.MomentumNetwork.state_dict`
 or a bare state dict) and ``"config"`` whose ``"model"`` section holds
-:class:`~derprop.model.ModelConfig` fields and whose ``"data"`` section holds
+:class:`~derprop.config.ModelConfig` fields and whose ``"data"`` section holds
 ``root``, ``layout``, ``val_list`` and ``num_classes`` (see :func:`eval_dataset`).
 Both weight sets are evaluated when present. A relative ``data.root`` is
 resolved as training resolved it (the checkpoint's ``data_root``), else
@@ -57,10 +57,10 @@ from torch import Tensor, nn
 from . import atomic
 from . import checkpoint as ckpt_io
 from . import data as data_io
-from .backbones import strip_prefixes
 from .data import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES
 from .metrics import ConfusionMatrix
-from .model import IMAGENET_MEAN_255, ModelConfig, SegOutput, build_model
+from .config import ModelConfig
+from .model import IMAGENET_MEAN_255, SegOutput, build_model
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def model_config_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelConfig:
 def _weights(entry: Any) -> Mapping[str, Tensor]:
     if isinstance(entry, Mapping) and "model" in entry and isinstance(entry["model"], Mapping):
         entry = entry["model"]  # MomentumNetwork.state_dict()
-    return strip_prefixes(entry, prefixes=("module.", "_orig_mod."))
+    return ckpt_io.strip_prefixes(entry)
 
 
 def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str | os.PathLike | None = None,

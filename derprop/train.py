@@ -42,7 +42,7 @@ from typing import Sequence
 
 from derprop.atomic import WriteError
 from derprop.checkpoint import CheckpointError
-from derprop.config import load_config
+from derprop.configfile import load_config
 from derprop.data import DatasetError
 from derprop.evaluate import format_iou_table
 from derprop.progress import DEFAULT_EVERY

@@ -64,7 +64,8 @@ from derprop import checkpoint as ckpt_io
 from derprop import data as data_io
 from derprop import rundir
 from derprop.augment import LabeledTrainSet, UnlabeledTrainSet
-from derprop.config import TrainConfig, dump_yaml, eval_mode, resolved
+from derprop.config import TrainConfig, eval_mode, resolved
+from derprop.configfile import dump_yaml
 from derprop.data import IGNORE_INDEX, DatasetError, SegmentationDataset
 from derprop.evaluate import evaluate
 from derprop.losses import derivative_loss

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from derprop.viewer import BOOK_RUNS
+from derprop.book_runs import BOOK_RUNS
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SCENES = BOOK_RUNS["smoke"]["data_args"]  # the tree configs/cpu_scenes_tiny.yaml expects

@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from derprop.config import (
-    CHOICES,
-    PROFILES,
-    SECTIONS,
-    TrainConfig,
-    config_from_dict,
-    dump_yaml,
-    load_config,
-    resolved,
-)
+from derprop.config import CHOICES, PROFILES, SECTIONS, TrainConfig, resolved
+from derprop.configfile import config_from_dict, dump_yaml, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))

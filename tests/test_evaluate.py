@@ -1,5 +1,6 @@
 """derprop.evaluate: the three modes, the result dict, the table and the CLI."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from derprop.evaluate import (
     sliding_window_logits,
 )
 from derprop.metrics import ConfusionMatrix
-from derprop.model import ModelConfig, build_model
+from derprop.config import ModelConfig
+from derprop.model import build_model
 from derprop.momentum import MomentumNetwork
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -167,7 +169,7 @@ def tiny_run(tmp_path_factory):
         "model": net.state_dict(),
         "momentum": mom.state_dict(),
         "epoch": 3,
-        "config": {"model": cfg.to_dict(),
+        "config": {"model": dataclasses.asdict(cfg),
                    "data": {"root": str(root), "layout": "pascal", "val_list": "val.txt", "num_classes": C}},
     })
     return root, path, net, mom
@@ -242,7 +244,7 @@ def test_eval_dataset_from_layout(scenes_tiny):
 def _scenes_checkpoint(path, num_classes, root, trained_root=None):
     cfg = ModelConfig(backbone="resnet18", num_classes=num_classes, aspp_dilations=(2, 4), two_heads=False)
     state = {"model": build_model(cfg).state_dict(), "epoch": 1,
-             "config": {"model": cfg.to_dict(), "data": {"root": root, "layout": "scenes", "val_list": None,
+             "config": {"model": dataclasses.asdict(cfg), "data": {"root": root, "layout": "scenes", "val_list": None,
                                                          "num_classes": None}}}
     if trained_root is not None:
         state["data_root"] = trained_root

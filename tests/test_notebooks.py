@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from derprop.viewer import BOOK_RUNS
+from derprop.book_runs import BOOK_RUNS
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"
@@ -62,7 +62,7 @@ def test_dedicated_config_files_are_preferred():
 
 
 def test_overrides_load_into_a_valid_config():
-    from derprop.config import load_config
+    from derprop.configfile import load_config
 
     for abl in rm.ABLATIONS:
         ov = rm.overrides_for(split="183", profile="paper", ablation=abl, size="smoke", seed=3)

@@ -13,7 +13,8 @@ from PIL import Image
 
 import derprop
 from derprop import checkpoint as ckpt_io
-from derprop.config import load_config, resolved
+from derprop.config import resolved
+from derprop.configfile import load_config
 from derprop.model import build_model
 from derprop.predict import main, predict
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from derprop.config import load_config
+from derprop.configfile import load_config
 from derprop.losses import derivative_loss
 from derprop.model import SegOutput
 from derprop.trainer import Trainer

@@ -18,7 +18,7 @@ import torch
 
 from derprop import atomic, rundir
 from derprop import checkpoint as ck
-from derprop.config import load_config
+from derprop.configfile import load_config
 from derprop.train import main
 from derprop.trainer import Trainer, TrainingInterrupted
 

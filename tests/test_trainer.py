@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from derprop import checkpoint as ck
-from derprop.config import load_config
+from derprop.configfile import load_config
 from derprop.data import DatasetError
 from derprop.model import SegOutput
 from derprop.train import main
@@ -320,7 +320,8 @@ def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
 
 
 def test_supervised_warm_start_then_diagnostics_with_and_without_dlp(scenes_tiny, tmp_path):
-    from derprop.viewer import WARM_START, WITHOUT_DLP, load_snapshots
+    from derprop.book_runs import WARM_START, WITHOUT_DLP
+    from derprop.viewer import load_snapshots
 
     warm = Trainer(tiny(scenes_tiny, *WARM_START, "optim.epochs=1", "data.val_limit=1", "data.diag_images=0"),
                    tmp_path / "warm")

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from derprop.config import load_config
+from derprop.configfile import load_config
 from derprop.trainer import Trainer
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"

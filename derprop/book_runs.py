@@ -1,0 +1,174 @@
+"""The book's CPU runs: which runs, with what settings, and "load the run if it exists, else train it".
+
+The training chapters (*Training on a CPU*, *Pseudo-label rectification*, *Ablations on a CPU*) call
+:func:`book_run`; ``python -m derprop.book_runs [SIZE]`` (what ``make demo`` runs) trains the shared
+supervised warm start and then the runs of :data:`TRAINING_RUNS` side by side. Each size's data is
+generated on first use (:func:`ensure_scenes`). :mod:`derprop.viewer` draws what these runs saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from derprop.configfile import load_config
+from derprop.trainer import Trainer
+
+BOOK_RUNS: dict[str, dict] = {
+    # The CPU runs of the book's training chapters, per size: config, data folder, the
+    # arguments that generate that folder (python -m data_prep.scenes), the overrides that
+    # size the runs, and those that size the supervised warm start they all begin from.
+    # "small" is the CPU default as is: `make demo` trains exactly these runs
+    # (runs/book/small/cpu_warm, then cpu_dlp and cpu_nodlp side by side) before it builds the book.
+    "smoke": {"config": "configs/cpu_scenes_tiny.yaml", "data": "data/scenes_tiny",
+              "data_args": ["--num-train", "24", "--num-val", "8", "--size", "48", "--classes", "all",
+                            "--clutter", "--object-size", "0.3", "0.6", "--max-objects", "4"],
+              "overrides": ["optim.epochs=2", "optim.iters_per_epoch=2"],
+              "warm": ["optim.epochs=1", "optim.iters_per_epoch=2"]},
+    "small": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [], "overrides": [],
+              "warm": ["optim.epochs=2", "optim.iters_per_epoch=200"]},
+    "full": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [],
+             "overrides": ["optim.epochs=10", "optim.iters_per_epoch=100"],
+             "warm": ["optim.epochs=4", "optim.iters_per_epoch=250"]},
+}
+"""Settings of the book's CPU runs (chapters *Training on a CPU*, *Rectification*, *Ablations*)."""
+
+WARM_RUN = "cpu_warm"
+"""Run id of the supervised warm start that every book run of a size starts from (``optim.warm_start``)."""
+
+WARM_START = ("method.semi_supervised=false", "method.momentum=false")
+"""The warm start: the labeled terms of eq. 7/8 only (CE on L and on L̃, labeled derivative loss), no Θm."""
+
+WITHOUT_DLP = ("method.dlp=false", "method.derivative_loss=false", "method.momentum=false",
+               "method.region_propagation=false")
+"""The paper's "w/o DLP" row (Table 1): no propagation, no derivative loss, no momentum network, and no
+similarity head anywhere (the release's region propagation also reads f1/f2, so it goes too)."""
+
+TRAINING_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {"DerProp": ("cpu_dlp", ()), "w/o DLP": ("cpu_nodlp", WITHOUT_DLP)}
+"""The runs of chapter *Training on a CPU*, label → (run id, overrides); ``make demo`` trains them."""
+
+
+def load_or_train(config: str | os.PathLike, out_dir: str | os.PathLike, overrides: Sequence[str] = (), *,
+                  device: str = "cpu", progress: bool = False) -> dict:
+    """The book's "load the run if it exists, else train" (UvA-notebook style).
+
+    Returns the run's ``results.json`` content. If ``out_dir/results.json``
+    exists nothing is trained; if only ``last.pt`` exists training resumes
+    from it; otherwise :class:`derprop.trainer.Trainer` trains ``config``
+    with ``overrides`` into ``out_dir``. With ``progress`` one line is
+    printed per finished epoch.
+    """
+    out = Path(out_dir)
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+
+    def hook(event, **info):
+        if progress and event == "epoch_end":
+            m = info["metrics"]
+            shown = {k: round(v, 4) for k, v in m.items() if isinstance(v, float) and k in (
+                "train_loss", "miou_momentum", "miou_backprop", "pl_acc_before", "pl_acc_after")}
+            print(f"epoch {m['epoch']}: {shown}", flush=True)
+
+    cfg = load_config(config, list(overrides))
+    resume = out / "last.pt" if (out / "last.pt").is_file() else None
+    return Trainer(cfg, out, resume=resume, device=device, hook=hook, progress=False).fit()
+
+
+_ROOT: Path | None = None  # set by ``python -m derprop.book_runs --root DIR``
+
+
+def repo_root() -> Path:
+    """Where the book's CPU runs and their data live: ``--root``, else the checkout, else the current folder.
+
+    The checkout is the folder above this package when it holds ``configs/`` (an editable install or
+    ``PYTHONPATH``); an installed package lives in site-packages, so runs then go to the current folder.
+    """
+    if _ROOT is not None:
+        return _ROOT
+    checkout = Path(__file__).resolve().parents[1]
+    return checkout if (checkout / "configs").is_dir() else Path.cwd()
+
+
+_SCENES_CHECKED: set[Path] = set()
+
+
+def ensure_scenes(size: str) -> Path:
+    """Generate the scenes data of ``BOOK_RUNS[size]`` unless it is there with these settings; returns its folder."""
+    s = BOOK_RUNS[size]
+    root = repo_root() / s["data"]
+    if root not in _SCENES_CHECKED:  # the generator does nothing when the manifest matches its settings
+        _SCENES_CHECKED.add(root)
+        subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--quiet", *s["data_args"]],
+                       cwd=repo_root(), check=True)
+    return root
+
+
+def warm_start(size: str, *, progress: bool = False) -> Path:
+    """Load or train the supervised warm start ``runs/book/<size>/cpu_warm``; returns its ``last.pt``."""
+    s = BOOK_RUNS[size]
+    data = ensure_scenes(size)
+    out = repo_root() / "runs" / "book" / size / WARM_RUN
+    load_or_train(repo_root() / s["config"], out, [f"data.root={data}", *WARM_START, *s["warm"]], progress=progress)
+    return out / "last.pt"
+
+
+def run_overrides(size: str, extra: Sequence[str] = (), *, progress: bool = False) -> list[str]:
+    """Overrides of a book run at ``size``: data folder, sizing, the shared warm start (trained if missing), ``extra``."""
+    s = BOOK_RUNS[size]
+    return [f"data.root={ensure_scenes(size)}", *s["overrides"], f"optim.warm_start={warm_start(size, progress=progress)}",
+            *extra]
+
+
+def book_run(size: str, name: str, extra: Sequence[str] = (), *, progress: bool = False) -> tuple[Path, dict]:
+    """Load or train the book's CPU run ``runs/book/<size>/<name>`` with ``extra`` overrides.
+
+    Returns ``(run directory, results)``. The data and the warm start are made first if needed.
+    """
+    out = repo_root() / "runs" / "book" / size / name
+    results = load_or_train(repo_root() / BOOK_RUNS[size]["config"], out, run_overrides(size, extra, progress=progress),
+                            progress=progress)
+    return out, results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m derprop.book_runs [SIZE]``: train (or load) the warm start, then the runs of :data:`TRAINING_RUNS`
+    at ``SIZE``, side by side in ``--jobs`` processes of one thread each."""
+
+    ap = argparse.ArgumentParser(prog="python -m derprop.book_runs", description=main.__doc__)
+    ap.add_argument("size", nargs="?", default="small", choices=list(BOOK_RUNS))
+    ap.add_argument("--root", default=None, help="project folder with configs/; runs/ and data/ go there "
+                                                  "(default: the checkout, else the current folder)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")
+    ap.add_argument("--only", choices=[r for r, _ in TRAINING_RUNS.values()], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    global _ROOT
+    _ROOT = Path(args.root).resolve() if args.root else None
+    runs = {label: run for label, run in TRAINING_RUNS.items() if args.only in (None, run[0])}
+    if args.only is None:
+        warm_start(args.size, progress=True)
+    if args.only is None and args.jobs > 1:
+        torch.set_num_threads(1)
+        root = ["--root", str(_ROOT)] if _ROOT is not None else []
+        procs = [subprocess.Popen([sys.executable, "-m", "derprop.book_runs", args.size, "--only", run_id, *root],
+                                  cwd=repo_root(), env={**os.environ, "OMP_NUM_THREADS": "1"})
+                 for run_id, _ in runs.values()]
+        if any(p.wait() != 0 for p in procs):
+            return 1
+    for label, (run_id, extra) in runs.items():
+        if args.only is not None:
+            torch.set_num_threads(1)
+        out, results = book_run(args.size, run_id, extra, progress=True)
+        if args.only is None:
+            print(f"{label}: mIoU {results['miou']:.4f} in {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
