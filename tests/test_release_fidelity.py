@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from derprop.configfile import load_config
 from derprop.losses import derivative_loss
 from derprop.model import SegOutput
+from derprop.loaders import loaders
 from derprop.trainer import Trainer
 
 from tests.test_trainer import TINY
@@ -269,10 +270,10 @@ def test_one_official_step_equals_the_releases_total_loss(scenes_tiny, tmp_path)
 def test_cutmix_partner_is_the_same_image_under_official(scenes_tiny, tmp_path, profile, same):
     cfg = load_config(TINY, [f"data.root={scenes_tiny}", f"profile={profile}", "data.diag_images=0"])
     tr = Trainer(cfg, tmp_path)
-    _, unlabeled, partner = tr._loaders()
+    _, unlabeled, partner = loaders(tr.data, tr.cfg, tr.d)
     for epoch in (0, 1):
         unlabeled.sampler.set_epoch(epoch)
         partner.sampler.set_epoch(epoch)
         assert (list(unlabeled.sampler) == list(partner.sampler)) == same
-    (uw, _, _, _), (uw2, _, _, _) = tr.train_u[0], tr.train_mix[0]
+    (uw, _, _, _), (uw2, _, _, _) = tr.data.train_u[0], tr.data.train_mix[0]
     assert not torch.equal(uw, uw2)  # same image, another augmentation

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from derprop import atomic, rundir
+from derprop import atomic, loaders, rundir
 from derprop import checkpoint as ck
 from derprop.configfile import load_config
 from derprop.train import main
@@ -243,11 +243,11 @@ def test_an_unwritable_output_folder_fails_before_anything_is_built(scenes_tiny,
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    def never(self):
+    def never(*a, **k):
         raise AssertionError("data built before the output folder was checked")
 
     monkeypatch.setattr(rundir.tempfile, "mkstemp", denied)
-    monkeypatch.setattr(Trainer, "_build_data", never)
+    monkeypatch.setattr(loaders, "build_training_data", never)
     assert cli(scenes_tiny, tmp_path / "ro" / "run") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write to output folder {tmp_path / 'ro' / 'run'}: Permission denied")

@@ -6,7 +6,6 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,9 +15,12 @@ from PIL import Image
 from derprop import checkpoint as ck
 from derprop.configfile import load_config
 from derprop.data import DatasetError
-from derprop.model import SegOutput
 from derprop.train import main
-from derprop.trainer import Dist, NonFiniteLossError, Threshold, Trainer, TrainingInterrupted, ohem_ce
+from derprop.distributed import Dist
+from derprop.loaders import loaders
+from derprop.objective import ohem_ce
+from derprop.pseudo_labels import Threshold, blend, region_propagation
+from derprop.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
 
@@ -194,7 +196,7 @@ def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
     for over, expected in variants.items():
         tr = Trainer(tiny(scenes_tiny, *over), tmp_path / "v")
         assert (tr.momentum is None) == ("method.momentum=false" in over)
-        batch = next(iter(zip(*(tr._loader(ds, 0) for ds in (tr.train_l, tr.train_u, tr.train_mix)))))
+        batch = next(iter(zip(*loaders(tr.data, tr.cfg, tr.d))))
         loss, logs = tr.train_step(batch, 1)
         assert torch.isfinite(loss)
         assert set(logs) - {"threshold", "mask_ratio"} == expected, over
@@ -203,11 +205,11 @@ def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
 
 def test_paper_blend_is_in_probability_space_and_official_in_logit_space(scenes_tiny, tmp_path):
     logits, prop = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2) * 5
-    paper = Trainer(tiny(scenes_tiny, "data.diag_images=0"), tmp_path / "p")
-    official = Trainer(tiny(scenes_tiny, "profile=official", "data.diag_images=0"), tmp_path / "o")
-    torch.testing.assert_close(paper._blend(logits, prop, 0.25), 0.75 * logits.softmax(1) + 0.25 * prop.softmax(1))
-    torch.testing.assert_close(official._blend(logits, prop, 0.25), (0.75 * logits + 0.25 * prop).softmax(1))
-    torch.testing.assert_close(paper._blend(logits, None, 0.25), logits.softmax(1))
+    paper = tiny(scenes_tiny).method.blend_space
+    official = tiny(scenes_tiny, "profile=official").method.blend_space
+    torch.testing.assert_close(blend(logits, prop, 0.25, paper), 0.75 * logits.softmax(1) + 0.25 * prop.softmax(1))
+    torch.testing.assert_close(blend(logits, prop, 0.25, official), (0.75 * logits + 0.25 * prop).softmax(1))
+    torch.testing.assert_close(blend(logits, None, 0.25, paper), logits.softmax(1))
 
 
 @pytest.mark.parametrize("fault", ["root", "image", "size", "values"])
@@ -279,19 +281,15 @@ def test_region_propagation_fills_an_agreeing_region():
     f = torch.zeros(b, c, h, w)
     f[:, 0, :, :2] = 20.0  # left half: one feature direction
     f[:, 2, :, 2:] = 20.0  # right half: another
-    out = SegOutput(logits=torch.zeros(2, c, h, w), f1=torch.cat([f, f]), f2=torch.cat([f, f]), logits_fp=None,
-                    logits_grid=torch.zeros(2, c, h, w))
     mask = torch.zeros(b, h, w, dtype=torch.long)
     mask[:, :, 2:] = 2
     keep = torch.ones(b, h, w, dtype=torch.bool)
     keep[0, 0, 0] = False  # one unconfident pixel in the left region
     mask[0, 0, 0] = 1  # with a wrong label
-    fake = SimpleNamespace(cfg=SimpleNamespace(method=SimpleNamespace(region_samples=k, op="forward", dlp_temperature=1.0),
-                                               model=SimpleNamespace(num_classes=c)))
     box = torch.zeros(b, h, w, dtype=torch.bool)
     ign = torch.zeros(b, h, w, dtype=torch.long)
     torch.manual_seed(0)
-    new_mask, new_keep = Trainer._region_propagation(fake, out, 1, mask, keep, box, ign, 0.8, (h, w))
+    new_mask, new_keep = region_propagation(f.flatten(2), f.flatten(2), (h, w), mask, keep, box, ign, 0.8, "forward", k, c)
     assert new_keep.all()
     assert (new_mask[0, :, :2] == 0).all() and (new_mask[0, :, 2:] == 2).all()
 
@@ -351,7 +349,7 @@ def test_supervised_warm_start_then_diagnostics_with_and_without_dlp(scenes_tiny
 def test_bf16_autocast_and_channels_last_step(scenes_tiny, tmp_path):
     tr = Trainer(tiny(scenes_tiny, "optim.amp=bf16", "optim.channels_last=true", "profile=official",
                       "method.chunk=5", "data.diag_images=0"), tmp_path)
-    batch = next(iter(zip(*(tr._loader(ds, 0) for ds in (tr.train_l, tr.train_u, tr.train_mix)))))
+    batch = next(iter(zip(*loaders(tr.data, tr.cfg, tr.d))))
     loss, logs = tr.train_step(batch, 1)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()

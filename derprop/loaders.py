@@ -1,0 +1,126 @@
+"""The data of a training run: labeled, unlabeled, CutMix-partner, val and diagnostic sets, and their loaders.
+
+Explained in the book chapter *Training on a CPU* (which images a run reads, and how an epoch is made).
+
+The lists come from the config's ``data`` section (:class:`derprop.config.DataConfig`): the
+UniMatch-style split lists of ``layout``/``split``, or explicit list files. Every list is checked
+before training starts: a missing root, an empty list or a missing file is one
+:class:`~derprop.data.DatasetError` naming it and the command that recreates the tree.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from derprop import data as data_io
+from derprop.augment import LabeledTrainSet, UnlabeledTrainSet
+from derprop.config import TrainConfig
+from derprop.data import DatasetError, SegmentationDataset
+from derprop.distributed import Dist
+
+
+@dataclass
+class TrainingData:
+    """The sets a run reads; ``iters_per_epoch`` is how many batches an epoch takes from them."""
+
+    train_l: LabeledTrainSet
+    train_u: UnlabeledTrainSet
+    train_mix: UnlabeledTrainSet
+    val_set: SegmentationDataset
+    diag_set: SegmentationDataset | None
+    iters_per_epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        for ds in (self.train_l, self.train_u, self.train_mix):
+            ds.set_epoch(epoch)
+
+
+def build_training_data(cfg: TrainConfig, d: Dist) -> TrainingData:
+    """Read and check every list of ``cfg.data``; the diagnostic set is the first unlabeled images, with labels."""
+    c, seed = cfg.data, cfg.seed
+    labeled = _dataset(cfg, "labeled", True, c.labeled_limit)
+    unlabeled = _dataset(cfg, "unlabeled", False, c.unlabeled_limit)
+    val_set = _dataset(cfg, "val", True, c.val_limit)
+    n_u = len(unlabeled)
+    train_l = LabeledTrainSet(labeled, c, seed=seed, length=max(n_u, len(labeled)))
+    train_u = UnlabeledTrainSet(unlabeled, c, seed=seed, stream=2)
+    train_mix = UnlabeledTrainSet(unlabeled, c, seed=seed, stream=3)
+    n_diag = min(c.diag_images, n_u)
+    diag_set = None
+    if n_diag and d.is_main:  # only where the unlabeled images' labels exist (scenes, VOC)
+        diag = SegmentationDataset(c.root, unlabeled.items[:n_diag], num_classes=cfg.model.num_classes, labeled=True)
+        if not diag.missing_files():
+            diag_set = diag
+    b = cfg.optim.batch_size
+    per_rank = len(train_u) // d.world_size
+    if per_rank < b:
+        raise DatasetError(
+            f"{len(train_u)} unlabeled images are fewer than one batch per process "
+            f"(optim.batch_size={b} × {d.world_size} processes); lower optim.batch_size"
+        )
+    iters = per_rank // b
+    if cfg.optim.iters_per_epoch:
+        iters = min(iters, cfg.optim.iters_per_epoch)
+    return TrainingData(train_l, train_u, train_mix, val_set, diag_set, iters)
+
+
+def loader(ds: Dataset, cfg: TrainConfig, d: Dist, sampler_seed: int) -> DataLoader:
+    """A shuffling loader of this process's shard of ``ds`` (full batches only)."""
+    sampler = DistributedSampler(ds, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=sampler_seed,
+                                 drop_last=True)
+    nw = cfg.data.num_workers
+    return DataLoader(ds, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=nw, drop_last=True,
+                      pin_memory=d.device.type == "cuda", persistent_workers=False,
+                      multiprocessing_context="fork" if nw and sys.platform == "linux" else None)
+
+
+def loaders(data: TrainingData, cfg: TrainConfig, d: Dist) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Labeled, unlabeled and CutMix-partner loaders (``method.cutmix_partner``).
+
+    ``same_image``: the partner's sampler replays the unlabeled order, so each image is mixed
+    with another augmentation of itself (the release zips one loader twice).
+    """
+    seed = cfg.seed
+    mix_seed = seed if cfg.method.cutmix_partner == "same_image" else seed + 1
+    return (loader(data.train_l, cfg, d, seed), loader(data.train_u, cfg, d, seed),
+            loader(data.train_mix, cfg, d, mix_seed))
+
+
+def _items(cfg: TrainConfig, kind: str) -> list[tuple[str, str]]:
+    c = cfg.data
+    explicit = {"labeled": c.labeled_list, "unlabeled": c.unlabeled_list, "val": c.val_list}[kind]
+    if explicit:
+        return data_io.read_split(explicit)
+    if kind == "unlabeled" and c.labeled_list:
+        train = data_io.read_split(c.train_list) if c.train_list else data_io.split_items(
+            c.layout, None, "train", c.root)
+        return data_io.derive_unlabeled(train, data_io.read_split(c.labeled_list))
+    return data_io.split_items(c.layout, c.split, kind, c.root)
+
+
+def _dataset(cfg: TrainConfig, kind: str, labeled: bool, limit: int | None) -> SegmentationDataset:
+    c = cfg.data
+    root = Path(c.root)
+    spec = data_io.dataset_spec(c.layout)
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset root {root} does not exist. Fix: run `{spec.prepare.format(root=root)}` "
+            "or set data.root to where the data is"
+        )
+    items = _items(cfg, kind)
+    if limit is not None:
+        items = items[:limit]
+    if not items:
+        raise DatasetError(f"the {kind} list of {c.layout} split {c.split!r} under {root} is empty")
+    fix = f"Fix: run `{spec.prepare.format(root=root)}` to (re)create it, or correct the split list."
+    names = data_io.class_names(c.layout, root)  # scenes keeps its own in its manifest
+    ds = SegmentationDataset(root, items, num_classes=cfg.model.num_classes, labeled=labeled,
+                             class_names=names if len(names) == cfg.model.num_classes else None, fix=fix)
+    missing = ds.missing_files()
+    if missing:
+        raise DatasetError(f"{len(missing)} file(s) named in the {kind} list are missing, first: {missing[0]}. {fix}")
+    return ds
