@@ -138,3 +138,15 @@ def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...] = WRAPPER_PR
                     k, changed = k[len(p):], True
         out[k] = v
     return out
+
+
+def load_weights(net: torch.nn.Module, path: Path, setting: str) -> None:
+    """Initialise ``net`` with the model weights of our checkpoint ``path``, named by the config ``setting``."""
+    if not path.is_file():
+        raise CheckpointError(f"{setting}: checkpoint {path} does not exist; train that run first or correct the path")
+    state = load(path)
+    try:
+        net.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{setting}: {path} does not fit this model ({type(err).__name__}: {err}); "
+                              "start from a run with the same model section") from err

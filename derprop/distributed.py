@@ -11,6 +11,7 @@ the start of every epoch (:func:`epoch_seed`), so a run resumed after epoch ``e`
 from __future__ import annotations
 
 import os
+import platform
 import random
 from dataclasses import dataclass
 
@@ -116,3 +117,10 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
             else:
                 cls.convert(child)
         return module
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's with the number of threads torch uses (recorded in every results file)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

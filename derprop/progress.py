@@ -6,7 +6,8 @@ so the trainer also writes one line every ``log_every`` iterations::
     epoch 3/80 it 120/1830 (6.6%) loss 0.8123 ce_x 0.41 ... kl 0.03 lr 9.6e-04 threshold 0.873 mask_ratio 0.62 12.4 img/s ETA 2:16:40
 
 to ``<run>/train.log`` (always) and to stdout (only when tqdm is not drawing
-a bar, i.e. when stderr is not a terminal). Loss terms are the ones
+a bar, i.e. when stderr is not a terminal; the bar shows the epoch's progress,
+the loss and τ). Loss terms are the ones
 :meth:`derprop.trainer.Trainer.train_step` logs (eq. 7–9), averaged over the
 iterations since the previous line; ``threshold`` and ``mask_ratio`` are the
 confidence threshold and the share of unlabeled pixels above it; img/s counts
@@ -32,7 +33,8 @@ class ProgressLog:
     """Collects per-iteration logs and writes a line every ``every`` iterations (see module doc)."""
 
     def __init__(self, out_dir: str | Path, *, total_steps: int, steps_per_epoch: int, epochs: int,
-                 images_per_step: int, every: int = DEFAULT_EVERY, echo: bool = True, enabled: bool = True):
+                 images_per_step: int, every: int = DEFAULT_EVERY, echo: bool = True, enabled: bool = True,
+                 bar: bool = False):
         if every < 1:
             raise ValueError(f"log_every must be a positive number of iterations, got {every}")
         self.out = Path(out_dir)
@@ -42,6 +44,7 @@ class ProgressLog:
         self._n = 0
         self._t = time.perf_counter()
         self._tb: Any = None
+        self.bar, self._bar = bar and enabled, None
         if enabled and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -57,13 +60,28 @@ class ProgressLog:
                 steps_per_epoch=trainer.iters_per_epoch, epochs=cfg.optim.epochs,
                 images_per_step=2 * cfg.optim.batch_size * trainer.d.world_size,
                 every=getattr(trainer, "log_every", DEFAULT_EVERY), echo=not trainer.progress,
-                enabled=trainer.d.is_main)
+                enabled=trainer.d.is_main, bar=trainer.progress)
         return trainer._progress_log
+
+    def start_epoch(self, epoch: int) -> None:
+        """Open the tqdm bar of epoch ``epoch`` (counted from 0) when a terminal shows one."""
+        if self.bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", leave=False)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def step(self, global_step: int, logs: dict[str, float], lr: float) -> str | None:
         """Record one iteration (``global_step`` counts from 1); returns the line when one is written."""
         if not self.enabled:
             return None
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{logs['loss']:.3f}", tau=f"{logs['threshold']:.3f}")
+            self._bar.update(1)
         for k, v in logs.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v)
         self._n += 1

@@ -40,7 +40,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch
 
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
@@ -69,6 +68,18 @@ class RunDirError(RuntimeError):
 # --------------------------------------------------------------------------- #
 # Before anything is built
 # --------------------------------------------------------------------------- #
+
+
+def resume_path(out: Path, resume: str | os.PathLike | bool | None) -> Path | None:
+    """The checkpoint a run resumes from: ``out/last.pt`` for ``True``, the path given, or None for a fresh run."""
+    if resume is None or resume is False:
+        return None
+    path = out / "last.pt" if resume is True else Path(resume)
+    if not path.is_file():
+        hint = (f"{out} holds no finished epoch: start the run again without --resume"
+                if resume is True else "pass the last.pt of a run with --resume-from")
+        raise ckpt_io.CheckpointError(f"cannot resume: checkpoint {path} does not exist; {hint}")
+    return path
 def check_writable(out: Path) -> None:
     """Refuse an output folder that cannot be written (probed in it, or in its nearest existing parent)."""
     probe_dir = out
@@ -283,6 +294,43 @@ def truncate_logs(out: Path, epochs_done: int) -> list[dict[str, Any]]:
     return kept["metrics.jsonl"]
 
 
+def prepare(out: Path, resume_from: Path | None, epochs_done: int, epochs: int, config_yaml: str) -> list[dict[str, Any]]:
+    """Make ``out`` ready for training (the lock held): stale temporaries removed, then a fresh run's files
+    cleared, or a resumed run's folder adopted and its logs cut back to the ``epochs_done`` committed
+    epochs; ``config.yaml`` written. Returns the metrics rows kept."""
+    remove_stale_temporaries(out)
+    kept: list[dict[str, Any]] = []
+    if resume_from is None:
+        clear_run_files(out)
+    else:
+        adopt(resume_from.parent, out)
+        kept = truncate_logs(out, epochs_done)
+        if epochs_done < epochs:
+            (out / "results.json").unlink(missing_ok=True)  # the run is unfinished again
+    atomic.write_text(out / "config.yaml", config_yaml)
+    return kept
+
+
+def commit_epoch(out: Path, steps: list[dict[str, Any]], metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """The epoch's log rows, then ``last.pt``: the commit point (a resume drops rows past the last commit)."""
+    append_jsonl(out / "steps.jsonl", steps)
+    append_jsonl(out / "metrics.jsonl", [metrics])
+    ckpt_io.save(out / "last.pt", state)
+
+
+def save_best(out: Path, epoch: int, net: str, miou: float, weights: dict[str, Any], provenance: dict[str, Any]) -> None:
+    """``best.pt``: the weights of net ``net`` after ``epoch`` (1-based) and what made them."""
+    ckpt_io.save(out / "best.pt", {"epoch": epoch, "net": net, "miou": miou, "model": weights, **provenance})
+
+
+def non_finite_hint(out: Path, epoch: int) -> str:
+    """What a run that became NaN/inf during ``epoch`` (0-based) leaves, and how to go on from it."""
+    if epoch and (out / "last.pt").is_file():  # every finished epoch was committed
+        return (f"the last finite checkpoint {out / 'last.pt'} (epoch {epoch}) is kept; continue it with a "
+                "lower lr (--resume optim.lr=...) or start again (--overwrite optim.lr=...)")
+    return "no checkpoint was written yet; start again with a lower optim.lr"
+
+
 # --------------------------------------------------------------------------- #
 # Resume policy
 # --------------------------------------------------------------------------- #
@@ -331,19 +379,6 @@ def resume_changes(path: Path | None, state: dict[str, Any], now: dict[str, Any]
     if changed:
         log.warning("resuming %s (epoch %d) with changed settings: %s", path, done, describe_changes(changed))
     return changed
-
-
-def apply_optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
-    """Put a new config's lr, momentum, weight decay and schedule (``fresh``: its param groups) over a restored state.
-
-    ``scheduler`` is the trainer's ``LambdaLR``; its lambda already uses the new config's total.
-    """
-    for group, new in zip(optimizer.param_groups, fresh):
-        group.update({k: v for k, v in new.items() if k != "params" and k != "lr"})
-    scheduler.base_lrs = [g["initial_lr"] for g in fresh]
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-        group["lr"] = base * factor
 
 
 def best_needs_rewrite(out: Path, best_epoch: int | None, committed: int) -> bool:

@@ -47,7 +47,8 @@ from derprop.data import DatasetError
 from derprop.evaluate import format_iou_table
 from derprop.progress import DEFAULT_EVERY
 from derprop.rundir import RunDirError
-from derprop.trainer import NonFiniteLossError, Trainer
+from derprop.guards import NonFiniteLossError
+from derprop.trainer import Trainer
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,31 +2,21 @@
 
 Explained in the book chapters *Training on a CPU* and *Paper vs released code*.
 
-One training step (:meth:`Trainer.train_step`), with ``B`` labeled images
-``x, y`` and two unlabeled batches (``u`` and the CutMix partner ``u'``):
+One step (:meth:`Trainer.train_step`) on ``B`` labeled images ``x, y`` and two unlabeled batches,
+``u`` and its CutMix partner ``u'``, reads top to bottom as: (1) pseudo-labels of ``u'`` without
+gradient, from Θm (release) or from Θb with the DLP blend (paper); (2) ``u'``'s strong view pasted
+into ``u``'s CutMix box; (3) Θb on ``[x; u_w]`` and on the mixed view, each output propagated at
+the feature grid (eq. 4); (4) the pseudo-label of ``u_w`` (eq. 5, ``η_ep = epoch / epochs``), the
+partner's inside the box; (5) confident pixels and region propagation
+(:mod:`derprop.pseudo_labels`); (6) the losses of eq. 7/8 (:mod:`derprop.objective`).
 
-1. Pseudo-labels of ``u'`` (no gradient): from the momentum net Θm (release,
-   ``pseudo_label_source: momentum``, plain logits) or from Θb with the same
-   DLP blend as ``u`` (``backprop``).
-2. The strong view of ``u`` gets the strong view of ``u'`` pasted into its
-   CutMix box.
-3. Θb runs on ``[x; u_w]`` (with the feature-perturbation branch when
-   ``fp_branch``) and on the mixed strong view. Each output is propagated at
-   the feature grid (eq. 4, :func:`derprop.pseudo_labels.propagated_logits`).
-4. Pseudo-label of ``u_w`` (eq. 5, :func:`derprop.pseudo_labels.blend`),
-   ``η_ep = epoch / epochs``; inside the box the partner's label is used.
-5. Confident pixels: ``max P ≥ τ``, and region propagation
-   (:func:`derprop.pseudo_labels.cutmix_pseudo_labels`).
-6. Losses, eq. 7/8 (:mod:`derprop.objective`).
-
-The run folder's rules (lock, commit point, resume) are :mod:`derprop.rundir`'s, the data
-:mod:`derprop.loaders`', seeds and processes :mod:`derprop.distributed`'s, the per-epoch
-pseudo-label snapshots :mod:`derprop.diagnostics`'.
+The run folder's rules are :mod:`derprop.rundir`'s, the data :mod:`derprop.loaders`', the schedule
+:mod:`derprop.schedule`'s, processes and seeds :mod:`derprop.distributed`'s, the NaN checks
+:mod:`derprop.guards`' and the per-epoch pseudo-label snapshots :mod:`derprop.diagnostics`'.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sys
@@ -42,21 +32,17 @@ from torch.utils.data import Subset
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop import loaders as data_loaders
-from derprop import rundir
+from derprop import guards, rundir, schedule
 from derprop.config import TrainConfig, eval_mode, resolved
 from derprop.configfile import dump_yaml
 from derprop.diagnostics import pseudo_label_diagnostics
-from derprop.distributed import CpuSyncBatchNorm, all_reduce_mean, epoch_seed, seed_all, setup_distributed
+from derprop.distributed import CpuSyncBatchNorm, all_reduce_mean, device_name, epoch_seed, seed_all, setup_distributed
 from derprop.evaluate import evaluate
 from derprop.model import DerPropNet, build_model
 from derprop.momentum import MomentumNetwork
 from derprop.objective import labeled_ce, labeled_derivative_term, unlabeled_derivative_term, unlabeled_terms, weighted_sum
 from derprop.progress import DEFAULT_EVERY, ProgressLog
 from derprop.pseudo_labels import Threshold, blend, cutmix_pseudo_labels, propagated_logits, weak_features
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss, the gradient norm or a weight became NaN or infinite; the last finite checkpoint was kept."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -79,18 +65,9 @@ class Trainer:
     and ``"epoch_end"`` (epoch, metrics); raising from it stops training.
     """
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        out_dir: str | os.PathLike,
-        *,
-        resume: str | os.PathLike | bool | None = None,
-        device: str | None = None,
-        hook: Hook | None = None,
-        progress: bool | None = None,
-        log_every: int = DEFAULT_EVERY,
-        overwrite: bool = False,
-    ):
+    def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: str | os.PathLike | bool | None = None,
+                 device: str | None = None, hook: Hook | None = None, progress: bool | None = None,
+                 log_every: int = DEFAULT_EVERY, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.hook = hook
@@ -107,7 +84,7 @@ class Trainer:
         if cfg.optim.amp == "fp16" and self.d.device.type != "cuda":
             raise ValueError("optim.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
         self.progress = (self.d.is_main and sys.stderr.isatty()) if progress is None else (progress and self.d.is_main)
-        self.resume_path = self._resume_path(resume)
+        self.resume_path = rundir.resume_path(self.out, resume)
         # Reading a checkpoint comes first: a broken one must fail before anything is written.
         self._resume_state = ckpt_io.load(self.resume_path) if self.resume_path else None
         self._changes = (rundir.resume_changes(self.resume_path, self._resume_state, resolved(cfg))
@@ -129,24 +106,11 @@ class Trainer:
             self._restore(self._resume_state)
             self._resume_state = None
 
-    # ------------------------------------------------------------------ #
-    # set-up
-    # ------------------------------------------------------------------ #
-    def _resume_path(self, resume: str | os.PathLike | bool | None) -> Path | None:
-        if resume is None or resume is False:
-            return None
-        path = self.out / "last.pt" if resume is True else Path(resume)
-        if not path.is_file():
-            hint = (f"{self.out} holds no finished epoch: start the run again without --resume"
-                    if resume is True else "pass the last.pt of a run with --resume-from")
-            raise ckpt_io.CheckpointError(f"cannot resume: checkpoint {path} does not exist; {hint}")
-        return path
-
     def _build_model(self) -> None:
         cfg, d = self.cfg, self.d
         net = build_model(cfg.model)
         if cfg.optim.warm_start:
-            _load_warm_start(net, Path(cfg.optim.warm_start))
+            ckpt_io.load_weights(net, Path(cfg.optim.warm_start), "optim.warm_start")
         if d.distributed:  # BN statistics over the global batch, as with one process
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if d.device.type == "cuda" else CpuSyncBatchNorm.convert(net)
         net = net.to(d.device)
@@ -155,36 +119,16 @@ class Trainer:
         self.net: DerPropNet = net
         m = cfg.method
         uses_heads = ((m.dlp and (m.propagated_ce or m.weak_propagated_ce)) or m.derivative_loss) and m.semi_supervised
-        self.model: nn.Module = (
-            nn.parallel.DistributedDataParallel(
-                net, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                find_unused_parameters=not uses_heads,
-            )
-            if d.distributed
-            else net
-        )
-        self.momentum = (
-            MomentumNetwork(net, include_buffers=m.momentum_buffers, when=m.momentum_timing) if m.momentum else None
-        )
-        global_batch = cfg.optim.batch_size * d.world_size
-        lr = cfg.optim.lr * (global_batch / cfg.optim.ref_batch if cfg.optim.ref_batch else 1.0)
-        self.base_lr = lr
-        self.optimizer = torch.optim.SGD(
-            net.param_groups(lr, cfg.optim.head_lr_mult), lr=lr, momentum=cfg.optim.momentum,
-            weight_decay=cfg.optim.weight_decay,
-        )
-        total = cfg.optim.epochs * self.iters_per_epoch
-        power = cfg.optim.poly_power
-        self.total_iters = total
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: max(0.0, 1.0 - it / total) ** power
-        )
+        self.model: nn.Module = nn.parallel.DistributedDataParallel(
+            net, device_ids=[d.local_rank] if d.device.type == "cuda" else None, find_unused_parameters=not uses_heads,
+        ) if d.distributed else net
+        self.momentum = MomentumNetwork(net, include_buffers=m.momentum_buffers, when=m.momentum_timing) if m.momentum else None
+        self.optimizer = schedule.build_optimizer(net, cfg.optim, d.world_size)
+        self.scheduler = schedule.build_scheduler(self.optimizer, cfg.optim.epochs * self.iters_per_epoch,
+                                                  cfg.optim.poly_power)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.optim.amp]
         self.scaler = torch.amp.GradScaler("cuda") if cfg.optim.amp == "fp16" else None
 
-    # ------------------------------------------------------------------ #
-    # one step
-    # ------------------------------------------------------------------ #
     def _autocast(self):
         return torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
@@ -267,9 +211,6 @@ class Trainer:
         logs["mask_ratio"] = 0.0
         return weighted_sum(terms, lc), logs
 
-    # ------------------------------------------------------------------ #
-    # epoch loop
-    # ------------------------------------------------------------------ #
     def fit(self) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``optim.epochs``; returns the ``results.json`` content (rank 0)."""
         cfg, d = self.cfg, self.d
@@ -293,17 +234,11 @@ class Trainer:
         return results if d.is_main else {}
 
     def _prepare_folder(self) -> None:
-        """With the lock held: remove stale temporaries, start clean or reconcile with the last commit."""
-        rundir.remove_stale_temporaries(self.out)
-        if self.fresh:
-            rundir.clear_run_files(self.out)
-        else:
-            rundir.adopt(self.resume_path.parent, self.out)
-            self.history = rundir.truncate_logs(self.out, self.start_epoch)
-            if self.start_epoch < self.cfg.optim.epochs:
-                (self.out / "results.json").unlink(missing_ok=True)  # the run is unfinished again
+        """With the lock held: a clean folder, or one reconciled with the last commit (:func:`derprop.rundir.prepare`)."""
+        self.history = rundir.prepare(self.out, None if self.fresh else self.resume_path, self.start_epoch,
+                                      self.cfg.optim.epochs, dump_yaml(self.cfg))
+        if not self.fresh:
             self._reconcile_best()
-        atomic.write_text(self.out / "config.yaml", dump_yaml(self.cfg))
 
     def _reconcile_best(self) -> None:
         """``best.pt`` after a kill between the commit (``last.pt``) and its write: rebuilt from the nets."""
@@ -322,11 +257,8 @@ class Trainer:
         t_epoch = time.time()
         sums: dict[str, float] = {}
         n_steps = 0
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.iters_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False)
+        progress = ProgressLog.of(self)
+        progress.start_epoch(epoch)
         steps_log = []
         # a supervised-only run reads no unlabeled images
         for step, batch in enumerate(zip(*(loaders if cfg.method.semi_supervised else loaders[:1]))):
@@ -335,8 +267,7 @@ class Trainer:
             loss, logs = self.train_step(batch, epoch)
             loss_all = all_reduce_mean(loss.detach().float(), d)
             value = float(loss_all)
-            if not math.isfinite(value):
-                self._non_finite(value, epoch, step)
+            guards.check_loss(value, self.out, epoch, step, self.global_step)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -344,27 +275,23 @@ class Trainer:
                 self.scaler.update()
             else:
                 loss.backward()
-                self._check_grad_norm(epoch, step)
+                guards.check_grad_norm(self.net, self.out, epoch, step, self.global_step)
                 self.optimizer.step()
             self.scheduler.step()
             self.global_step += 1
             n_steps += 1
             logs["loss"] = value
-            ProgressLog.of(self).step(self.global_step, logs, self.optimizer.param_groups[0]["lr"])
+            progress.step(self.global_step, logs, self.optimizer.param_groups[0]["lr"])
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps_log.append({"epoch": epoch, "step": step, "global_step": self.global_step, "loss": value,
                               "lr": self.optimizer.param_groups[0]["lr"]})
-            if bar is not None:
-                bar.set_postfix(loss=f"{value:.3f}", tau=f"{logs['threshold']:.3f}")
-                bar.update(1)
             if self.hook:
                 self.hook("step_end", epoch=epoch, step=step, loss=value)
-        if bar is not None:
-            bar.close()
+        progress.end_epoch()
         if self.momentum is not None:
             self.momentum.on_epoch_end(self.net, epoch)
-        self._check_weights(epoch)
+        guards.check_weights(self._nets(), self.out, epoch, self.global_step)
 
         means = {k: v / max(n_steps, 1) for k, v in sums.items()}
         if d.distributed:
@@ -387,33 +314,6 @@ class Trainer:
         if self.hook:
             self.hook("epoch_end", epoch=epoch, metrics=metrics)
 
-    def _non_finite(self, value: float, epoch: int, step: int, what: str = "loss") -> None:
-        where = f"at epoch {epoch + 1}, step {step + 1} (global step {self.global_step + 1})" if step >= 0 else \
-            f"during epoch {epoch + 1}"
-        if epoch and (self.out / "last.pt").is_file():  # every finished epoch was committed
-            kept = (f"the last finite checkpoint {self.out / 'last.pt'} (epoch {epoch}) is kept; continue it with a "
-                    "lower lr (--resume optim.lr=...) or start again (--overwrite optim.lr=...)")
-        else:
-            kept = "no checkpoint was written yet; start again with a lower optim.lr"
-        raise NonFiniteLossError(f"{what} became {value} {where}; training stopped and {kept} (or try optim.amp=none)")
-
-    def _check_grad_norm(self, epoch: int, step: int) -> None:
-        """A NaN/inf gradient stops training before the optimiser step can write it into the weights."""
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-        if not math.isfinite(norm):
-            self._non_finite(norm, epoch, step, "gradient norm")
-
-    def _check_weights(self, epoch: int) -> None:
-        """Every parameter and buffer (both nets) must be finite before an epoch can be evaluated and saved."""
-        for net_name, net in self._nets().items():
-            bad = ckpt_io.first_non_finite(net.state_dict())
-            if bad is not None:
-                self._non_finite(bad[1], epoch, -1, f"{net_name} network tensor {bad[0]}")
-
-    # ------------------------------------------------------------------ #
-    # evaluation (every rank, on its shard) and diagnostics (rank 0)
-    # ------------------------------------------------------------------ #
     def _nets(self) -> dict[str, nn.Module]:
         nets: dict[str, nn.Module] = {"backprop": self.net}
         if self.momentum is not None:
@@ -450,9 +350,10 @@ class Trainer:
         return pseudo_label_diagnostics(self.net, self.data.diag_set, self.cfg, epoch, self.out, self.d.device,
                                         self._autocast)
 
-    # ------------------------------------------------------------------ #
-    # checkpoints
-    # ------------------------------------------------------------------ #
+    def _provenance(self) -> dict[str, Any]:
+        """What a checkpoint records beside the weights: the resolved config and where its data was."""
+        return {"config": resolved(self.cfg), "data_root": str(Path(self.cfg.data.root).resolve())}
+
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
             "epoch": epoch + 1,
@@ -466,31 +367,25 @@ class Trainer:
             "rng": ckpt_io.rng_state(),
             "best": dict(self.best),
             "resumes": list(self.resumes),
-            "config": resolved(self.cfg),
-            "data_root": str(Path(self.cfg.data.root).resolve()),
+            **self._provenance(),
             "world_size": self.d.world_size,
             "torch_version": str(torch.__version__),
         }
 
     def _save_epoch(self, epoch: int, metrics: dict[str, Any], steps_log: list[dict[str, Any]]) -> None:
-        """Log rows first, then ``last.pt`` (the epoch's commit point), then ``best.pt`` (rebuilt on resume)."""
+        """Log rows and ``last.pt`` (the epoch's commit, :func:`derprop.rundir.commit_epoch`), then ``best.pt``."""
         cand = metrics.pop("_best_candidate", None)
         improved = cand is not None and cand[1] > self.best["miou"]
         if improved:
             self.best = {"miou": cand[1], "epoch": epoch + 1, "net": cand[0]}
         metrics["best_miou"] = self.best["miou"] if self.best["epoch"] is not None else None
         self.history.append(metrics)
-        rundir.append_jsonl(self.out / "steps.jsonl", steps_log)
-        rundir.append_jsonl(self.out / "metrics.jsonl", [metrics])
-        ckpt_io.save(self.out / "last.pt", self._state(epoch))
+        rundir.commit_epoch(self.out, steps_log, metrics, self._state(epoch))
         if improved:
             self._save_best(epoch, cand[0], cand[1])
 
     def _save_best(self, epoch: int, net_name: str, miou: float) -> None:
-        ckpt_io.save(self.out / "best.pt", {
-            "epoch": epoch + 1, "net": net_name, "miou": miou, "model": self._nets()[net_name].state_dict(),
-            "config": resolved(self.cfg), "data_root": str(Path(self.cfg.data.root).resolve()),
-        })
+        rundir.save_best(self.out, epoch + 1, net_name, miou, self._nets()[net_name].state_dict(), self._provenance())
 
     def _restore(self, state: dict[str, Any]) -> None:
         changed = self._changes
@@ -519,65 +414,28 @@ class Trainer:
         if changed:
             self.resumes.append({"epoch": self.start_epoch, "changed": changed})
         if any(k in rundir.OPTIMIZER_KEYS for k in changed):
-            rundir.apply_optimizer_settings(self.optimizer, self.scheduler, fresh_groups)
+            schedule.apply_settings(self.optimizer, self.scheduler, fresh_groups)
 
-    # ------------------------------------------------------------------ #
     def _final_results(self, wall: float) -> dict[str, Any]:
+        """Every net in every final mode; the headline is the first mode's, of the net ``eval.select`` names."""
         cfg = self.cfg
         modes = list(dict.fromkeys(eval_mode(cfg, m) for m in (cfg.eval.mode, *cfg.eval.final_modes)))
         names = list(self.data.val_set.class_names)
-        nets: dict[str, Any] = {}
-        for name in self._nets():
-            nets[name] = {}
-            for mode in modes:
-                res = self._eval(name, mode)
-                nets[name][mode] = {
-                    "miou": res["miou"],
-                    "pixel_acc": res["pixel_acc"],
-                    "iou_per_class": dict(zip(names, res["iou_per_class"])),
-                    "num_images": res["num_images"],
-                    "crop_size": res["crop_size"],
-                }
-        head_net = "momentum" if "momentum" in nets else "backprop"
+        def final(res: dict[str, Any]) -> dict[str, Any]:
+            return {"miou": res["miou"], "pixel_acc": res["pixel_acc"], "iou_per_class": dict(zip(names, res["iou_per_class"])),
+                    "num_images": res["num_images"], "crop_size": res["crop_size"]}
+
+        nets = {name: {mode: final(self._eval(name, mode)) for mode in modes} for name in self._nets()}
+        head = "momentum" if "momentum" in nets else "backprop"
         if cfg.eval.select == "best_of_both":
-            head_net = max(nets, key=lambda n: nets[n][modes[0]]["miou"])
+            head = max(nets, key=lambda n: nets[n][modes[0]]["miou"])
         results = {
-            "config": resolved(cfg),
-            "miou": nets[head_net][modes[0]]["miou"],
-            "miou_net": head_net,
-            "miou_mode": modes[0],
-            "final": nets,
-            "best": self.best,
-            "resumes": self.resumes,
-            "epochs": cfg.optim.epochs,
-            "iters_per_epoch": self.iters_per_epoch,
-            "global_batch": cfg.optim.batch_size * self.d.world_size,
-            "world_size": self.d.world_size,
-            "wall_time_s": wall,
-            "device": _device_name(self.d.device),
-            "torch_version": str(torch.__version__),
-            "python": platform.python_version(),
+            "config": resolved(cfg), "miou": nets[head][modes[0]]["miou"], "miou_net": head, "miou_mode": modes[0],
+            "final": nets, "best": self.best, "resumes": self.resumes, "epochs": cfg.optim.epochs,
+            "iters_per_epoch": self.iters_per_epoch, "global_batch": cfg.optim.batch_size * self.d.world_size,
+            "world_size": self.d.world_size, "wall_time_s": wall, "device": device_name(self.d.device),
+            "torch_version": str(torch.__version__), "python": platform.python_version(),
         }
         if self.d.is_main:
             atomic.write_json(self.out / "results.json", results)
         return results
-
-
-def _load_warm_start(net: nn.Module, path: Path) -> None:
-    """Initialise ``net`` with the model weights of checkpoint ``path`` (``optim.warm_start``)."""
-    if not path.is_file():
-        raise ckpt_io.CheckpointError(f"optim.warm_start: checkpoint {path} does not exist; train the warm-start run "
-                                      "first or correct the path")
-    state = ckpt_io.load(path)
-    try:
-        net.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as err:
-        raise ckpt_io.CheckpointError(
-            f"optim.warm_start: {path} does not fit this model ({type(err).__name__}: {err}); "
-            "warm-start from a run with the same model section") from err
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -20,7 +20,8 @@ from derprop.distributed import Dist
 from derprop.loaders import loaders
 from derprop.objective import ohem_ce
 from derprop.pseudo_labels import Threshold, blend, region_propagation
-from derprop.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+from derprop.guards import NonFiniteLossError
+from derprop.trainer import Trainer, TrainingInterrupted
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
 

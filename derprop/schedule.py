@@ -1,0 +1,44 @@
+"""The optimiser and its schedule: SGD with a head learning-rate multiplier and the release's poly decay.
+
+Explained in the book chapter *Training on a CPU*.
+
+``lr_it = lr · (1 − it/total)^power`` at iteration ``it`` of ``total = epochs × iters_per_epoch``
+(UniMatch's and the release's schedule); the decoder and the heads train at ``head_lr_mult × lr``
+(:meth:`derprop.model.DerPropNet.param_groups`). With ``optim.ref_batch`` set, ``lr`` is scaled
+linearly to the global batch first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from derprop.config import OptimConfig
+from derprop.model import DerPropNet
+
+
+def build_optimizer(net: DerPropNet, o: OptimConfig, world_size: int) -> torch.optim.SGD:
+    """SGD over ``net``'s backbone and head parameter groups at the (batch-scaled) ``o.lr``."""
+    global_batch = o.batch_size * world_size
+    lr = o.lr * (global_batch / o.ref_batch if o.ref_batch else 1.0)
+    return torch.optim.SGD(net.param_groups(lr, o.head_lr_mult), lr=lr, momentum=o.momentum,
+                           weight_decay=o.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, power: float) -> torch.optim.lr_scheduler.LRScheduler:
+    """The poly decay over ``total`` iterations, stepped once per iteration."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1.0 - it / total) ** power)
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
+    """Put a new config's lr, momentum, weight decay and schedule (``fresh``: its param groups) over a restored state.
+
+    ``scheduler`` is :func:`build_scheduler`'s; its lambda already uses the new config's total.
+    """
+    for group, new in zip(optimizer.param_groups, fresh):
+        group.update({k: v for k, v in new.items() if k != "params" and k != "lr"})
+    scheduler.base_lrs = [g["initial_lr"] for g in fresh]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
