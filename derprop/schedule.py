@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import PolynomialLR
 
 from derprop.config import OptimConfig
 from derprop.model import DerPropNet
@@ -26,19 +27,23 @@ def build_optimizer(net: DerPropNet, o: OptimConfig, world_size: int) -> torch.o
                            weight_decay=o.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total: int, power: float) -> torch.optim.lr_scheduler.LRScheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, power: float) -> PolynomialLR:
     """The poly decay over ``total`` iterations, stepped once per iteration."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1.0 - it / total) ** power)
+    return PolynomialLR(optimizer, total_iters=total, power=power)
 
 
-def apply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, fresh: list[dict[str, Any]]) -> None:
-    """Put a new config's lr, momentum, weight decay and schedule (``fresh``: its param groups) over a restored state.
+def apply_settings(optimizer: torch.optim.Optimizer, scheduler: PolynomialLR, fresh: list[dict[str, Any]],
+                   total: int, power: float) -> None:
+    """Put a new config's lr, momentum, weight decay and schedule over a state restored from a checkpoint.
 
-    ``scheduler`` is :func:`build_scheduler`'s; its lambda already uses the new config's total.
+    ``fresh``: the param groups the new config built; ``total``/``power``: its schedule. Loading the
+    checkpoint restored the old schedule, and :class:`PolynomialLR` steps multiplicatively from the
+    current lr, so the lr is set to the new schedule's value at this iteration and continues from there.
     """
     for group, new in zip(optimizer.param_groups, fresh):
         group.update({k: v for k, v in new.items() if k != "params" and k != "lr"})
     scheduler.base_lrs = [g["initial_lr"] for g in fresh]
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler.total_iters, scheduler.power = total, power
+    factor = max(0.0, 1.0 - scheduler.last_epoch / total) ** power
     for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
         group["lr"] = base * factor

@@ -414,7 +414,8 @@ class Trainer:
         if changed:
             self.resumes.append({"epoch": self.start_epoch, "changed": changed})
         if any(k in rundir.OPTIMIZER_KEYS for k in changed):
-            schedule.apply_settings(self.optimizer, self.scheduler, fresh_groups)
+            schedule.apply_settings(self.optimizer, self.scheduler, fresh_groups, self.cfg.optim.epochs * self.iters_per_epoch,
+                                    self.cfg.optim.poly_power)
 
     def _final_results(self, wall: float) -> dict[str, Any]:
         """Every net in every final mode; the headline is the first mode's, of the net ``eval.select`` names."""
