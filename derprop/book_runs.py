@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from derprop.configfile import load_config
+from derprop.tables import ABLATIONS
 from derprop.trainer import Trainer
 
 BOOK_RUNS: dict[str, dict] = {
@@ -46,10 +47,8 @@ WARM_RUN = "cpu_warm"
 WARM_START = ("method.semi_supervised=false", "method.momentum=false")
 """The warm start: the labeled terms of eq. 7/8 only (CE on L and on L̃, labeled derivative loss), no Θm."""
 
-WITHOUT_DLP = ("method.dlp=false", "method.derivative_loss=false", "method.momentum=false",
-               "method.region_propagation=false")
-"""The paper's "w/o DLP" row (Table 1): no propagation, no derivative loss, no momentum network, and no
-similarity head anywhere (the release's region propagation also reads f1/f2, so it goes too)."""
+WITHOUT_DLP = ABLATIONS["wo_dlp"].overrides
+"""The paper's "w/o DLP" row (Table 1), as ``derprop.tables.ABLATIONS`` defines it."""
 
 TRAINING_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {"DerProp": ("cpu_dlp", ()), "w/o DLP": ("cpu_nodlp", WITHOUT_DLP)}
 """The runs of chapter *Training on a CPU*, label → (run id, overrides); ``make demo`` trains them."""

@@ -14,33 +14,10 @@ paper writes (SPEC §1). A key written in a config file or on the command
 line always wins over the profile. :func:`resolved` gives the fully expanded
 dictionary that goes into checkpoints and ``results.json``.
 
-======================================  ==================  ==================  =====================================
-key                                     official (release)  paper               SPEC / equation
-======================================  ==================  ==================  =====================================
-``model.two_heads``                     true (S = f1ᵀf2)    false (S = VᵀV)     §2 "J … two 1×1 convs"; eq. 1, 3
-``method.dlp_form``                     softmax             linear              §2 "Propagation"; eq. 4
-``method.blend_space``                  logit               prob                §2 "Blend in logit space"; eq. 5
-``method.feature_norm``                 softmax             l1                  §2 "channel-softmax"; §1 ‖v‖₁ = 1
-``method.label_resize``                 bilinear            nearest             §2 "resized bilinearly"; eq. 8 S_GT
-``method.cutmix_partner``               same_image          other_image         §2 "zip(loader_u, loader_u)"
-``method.labeled_der_detached``         true                false               §2 quirk; eq. 8 labeled terms
-``method.spatial_softmax_sparsity``     true                false               §2 quirk; eq. 8 η‖Δ²V‖₁
-``method.momentum_timing``              epoch_start         epoch_end           §2 "Momentum"; eq. 6
-``method.momentum_buffers``             true                false               §2 "full state dict"; eq. 6 (Θ only)
-``method.threshold``                    ema (0.85, 0.999)   fixed (0.95)        §2 CorrMatch threshold; eq. 7 "binary map"
-``method.pseudo_label_source``          momentum            backprop            §2 CutMix batch; §1 "pseudo-labels by Θb"
-``method.unlabeled_ce``                 soft                hard                §2 CE_u(soft); eq. 7 l^CE(P^s, P̃)
-``method.cutmix_consistent_targets``    false               true                §2 quirk: uncut weak-view targets
-``method.weak_propagated_ce``           true                false               §2 "CE_u(L̃)" has a weak-view half
-``method.fp_branch``                    true                false               §2 feature perturbation (UniMatch)
-``method.region_propagation``           true                false               §2 CorrMatch region propagation
-``loss.lambda_der``                     0.25                0.5                 §2 "0.5·(Der_x+Der_u)" of (S+ΔS)/2; eq. 7
-``loss.eta``                            1.0                 0.5                 §2 "0.25·(sparsity)"; eq. 3, 8 η
-``loss.scale``                          0.5                 1.0                 §2 "Total … / 2"; eq. 7
-``loss.lambda_fp``                      0.25                0.25 (unused)       §2 "0.25·CE_fp"
-``eval.mode``                           center_crop         auto                §2 "Evaluation forced to centre-crop"
-``eval.select``                         best_of_both        momentum            §2 "Both nets … best"; §1 eq. 6 "only Θm"
-======================================  ==================  ==================  =====================================
+What each switch does in the release and in the paper is written once, in
+``derprop.tables.DIVERGENCES`` (a test checks that it has exactly the keys
+of :data:`PROFILES`); the chapter *Paper vs released code* tabulates it with
+both profiles' values.
 
 ``auto`` evaluation means original size for pascal/scenes and sliding window
 for cityscapes (SPEC §1). Both label resizes sample the feature grid the

@@ -33,8 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-IGNORE_INDEX = 255
-"""Label value that the losses and metrics skip (VOC's object boundaries)."""
+from derprop.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES, default_class_names, voc_palette
 
 SPLITS_ROOT = Path(__file__).resolve().parent.parent / "data_prep" / "splits"
 """UniMatch's split lists for VOC and Cityscapes (see its README)."""
@@ -47,25 +46,6 @@ class DatasetError(ValueError):
     """A dataset file or split list is missing or wrong; the message says which and how to fix it."""
 
 
-def voc_palette() -> list[int]:
-    """The standard 256-entry VOC colour map as a flat ``[r, g, b, r, g, b, ...]`` list.
-
-    Index ``i``'s colour spreads the bits of ``i`` over the high bits of the
-    three channels (VOC devkit's ``labelcolormap``); 255 is (224, 224, 192).
-    """
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
 def label_png_bytes(label: np.ndarray) -> bytes:
     """Encode an ``H×W`` uint8 index array as a VOC palette PNG (reads back as the same indices)."""
     if label.dtype != np.uint8 or label.ndim != 2:
@@ -76,18 +56,6 @@ def label_png_bytes(label: np.ndarray) -> bytes:
     im.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
 
-
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
-    "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
-    "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
-
-CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
-    "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
 
 # Cityscapes label id -> train id (cityscapesscripts/helpers/labels.py; a test
 # checks this table against it). Ids 0..33 exist; 255 marks "ignore".
@@ -325,7 +293,7 @@ class SegmentationDataset(Dataset):
         self.num_classes = num_classes
         self.labeled = labeled
         self.transforms = transforms
-        self.class_names = tuple(class_names) if class_names else tuple(str(i) for i in range(num_classes))
+        self.class_names = tuple(class_names) if class_names else default_class_names(num_classes)
         self.fix = fix
         if not self.root.is_dir():
             raise DatasetError(f"dataset root {self.root} does not exist. {fix}".strip())

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from . import atomic
 from . import checkpoint as ckpt_io
 from . import data as data_io
-from .data import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES
+from .labels import IGNORE_INDEX, default_class_names
 from .metrics import ConfusionMatrix
 from .config import ModelConfig
 from .model import IMAGENET_MEAN_255, SegOutput, build_model
@@ -65,15 +65,6 @@ from .model import IMAGENET_MEAN_255, SegOutput, build_model
 log = logging.getLogger(__name__)
 
 MODES = ("original", "sliding", "center_crop")
-
-
-def default_class_names(num_classes: int) -> list[str]:
-    """VOC names for 21 classes, Cityscapes names for 19, else ``class_<i>``."""
-    if num_classes == len(VOC_CLASSES):
-        return list(VOC_CLASSES)
-    if num_classes == len(CITYSCAPES_CLASSES):
-        return list(CITYSCAPES_CLASSES)
-    return [f"class_{i}" for i in range(num_classes)]
 
 
 # --------------------------------------------------------------------------- #
@@ -138,28 +129,22 @@ def center_crop(img: Tensor, label: Tensor, crop_size: int) -> tuple[Tensor, Ten
 # --------------------------------------------------------------------------- #
 # data plumbing
 # --------------------------------------------------------------------------- #
-def _as_image(x: Any) -> Tensor:
-    if not isinstance(x, Tensor):
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
-    x = x.as_subclass(Tensor)  # tv_tensors.Image -> plain tensor
+def _as_batch(img: Any, lab: Any) -> tuple[Tensor, Tensor]:
+    """Image (B,3,H,W) and label (B,H,W) int64 as plain tensors, from arrays, tensors or tv_tensors,
+    channels first or last, batched or not."""
+    x, y = (t if isinstance(t, Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(t))) for t in (img, lab))
+    x, y = x.as_subclass(Tensor), y.as_subclass(Tensor)  # tv_tensors.Image/Mask -> plain tensors
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4:
         raise ValueError(f"image must be (3,H,W), (H,W,3) or batched, got shape {tuple(x.shape)}")
     if x.shape[1] != 3 and x.shape[-1] == 3:
         x = x.permute(0, 3, 1, 2)
-    return x
-
-
-def _as_label(y: Any) -> Tensor:
-    if not isinstance(y, Tensor):
-        y = torch.from_numpy(np.ascontiguousarray(np.asarray(y)))
-    y = y.as_subclass(Tensor)  # tv_tensors.Mask -> plain tensor
     if y.dim() == 2:
         y = y.unsqueeze(0)
     if y.dim() == 4 and y.shape[1] == 1:
         y = y[:, 0]
-    return y.long()
+    return x, y.long()
 
 
 def _split_item(item: Any) -> tuple[Any, Any]:
@@ -182,7 +167,7 @@ def _iter_batches(data: Any, num_workers: int = 0) -> Iterator[tuple[Tensor, Ten
         items = (data[i] for i in range(len(data)))
     for item in items:
         img, lab = _split_item(item)
-        yield _as_image(img), _as_label(lab)
+        yield _as_batch(img, lab)
 
 
 # --------------------------------------------------------------------------- #
@@ -289,7 +274,7 @@ def _safe_len(data: Any, limit: int | None) -> int | None:
 def format_iou_table(result: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
     """Text table of per-class IoU (%), then mIoU, pixel accuracy and the mode used."""
     ious = result["iou_per_class"]
-    names = list(class_names) if class_names is not None else default_class_names(len(ious))
+    names = list(class_names if class_names is not None else default_class_names(len(ious)))
     if len(names) != len(ious):
         raise ValueError(f"{len(names)} class names for {len(ious)} classes")
     width = max(12, *(len(s) for s in names))
@@ -364,7 +349,7 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
     p = Path(list_file)
     if not p.is_file() and (root / p).is_file():
         p = root / p
-    names = spec.class_names if spec is not None and spec.num_classes == n else default_class_names(n)
+    names = spec.class_names if spec is not None and spec.num_classes == n else None  # None: default_class_names
     return data_io.SegmentationDataset(root, data_io.read_split(p), num_classes=n, labeled=True, class_names=names)
 
 

@@ -15,8 +15,8 @@ them). UniMatch's evaluation instead divides by (union + 1e-10), i.e. counts
 them as 0 in the mean; over a whole validation set every class occurs, so the
 two agree there.
 
-The state is one int64 tensor, so results of several workers can be summed:
-:meth:`merge` for two objects, :meth:`reduce_` for an all-reduce under DDP.
+The state is one int64 tensor, so the counts of several workers add up:
+:meth:`reduce_` sums them with an all-reduce under DDP.
 """
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from derprop.labels import IGNORE_INDEX
+
 
 class ConfusionMatrix:
     """Accumulates a (C, C) confusion matrix over batches."""
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255, device: torch.device | str | None = None):
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX,
+                 device: torch.device | str | None = None):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-
-    def reset(self) -> None:
-        self.mat.zero_()
 
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -86,13 +86,6 @@ class ConfusionMatrix:
         return float(self.mat.diag().sum().double() / total) if int(total) else float("nan")
 
     # ------------------------------------------------------------------ #
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
-        """Add another matrix's counts into this one (in place); returns self."""
-        if other.num_classes != self.num_classes:
-            raise ValueError(f"cannot merge {other.num_classes}-class into {self.num_classes}-class matrix")
-        self.mat += other.mat.to(self.mat.device)
-        return self
-
     def reduce_(self, dist: Any = None) -> "ConfusionMatrix":
         """Sum the counts over all DDP ranks (in place); no-op without an initialised process group.
 
@@ -103,9 +96,6 @@ class ConfusionMatrix:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.mat)
         return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "ignore_index": self.ignore_index, "mat": self.mat.cpu()}
 
     def __repr__(self) -> str:
         return f"ConfusionMatrix(num_classes={self.num_classes}, pixels={int(self.mat.sum())}, miou={self.miou():.4f})"

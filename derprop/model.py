@@ -220,13 +220,6 @@ class DerPropNet(nn.Module):
             {"params": head, "lr": lr * head_lr_mult, "name": "head", "lr_mult": float(head_lr_mult)},
         ]
 
-    def to_channels_last(self) -> "DerPropNet":
-        """Move weights to ``torch.channels_last`` (faster convs on GPU with AMP); returns self.
-
-        Inputs may stay contiguous; convs convert them. Outputs may be channels-last strided.
-        """
-        return self.to(memory_format=torch.channels_last)
-
 
 def build_model(cfg: ModelConfig | Mapping[str, Any]) -> DerPropNet:
     """Build :class:`DerPropNet` from a :class:`ModelConfig` (or a dict of its fields)."""

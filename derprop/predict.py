@@ -36,8 +36,9 @@ from PIL import Image
 
 from . import atomic
 from . import checkpoint as ckpt_io
-from .data import DatasetError, label_png_bytes, read_image, voc_palette
+from .data import DatasetError, label_png_bytes, read_image
 from .evaluate import _logits, _weights, model_config_from_checkpoint, sliding_window_logits
+from .labels import voc_palette
 from .model import DerPropNet, build_model
 
 WHICH = ("auto", "model", "momentum")

@@ -32,8 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = 255
-"""Label value excluded from every count (as in :mod:`derprop.data`)."""
+from derprop.labels import IGNORE_INDEX, voc_palette
 
 FIXED_RGB = (40, 160, 40)
 BROKEN_RGB = (210, 40, 40)
@@ -117,8 +116,6 @@ def load_snapshots(run_dir: str | os.PathLike) -> dict[int, dict[str, np.ndarray
 def colorize(label: np.ndarray, palette: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
     """RGB image of a label map; ``palette`` is a flat [r, g, b, r, g, b, ...] list (VOC's by default)."""
     if palette is None:
-        from derprop.data import voc_palette
-
         palette = voc_palette()
     pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
     if len(pal) < 256:

@@ -12,17 +12,17 @@ Explained in the book chapter *Full reproduction on a GPU* (``book/reproduction.
 ``one`` trains one configuration: ``pipelines/train.ipynb`` is executed by
 papermill into ``<runs-root>/<name>/train.ipynb`` and the trainer writes its
 run files (``results.json``, ``last.pt``, ``metrics.jsonl`` …) next to it.
-``all`` does that for every entry of :data:`MATRIX`, skipping entries whose
-``results.json`` exists and resuming (``--resume``, i.e. the pipeline's
-``RESUME=auto``) those that have a ``last.pt``; interrupted, it can simply be
-started again. After each finished run a summary is copied to
+``all`` does that for every entry of :data:`derprop.tables.MATRIX`, skipping
+entries whose ``results.json`` exists and resuming (``--resume``, i.e. the
+pipeline's ``RESUME=auto``) those that have a ``last.pt``; interrupted, it can
+simply be started again. After each finished run a summary is copied to
 ``results/matrix/<name>.json`` (tracked in git), which the book's results
 table reads. ``list`` prints the matrix and the state of each entry.
 
 Every entry is a config file under ``configs/`` plus, where no file exists for
-an ablation, the overrides of :data:`ABLATIONS`. The paper's numbers
-(:data:`MATRIX`, SPEC §5) are here only to lay out the table: they are never
-written into ``results/``.
+an ablation, the overrides of :data:`derprop.tables.ABLATIONS`. This script
+runs the notebook; the notebook imports only :mod:`derprop` (its overrides come
+from :func:`derprop.tables.overrides_for`), never this script.
 """
 
 from __future__ import annotations
@@ -31,100 +31,16 @@ import argparse
 import datetime as _dt
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+from derprop import atomic
+from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipelines" / "train.ipynb"
 RUNS_ROOT = Path("runs") / "matrix"
 RESULTS_DIR = Path("results") / "matrix"
-
-ABLATIONS: dict[str, list[str]] = {
-    # Table 1 / 2 rows (the paper's "Ablation Study": w/o DLP and w/o L_Der also drop the momentum net)
-    "wo_dlp": ["method.dlp=false", "method.derivative_loss=false", "method.momentum=false"],
-    "wo_der": ["method.derivative_loss=false", "method.momentum=false"],
-    "wo_momentum": ["method.momentum=false"],
-    # Table 3: eq. 9 with Q = 0..3, with and without the sparsity term
-    **{f"Q{q}": [f"method.Q={q}"] for q in range(4)},
-    **{f"Q{q}_nosparsity": [f"method.Q={q}", "method.sparsity=false"] for q in range(4)},
-    # Table 4: the derivative operator (eq. 10, 11, 12 instead of eq. 2)
-    "op_central": ["method.op=central"],
-    "op_sum": ["method.op=sum"],
-    "op_second": ["method.op=second"],
-}
-"""Ablation name → config overrides (the same switches as the ``configs/*_<ablation>.yaml`` files)."""
-
-SIZES: dict[str, list[str]] = {
-    "smoke": ["optim.epochs=1", "optim.iters_per_epoch=2", "data.val_limit=4", "data.diag_images=2"],
-    "small": ["optim.epochs=4", "data.val_limit=100"],
-    "full": [],
-}
-"""Run size → overrides. ``full`` is the config as written (the paper's schedule)."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One cell of the paper's tables: a config (plus ablation) and the paper's number for it."""
-
-    table: str
-    row: str
-    column: str
-    config: str
-    ablation: str = ""
-    paper: float | None = None
-
-    @property
-    def name(self) -> str:
-        return run_name(self.config, self.ablation)
-
-
-def _entries() -> list[Entry]:
-    out: list[Entry] = []
-    voc = ["92", "183", "366", "732", "1464"]
-    t1 = {
-        "DerProp": ("", [77.6, 78.7, 80.5, 81.3, 82.2]),
-        "w/o DLP": ("wo_dlp", [66.6, 77.8, 78.3, 79.8, None]),
-        "w/o L_Der": ("wo_der", [72.9, 77.0, 77.5, 78.8, 81.0]),
-        "w/o momentum": ("wo_momentum", [75.1, 78.0, 79.6, 78.8, 81.9]),
-    }
-    for row, (abl, nums) in t1.items():
-        for split, num in zip(voc, nums):
-            if abl == "wo_dlp" and split == "1464":
-                continue  # not applicable: fully supervised, no pseudo-labels (paper, Ablation)
-            out.append(Entry("1", row, split, f"configs/voc_{split}.yaml", abl, num))
-    city = [("186", "cityscapes_186"), ("372", "cityscapes_372"), ("744", "cityscapes_744")]
-    t2 = {
-        "DerProp": ("", [60.1, 61.8, 62.1]),
-        "w/o DLP": ("wo_dlp", [59.1, 60.4, 60.9]),
-        "w/o L_Der": ("wo_der", [57.1, 60.5, 61.0]),
-        "w/o momentum": ("wo_momentum", [57.6, 60.4, 61.6]),
-    }
-    for row, (abl, nums) in t2.items():
-        for (split, stem), num in zip(city, nums):
-            out.append(Entry("2", row, split, f"configs/{stem}.yaml", abl, num))
-    t3 = {0: (74.1, 75.1), 1: (77.0, 77.6), 2: (76.0, 76.9), 3: (76.4, 76.7)}
-    for q, (without, with_) in t3.items():
-        out.append(Entry("3", f"L_{q}", "w/o sparsity", "configs/voc_92.yaml", f"Q{q}_nosparsity", without))
-        out.append(Entry("3", f"L_{q}", "w/ sparsity", "configs/voc_92.yaml", f"Q{q}", with_))
-    t4 = {"eq. 10": ("op_central", (76.1, 78.6)), "eq. 11": ("op_sum", (76.4, 77.1)),
-          "eq. 12": ("op_second", (76.8, 78.5)), "eq. 2": ("", (77.6, 78.7))}
-    for row, (abl, nums) in t4.items():
-        for split, num in zip(("92", "183"), nums):
-            out.append(Entry("4", row, split, f"configs/voc_{split}.yaml", abl, num))
-    return out
-
-
-MATRIX: list[Entry] = _entries()
-"""Every cell of Tables 1–4 with the paper's value (SPEC §5; ``None`` = not reported)."""
-
-
-def run_name(config: str, ablation: str = "") -> str:
-    """``voc_92`` + ``wo_dlp`` → ``voc_92_wo_dlp``; ``Q1`` with sparsity is the main run (same name)."""
-    stem = Path(config).stem
-    if ablation in ("", "Q1"):  # Q = 1 with sparsity is DerProp itself
-        return stem
-    return f"{stem}_{ablation}"
 
 
 def resolve_config(config: str, ablation: str) -> tuple[str, str]:
@@ -133,27 +49,6 @@ def resolve_config(config: str, ablation: str) -> tuple[str, str]:
     if ablation and (ROOT / dedicated).is_file():
         return str(dedicated), ""
     return config, ablation
-
-
-def overrides_for(*, split: str = "", profile: str = "", ablation: str = "", size: str = "full", seed: int = -1,
-                  data_root: str = "", extra: Sequence[str] = ()) -> list[str]:
-    """Dotted config overrides for the pipeline's parameters (see ``pipelines/train.ipynb``)."""
-    if ablation and ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
-    out: list[str] = []
-    if profile:
-        out.append(f"profile={profile}")
-    if split:
-        out.append(f'data.split="{split}"')
-    out += ABLATIONS.get(ablation, [])
-    out += SIZES[size]
-    if seed is not None and int(seed) >= 0:
-        out.append(f"seed={int(seed)}")
-    if data_root:
-        out.append(f"data.root={data_root}")
-    return out + list(extra)
 
 
 def state(run_dir: Path) -> str:
@@ -200,9 +95,8 @@ def publish(run_dir: Path, name: str, *, config: str, ablation: str, size: str, 
                   for net, modes in (res.get("final") or {}).items()},
         "profile": (res.get("config") or {}).get("profile"),
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{name}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(path, summary)
     return path
 
 

@@ -127,11 +127,12 @@ def test_param_groups_cover_every_parameter_once():
 
 
 def test_channels_last():
+    """``optim.channels_last``: the trainer moves the network and its inputs to channels-last memory."""
     net = tiny().eval()
     x = image(1)
     with torch.no_grad():
         ref = net(x).logits
-        net.to_channels_last()
+        net.to(memory_format=torch.channels_last)
         assert net.backbone.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
         out = net(x.contiguous(memory_format=torch.channels_last)).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -37,39 +37,28 @@ rm = _run_matrix()
 # --------------------------------------------------------------------------- #
 # the matrix (no training)
 # --------------------------------------------------------------------------- #
-def test_matrix_covers_tables_1_to_4_with_the_papers_numbers():
-    cells = {(e.table, e.row, e.column): e.paper for e in rm.MATRIX}
-    assert cells[("1", "DerProp", "92")] == 77.6 and cells[("1", "w/o DLP", "92")] == 66.6
-    assert ("1", "w/o DLP", "1464") not in cells  # not applicable with every image labeled
-    assert cells[("2", "DerProp", "744")] == 62.1
-    assert cells[("3", "L_2", "w/o sparsity")] == 76.0 and cells[("3", "L_1", "w/ sparsity")] == 77.6
-    assert cells[("4", "eq. 11", "183")] == 77.1
-    assert len([e for e in rm.MATRIX if e.table == "1"]) == 4 * 5 - 1
-    for e in rm.MATRIX:
-        assert (ROOT / e.config).is_file(), e.config
-        assert e.ablation in ("", *rm.ABLATIONS), e.ablation
-
-
-def test_main_run_is_shared_by_tables():
-    names = {(e.table, e.row, e.column): e.name for e in rm.MATRIX}
-    assert names[("1", "DerProp", "92")] == names[("3", "L_1", "w/ sparsity")] == names[("4", "eq. 2", "92")] == "voc_92"
-    assert rm.run_name("configs/voc_92.yaml", "Q2_nosparsity") == "voc_92_Q2_nosparsity"
-
-
 def test_dedicated_config_files_are_preferred():
     assert rm.resolve_config("configs/voc_92.yaml", "wo_dlp") == ("configs/voc_92_wo_dlp.yaml", "")
     assert rm.resolve_config("configs/voc_366.yaml", "wo_dlp") == ("configs/voc_366.yaml", "wo_dlp")
 
 
-def test_overrides_load_into_a_valid_config():
-    from derprop.configfile import load_config
+def test_the_pipeline_notebook_does_not_import_the_script_that_runs_it():
+    nb = json.loads((PIPELINES / "train.ipynb").read_text())
+    code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "derprop.tables import overrides_for" in code
+    assert "run_matrix" not in code and "sys.path" not in code
 
-    for abl in rm.ABLATIONS:
-        ov = rm.overrides_for(split="183", profile="paper", ablation=abl, size="smoke", seed=3)
-        cfg = load_config(ROOT / "configs/voc_92.yaml", ov)
-        assert cfg.data.split == "183" and cfg.profile == "paper" and cfg.seed == 3 and cfg.optim.epochs == 1
-    with pytest.raises(ValueError, match="unknown ablation"):
-        rm.overrides_for(ablation="nope")
+
+def test_publish_writes_the_summary_atomically(tmp_path):
+    run_dir, results = tmp_path / "run", tmp_path / "results"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps({"miou": 0.5, "device": "cpu", "config": {"profile": "paper"},
+                                                      "final": {"momentum": {"original": {"miou": 0.5}}}}))
+    path = rm.publish(run_dir, "voc_92", config="configs/voc_92.yaml", ablation="", size="smoke", results_dir=results)
+    summary = json.loads(path.read_text())
+    assert path == results / "voc_92.json" and summary["miou"] == 0.5 and summary["profile"] == "paper"
+    assert summary["final"] == {"momentum": {"original": {"miou": 0.5, "pixel_acc": None}}}
+    assert [p.name for p in results.iterdir()] == ["voc_92.json"]  # no temporary file left behind
 
 
 # --------------------------------------------------------------------------- #
