@@ -1,4 +1,4 @@
-"""Results files name no machine's folders: paths are written from the repository root."""
+"""Results files and the rendered book name no machine's folders: paths are written from the repository root."""
 
 from __future__ import annotations
 
@@ -73,3 +73,16 @@ def test_portable_rewrites_paths_inside_strings_and_nothing_else():
 def test_benchmarks_write_results_through_write_results():
     direct = [p.name for p in BENCHMARKS if p.name != "common.py" and re.search(r"\batomic\.write_", p.read_text())]
     assert not direct, f"write results with benchmarks.common.write_results (it makes paths portable): {direct}"
+
+
+@pytest.mark.slow
+def test_built_book_prints_no_machine_paths():
+    from test_book import SMOKE_HTML, build_smoke_book  # the smoke build, shared with tests/test_book.py
+
+    rc, _, _ = build_smoke_book()
+    assert rc == 0
+    machine = {str(ROOT), str(ROOT.resolve()), sys.prefix, str(Path(sys.prefix).resolve())}
+    bad = [f"{page.name}: {folder}" for page in sorted((SMOKE_HTML / "book").glob("*.html"))
+           for folder in machine if folder in page.read_text(errors="replace")]
+    assert not bad, "the rendered book names this machine's folders (print paths from the repository root):\n" + \
+        "\n".join(bad)
