@@ -29,9 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table
+from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_results
 from benchmarks.cpu_evidence import Plan, measure, summarise
-from derprop import atomic
 from derprop.book_runs import BOOK_RUNS
 
 ACTIVE_DER = ("method.labeled_der_detached=false", "method.spatial_softmax_sparsity=false")
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference": summary.get("full"), "groups": groups, "runs": runs,
         "total_wall_time_s": time.time() - t0,
     }
-    atomic.write_json(Path(args.out), payload)
+    write_results(Path(args.out), payload)
     print_table([{"group": g, "name": r["name"], "miou": 100 * r.get("mean", float("nan")),
                   "std": 100 * r.get("std", float("nan")), "diff": 100 * r.get("paired_diff_mean", 0.0), "n": r["n"]}
                  for g, rs in groups.items() for r in rs],

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +30,46 @@ from derprop import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
+
+ABSOLUTE_PATH = re.compile(r"""(?<![^\s="'(\[{,])/(?=[\w.~-])[^\s"'`,;:()\[\]{}<>|]*""")
+"""An absolute POSIX path inside a string: at its start or after a space, ``=``, a quote or a bracket."""
+
+
+def repo_path(path: str | Path) -> str:
+    """``path`` as a results file records it: from the repository root, so that no file names a machine's folders.
+
+    Outside the repository: ``python`` for the interpreter, ``<python>/…`` inside its environment,
+    ``<tmp>/…`` in the temporary folder, ``~/…`` in the home folder, else ``<outside>/<name>``.
+    """
+    if str(path) == sys.executable:
+        return "python"
+    p = Path(os.path.abspath(path))
+    for base, label in ((ROOT, ""), (Path(sys.prefix), "<python>"), (Path(tempfile.gettempdir()), "<tmp>"),
+                        (Path.home(), "~")):
+        # symlinks either side (a worktree's .venv, macOS's /tmp) must not hide that a path is inside
+        for candidate, b in itertools.product((p, p.resolve()), (base, base.resolve())):
+            if b != Path("/") and candidate.is_relative_to(b):
+                rest = candidate.relative_to(b).as_posix()
+                return rest if not label else label if rest == "." else f"{label}/{rest}"
+    return f"<outside>/{p.name}"
+
+
+def portable(obj: Any) -> Any:
+    """A JSON payload with every absolute path in its strings (``--out /x``, ``data.root=/x``) as :func:`repo_path`."""
+    if isinstance(obj, str):
+        return ABSOLUTE_PATH.sub(lambda m: repo_path(m.group(0)), obj)
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v) for v in obj]
+    return obj
+
+
+def write_results(path: str | Path, payload: dict) -> dict:
+    """Write a benchmark's results file atomically, its paths made :func:`portable`; returns what it wrote."""
+    payload = portable(payload)
+    atomic.write_json(path, payload)
+    return payload
 
 
 def machine_info(device: str) -> dict:
@@ -113,7 +157,7 @@ def update_results(path: Path, key: str, section: dict) -> None:
     """Replace one benchmark's section of a shared results file, keeping the others."""
     payload = json.loads(path.read_text()) if path.exists() else {}
     payload[key] = section
-    atomic.write_json(path, payload)
+    write_results(path, payload)
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
@@ -182,8 +226,7 @@ def finish_core(args: argparse.Namespace, key: str, rows: list[dict], ratios: li
     """Print the ratio table and store this benchmark's section of ``bench_core.json``."""
     print()
     print_table(ratios, columns)
-    config = vars(args) | {"case": None, "out": str(Path(args.out).resolve().relative_to(ROOT))
-                           if Path(args.out).resolve().is_relative_to(ROOT) else args.out}
+    config = vars(args) | {"case": None, "out": repo_path(args.out)}
     section = {"machine": machine_info(args.device), "config": config, "rows": rows, "ratios": ratios,
                **(extra or {})}
     update_results(Path(args.out), key, section)

@@ -49,8 +49,7 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table
-from derprop import atomic
+from benchmarks.common import RESULTS, ROOT, machine_info, print_table, repo_path, write_results
 from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.trainer import Trainer
@@ -155,7 +154,7 @@ def read_run(out: Path) -> dict[str, Any]:
         "miou_momentum": res["final"].get("momentum", {}).get(mode, {}).get("miou"),
         "iou_per_class": head["iou_per_class"], "num_val_images": head["num_images"],
         **{k: metrics[-1][k] for k in DIAGNOSTICS if k in metrics[-1]},
-        "wall_time_s": res["wall_time_s"], "run_dir": _relative(out),
+        "wall_time_s": res["wall_time_s"], "run_dir": repo_path(out),
     }
 
 
@@ -194,12 +193,6 @@ def measure(plan: Plan, rows: dict[str, Sequence[str]], seeds: Sequence[int], n_
     return [{"row": name, "seed": seed, **read_run(d)} for name, seed, d, _ in cells if (d / "results.json").is_file()]
 
 
-def _relative(path: str | Path) -> str:
-    """A path inside the repository as written from its root (results files name no machine's folders)."""
-    path = Path(path).resolve()
-    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
-
-
 def evidence(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     plan = Plan(args.size, args.config, Path(args.runs_dir), args.overrides, args.warm_start)
@@ -211,7 +204,7 @@ def evidence(args: argparse.Namespace) -> dict[str, Any]:
                 "starting from a supervised warm start (warm_start); mean ± sample std over seeds, paired difference "
                 "to full per seed; same data, seeds and iteration budget per variant",
         "command": "python -m benchmarks.cpu_evidence " + " ".join(sys.argv[1:]),
-        "size": args.size, "base": BOOK_RUNS[args.size], "config_file": _relative(plan.config),
+        "size": args.size, "base": BOOK_RUNS[args.size], "config_file": repo_path(plan.config),
         "variants": {v: VARIANTS[v] for v in args.variants},
         "summary": summarise(runs),
         "runs": runs,
@@ -224,7 +217,7 @@ def evidence(args: argparse.Namespace) -> dict[str, Any]:
         "torch_version": str(torch.__version__),
         "total_wall_time_s": time.time() - t0,
     }
-    atomic.write_json(Path(args.out), payload)
+    payload = write_results(Path(args.out), payload)
     table = []
     for v, s in payload["summary"].items():
         table.append({"variant": v, "miou": 100 * s["miou_mean"], "std": 100 * s["miou_std"],
@@ -263,7 +256,7 @@ def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info("cpu"),
         "torch_version": str(torch.__version__),
     }
-    atomic.write_json(Path(args.smoke_out), payload)
+    payload = write_results(Path(args.smoke_out), payload)
     print(f"ResNet-101: {n_params / 1e6:.1f} M parameters, {len(steps)} iterations, losses "
           f"{[round(x, 3) for x in payload['losses']]}, {payload['seconds_per_iteration']:.1f} s/iteration")
     return payload

@@ -35,8 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, machine_info
-from derprop import atomic
+from benchmarks.common import RESULTS, ROOT, machine_info, write_results
 
 PARTS = ("cuda_tests", "train_step", "scenes_run")
 TRAIN_STEP_ARGS = ["--size", "full", "--crops", "321", "801", "--profiles", "official",
@@ -172,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name}: {json.dumps(plan)}")
         print(f"dry run: plan of {', '.join(parts)} checked" + (f"; broken: {failed}" if failed else ""))
     else:
-        atomic.write_json(out, report)
+        write_results(out, report)
         print(f"wrote {out}")
     return 1 if failed else 0
 

@@ -22,8 +22,7 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table
-from derprop import atomic
+from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_results
 from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.propagation import PAPER_NORMS
@@ -73,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "machine": machine_info("cpu"),
         "total_wall_time_s": time.time() - t0,
     }
-    atomic.write_json(Path(args.out), payload)
+    payload = write_results(Path(args.out), payload)
     print_table([{"norm": r["norm"], "epoch": e["epoch"], "ce_x": e["ce_x"], "ce_x_prop": e["ce_x_prop"]}
                  for r in runs for e in r["epochs"]],
                 [("norm", "paper_dlp_norm", "s"), ("epoch", "epoch", "d"), ("ce_x", "CE on L", ".3f"),

@@ -69,8 +69,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import RESULTS, machine_info, measure, print_table, run_isolated
-from derprop import atomic
+from benchmarks.common import RESULTS, machine_info, measure, print_table, run_isolated, write_results
 
 MODULE = "benchmarks.train_step"
 PROFILES = ("official", "paper")
@@ -689,7 +688,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratios": ratios,
         "goals": goals,
     }
-    atomic.write_json(out, payload)
+    payload = write_results(out, payload)
     print(f"\nwrote {out}")
     return payload
 

@@ -1,6 +1,6 @@
 """Data augmentation for semi-supervised training, with ``torchvision.transforms.v2``.
 
-Explained in the book chapter *Training*.
+Used in the book chapter *Training on a CPU*; the release's CutMix partner in chapter *Paper vs released code*.
 
 Images stay ``uint8`` ``tv_tensors.Image`` (3, H, W) and labels
 ``tv_tensors.Mask`` (H, W) throughout; v2 transforms resize a mask with

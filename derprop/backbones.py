@@ -1,4 +1,4 @@
-"""Backbones for the DeepLabV3+ network (book chapter "The network").
+"""Backbones for the DeepLabV3+ network (book chapters *Full reproduction on a GPU* and *Paper vs released code*).
 
 Every backbone returns two feature maps:
 

@@ -1,7 +1,7 @@
 """The book's CPU runs: which runs, with what settings, and "load the run if it exists, else train it".
 
-The training chapters (*Training on a CPU*, *Pseudo-label rectification*, *Ablations on a CPU*) call
-:func:`book_run`; ``python -m derprop.book_runs [SIZE]`` (what ``make demo`` runs) trains the shared
+The training chapters (*Training on a CPU*, *Pseudo-label rectification, interactively*, *Ablations at CPU
+scale*) call :func:`book_run`; ``python -m derprop.book_runs [SIZE]`` (what ``make demo`` runs) trains the shared
 supervised warm start and then the runs of :data:`TRAINING_RUNS` side by side. Each size's data is
 generated on first use (:func:`ensure_scenes`). :mod:`derprop.viewer` draws what these runs saved.
 """
@@ -39,7 +39,8 @@ BOOK_RUNS: dict[str, dict] = {
              "overrides": ["optim.epochs=10", "optim.iters_per_epoch=100"],
              "warm": ["optim.epochs=4", "optim.iters_per_epoch=250"]},
 }
-"""Settings of the book's CPU runs (chapters *Training on a CPU*, *Rectification*, *Ablations*)."""
+"""Settings of the book's CPU runs (chapters *Training on a CPU*, *Pseudo-label rectification, interactively*,
+*Ablations at CPU scale*)."""
 
 WARM_RUN = "cpu_warm"
 """Run id of the supervised warm start that every book run of a size starts from (``optim.warm_start``)."""

@@ -1,6 +1,6 @@
 """Training checkpoints: written atomically, read back safely.
 
-Explained in the book chapter *Training* (``book/training.md``).
+Explained in the book chapter *Training on a CPU* (``book/training_cpu.md``).
 
 A checkpoint is a plain dictionary of tensors, numbers, strings, lists and
 dicts, so it loads with ``torch.load(weights_only=True)`` and no pickled code

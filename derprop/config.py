@@ -1,6 +1,6 @@
 """Training configuration: the frozen dataclass sections and the two profiles.
 
-Explained in the book chapters *Training* and *Paper vs released code*.
+Explained in the book chapters *Training on a CPU* and *Paper vs released code*.
 
 The sections ``model``, ``data``, ``optim``, ``loss``, ``method`` and ``eval``
 (plus ``profile``, ``seed``, ``name``) and the profiles; :mod:`derprop.configfile`

@@ -1,6 +1,7 @@
 """Datasets: one loader for Pascal VOC, Cityscapes and the CPU scenes.
 
-Explained in the book chapter *Data*. Every dataset is a root directory plus
+Explained in the book chapters *Training on a CPU* (the scenes) and *Full reproduction on a GPU*
+(VOC, Cityscapes). Every dataset is a root directory plus
 split lists in UniMatch's format, one ``<image path> <label path>`` pair a
 line, both relative to the root:
 

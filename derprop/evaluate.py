@@ -1,4 +1,4 @@
-"""Evaluation: mIoU in three modes (book chapter "Evaluation").
+"""Evaluation: mIoU in three modes (book chapters *Full reproduction on a GPU* and *Paper vs released code*).
 
 Modes (the results table always says which one was used):
 

@@ -1,4 +1,4 @@
-"""Segmentation metrics from a confusion matrix (book chapter "Evaluation").
+"""Segmentation metrics from a confusion matrix (book chapters *Training on a CPU* and *Full reproduction on a GPU*).
 
 ``ConfusionMatrix.mat[t, p]`` counts pixels of target class ``t`` predicted
 as ``p``; pixels whose target is ``ignore_index`` (255: VOC borders,

@@ -1,4 +1,4 @@
-"""DeepLabV3+ with DerProp's projection head (book chapter "The network", Fig. 2).
+"""DeepLabV3+ with DerProp's projection head (Fig. 2; book chapters *Notation* and *Paper vs released code*).
 
 ::
 

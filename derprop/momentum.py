@@ -1,4 +1,4 @@
-"""The momentum network Θm of eq. 6 (book chapter "The momentum network").
+"""The momentum network Θm of eq. 6 (book chapters *Paper vs released code* and *Ablations at CPU scale*).
 
 Eq. 6: after each epoch, Θm ← (Θm + Θb)/2, where Θb are the weights of the
 back-propagation network (the one the optimizer trains). Unrolled, Θm is an

@@ -215,8 +215,8 @@ def propagation_weights(f1: Tensor, f2: Tensor | None = None, *, mode: str = "of
     """The ``M × M`` matrix ``W`` with ``L̃ = L·W`` (eq. 1, 4): ``W_ij`` is what pixel ``j`` takes from pixel ``i``.
 
     ``official``: ``W = A = softmax_j(s)``; ``paper``: ``W = S + Δ¹S``, normalised as ``paper_norm`` says
-    (:data:`PAPER_NORMS`). For diagnostics and figures (chapter *Pseudo-label rectification*), where a
-    small image's whole matrix fits; training never builds it. Shape ``(B, M, M)``.
+    (:data:`PAPER_NORMS`). For diagnostics and figures (chapter *Pseudo-label rectification, interactively*),
+    where a small image's whole matrix fits; training never builds it. Shape ``(B, M, M)``.
     """
     f2 = f1 if f2 is None else f2
     if mode == "official":
@@ -236,7 +236,9 @@ def propagation_weights(f1: Tensor, f2: Tensor | None = None, *, mode: str = "of
 
 def attention_shares(weights: Tensor, labels: Tensor, *, background: int | None = 0,
                      ignore_index: int = 255) -> tuple[Tensor, Tensor, Tensor]:
-    """How class-aware the propagation weights are, per receiving pixel (chapter *Pseudo-label rectification*).
+    """How class-aware the propagation weights are, per receiving pixel.
+
+    Shown in chapter *Pseudo-label rectification, interactively*.
 
     ``weights`` ``(B, M, M)`` with ``L̃ = L·W``, ``labels`` ``(B, M)`` the true classes on the feature grid.
     Pixel ``j`` takes the normalised weights ``p_ij = |W_ij| / Σ_i |W_ij|`` (over labeled ``i``). Returns,

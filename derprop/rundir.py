@@ -1,6 +1,6 @@
 """The run folder: one writer at a time, one commit point per epoch, nothing stale.
 
-Explained in the book chapter *Training* (``book/training_cpu.md``).
+Explained in the book chapter *Training on a CPU* (``book/training_cpu.md``).
 
 A run folder holds ``config.yaml``, ``metrics.jsonl``, ``steps.jsonl``,
 ``last.pt``, ``best.pt``, ``pseudo_labels/epoch_XXX.npz`` and, once training

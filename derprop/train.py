@@ -1,6 +1,6 @@
 """Command line: ``python -m derprop.train --config configs/X.yaml [overrides]``.
 
-Explained in the book chapter *Training*.
+Explained in the book chapters *Training on a CPU* and *Full reproduction on a GPU*.
 
 ::
 
