@@ -32,22 +32,16 @@ from pathlib import Path
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_results
 from benchmarks.cpu_evidence import Plan, measure, summarise
 from derprop.book_runs import BOOK_RUNS
+from derprop.tables import ABLATIONS
 
 ACTIVE_DER = ("method.labeled_der_detached=false", "method.spatial_softmax_sparsity=false")
 """The Q and op groups keep the release's two zero-gradient loss quirks off (the CPU default already
 does), so that every term of eq. 9 that Tables 3 and 4 vary actually trains the features."""
 
 GROUPS: dict[str, dict[str, list[str]]] = {
-    "Q": {
-        **{f"L_{q}": [*ACTIVE_DER, f"method.Q={q}"] for q in range(4)},
-        **{f"L_{q} w/o sparsity": [*ACTIVE_DER, f"method.Q={q}", "method.sparsity=false"] for q in range(4)},
-    },
-    "op": {
-        "eq. 2 (forward)": [*ACTIVE_DER, "method.op=forward"],
-        "eq. 10 (central)": [*ACTIVE_DER, "method.op=central"],
-        "eq. 11 (sum)": [*ACTIVE_DER, "method.op=sum"],
-        "eq. 12 (second)": [*ACTIVE_DER, "method.op=second"],
-    },
+    "Q": {a.row: [*ACTIVE_DER, *a.overrides] for a in ABLATIONS.values() if a.table == "3"},
+    "op": {"eq. 2 (forward)": [*ACTIVE_DER, "method.op=forward"],
+           **{a.row: [*ACTIVE_DER, *a.overrides] for a in ABLATIONS.values() if a.table == "4"}},
     "profile": {
         "paper": ["profile=paper"],
         "official": ["profile=official"],

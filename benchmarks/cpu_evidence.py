@@ -50,17 +50,14 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table, repo_path, write_results
+from derprop.book_runs import BOOK_RUNS, WARM_START, ensure_scenes
 from derprop.config import resolved
 from derprop.configfile import load_config
+from derprop.tables import ABLATIONS
 from derprop.trainer import Trainer
-from derprop.book_runs import BOOK_RUNS, WARM_START, WITHOUT_DLP, ensure_scenes
 
-VARIANTS: dict[str, list[str]] = {
-    "full": [],
-    "wo_dlp": list(WITHOUT_DLP),
-    "wo_der": ["method.derivative_loss=false", "method.momentum=false"],
-    "wo_momentum": ["method.momentum=false"],
-}
+VARIANTS: dict[str, list[str]] = {"full": [], **{k: list(ABLATIONS[k].overrides) for k in ("wo_dlp", "wo_der", "wo_momentum")}}
+"""Table 1's rows (:data:`derprop.tables.ABLATIONS`) on top of the book's CPU run."""
 
 DIAGNOSTICS = ("pl_acc_before", "pl_acc_after", "pl_miou_before", "pl_miou_after", "pl_fixed", "pl_broken",
                "attn_own_share", "attn_uniform_share", "attn_share_ratio", "attn_support")

@@ -41,7 +41,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from derprop.data import IGNORE_INDEX
+from derprop.labels import IGNORE_INDEX
 
 BLUR_SIGMA = (0.1, 2.0)
 
@@ -64,15 +64,8 @@ class RandomScale(v2.Transform):
         s = float(torch.empty(()).uniform_(lo, hi))
         return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
 
-    # torchvision < 0.21 calls it _get_params
-    def _get_params(self, flat_inputs: list) -> dict:  # pragma: no cover - version shim
-        return self.make_params(flat_inputs)
-
     def transform(self, inpt, params: dict):
         return TF.resize(inpt, params["size"], antialias=True)
-
-    def _transform(self, inpt, params: dict):  # pragma: no cover - version shim
-        return self.transform(inpt, params)
 
 
 def geometric(crop_size: int, scale_range: tuple[float, float], flip: bool = True) -> v2.Compose:

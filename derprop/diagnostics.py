@@ -26,8 +26,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from derprop import atomic
 from derprop.config import TrainConfig
-from derprop.data import IGNORE_INDEX, SegmentationDataset
+from derprop.data import SegmentationDataset
 from derprop.evaluate import center_crop
+from derprop.labels import IGNORE_INDEX
 from derprop.metrics import ConfusionMatrix
 from derprop.objective import label_on_grid
 from derprop.propagation import attention_shares, propagation_weights

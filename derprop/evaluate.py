@@ -54,13 +54,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import atomic
-from . import checkpoint as ckpt_io
-from . import data as data_io
-from .labels import IGNORE_INDEX, default_class_names
-from .metrics import ConfusionMatrix
-from .config import ModelConfig
-from .model import IMAGENET_MEAN_255, SegOutput, build_model
+from derprop import atomic
+from derprop import checkpoint as ckpt_io
+from derprop import data as data_io
+from derprop.config import ModelConfig
+from derprop.labels import IGNORE_INDEX, default_class_names
+from derprop.metrics import ConfusionMatrix
+from derprop.model import IMAGENET_MEAN_255, SegOutput, build_model
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ MODES = ("original", "sliding", "center_crop")
 # --------------------------------------------------------------------------- #
 # inference
 # --------------------------------------------------------------------------- #
-def _logits(model: Any, x: Tensor) -> Tensor:
+def logits_of(model: Any, x: Tensor) -> Tensor:
+    """The logits ``L`` of any segmentation model: ours (:class:`SegOutput`), a tensor, or torchvision's dict."""
     out = model(x)
     if isinstance(out, SegOutput):
         return out.logits
@@ -108,7 +109,7 @@ def sliding_window_logits(
     for i in range(0, len(boxes), window_batch):
         chunk = boxes[i:i + window_batch]
         crops = torch.cat([img[:, :, y:y + crop_size, x:x + crop_size] for y, x in chunk])
-        out = _logits(model, crops).float()
+        out = logits_of(model, crops).float()
         if acc is None:
             acc = torch.zeros(b, out.shape[1], hp, wp, device=img.device)
         for j, (y, x) in enumerate(chunk):
@@ -242,7 +243,7 @@ def evaluate(
                 logits = sliding_window_logits(model, img, crop_size=crop_size, stride=stride,
                                                window_batch=window_batch)
             else:
-                logits = _logits(model, img)
+                logits = logits_of(model, img)
             cm.update(logits.argmax(1), lab)
             n += img.shape[0]
     finally:
@@ -312,7 +313,8 @@ def model_config_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(section)
 
 
-def _weights(entry: Any) -> Mapping[str, Tensor]:
+def checkpoint_weights(entry: Any) -> Mapping[str, Tensor]:
+    """The state dict of a checkpoint entry (a net's, or Θm's with its ``model`` key), wrapper prefixes removed."""
     if isinstance(entry, Mapping) and "model" in entry and isinstance(entry["model"], Mapping):
         entry = entry["model"]  # MomentumNetwork.state_dict()
     return ckpt_io.strip_prefixes(entry)
@@ -412,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results: dict[str, Any] = {}
         for w in which:
             try:
-                model.load_state_dict(_weights(ckpt[w]))
+                model.load_state_dict(checkpoint_weights(ckpt[w]))
             except RuntimeError as exc:
                 raise ckpt_io.CheckpointError(
                     f"checkpoint {args.checkpoint}: its '{w}' weights do not fit the configured model: {exc}"

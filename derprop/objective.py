@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from derprop.config import LossConfig, MethodConfig
-from derprop.data import IGNORE_INDEX
+from derprop.labels import IGNORE_INDEX
 from derprop.losses import derivative_loss
 from derprop.model import SegOutput
 from derprop.pseudo_labels import PseudoLabels

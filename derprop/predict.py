@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import atomic
-from . import checkpoint as ckpt_io
-from .data import DatasetError, label_png_bytes, read_image
-from .evaluate import _logits, _weights, model_config_from_checkpoint, sliding_window_logits
-from .labels import voc_palette
-from .model import DerPropNet, build_model
+from derprop import atomic
+from derprop import checkpoint as ckpt_io
+from derprop.data import DatasetError, label_png_bytes, read_image
+from derprop.evaluate import checkpoint_weights, logits_of, model_config_from_checkpoint, sliding_window_logits
+from derprop.labels import voc_palette
+from derprop.model import DerPropNet, build_model
 
 WHICH = ("auto", "model", "momentum")
 PREDICT_MODES = ("original", "sliding")
@@ -63,7 +63,7 @@ def load_model(path: str | Path, *, which: str = "auto",
         raise ckpt_io.CheckpointError(f"checkpoint {path} has no '{which}' weights")
     net = build_model(model_config_from_checkpoint(ckpt))
     try:
-        net.load_state_dict(_weights(ckpt[which]))
+        net.load_state_dict(checkpoint_weights(ckpt[which]))
     except RuntimeError as exc:
         raise ckpt_io.CheckpointError(
             f"checkpoint {path}: its '{which}' weights do not fit the model in its own config: "
@@ -78,7 +78,7 @@ def predict(net: DerPropNet, image: np.ndarray, *, mode: str = "original", crop_
         raise ValueError(f"mode must be one of {list(PREDICT_MODES)}, got {mode!r}")
     device = next(net.parameters()).device
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).to(device)
-    logits = sliding_window_logits(net, x, crop_size=crop_size) if mode == "sliding" else _logits(net, x)
+    logits = sliding_window_logits(net, x, crop_size=crop_size) if mode == "sliding" else logits_of(net, x)
     return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from derprop.config import MethodConfig
-from derprop.data import IGNORE_INDEX
 from derprop.distributed import Dist
+from derprop.labels import IGNORE_INDEX
 from derprop.model import SegOutput
 from derprop.propagation import official_similarity_factors, propagate
 

@@ -45,9 +45,9 @@ from derprop.checkpoint import CheckpointError
 from derprop.configfile import load_config
 from derprop.data import DatasetError
 from derprop.evaluate import format_iou_table
+from derprop.guards import NonFiniteLossError
 from derprop.progress import DEFAULT_EVERY
 from derprop.rundir import RunDirError
-from derprop.guards import NonFiniteLossError
 from derprop.trainer import Trainer
 
 

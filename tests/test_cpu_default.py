@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
+from derprop.book_runs import WARM_START
 from derprop.configfile import load_config
 from derprop.data import SegmentationDataset
 from derprop.trainer import Trainer
-from derprop.book_runs import WARM_START
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "cpu_scenes.yaml"

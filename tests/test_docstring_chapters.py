@@ -97,3 +97,11 @@ def test_docstrings_name_only_chapters_of_the_book(name, path):
                 if p in chapters and chapters[p] != t.strip()]
     assert not bad, f"{path.relative_to(ROOT)} names chapters that do not exist (titles: {sorted(titles)}):\n" + \
         "\n".join(bad)
+
+
+def test_every_module_is_in_the_api_reference():
+    """A module missing from ``book/api.md`` would be absent from the rendered API, and a docstring reference
+    to it a broken link (a warning, so a failed ``-W`` build)."""
+    documented = set(re.findall(r"automodule:: derprop\.(\w+)", (ROOT / "book" / "api.md").read_text()))
+    modules = {m.name for m in pkgutil.iter_modules(derprop.__path__)}
+    assert modules - documented == set(), f"add to book/api.md: {sorted(modules - documented)}"

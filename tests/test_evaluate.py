@@ -19,8 +19,8 @@ from derprop.evaluate import (
     main,
     sliding_window_logits,
 )
-from derprop.metrics import ConfusionMatrix
 from derprop.config import ModelConfig
+from derprop.metrics import ConfusionMatrix
 from derprop.model import build_model
 from derprop.momentum import MomentumNetwork
 

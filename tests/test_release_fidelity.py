@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from derprop.configfile import load_config
+from derprop.loaders import loaders
 from derprop.losses import derivative_loss
 from derprop.model import SegOutput
-from derprop.loaders import loaders
 from derprop.trainer import Trainer
 
 from tests.test_trainer import TINY

@@ -15,12 +15,12 @@ from PIL import Image
 from derprop import checkpoint as ck
 from derprop.configfile import load_config
 from derprop.data import DatasetError
-from derprop.train import main
 from derprop.distributed import Dist
+from derprop.guards import NonFiniteLossError
 from derprop.loaders import loaders
 from derprop.objective import ohem_ce
 from derprop.pseudo_labels import Threshold, blend, region_propagation
-from derprop.guards import NonFiniteLossError
+from derprop.train import main
 from derprop.trainer import Trainer, TrainingInterrupted
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
