@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary file in the target's folder, then ``os.replace``.
+"""Atomic file writes: a temporary file in the target's folder, then ``os.replace``; and the JSON-lines logs.
 
 A crash or Ctrl-C mid-write leaves the previous file (or none), never half of
 a new one. Checkpoints, ``results.json``, ``config.yaml``, metric logs,
@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Iterable, Iterator, Mapping
 
 TMP_SUFFIX = ".tmp"
 
@@ -138,3 +138,25 @@ def jsonable(obj: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` to ``path`` as indented strict JSON, atomically (NaN/inf become ``null``)."""
     write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines log (``metrics.jsonl``, ``steps.jsonl``); none if it does not exist, and a torn
+    last line (a kill mid-append) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
+    """Append rows (strict JSON) to a log."""
+    append_text(path, "".join(json.dumps(jsonable(r)) + "\n" for r in rows))

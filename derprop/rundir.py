@@ -38,7 +38,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 from derprop import atomic
@@ -257,26 +257,6 @@ def adopt(source: Path, out: Path) -> None:
                 shutil.copyfileobj(src, f)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a log; a torn last line (a kill mid-append) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Append rows (strict JSON) to a log."""
-    atomic.append_text(path, "".join(json.dumps(atomic.jsonable(r)) + "\n" for r in rows))
-
-
 def truncate_logs(out: Path, epochs_done: int) -> list[dict[str, Any]]:
     """Keep the log rows of the committed epochs 1…``epochs_done`` only; returns the metrics rows kept.
 
@@ -289,7 +269,7 @@ def truncate_logs(out: Path, epochs_done: int) -> list[dict[str, Any]]:
             kept[name] = []
             continue
         shift = 1 if name == "steps.jsonl" else 0
-        kept[name] = [r for r in read_jsonl(path) if isinstance(r.get("epoch"), int) and r["epoch"] + shift <= epochs_done]
+        kept[name] = [r for r in atomic.read_jsonl(path) if isinstance(r.get("epoch"), int) and r["epoch"] + shift <= epochs_done]
         atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept[name]))
     return kept["metrics.jsonl"]
 
@@ -313,8 +293,8 @@ def prepare(out: Path, resume_from: Path | None, epochs_done: int, epochs: int, 
 
 def commit_epoch(out: Path, steps: list[dict[str, Any]], metrics: dict[str, Any], state: dict[str, Any]) -> None:
     """The epoch's log rows, then ``last.pt``: the commit point (a resume drops rows past the last commit)."""
-    append_jsonl(out / "steps.jsonl", steps)
-    append_jsonl(out / "metrics.jsonl", [metrics])
+    atomic.append_jsonl(out / "steps.jsonl", steps)
+    atomic.append_jsonl(out / "metrics.jsonl", [metrics])
     ckpt_io.save(out / "last.pt", state)
 
 

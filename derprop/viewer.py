@@ -290,11 +290,3 @@ def _own_share(attn: np.ndarray, gt: np.ndarray, r: int, c: int) -> tuple[float,
     same = grid == grid[r, c]
     valid = grid != IGNORE_INDEX
     return float(attn[same & valid].sum() / max(attn[valid].sum(), 1e-30)), float(same.sum() / max(valid.sum(), 1))
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a ``metrics.jsonl`` / ``steps.jsonl`` file (empty list if it does not exist)."""
-    import json
-
-    p = Path(path)
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
