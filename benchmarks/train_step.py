@@ -310,18 +310,20 @@ class CallRecorder:
 
 @contextlib.contextmanager
 def recorders(device: str):
-    """Patch ``propagate`` and ``derivative_loss`` where the trainer looks them up."""
-    import derprop.trainer as trainer_mod
+    """Patch ``propagate`` and ``derivative_loss`` where the training step looks them up."""
+    import derprop.objective
+    import derprop.pseudo_labels
 
-    saved = {name: getattr(trainer_mod, name) for name in ("propagate", "derivative_loss")}
+    where = {"propagate": derprop.pseudo_labels, "derivative_loss": derprop.objective}
+    saved = {name: getattr(module, name) for name, module in where.items()}
     recs = {name: CallRecorder(fn, device) for name, fn in saved.items()}
     for name, rec in recs.items():
-        setattr(trainer_mod, name, rec)
+        setattr(where[name], name, rec)
     try:
         yield recs
     finally:
         for name, fn in saved.items():
-            setattr(trainer_mod, name, fn)
+            setattr(where[name], name, fn)
 
 
 def _sync(device: str) -> None:
