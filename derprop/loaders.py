@@ -116,7 +116,7 @@ def _dataset(cfg: TrainConfig, kind: str, labeled: bool, limit: int | None) -> S
         items = items[:limit]
     if not items:
         raise DatasetError(f"the {kind} list of {c.layout} split {c.split!r} under {root} is empty")
-    fix = f"Fix: run `{spec.prepare.format(root=root)}` to (re)create it, or correct the split list."
+    fix = data_io.fix_hint(c.layout, root)
     names = data_io.class_names(c.layout, root)  # scenes keeps its own in its manifest
     ds = SegmentationDataset(root, items, num_classes=cfg.model.num_classes, labeled=labeled,
                              class_names=names if len(names) == cfg.model.num_classes else None, fix=fix)

@@ -92,7 +92,6 @@ class Trainer:
 
         seed_all(cfg.seed)
         self.data = data_loaders.build_training_data(cfg, self.d)
-        self.iters_per_epoch = self.data.iters_per_epoch
         self._build_model()
         self.threshold = Threshold(cfg.method.threshold, cfg.method.threshold_value, cfg.method.threshold_init,
                                    cfg.method.threshold_momentum)
@@ -105,6 +104,10 @@ class Trainer:
         if self._resume_state is not None:
             self._restore(self._resume_state)
             self._resume_state = None
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.data.iters_per_epoch
 
     def _build_model(self) -> None:
         cfg, d = self.cfg, self.d
@@ -139,8 +142,9 @@ class Trainer:
         if not m.semi_supervised:
             x, y = batch[0]
             return self._labeled_step(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
-        (x, y), (uw, us, ign, box), (uw2, us2, ign2, _) = ([t.to(dev, non_blocking=True) for t in part]
-                                                           for part in batch)
+        labeled, unlabeled, partner = batch
+        (x, y), (uw, us, ign, box), (uw2, us2, ign2) = ([t.to(dev, non_blocking=True) for t in part]
+                                                        for part in (labeled, unlabeled, partner[:3]))
         ign, ign2 = ign.long(), ign2.long()
         eta = epoch / cfg.optim.epochs
         nb, size = x.shape[0], x.shape[-2:]
@@ -172,10 +176,11 @@ class Trainer:
             prop_s = propagated_logits(out_s, size, m) if (m.dlp and m.propagated_ce) else None
         logits_w = out_w.logits.float()
         pred_x, pred_uw = logits_w[:nb], logits_w[nb:]
+        prop_uw = prop_w[nb:] if prop_w is not None else None
 
         # 4.–5. pseudo-labels of the weak view (eq. 5), confident pixels, region propagation
         with torch.no_grad():
-            p_w = blend(pred_uw.detach(), prop_w[nb:].detach() if prop_w is not None else None, eta, m.blend_space)
+            p_w = blend(pred_uw.detach(), prop_uw.detach() if prop_uw is not None else None, eta, m.blend_space)
             pl = cutmix_pseudo_labels(p_w, p_mix, box, ign, ign2, self.threshold, m, self.d,
                                       weak_features(out_w, nb, m.dlp_temperature) if m.region_propagation else None)
 
@@ -184,8 +189,8 @@ class Trainer:
         terms = {"ce_x": ce(pred_x, y)}
         if prop_s is not None:
             terms["ce_x_prop"] = ce(prop_w[:nb], y)
-        terms |= unlabeled_terms(out_s.logits.float(), prop_s, prop_w[nb:] if prop_w is not None else None,
-                                 out_w.logits_fp[nb:].float() if m.fp_branch else None, pl, m)
+        terms |= unlabeled_terms(out_s.logits.float(), prop_s, prop_uw, out_w.logits_fp[nb:].float() if m.fp_branch else None,
+                                 pl, m)
         if m.derivative_loss:
             terms["der_x"] = labeled_derivative_term(out_w, nb, y, m, lc)
             terms["der_u"] = unlabeled_derivative_term(out_w, out_s, out_mix, nb, box, m, lc)
@@ -345,7 +350,6 @@ class Trainer:
         out["_best_candidate"] = (best_net, out[f"miou_{best_net}"])
         return out
 
-    @torch.no_grad()
     def _diagnostics(self, epoch: int) -> dict[str, Any]:
         return pseudo_label_diagnostics(self.net, self.data.diag_set, self.cfg, epoch, self.out, self.d.device,
                                         self._autocast)
@@ -389,7 +393,8 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         changed = self._changes
-        fresh_groups = [dict(g) for g in self.optimizer.param_groups]
+        fresh_groups = [dict(g) for g in self.optimizer.param_groups]  # the new config's, before loading
+        fresh_schedule = (self.scheduler.total_iters, self.scheduler.power)
         try:
             self.net.load_state_dict(state["model"])
             if self.momentum is not None:
@@ -414,8 +419,7 @@ class Trainer:
         if changed:
             self.resumes.append({"epoch": self.start_epoch, "changed": changed})
         if any(k in rundir.OPTIMIZER_KEYS for k in changed):
-            schedule.apply_settings(self.optimizer, self.scheduler, fresh_groups, self.cfg.optim.epochs * self.iters_per_epoch,
-                                    self.cfg.optim.poly_power)
+            schedule.apply_settings(self.optimizer, self.scheduler, fresh_groups, *fresh_schedule)
 
     def _final_results(self, wall: float) -> dict[str, Any]:
         """Every net in every final mode; the headline is the first mode's, of the net ``eval.select`` names."""
