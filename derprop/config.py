@@ -50,7 +50,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS
+from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS, RESNET_OUTPUT_STRIDES
 
 # --------------------------------------------------------------------------- #
 # Sections
@@ -99,6 +99,9 @@ class ModelConfig:
             )
         if self.output_stride not in OUTPUT_STRIDES or isinstance(self.output_stride, bool):
             raise ValueError(f"model.output_stride must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}")
+        if self.backbone != "mobilenet_v2" and self.output_stride not in RESNET_OUTPUT_STRIDES:
+            raise ValueError(f"model.output_stride {self.output_stride} needs backbone mobilenet_v2; a ResNet takes "
+                             f"{list(RESNET_OUTPUT_STRIDES)}")
         if not isinstance(self.deep_stem, bool):
             raise ValueError(f"model.deep_stem must be true or false, got {self.deep_stem!r}")
         if not isinstance(self.two_heads, bool):
@@ -180,6 +183,10 @@ class OptimConfig:
 
     ``warm_start``: a checkpoint (a run's ``best.pt`` or ``last.pt``) whose model weights initialise Θb,
     and so Θm, before the first step; the book's CPU runs start from one shared supervised run.
+    ``schedule_iters`` / ``schedule_offset``: the poly decay spans ``schedule_iters`` iterations (default
+    this run's ``epochs × iters_per_epoch``) of which ``schedule_offset`` were done before this run. A warm
+    start trained as the first ``W`` of ``W + S`` iterations (``schedule_iters = W + S``) and a run that
+    continues it (``schedule_offset = W``, the same span) share one schedule: no learning-rate restart.
     """
 
     epochs: int = 80
@@ -192,6 +199,8 @@ class OptimConfig:
     ref_batch: int | None = None
     iters_per_epoch: int | None = None
     warm_start: str | None = None
+    schedule_iters: int | None = None
+    schedule_offset: int = 0
     amp: str = "none"
     channels_last: bool = False
 

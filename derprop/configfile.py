@@ -256,7 +256,7 @@ def _validate(cfg: TrainConfig) -> None:
     for key in positive:
         if not flat[key] > 0:
             raise ValueError(f"config key '{key}' must be > 0, got {flat[key]!r}")
-    for key in ["optim.iters_per_epoch", "optim.ref_batch", "method.chunk", "data.labeled_limit",
+    for key in ["optim.iters_per_epoch", "optim.ref_batch", "optim.schedule_iters", "method.chunk", "data.labeled_limit",
                 "data.unlabeled_limit", "data.val_limit"]:
         if flat[key] is not None and not flat[key] > 0:
             raise ValueError(f"config key '{key}' must be null or > 0, got {flat[key]!r}")
@@ -266,8 +266,8 @@ def _validate(cfg: TrainConfig) -> None:
     for key in ["data.cutmix_p", "method.threshold_value", "method.threshold_init", "method.threshold_momentum"]:
         if not 0.0 <= flat[key] <= 1.0:
             raise ValueError(f"config key '{key}' must be in [0, 1], got {flat[key]!r}")
-    if cfg.data.num_workers < 0 or cfg.data.diag_images < 0:
-        raise ValueError("config keys 'data.num_workers' and 'data.diag_images' must be >= 0")
+    if cfg.data.num_workers < 0 or cfg.data.diag_images < 0 or cfg.optim.schedule_offset < 0:
+        raise ValueError("config keys 'data.num_workers', 'data.diag_images' and 'optim.schedule_offset' must be >= 0")
     data_classes = cfg.data.num_classes if cfg.data.num_classes is not None else _dataset_classes({"layout": cfg.data.layout})
     if cfg.model.num_classes != data_classes:
         raise ValueError(

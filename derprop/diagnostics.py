@@ -60,7 +60,7 @@ def pseudo_label_diagnostics(net: nn.Module, images: SegmentationDataset, cfg: T
     arrays: dict[str, list] = {k: [] for k in keys}
     n = len(images)
     for start in range(0, n, 16):
-        pairs = [_fit(*(t.as_subclass(Tensor) for t in images[i]), s) for i in range(start, min(start + 16, n))]
+        pairs = [fit_crop(*(t.as_subclass(Tensor) for t in images[i]), s) for i in range(start, min(start + 16, n))]
         x = torch.stack([p[0] for p in pairs]).to(device)
         gt = torch.stack([p[1] for p in pairs]).to(device)
         with autocast():
@@ -134,7 +134,7 @@ def chosen_pixel(grid_label: Tensor) -> int:
     return int(score.argmax())
 
 
-def _fit(image: Tensor, label: Tensor, size: int) -> tuple[Tensor, Tensor]:
+def fit_crop(image: Tensor, label: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Pad (image 0, label 255) to at least ``size``, then take the central ``size × size`` (so images stack)."""
     h, w = label.shape[-2:]
     ph, pw = max(0, size - h), max(0, size - w)

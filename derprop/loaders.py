@@ -49,12 +49,7 @@ def build_training_data(cfg: TrainConfig, d: Dist) -> TrainingData:
     train_l = LabeledTrainSet(labeled, c, seed=seed, length=max(n_u, len(labeled)))
     train_u = UnlabeledTrainSet(unlabeled, c, seed=seed, stream=2)
     train_mix = UnlabeledTrainSet(unlabeled, c, seed=seed, stream=3)
-    n_diag = min(c.diag_images, n_u)
-    diag_set = None
-    if n_diag and d.is_main:  # only where the unlabeled images' labels exist (scenes, VOC)
-        diag = SegmentationDataset(c.root, unlabeled.items[:n_diag], num_classes=cfg.model.num_classes, labeled=True)
-        if not diag.missing_files():
-            diag_set = diag
+    diag_set = diagnostic_set(cfg, unlabeled) if d.is_main else None
     b = cfg.optim.batch_size
     per_rank = len(train_u) // d.world_size
     if per_rank < b:
@@ -66,6 +61,17 @@ def build_training_data(cfg: TrainConfig, d: Dist) -> TrainingData:
     if cfg.optim.iters_per_epoch:
         iters = min(iters, cfg.optim.iters_per_epoch)
     return TrainingData(train_l, train_u, train_mix, val_set, diag_set, iters)
+
+
+def diagnostic_set(cfg: TrainConfig, unlabeled: SegmentationDataset | None = None) -> SegmentationDataset | None:
+    """The first ``data.diag_images`` unlabeled images with their labels; None when off or the labels do not
+    exist (only scenes and VOC have them). ``unlabeled``: the run's unlabeled set, when already read."""
+    unlabeled = unlabeled if unlabeled is not None else _dataset(cfg, "unlabeled", False, cfg.data.unlabeled_limit)
+    n = min(cfg.data.diag_images, len(unlabeled))
+    if not n:
+        return None
+    diag = SegmentationDataset(cfg.data.root, unlabeled.items[:n], num_classes=cfg.model.num_classes, labeled=True)
+    return None if diag.missing_files() else diag
 
 
 def loader(ds: Dataset, cfg: TrainConfig, d: Dist, sampler_seed: int) -> DataLoader:

@@ -3,7 +3,8 @@
 Explained in the book chapter *Training on a CPU*.
 
 ``lr_it = lr · (1 − it/total)^power`` at iteration ``it`` of ``total = epochs × iters_per_epoch``
-(UniMatch's and the release's schedule); the decoder and the heads train at ``head_lr_mult × lr``
+(UniMatch's and the release's schedule), or of a longer span that a warm start began
+(``optim.schedule_iters``, ``optim.schedule_offset``); the decoder and the heads train at ``head_lr_mult × lr``
 (:meth:`derprop.model.DerPropNet.param_groups`). With ``optim.ref_batch`` set, ``lr`` is scaled
 linearly to the global batch first.
 """
@@ -27,9 +28,20 @@ def build_optimizer(net: DerPropNet, o: OptimConfig, world_size: int) -> torch.o
                            weight_decay=o.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total: int, power: float) -> PolynomialLR:
-    """The poly decay over ``total`` iterations, stepped once per iteration."""
-    return PolynomialLR(optimizer, total_iters=total, power=power)
+def build_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig, run_iters: int) -> PolynomialLR:
+    """The poly decay over ``o.schedule_iters`` (default ``run_iters``) iterations, stepped once per iteration,
+    already ``o.schedule_offset`` iterations in (:class:`derprop.config.OptimConfig`)."""
+    total = o.schedule_iters or run_iters
+    if o.schedule_offset + run_iters > total:
+        raise ValueError(f"optim.schedule_offset ({o.schedule_offset}) + this run's {run_iters} iterations exceed "
+                         f"optim.schedule_iters ({total}); make the span at least their sum")
+    scheduler = PolynomialLR(optimizer, total_iters=total, power=o.poly_power)
+    if o.schedule_offset:
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * (1.0 - o.schedule_offset / total) ** o.poly_power
+        scheduler.last_epoch = o.schedule_offset
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return scheduler
 
 
 def apply_settings(optimizer: torch.optim.Optimizer, scheduler: PolynomialLR, fresh: list[dict[str, Any]],

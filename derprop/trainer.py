@@ -127,8 +127,7 @@ class Trainer:
         ) if d.distributed else net
         self.momentum = MomentumNetwork(net, include_buffers=m.momentum_buffers, when=m.momentum_timing) if m.momentum else None
         self.optimizer = schedule.build_optimizer(net, cfg.optim, d.world_size)
-        self.scheduler = schedule.build_scheduler(self.optimizer, cfg.optim.epochs * self.iters_per_epoch,
-                                                  cfg.optim.poly_power)
+        self.scheduler = schedule.build_scheduler(self.optimizer, cfg.optim, cfg.optim.epochs * self.iters_per_epoch)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.optim.amp]
         self.scaler = torch.amp.GradScaler("cuda") if cfg.optim.amp == "fp16" else None
 

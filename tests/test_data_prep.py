@@ -299,6 +299,18 @@ def test_scenes_tree_layout_and_manifest(tmp_path):
     assert scenes.main(["--check", "--deep", "--root", str(root)]) == 0
 
 
+def test_scenes_splits_are_nested_and_named(tmp_path):
+    root = tmp_path / "scenes"
+    manifest = scenes_tree(root, splits=("1_4", "1_32"))
+    assert manifest["counts"] == {"train": 32, "val": 8, "1_32": 1, "1_4": 8}
+    assert sorted(p.name for p in (root / "splits").iterdir() if p.is_dir()) == ["1_32", "1_4"]
+    assert set(read_split(root / "splits/1_32/labeled.txt")) < set(read_split(root / "splits/1_4/labeled.txt"))
+    assert scenes.check(root)["settings"]["splits"] == ["1_32", "1_4"]
+    for bad in (("1_1",), ("quarter",), ("1_64",)):  # 1/64 of 32 scenes is no image
+        with pytest.raises(DatasetError, match="--splits|--num-train"):
+            scenes_tree(tmp_path / "bad", splits=bad)
+
+
 def test_scenes_objects_have_ambiguous_edges(tmp_path):
     """Around each object boundary the image is a blend: pixels just outside the mask still carry object colour."""
     rng = np.random.default_rng(3)

@@ -191,3 +191,12 @@ def test_resnet101_forward_backward():
     loss = F.cross_entropy(out.logits, torch.zeros(2, 33, 33, dtype=torch.long)) + out.f1.mean() + out.f2.mean()
     loss.backward()
     assert net.backbone.conv1[0].weight.grad is not None and net.head2.weight.grad is not None
+
+
+def test_output_stride_4_is_mobilenet_only():
+    net = tiny("mobilenet_v2", output_stride=4, aspp_dilations=(2,)).eval()
+    with torch.no_grad():
+        out = net(image())
+    assert out.f1.shape[-2:] == out.logits_grid.shape[-2:] == (17, 17)  # (65 − 1)/4 + 1: the F1 grid
+    with pytest.raises(ValueError, match="needs backbone mobilenet_v2"):
+        ModelConfig(backbone="resnet18", output_stride=4)

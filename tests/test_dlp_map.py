@@ -1,0 +1,78 @@
+"""The DLP map: oracle weights, the three families and the fixed/broken counts, against dense definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from derprop import dlp_map
+from derprop.labels import IGNORE_INDEX
+from derprop.objective import label_on_grid
+
+
+def inputs(seed: int = 0, n: int = 3, c: int = 4, grid: int = 4, size: int = 13) -> dlp_map.MapInputs:
+    g = torch.Generator().manual_seed(seed)
+    m = grid * grid
+    labels = torch.randint(0, c, (n, size, size), generator=g)
+    labels[0, :2, :2] = IGNORE_INDEX
+    grid_labels = label_on_grid(labels, (grid, grid), "nearest").flatten(1)
+    scores = torch.randn(n, m, m, generator=g)
+    logits_grid = torch.randn(n, c, m, generator=g) * 3
+    logits = F.interpolate(logits_grid.view(n, c, grid, grid), size=(size, size), mode="bilinear",
+                           align_corners=True) + 0.5 * torch.randn(n, c, size, size, generator=g)
+    return dlp_map.MapInputs(logits, logits_grid, scores, scores.softmax(-1), labels, grid_labels, (grid, grid),
+                             "logit")
+
+
+def test_oracle_is_the_class_mean():
+    inp = inputs()
+    lt = inp.logits_grid @ dlp_map.oracle_weights(inp.grid_labels)
+    for k in range(inp.grid_labels.shape[0]):
+        for j in range(inp.grid_labels.shape[1]):
+            y = int(inp.grid_labels[k, j])
+            if y == IGNORE_INDEX:  # an ignored pixel only keeps itself
+                assert torch.allclose(lt[k, :, j], inp.logits_grid[k, :, j])
+                continue
+            same = inp.grid_labels[k] == y
+            assert torch.allclose(lt[k, :, j], inp.logits_grid[k][:, same].mean(-1), atol=1e-6)
+
+
+def test_families_start_at_the_learned_weights_and_end_at_the_oracle():
+    inp = inputs()
+    for family, values in dlp_map.FAMILIES.items():
+        assert torch.allclose(dlp_map.family_weights(inp, family, values[0]), inp.weights, atol=1e-6), family
+    oracle = dlp_map.oracle_weights(inp.grid_labels)
+    assert torch.allclose(dlp_map.family_weights(inp, "alpha", 1.0), oracle)
+    # a large similarity bonus keeps only the own class (row sums stay one)
+    w = dlp_map.family_weights(inp, "kappa", 60.0)
+    y = inp.grid_labels
+    other = (y.unsqueeze(-1) != y.unsqueeze(1)) & (y != IGNORE_INDEX).unsqueeze(-1)
+    assert float(w[other].max()) < 1e-20 and torch.allclose(w.sum(-1), torch.ones_like(w.sum(-1)))
+
+
+def test_fixed_and_broken_count_every_changed_pixel():
+    inp = inputs(seed=1)
+    s = dlp_map.score(inp, dlp_map.oracle_weights(inp.grid_labels), etas=(0.5,))
+    lt = inp.logits_grid @ dlp_map.oracle_weights(inp.grid_labels)
+    up = F.interpolate(lt.view(3, 4, 4, 4), size=(13, 13), mode="bilinear", align_corners=True)
+    before, after = inp.logits.argmax(1), (0.5 * inp.logits + 0.5 * up).argmax(1)
+    valid = inp.labels != IGNORE_INDEX
+    fixed = int(((before != inp.labels) & (after == inp.labels) & valid).sum())
+    broken = int(((before == inp.labels) & (after != inp.labels) & valid).sum())
+    assert s["full"]["0.5"] == pytest.approx({"fixed": fixed, "broken": broken, "net": fixed - broken,
+                                              "acc": s["full"]["0.5"]["acc"], "miou": s["full"]["0.5"]["miou"]})
+    assert s["own_share"] == pytest.approx(1.0)
+
+
+def test_break_even_interpolates_the_first_sign_change():
+    pts = [{"own_share": a, "full": {"0.5": {"net": n}}} for a, n in ((0.2, -10), (0.4, 10), (0.6, 30))]
+    assert dlp_map.break_even(pts) == pytest.approx(0.3)
+    assert dlp_map.break_even(pts[:1]) is None
+
+
+def test_ceiling_splits_every_wrong_pixel():
+    inp = inputs(seed=2)
+    c = dlp_map.ceiling(inp)
+    assert c["whole_region"] + c["boundary"] + c["interior"] == c["wrong"]
+    assert c["whole_region_fixed"] <= c["whole_region"] and c["interior_fixed"] <= c["interior"]
