@@ -289,8 +289,9 @@ def test_region_propagation_fills_an_agreeing_region():
     mask[0, 0, 0] = 1  # with a wrong label
     box = torch.zeros(b, h, w, dtype=torch.bool)
     ign = torch.zeros(b, h, w, dtype=torch.long)
-    torch.manual_seed(0)
-    new_mask, new_keep = region_propagation(f.flatten(2), f.flatten(2), (h, w), mask, keep, box, ign, 0.8, "forward", k, c)
+    rows = torch.randint(0, h * w, (k,), generator=torch.Generator().manual_seed(0))
+    new_mask, new_keep = region_propagation(f.flatten(2), f.flatten(2), (h, w), rows, mask, keep, box, ign, 0.8, "forward",
+                                            c)
     assert new_keep.all()
     assert (new_mask[0, :, :2] == 0).all() and (new_mask[0, :, 2:] == 2).all()
 
