@@ -149,14 +149,17 @@ class Trainer:
         eta = epoch / cfg.optim.epochs
         nb, size = x.shape[0], x.shape[-2:]
 
-        # 1. pseudo-labels of the CutMix partner batch (no gradient)
+        # 1. pseudo-labels of the CutMix partner batch (no gradient). Its f1/f2 are read only as the derivative
+        # loss's target inside the box (cutmix_consistent_targets, paper) and for its L̃ (Θb's blend, paper);
+        # the release's momentum pass reads L alone and skips J and the heads.
+        box_targets = m.derivative_loss and m.cutmix_consistent_targets
         with torch.no_grad(), self._autocast():
             if m.pseudo_label_source == "momentum" and self.momentum is not None:
-                out_mix = self.momentum(uw2)
+                out_mix = self.momentum(uw2, heads=box_targets)
                 p_mix = out_mix.logits.float().softmax(1)
             else:
                 self.net.eval()
-                out_mix = self.net(uw2)
+                out_mix = self.net(uw2, heads=box_targets or m.dlp)
                 self.net.train()
                 p_mix = blend(out_mix.logits, propagated_logits(out_mix, size, m) if m.dlp else None, eta,
                               m.blend_space)
