@@ -87,11 +87,12 @@ def weak_features(out_w: SegOutput, nb: int, temperature: float) -> tuple[Tensor
 
 def propagated_logits(out: SegOutput, size: tuple[int, int], m: MethodConfig) -> Tensor:
     """``L̃`` (eq. 4) at the feature grid, upsampled bilinearly to ``size``."""
-    b, c, h, w = out.logits_grid.shape
-    f1, f2 = similarity_features(out, m.dlp_temperature)
-    lt = propagate(out.logits_grid.flatten(2), f1, f2, mode="official" if m.dlp_form == "softmax" else "paper",
-                   op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
-    return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
+    with record_function("derprop.dlp"):  # the profiler's name for DLP (benchmarks.train_step splits a step by it)
+        b, c, h, w = out.logits_grid.shape
+        f1, f2 = similarity_features(out, m.dlp_temperature)
+        lt = propagate(out.logits_grid.flatten(2), f1, f2, mode="official" if m.dlp_form == "softmax" else "paper",
+                       op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
+        return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
 
 
 def blend(logits: Tensor, prop: Tensor | None, eta: float, space: str) -> Tensor:
@@ -148,7 +149,9 @@ def cutmix_pseudo_labels(p_w: Tensor, p_mix: Tensor, box: Tensor, ign: Tensor, i
     if m.region_propagation:
         f1, f2, grid = features
         rows = torch.randint(0, f1.shape[-1], (m.region_samples,), device=f1.device)
-        mask_c, keep_cu = region_propagation(f1, f2, grid, rows, mask_c, keep_c, box, ign_c, tau, m.op, p_w.shape[1])
+        with record_function("derprop.region_propagation"):
+            mask_c, keep_cu = region_propagation(f1, f2, grid, rows, mask_c, keep_c, box, ign_c, tau, m.op,
+                                                 p_w.shape[1])
     return PseudoLabels(target, mask_c, keep_c, keep_cu, ign_c != IGNORE_INDEX, mask_w, keep_w, ign != IGNORE_INDEX, tau)
 
 
@@ -161,7 +164,6 @@ REGION_WEIGHT_MAX = 255
 
 
 @torch.no_grad()
-@record_function("derprop.region_propagation")
 def region_propagation(f1: Tensor, f2: Tensor, grid: tuple[int, int], rows: Tensor, mask_c: Tensor, keep_c: Tensor,
                        box: Tensor, ign_c: Tensor, tau: float, op: str, num_classes: int) -> tuple[Tensor, Tensor]:
     """CorrMatch's region-level label propagation (the release keeps it), in ``O(K·M)`` memory.
