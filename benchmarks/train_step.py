@@ -469,6 +469,9 @@ def compute_ratios(rows: list[dict], profiles: list[str], crops: list[int]) -> l
             if _ok(dense) and _ok(tiled):
                 entry["tiled_vs_dense_memory"] = tiled["peak_mib"] / max(dense["peak_mib"], 1e-9)
                 entry["tiled_vs_dense_throughput"] = tiled["images_per_s"] / dense["images_per_s"]
+            nondet = by.get("tiled-fp32-nondet")
+            if _ok(tiled) and _ok(nondet):  # what torch.use_deterministic_algorithms costs (CPU)
+                entry["deterministic_time_ratio"] = tiled["seconds"] / nondet["seconds"]
             fast = [r for name, r in by.items() if _ok(r) and CONFIGS[name].impl == "tiled" and CONFIGS[name].deterministic]
             if fast and _ok(dense):
                 best = max(fast, key=lambda r: r["images_per_s"])
@@ -639,7 +642,8 @@ def main(argv: list[str] | None = None) -> dict:
                         print(f"  {profile:8s} crop {crop:4d} {config:22s} failed: {row['error']}", flush=True)
                     else:
                         print(f"  {profile:8s} crop {crop:4d} {config:22s} {row['images_per_s']:8.2f} img/s "
-                              f"{row['peak_mib']:9.1f} MiB  DLP+loss {100 * row['dlp_loss_share']:5.1f} %", flush=True)
+                              f"{row['peak_mib']:9.1f} MiB  " + "  ".join(f"{k} {100 * v:4.1f} %" for k, v in
+                                                                   row["split_shares"].items()), flush=True)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -647,16 +651,18 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = compute_ratios(rows, args.profiles, args.crops)
     goals = evaluate_goals(rows, ratios, device, args.size, args.crops)
     print()
-    print_table([r for r in rows if "error" not in r], [
+    print("steps; the last columns split a step's seconds into its parts, forward and backward (one profiled step)")
+    print_table([r | {f"split_{k}": v for k, v in r["split"].items()} for r in rows if "error" not in r], [
         ("profile", "profile", "s"), ("crop", "crop", "d"), ("M", "M", "d"), ("config", "config", "s"),
         ("images_per_s", "images/s", ".2f"), ("seconds", "s/step", ".3f"), ("peak_mib", "peak MiB", ".1f"),
-        ("dlp_loss_share", "DLP+loss share", ".3f")])
+        *((f"split_{k}", k, ".3f") for k in SPLIT)])
     print()
     print_table(ratios, [
         ("profile", "profile", "s"), ("crop", "crop", "d"), ("M", "M", "d"),
         ("tiled_vs_dense_memory", "tiled/dense memory", ".3f"),
         ("tiled_vs_dense_throughput", "tiled/dense img/s", ".2f"),
-        ("best_config", "best", "s"), ("best_vs_dense_throughput", "best/dense img/s", ".2f")])
+        ("best_config", "best", "s"), ("best_vs_dense_throughput", "best/dense img/s", ".2f"),
+        ("deterministic_time_ratio", "deterministic/not time", ".3f")])
     print()
     for g in goals:
         state = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
