@@ -66,7 +66,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path

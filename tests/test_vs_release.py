@@ -6,7 +6,6 @@ With one (``--release DIR``) the benchmark itself checks values and gradients ag
 import math
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 from benchmarks import vs_release
