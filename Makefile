@@ -60,7 +60,9 @@ demo: train-cpu
 bench: setup
 	$(PY) -m benchmarks.dlp
 	$(PY) -m benchmarks.derloss
+	$(PY) -m benchmarks.region
 	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.vs_release $(if $(RELEASE),--release $(RELEASE))
 
 # No setup: a GPU box may have torch preinstalled and no package registry (see README).
 gpu-check:

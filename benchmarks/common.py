@@ -173,7 +173,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 
 
 def core_args(doc: str, run_case: Callable[[dict], dict], argv: list[str] | None) -> argparse.Namespace | None:
-    """Parse the options shared by the core benchmarks (``dlp``, ``derloss``).
+    """Parse the options shared by the core benchmarks (``dlp``, ``derloss``, ``region``).
 
     Returns ``None`` after running the one case that ``--case`` names (how
     :func:`run_isolated` measures each case in a fresh process) and printing it.

@@ -8,11 +8,12 @@ The default size is ``full`` on a CUDA device and ``cpu`` otherwise. Any preset
 value can be overridden (``--backbone``, ``--crops``, ``--batch``, ``--chunk``,
 ``--configs``, ``--profiles``, ``--repeats``).
 
-One *step* is exactly what :meth:`derprop.trainer.Trainer` does per iteration:
-``train_step`` (momentum / CutMix-partner pass, Θb on labeled + weak and on
-the mixed strong view, DLP, pseudo-labels, every loss term of the profile),
-then ``zero_grad``, backward (through the GradScaler under fp16), the SGD step
-and the poly-lr step. Batches are synthetic tensors of the right shapes and
+One *step* is what :meth:`derprop.trainer.Trainer.fit` does per iteration, by
+the Trainer's own methods: ``train_step`` (momentum / CutMix-partner pass, Θb
+on labeled + weak and on the mixed strong view, DLP, pseudo-labels, region
+propagation, every loss term of the profile), then ``optimize`` (``zero_grad``,
+backward through the GradScaler under fp16, the gradient-norm guard, the SGD
+step and the poly-lr step). Batches are synthetic tensors of the right shapes and
 dtypes (uint8 images, labels with an ignored border, a CutMix box), so no
 dataset is read; the Trainer itself is built on a tiny generated scenes tree
 (``data_prep.scenes``), only because its constructor needs one.
@@ -37,10 +38,16 @@ CutMix partner batch is an extra no-grad forward and is not counted), peak
 memory of the step above the state held between steps (weights, optimiser
 state; CPU: rise of the resident-size high-water mark in an isolated process;
 CUDA: ``max_memory_allocated``, plus the absolute allocated and reserved
-peaks), and the share of the step spent in DLP + derivative loss. That share
-is measured by recording the step's own calls of ``propagate`` and
-``derivative_loss`` (arguments, grad mode, autocast state) and replaying them,
-forward + backward, on their own; their time over the step's time.
+peaks), and where the step's time goes (``split``, seconds; ``split_shares``):
+``backbone`` (the network passes), ``region_propagation``, ``dlp_derivative_loss``
+(DLP and the derivative loss), ``optimizer`` (guard, SGD and lr steps) and
+``other``, each forward and backward, from one profiled step
+(:func:`split_step`, by the ``record_function`` ranges the Trainer marks).
+
+``tiled-fp32-nondet`` is ``tiled-fp32`` with ``torch.use_deterministic_algorithms``
+off again after the Trainer switched it on (CPU): what determinism costs. The
+Trainer runs deterministic on CPU; on CUDA it never switches it on, so there
+the two configs are the same and the preset leaves this one out.
 
 Output: a table on stdout and ``results/bench_train_step_<device>.json``
 (``<device>``: ``cpu`` or a slug of the GPU name) with the machine, the
@@ -51,21 +58,18 @@ of the performance issue with met / not met.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import functools
 import gc
 import json
 import math
 import os
 import re
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -74,24 +78,36 @@ from benchmarks.common import RESULTS, machine_info, measure, print_table, run_i
 MODULE = "benchmarks.train_step"
 PROFILES = ("official", "paper")
 
-#: name -> (impl, AMP, channels_last, torch.compile)
-CONFIGS: dict[str, tuple[str, bool, bool, bool]] = {
-    "dense-fp32": ("dense", False, False, False),
-    "tiled-fp32": ("tiled", False, False, False),
-    "tiled-cl": ("tiled", False, True, False),
-    "tiled-amp-cl": ("tiled", True, True, False),
-    "tiled-amp-cl-compile": ("tiled", True, True, True),
+class Setup(NamedTuple):
+    """How one config runs the step."""
+
+    impl: str
+    amp: bool
+    channels_last: bool
+    compile: bool
+    deterministic: bool = True
+    """False: ``torch.use_deterministic_algorithms(False)`` after the Trainer switched it on (CPU): its cost."""
+
+
+CONFIGS: dict[str, Setup] = {
+    "dense-fp32": Setup("dense", False, False, False),
+    "tiled-fp32": Setup("tiled", False, False, False),
+    "tiled-fp32-nondet": Setup("tiled", False, False, False, deterministic=False),
+    "tiled-cl": Setup("tiled", False, True, False),
+    "tiled-amp-cl": Setup("tiled", True, True, False),
+    "tiled-amp-cl-compile": Setup("tiled", True, True, True),
 }
 BASELINE, TILED = "dense-fp32", "tiled-fp32"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The issue's sizes: ResNet-101 DeepLabV3+ (deep stem, OS 8), M = 41² and 101².
     "full": {"backbone": "resnet101", "deep_stem": True, "crops": [321, 801], "batch": 4, "chunk": 512,
-             "repeats": 5, "configs": list(CONFIGS), "check_crop": 321},
+             "repeats": 5, "configs": [c for c, setup in CONFIGS.items() if setup.deterministic], "check_crop": 321},
     # These CPU machines (2 cores): M = 21²; chunk below M so that "tiled" really tiles.
     # torch.compile is left out here: compiling the step took ~10 minutes on these 2 cores.
     "cpu": {"backbone": "resnet18", "deep_stem": True, "crops": [161], "batch": 2, "chunk": 128,
-            "repeats": 2, "configs": ["dense-fp32", "tiled-fp32", "tiled-cl", "tiled-amp-cl"], "check_crop": 161},
+            "repeats": 2, "configs": ["dense-fp32", "tiled-fp32", "tiled-fp32-nondet", "tiled-cl", "tiled-amp-cl"],
+            "check_crop": 161},
     # The test: M = 5², one thread, in this process (its memory figures are only indicative).
     "quick": {"backbone": "resnet18", "deep_stem": False, "crops": [33], "batch": 2, "chunk": 8,
               "repeats": 1, "warmup": 0, "threads": 1, "isolate": False,
@@ -119,7 +135,7 @@ def amp_mode(device: str) -> str:
 
 def overrides(case: dict) -> list[str]:
     """Dotted config overrides (the ``derprop.train`` syntax) for one case."""
-    impl, amp, channels_last, _ = CONFIGS[case["config"]]
+    impl, amp, channels_last = CONFIGS[case["config"]][:3]
     return [
         f"profile={case['profile']}",
         f"model.backbone={case['backbone']}",
@@ -147,7 +163,9 @@ def build_trainer(case: dict, out_dir: str):
 
     cfg = load_config(None, overrides(case))
     trainer = Trainer(cfg, out_dir, device=case["device"], progress=False)
-    if CONFIGS[case["config"]][3]:
+    if not CONFIGS[case["config"]].deterministic:
+        torch.use_deterministic_algorithms(False)
+    if CONFIGS[case["config"]].compile:
         # The Θb forward passes go through trainer.model; the no-grad passes (momentum net,
         # eval-mode CutMix partner) and DLP / the losses stay eager.
         trainer.model = torch.compile(trainer.net)
@@ -182,20 +200,11 @@ def synthetic_batch(batch: int, crop: int, classes: int, seed: int = 0):
 
 
 def step_fn(trainer, batch, epoch: int) -> Callable[[], float]:
-    """One optimisation step exactly as ``Trainer._train_epoch`` does it (without logging); returns the loss."""
+    """One iteration of ``Trainer.fit`` without its logging: ``train_step``, then ``Trainer.optimize``; returns the loss."""
 
     def step() -> float:
         loss, _ = trainer.train_step(batch, epoch)
-        opt = trainer.optimizer
-        opt.zero_grad(set_to_none=True)
-        if trainer.scaler is not None:
-            trainer.scaler.scale(loss).backward()
-            trainer.scaler.step(opt)
-            trainer.scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-        trainer.scheduler.step()
+        trainer.optimize(loss, epoch, 0)
         return float(loss.detach())
 
     return step
@@ -267,63 +276,19 @@ def run_check(case: dict, out_dir: str) -> dict:
 
 
 # --------------------------------------------------------------------------- #
-# share of the step in DLP + derivative loss
+# where the step's time goes
 # --------------------------------------------------------------------------- #
 
-
-class CallRecorder:
-    """Wraps a function; while ``recording``, keeps detached copies of each call's arguments and context."""
-
-    def __init__(self, fn: Callable, device: str):
-        self.fn, self.device = fn, device
-        self.recording = False
-        self.calls: list[tuple[tuple, dict, bool, bool, torch.dtype]] = []
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args, **kwargs):
-        if self.recording:
-            memo: dict[int, Any] = {}  # keep `f2 is f1` identities: the code takes the symmetric path on them
-
-            def copy_arg(a: Any) -> Any:
-                if not isinstance(a, torch.Tensor):
-                    return a
-                if id(a) not in memo:
-                    memo[id(a)] = a.detach().clone().requires_grad_(a.requires_grad)
-                return memo[id(a)]
-
-            dev = self.device
-            self.calls.append((tuple(copy_arg(a) for a in args), {k: copy_arg(v) for k, v in kwargs.items()},
-                               torch.is_grad_enabled(), torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)))
-        return self.fn(*args, **kwargs)
-
-    def replay(self) -> None:
-        """Every recorded call again, forward and (where it had a graph) backward."""
-        for args, kwargs, grad, amp, dtype in self.calls:
-            for t in [*args, *kwargs.values()]:
-                if isinstance(t, torch.Tensor):
-                    t.grad = None
-            with torch.set_grad_enabled(grad), torch.autocast(self.device, dtype=dtype, enabled=amp):
-                out = self.fn(*args, **kwargs)
-            if out.requires_grad:
-                out.backward(torch.ones_like(out))
-
-
-@contextlib.contextmanager
-def recorders(device: str):
-    """Patch ``propagate`` and ``derivative_loss`` where the training step looks them up."""
-    import derprop.objective
-    import derprop.pseudo_labels
-
-    where = {"propagate": derprop.pseudo_labels, "derivative_loss": derprop.objective}
-    saved = {name: getattr(module, name) for name, module in where.items()}
-    recs = {name: CallRecorder(fn, device) for name, fn in saved.items()}
-    for name, rec in recs.items():
-        setattr(where[name], name, rec)
-    try:
-        yield recs
-    finally:
-        for name, fn in saved.items():
-            setattr(where[name], name, fn)
+#: ``record_function`` ranges of :mod:`derprop.trainer` -> the part of the step they time, forward and backward.
+PARTS: dict[str, str] = {
+    "derprop.forward": "backbone",
+    "derprop.dlp": "dlp_derivative_loss",
+    "derprop.derivative_loss": "dlp_derivative_loss",
+    "derprop.region_propagation": "region_propagation",
+    "derprop.optimizer": "optimizer",
+}
+SPLIT = ("backbone", "region_propagation", "dlp_derivative_loss", "optimizer", "other")
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
 
 
 def _sync(device: str) -> None:
@@ -331,31 +296,57 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def region_seconds(step: Callable[[], float], device: str, repeats: int) -> tuple[float, int, float, int]:
-    """Median time of one step's DLP + derivative-loss calls replayed forward + backward, the number of
-    calls, the loss of the recorded step and the M the model really produced."""
-    with recorders(device) as recs:
-        for rec in recs.values():
-            rec.recording = True
-        loss = step()
-        for rec in recs.values():
-            rec.recording = False
-        n_calls = sum(len(rec.calls) for rec in recs.values())
-        m_seen = int(recs["propagate"].calls[0][0][0].shape[-1]) if recs["propagate"].calls else -1
+def split_step(step: Callable[[], float], device: str) -> dict[str, Any]:
+    """One profiled step, its time split into :data:`SPLIT` by the package's ``record_function`` ranges.
 
-        def replay() -> None:
-            for rec in recs.values():
-                rec.replay()
+    Forward: each range's own time (nested ranges counted where they are, e.g. DLP inside the CutMix partner's
+    forward). Backward: each autograd node is charged to the range around the forward op that made it (the
+    profiler's sequence numbers link the two). ``other`` is the rest: CE/KL terms, pseudo-labels, the autograd
+    engine's bookkeeping. Shares are of the profiled step (eager code; a compiled model's backward is one node).
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.events()
 
-        replay()  # warm-up
-        times = []
-        for _ in range(max(repeats, 1)):
-            _sync(device)
-            start = time.perf_counter()
-            replay()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), n_calls, loss, m_seen
+    def took(e) -> float:
+        return e.device_time_total if device == "cuda" else e.cpu_time_total
+
+    def label(e) -> str | None:
+        while e is not None:
+            if e.name in PARTS or e.name == "derprop.backward":
+                return e.name
+            e = e.cpu_parent
+        return None
+
+    made_by: dict[int, str | None] = {}  # forward sequence number -> the range around the op
+    for e in events:
+        if e.sequence_nr >= 0 and not e.name.startswith(BACKWARD_NODE) and e.sequence_nr not in made_by:
+            made_by[e.sequence_nr] = label(e)
+    us = dict.fromkeys(SPLIT, 0.0)
+    calls = dict.fromkeys(PARTS, 0)
+    for e in events:
+        if e.name in PARTS:  # a range's own time: less the ranges nested in it, which count for themselves
+            nested = label(e.cpu_parent)
+            us[PARTS[e.name]] += took(e)
+            if nested in PARTS:
+                us[PARTS[nested]] -= took(e)
+            calls[e.name] += 1
+        elif e.name.startswith(BACKWARD_NODE) and label(e.cpu_parent) == "derprop.backward":
+            owner = made_by.get(e.sequence_nr)
+            if owner in PARTS:
+                us[PARTS[owner]] += took(e)
+    total = wall_us if device != "cuda" else max(wall_us, sum(us.values()))
+    us["other"] = max(total - sum(us[k] for k in SPLIT if k != "other"), 0.0)
+    return {"shares": {k: us[k] / total for k in SPLIT}, "profiled_s": total / 1e6,
+            "dlp_loss_calls": calls["derprop.dlp"] + calls["derprop.derivative_loss"],
+            "region_propagation_calls": calls["derprop.region_propagation"]}
 
 
 # --------------------------------------------------------------------------- #
@@ -364,12 +355,17 @@ def region_seconds(step: Callable[[], float], device: str, repeats: int) -> tupl
 
 
 def run_step_case(case: dict, out_dir: str) -> dict:
-    """Build, warm up (compile), then peak memory, median step time and DLP + loss share of one config."""
+    """Build, warm up (compile), then peak memory, median step time and the time split of one config."""
     torch.manual_seed(0)
     device = case["device"]
     t0 = time.perf_counter()
     trainer = build_trainer(case, out_dir)
     batch = _device_batch(synthetic_batch(case["batch"], case["crop"], case["classes"]), device)
+    with torch.no_grad():
+        m_seen = math.prod(trainer.net.eval()(batch[0][0][:1], heads=False).logits_grid.shape[-2:])
+    trainer.net.train()
+    if m_seen != case["M"]:
+        raise RuntimeError(f"the model's feature grid has M = {m_seen} pixels, expected {case['M']} (output stride 8)")
     step = step_fn(trainer, batch, _epoch(trainer))
     # Warm-up: optimiser state, cuDNN autotuning, compilation (one graph per input shape and mode).
     losses = [step() for _ in range(case["warmup"])]
@@ -384,24 +380,25 @@ def run_step_case(case: dict, out_dir: str) -> dict:
         import psutil
 
         extra["state_mib"] = psutil.Process().memory_info().rss / 2**20
-    region, n_calls, last_loss, m_seen = region_seconds(step, device, case["repeats"])
-    if m_seen != case["M"]:
-        raise RuntimeError(f"the model's feature grid has M = {m_seen} pixels, expected {case['M']} (output stride 8)")
-    losses.append(last_loss)
+    split = split_step(lambda: losses.append(step()), device)
     images = 2 * case["batch"]
     return {
         **{k: case[k] for k in ("profile", "config", "crop", "M", "batch", "backbone", "chunk")},
-        "impl": CONFIGS[case["config"]][0],
+        "impl": CONFIGS[case["config"]].impl,
         "amp": trainer.cfg.optim.amp,
         "channels_last": trainer.cfg.optim.channels_last,
-        "compile": CONFIGS[case["config"]][3],
+        "compile": CONFIGS[case["config"]].compile,
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "seconds": fig["seconds"],
         "images_per_s": images / fig["seconds"],
         "peak_mib": fig["peak_mib"],
         **extra,
-        "dlp_loss_seconds": region,
-        "dlp_loss_share": region / fig["seconds"],
-        "dlp_loss_calls": n_calls,
+        "split": {k: v * fig["seconds"] for k, v in split["shares"].items()},
+        "split_shares": split["shares"],
+        "dlp_loss_share": split["shares"]["dlp_derivative_loss"],
+        "dlp_loss_calls": split["dlp_loss_calls"],
+        "region_propagation_calls": split["region_propagation_calls"],
+        "profiled_step_s": split["profiled_s"],
         "warmup_s": warmup_s,
         "repeats": fig["repeats"],
         "loss_finite": all(math.isfinite(v) for v in losses),
@@ -412,6 +409,7 @@ def run_step_case(case: dict, out_dir: str) -> dict:
 def run_case(case: dict) -> dict:
     """Entry point of one isolated case (``--case JSON``)."""
     threads = torch.get_num_threads()
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.set_num_threads(case.get("threads") or threads)
     try:
         with tempfile.TemporaryDirectory(prefix="bench_train_step_") as out_dir:
@@ -420,6 +418,7 @@ def run_case(case: dict) -> dict:
             return run_step_case(case, out_dir)
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
 
 
 def _run(case: dict, isolate: bool) -> dict:
@@ -469,7 +468,10 @@ def compute_ratios(rows: list[dict], profiles: list[str], crops: list[int]) -> l
             if _ok(dense) and _ok(tiled):
                 entry["tiled_vs_dense_memory"] = tiled["peak_mib"] / max(dense["peak_mib"], 1e-9)
                 entry["tiled_vs_dense_throughput"] = tiled["images_per_s"] / dense["images_per_s"]
-            fast = [r for name, r in by.items() if _ok(r) and CONFIGS[name][0] == "tiled"]
+            nondet = by.get("tiled-fp32-nondet")
+            if _ok(tiled) and _ok(nondet):  # what torch.use_deterministic_algorithms costs (CPU)
+                entry["deterministic_time_ratio"] = tiled["seconds"] / nondet["seconds"]
+            fast = [r for name, r in by.items() if _ok(r) and CONFIGS[name].impl == "tiled" and CONFIGS[name].deterministic]
             if fast and _ok(dense):
                 best = max(fast, key=lambda r: r["images_per_s"])
                 entry["best_config"] = best["config"]
@@ -509,7 +511,7 @@ def evaluate_goals(rows: list[dict], ratios: list[dict], device: str, preset: st
     for profile in sorted({r["profile"] for r in rows}):
         fits, used = None, None
         if device == "cuda" and 801 in crops:
-            cands = [r for r in rows if r["profile"] == profile and r["crop"] == 801 and CONFIGS[r["config"]][0] == "tiled"]
+            cands = [r for r in rows if r["profile"] == profile and r["crop"] == 801 and CONFIGS[r["config"]].impl == "tiled"]
             ok = [r for r in cands if _ok(r)]
             if ok:
                 best = min(ok, key=lambda r: r["peak_reserved_total_mib"])
@@ -590,7 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(run_case(json.loads(args.case))))
         return {}
     device = args.device
-    if any(CONFIGS[c][0] == "tiled" for c in args.configs) and args.chunk >= min(grid_pixels(c) for c in args.crops):
+    if any(CONFIGS[c].impl == "tiled" for c in args.configs) and args.chunk >= min(grid_pixels(c) for c in args.crops):
         print(f"note: --chunk {args.chunk} >= M at some crop: tiled falls back to the dense path there", flush=True)
     out = Path(args.out) if args.out else RESULTS / f"bench_train_step_{device_slug(device)}.json"
     tmp = None
@@ -630,7 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
         for crop in args.crops:
             for profile in args.profiles:
                 for config in args.configs:
-                    warmup = args.warmup if args.warmup is not None else (3 if CONFIGS[config][3] else 1)
+                    warmup = args.warmup if args.warmup is not None else (3 if CONFIGS[config].compile else 1)
                     case = {**base, "kind": "step", "profile": profile, "config": config, "crop": crop,
                             "M": grid_pixels(crop), "repeats": args.repeats, "warmup": warmup}
                     row = _run(case, args.isolate)
@@ -639,7 +641,8 @@ def main(argv: list[str] | None = None) -> dict:
                         print(f"  {profile:8s} crop {crop:4d} {config:22s} failed: {row['error']}", flush=True)
                     else:
                         print(f"  {profile:8s} crop {crop:4d} {config:22s} {row['images_per_s']:8.2f} img/s "
-                              f"{row['peak_mib']:9.1f} MiB  DLP+loss {100 * row['dlp_loss_share']:5.1f} %", flush=True)
+                              f"{row['peak_mib']:9.1f} MiB  " + "  ".join(f"{k} {100 * v:4.1f} %" for k, v in
+                                                                   row["split_shares"].items()), flush=True)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -647,16 +650,18 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = compute_ratios(rows, args.profiles, args.crops)
     goals = evaluate_goals(rows, ratios, device, args.size, args.crops)
     print()
-    print_table([r for r in rows if "error" not in r], [
+    print("steps; the last columns split a step's seconds into its parts, forward and backward (one profiled step)")
+    print_table([r | {f"split_{k}": v for k, v in r["split"].items()} for r in rows if "error" not in r], [
         ("profile", "profile", "s"), ("crop", "crop", "d"), ("M", "M", "d"), ("config", "config", "s"),
         ("images_per_s", "images/s", ".2f"), ("seconds", "s/step", ".3f"), ("peak_mib", "peak MiB", ".1f"),
-        ("dlp_loss_share", "DLP+loss share", ".3f")])
+        *((f"split_{k}", k, ".3f") for k in SPLIT)])
     print()
     print_table(ratios, [
         ("profile", "profile", "s"), ("crop", "crop", "d"), ("M", "M", "d"),
         ("tiled_vs_dense_memory", "tiled/dense memory", ".3f"),
         ("tiled_vs_dense_throughput", "tiled/dense img/s", ".2f"),
-        ("best_config", "best", "s"), ("best_vs_dense_throughput", "best/dense img/s", ".2f")])
+        ("best_config", "best", "s"), ("best_vs_dense_throughput", "best/dense img/s", ".2f"),
+        ("deterministic_time_ratio", "deterministic/not time", ".3f")])
     print()
     for g in goals:
         state = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 from derprop.config import MethodConfig
 from derprop.distributed import Dist
@@ -86,11 +87,12 @@ def weak_features(out_w: SegOutput, nb: int, temperature: float) -> tuple[Tensor
 
 def propagated_logits(out: SegOutput, size: tuple[int, int], m: MethodConfig) -> Tensor:
     """``L̃`` (eq. 4) at the feature grid, upsampled bilinearly to ``size``."""
-    b, c, h, w = out.logits_grid.shape
-    f1, f2 = similarity_features(out, m.dlp_temperature)
-    lt = propagate(out.logits_grid.flatten(2), f1, f2, mode="official" if m.dlp_form == "softmax" else "paper",
-                   op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
-    return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
+    with record_function("derprop.dlp"):  # the profiler's name for DLP (benchmarks.train_step splits a step by it)
+        b, c, h, w = out.logits_grid.shape
+        f1, f2 = similarity_features(out, m.dlp_temperature)
+        lt = propagate(out.logits_grid.flatten(2), f1, f2, mode="official" if m.dlp_form == "softmax" else "paper",
+                       op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
+        return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
 
 
 def blend(logits: Tensor, prop: Tensor | None, eta: float, space: str) -> Tensor:
@@ -146,20 +148,30 @@ def cutmix_pseudo_labels(p_w: Tensor, p_mix: Tensor, box: Tensor, ign: Tensor, i
     keep_cu = keep_c
     if m.region_propagation:
         f1, f2, grid = features
-        mask_c, keep_cu = region_propagation(f1, f2, grid, mask_c, keep_c, box, ign_c, tau, m.op, m.region_samples,
-                                             p_w.shape[1])
+        rows = torch.randint(0, f1.shape[-1], (m.region_samples,), device=f1.device)
+        with record_function("derprop.region_propagation"):
+            mask_c, keep_cu = region_propagation(f1, f2, grid, rows, mask_c, keep_c, box, ign_c, tau, m.op,
+                                                 p_w.shape[1])
     return PseudoLabels(target, mask_c, keep_c, keep_cu, ign_c != IGNORE_INDEX, mask_w, keep_w, ign != IGNORE_INDEX, tau)
 
 
-@torch.no_grad()
-def region_propagation(f1: Tensor, f2: Tensor, grid: tuple[int, int], mask_c: Tensor, keep_c: Tensor, box: Tensor,
-                       ign_c: Tensor, tau: float, op: str, samples: int, num_classes: int) -> tuple[Tensor, Tensor]:
-    """CorrMatch's region-level label propagation (the release keeps it), compact version.
+REGION_BLOCK_PIXELS = 1 << 22
+"""Crop pixels × sampled rows per block of region maps (16 MiB of float32 maps): region propagation never holds
+more, so at crop 801 a block is 6 rows and at crop 321 40."""
 
-    ``f1, f2``: ``(B, D, M)`` features of the unlabeled weak view on the ``grid = (h, w)``.
-    ``K = samples`` pixels are drawn at random on the feature grid; the
-    row of the similarity softmax ``A`` (release form, with the derivative
-    term) of each is upsampled to the crop, min-max normalised and
+REGION_WEIGHT_MAX = 255
+"""At most this many rows per block: a region's position in its block is a ``uint8``."""
+
+
+@torch.no_grad()
+def region_propagation(f1: Tensor, f2: Tensor, grid: tuple[int, int], rows: Tensor, mask_c: Tensor, keep_c: Tensor,
+                       box: Tensor, ign_c: Tensor, tau: float, op: str, num_classes: int) -> tuple[Tensor, Tensor]:
+    """CorrMatch's region-level label propagation (the release keeps it), in ``O(K·M)`` memory.
+
+    ``f1, f2``: ``(B, D, M)`` features of the unlabeled weak view on the ``grid = (h, w)``;
+    ``rows``: ``K`` grid pixels (:func:`cutmix_pseudo_labels` draws ``method.region_samples``). The
+    row of the similarity softmax ``A`` (release form, eq. 4 with the
+    derivative term) of each is upsampled to the crop, min-max normalised and
     thresholded at 0.5: a region. Regions are restricted to valid pixels
     outside the CutMix box. A region whose confident fraction is ≥ τ and
     whose confident pixels agree on one class for more than τ of them gets
@@ -168,33 +180,70 @@ def region_propagation(f1: Tensor, f2: Tensor, grid: tuple[int, int], mask_c: Te
     Difference from the release: the class counts of every region are
     taken from the pseudo-label before any region is applied (the release
     updates the label map region by region, so later regions see earlier
-    ones); where accepted regions overlap the last one wins, as there.
+    ones); where accepted regions overlap the last one wins, as there. The
+    release also never draws the last grid pixel (``randint(0, M − 1)``).
+
+    Computed per image and per block of sampled rows (:data:`REGION_BLOCK_PIXELS`), so nothing of size
+    ``K × crop`` exists. The allowed pixels of an image are sorted once by their class (confident ones;
+    then the unconfident, then the rest), so each region's class counts are sums over contiguous slices.
     """
-    k = samples
     g1, g2 = official_similarity_factors(f1, f2, op)
-    b, _, mpix = g1.shape
+    attn = (g1[:, :, rows].transpose(1, 2) @ g2).softmax(-1)  # (B, K, M): the sampled rows of A
+    b, k, _ = attn.shape
     h, w = grid
-    idx = torch.randint(0, mpix, (k,), device=g1.device)
-    rows = (g1[:, :, idx].transpose(1, 2) @ g2).softmax(-1)  # (B, K, M)
-    maps = F.interpolate(rows.view(b * k, 1, h, w), size=mask_c.shape[-2:], mode="bilinear", align_corners=True)
-    maps = maps.view(b, k, -1)
-    lo, hi = maps.amin(-1, keepdim=True), maps.amax(-1, keepdim=True)
-    regions = (maps - lo) / (hi - lo).clamp_min(1e-12) > 0.5  # (B, K, HW)
-    allowed = (~box & (ign_c != IGNORE_INDEX)).flatten(1).unsqueeze(1)
-    regions &= allowed
-    conf = keep_c.flatten(1).unsqueeze(1)
-    seg = regions & conf
-    n_seg, n_ori = seg.sum(-1).float(), regions.sum(-1).float()
-    onehot = F.one_hot(mask_c.flatten(1), num_classes).float()  # (B, HW, C)
-    counts = seg.float() @ onehot  # (B, K, C)
-    top_n, top_cls = counts.max(-1)
-    accept = (n_seg > 0) & (n_seg / n_ori.clamp_min(1) >= tau) & (top_n / n_seg.clamp_min(1) > tau)
-    hit = regions & accept.unsqueeze(-1)  # (B, K, HW)
-    order = torch.arange(1, k + 1, device=hit.device).view(1, k, 1)
-    last = (hit * order).amax(1)  # (B, HW): 1-based index of the last accepted region covering a pixel
-    covered = last > 0
-    new_cls = torch.gather(top_cls, 1, (last - 1).clamp_min(0))
-    flat = mask_c.flatten(1)
-    mask_new = torch.where(covered, new_cls, flat).view_as(mask_c)
-    keep_new = (keep_c.flatten(1) | covered).view_as(keep_c)
-    return mask_new, keep_new
+    size = mask_c.shape[-2:]
+    pixels = size[0] * size[1]
+    block = max(1, min(k, REGION_WEIGHT_MAX, REGION_BLOCK_PIXELS // pixels))
+    mask = mask_c.flatten(1).clone()
+    keep = keep_c.flatten(1).clone()
+    allowed = (~box & (ign_c != IGNORE_INDEX)).flatten(1)
+    for i in range(b):
+        # bucket c < C: a confident pixel of class c; C: unconfident; C + 1: in the box or ignored (never relabelled)
+        bucket = torch.where(allowed[i], torch.where(keep[i], mask[i], num_classes), num_classes + 1)
+        ends = torch.bincount(bucket, minlength=num_classes + 2).cumsum(0).tolist()
+        picked = torch.argsort(bucket, stable=True)[:ends[num_classes]]
+        spans = list(zip([0, *ends[:num_classes]], ends[:num_classes + 1]))
+        last = torch.zeros(pixels, dtype=torch.long, device=attn.device)  # 1-based; 0: no accepted region
+        top_cls = []
+        for start in range(0, k, block):
+            maps = F.interpolate(attn[i, start:start + block].view(-1, 1, h, w), size=size, mode="bilinear",
+                                 align_corners=True).view(-1, pixels)
+            regions = maps >= _half_range_threshold(maps)
+            # pixel-major, so that grouping the allowed pixels by bucket copies whole rows
+            grouped = regions.t().contiguous().index_select(0, picked)
+            counts = torch.stack([grouped[s:e].sum(0) for s, e in spans], -1)  # (block, C + 1)
+            n_seg, n_ori = counts[:, :num_classes].sum(-1).float(), counts.sum(-1).float()
+            top_n, cls = counts[:, :num_classes].max(-1)
+            top_cls.append(cls)
+            accept = (n_seg > 0) & (n_seg / n_ori.clamp_min(1) >= tau) & (top_n.float() / n_seg.clamp_min(1) > tau)
+            if bool(accept.any()):
+                order = (torch.arange(1, accept.numel() + 1, device=attn.device) * accept).to(torch.uint8)
+                newest = (regions * order.unsqueeze(1)).amax(0)
+                last = torch.where(newest > 0, newest.long() + start, last)
+        covered = (last > 0) & allowed[i]
+        mask[i] = torch.where(covered, torch.cat(top_cls)[(last - 1).clamp_min(0)], mask[i])
+        keep[i] |= covered
+    return mask.view_as(mask_c), keep.view_as(keep_c)
+
+
+def _half_range_threshold(maps: Tensor) -> Tensor:
+    """Per row of non-negative ``maps``, the smallest ``t`` with ``(t − lo) / max(hi − lo, 1e-12) > 0.5`` in float32.
+
+    ``(m − lo) / r`` rounded is non-decreasing in ``m``, so ``maps ≥ t`` is bit for bit the thresholded
+    min-max normalisation of CorrMatch without its two full-size passes (``+inf`` where no value passes).
+    Bisection over the bit patterns, which order non-negative floats as their values.
+    """
+    lo, hi = maps.amin(-1, keepdim=True), maps.amax(-1, keepdim=True)  # two passes: aminmax is 10× slower here
+    span = (hi - lo).clamp_min(1e-12)
+
+    def passes(t: Tensor) -> Tensor:
+        return (t - lo) / span > 0.5
+
+    below, above = lo.view(torch.int32).clone(), hi.view(torch.int32).clone()  # passes(lo) is False
+    none = ~passes(hi)
+    while bool((above - below > 1).any()):
+        mid = below + (above - below) // 2
+        up = passes(mid.view(torch.float32))
+        above = torch.where(up, mid, above)
+        below = torch.where(up, below, mid)
+    return above.view(torch.float32).masked_fill(none, float("inf"))

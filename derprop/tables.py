@@ -170,8 +170,12 @@ DIVERGENCES: dict[str, Divergence] = {
                                       "eq. 3, Thm. 1"),
     "method.label_resize": Divergence("class indices interpolated bilinearly on the feature grid (exact at crops "
                                       "321/513/801)", "label at the nearest pixel of each grid point", "eq. 8 (S_GT)"),
-    "method.labeled_der_detached": Divergence("labeled prediction similarities detached: no gradient", "trained",
-                                              "eq. 8"),
+    "method.labeled_der_detached": Divergence(
+        "labeled prediction similarities detached: no gradient. The term's logged value differs as well (no switch: "
+        "it changes nothing else): the release keeps ignored pixels, label 255 → class 22, in the mean over all "
+        "B·M² pairs, against YᵀY/√(K−2), K = 1 + the largest label in the batch (√21 whenever it holds an ignored "
+        "pixel, on VOC and Cityscapes alike); derprop averages over the valid pairs, against YᵀY/√C",
+        "trained", "eq. 8"),
     "method.spatial_softmax_sparsity": Divergence("sparsity term takes a softmax over pixels: constant 1/M, "
                                                   "no gradient", "η‖Δ²V‖₁", "eq. 3, 8"),
     "method.momentum_timing": Divergence("average at the start of each epoch (lags one epoch)", "after each epoch",

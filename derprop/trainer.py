@@ -10,6 +10,11 @@ the feature grid (eq. 4); (4) the pseudo-label of ``u_w`` (eq. 5, ``η_ep = epoc
 partner's inside the box; (5) confident pixels and region propagation
 (:mod:`derprop.pseudo_labels`); (6) the losses of eq. 7/8 (:mod:`derprop.objective`).
 
+Each part of a step is a ``torch.profiler.record_function`` range, so that a profile splits its time
+(``benchmarks.train_step`` does): ``derprop.forward`` (the network passes), ``derprop.dlp``,
+``derprop.region_propagation``, ``derprop.derivative_loss``, ``derprop.backward`` and ``derprop.optimizer``
+(:meth:`Trainer.optimize`).
+
 The run folder's rules are :mod:`derprop.rundir`'s, the data :mod:`derprop.loaders`', the schedule
 :mod:`derprop.schedule`'s, processes and seeds :mod:`derprop.distributed`'s, the NaN checks
 :mod:`derprop.guards`' and the per-epoch pseudo-label snapshots :mod:`derprop.diagnostics`'.
@@ -27,6 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torch.utils.data import Subset
 
 from derprop import atomic
@@ -80,7 +86,14 @@ class Trainer:
             if self.fresh:
                 rundir.check_fresh(self.out, overwrite)
         if self.d.device.type == "cpu":
+            # Deterministic kernels where an op has a choice, so that a resumed run replays the uninterrupted one
+            # bit for bit; on CPU they cost nothing measurable (benchmarks.train_step, config tiled-fp32-nondet).
+            # The NaN fill of every torch.empty that the same switch turns on is a debugging aid for code that
+            # reads memory it never wrote; it cost a few % of a step, so it stays off.
+            # On CUDA the switch stays off, unmeasured: cuDNN and atomic-add backward kernels may then differ in
+            # the last bits from run to run, and a resumed GPU run follows the uninterrupted one only statistically.
             torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = False
         if cfg.optim.amp == "fp16" and self.d.device.type != "cuda":
             raise ValueError("optim.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
         self.progress = (self.d.is_main and sys.stderr.isatty()) if progress is None else (progress and self.d.is_main)
@@ -148,14 +161,17 @@ class Trainer:
         eta = epoch / cfg.optim.epochs
         nb, size = x.shape[0], x.shape[-2:]
 
-        # 1. pseudo-labels of the CutMix partner batch (no gradient)
-        with torch.no_grad(), self._autocast():
+        # 1. pseudo-labels of the CutMix partner batch (no gradient). Its f1/f2 are read only as the derivative
+        # loss's target inside the box (cutmix_consistent_targets, paper) and for its L̃ (Θb's blend, paper);
+        # the release's momentum pass reads L alone and skips J and the heads.
+        box_targets = m.derivative_loss and m.cutmix_consistent_targets
+        with torch.no_grad(), self._autocast(), record_function("derprop.forward"):
             if m.pseudo_label_source == "momentum" and self.momentum is not None:
-                out_mix = self.momentum(uw2)
+                out_mix = self.momentum(uw2, heads=box_targets)
                 p_mix = out_mix.logits.float().softmax(1)
             else:
                 self.net.eval()
-                out_mix = self.net(uw2)
+                out_mix = self.net(uw2, heads=box_targets or m.dlp)
                 self.net.train()
                 p_mix = blend(out_mix.logits, propagated_logits(out_mix, size, m) if m.dlp else None, eta,
                               m.blend_space)
@@ -169,8 +185,9 @@ class Trainer:
 
         # 3. forward passes of Θb, and L̃ (eq. 4)
         with self._autocast():
-            out_w = self.model(inp_w, perturb=m.fp_branch)
-            out_s = self.model(us_mixed)
+            with record_function("derprop.forward"):
+                out_w = self.model(inp_w, perturb=m.fp_branch)
+                out_s = self.model(us_mixed)
             prop_w = propagated_logits(out_w, size, m) if m.dlp else None
             prop_s = propagated_logits(out_s, size, m) if (m.dlp and m.propagated_ce) else None
         logits_w = out_w.logits.float()
@@ -191,25 +208,46 @@ class Trainer:
         terms |= unlabeled_terms(out_s.logits.float(), prop_s, prop_uw, out_w.logits_fp[nb:].float() if m.fp_branch else None,
                                  pl, m)
         if m.derivative_loss:
-            terms["der_x"] = labeled_derivative_term(out_w, nb, y, m, lc)
-            terms["der_u"] = unlabeled_derivative_term(out_w, out_s, out_mix, nb, box, m, lc)
+            with record_function("derprop.derivative_loss"):
+                terms["der_x"] = labeled_derivative_term(out_w, nb, y, m, lc)
+                terms["der_u"] = unlabeled_derivative_term(out_w, out_s, out_mix, nb, box, m, lc)
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["threshold"] = pl.tau
         logs["mask_ratio"] = float(pl.keep_w.sum() / pl.valid_w.sum().clamp_min(1))
         return weighted_sum(terms, lc), logs
 
+    def optimize(self, loss: Tensor, epoch: int, step: int) -> None:
+        """One optimisation step on ``loss`` (eq. 7/8), after :meth:`train_step`: ``zero_grad`` and backward
+        (through the GradScaler under fp16), the NaN/inf gradient-norm guard (the GradScaler skips such a step
+        itself), the SGD step and the poly-lr step; then ``global_step`` + 1. ``epoch``/``step`` (0-based) place
+        a guard's error. :meth:`fit` and ``benchmarks.train_step`` both step through here."""
+        with record_function("derprop.backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        with record_function("derprop.optimizer"):
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                guards.check_grad_norm(self.net, self.out, epoch, step, self.global_step)
+                self.optimizer.step()
+            self.scheduler.step()
+        self.global_step += 1
+
     def _labeled_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Loss of a supervised-only step (``method.semi_supervised=false``): the labeled terms of eq. 7/8."""
         m, lc = self.cfg.method, self.cfg.loss
         with self._autocast():
-            out = self.model(x)
+            with record_function("derprop.forward"):
+                out = self.model(x)
             prop = propagated_logits(out, x.shape[-2:], m) if m.dlp and m.propagated_ce else None
         ce = labeled_ce(lc)
         terms = {"ce_x": ce(out.logits.float(), y)}
         if prop is not None:
             terms["ce_x_prop"] = ce(prop, y)
         if m.derivative_loss:
-            terms["der_x"] = labeled_derivative_term(out, x.shape[0], y, m, lc)
+            with record_function("derprop.derivative_loss"):
+                terms["der_x"] = labeled_derivative_term(out, x.shape[0], y, m, lc)
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["threshold"] = self.threshold.value
         logs["mask_ratio"] = 0.0
@@ -272,17 +310,7 @@ class Trainer:
             loss_all = all_reduce_mean(loss.detach().float(), d)
             value = float(loss_all)
             guards.check_loss(value, self.out, epoch, step, self.global_step)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                guards.check_grad_norm(self.net, self.out, epoch, step, self.global_step)
-                self.optimizer.step()
-            self.scheduler.step()
-            self.global_step += 1
+            self.optimize(loss, epoch, step)
             n_steps += 1
             logs["loss"] = value
             progress.step(self.global_step, logs, self.optimizer.param_groups[0]["lr"])

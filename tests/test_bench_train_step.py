@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks import train_step
+from derprop.guards import NonFiniteLossError
 
 
 def test_grid_pixels_match_the_issue():
@@ -36,6 +37,12 @@ def test_quick_preset_writes_results(tmp_path, scenes_tiny):
         assert row["M"] == 25 and row["batch"] == 2
         assert row["images_per_s"] > 0 and row["seconds"] > 0 and row["peak_mib"] >= 0
         assert 0 < row["dlp_loss_share"] and row["dlp_loss_calls"] >= 3
+        # the step's time split by the Trainer's record_function ranges: every part found, nothing counted twice
+        shares = row["split_shares"]
+        assert set(shares) == set(train_step.SPLIT) and sum(shares.values()) == pytest.approx(1.0)
+        assert min(shares.values()) >= 0 and shares["backbone"] > 0 and shares["optimizer"] > 0
+        assert row["region_propagation_calls"] == (row["profile"] == "official")
+        assert (shares["region_propagation"] > 0) == (row["profile"] == "official")
         assert row["loss_finite"]
         assert f"method.chunk={8 if row['impl'] == 'tiled' else 'null'}" in row["overrides"]
     amp_rows = [r for r in payload["rows"] if r["config"] == "tiled-amp-cl"]
@@ -49,6 +56,18 @@ def test_quick_preset_writes_results(tmp_path, scenes_tiny):
     assert len(payload["goals"]) == 6
     assert all(g["met"] in (True, False, None) for g in payload["goals"])
     assert [g["met"] for g in payload["goals"] if "80 GB" in g["goal"]] == [None, None]  # no GPU here
+
+
+def test_the_benchmark_steps_through_the_trainers_optimize(scenes_tiny, tmp_path):
+    """``Trainer.fit`` and the benchmark take the same optimisation step: the gradient guard stops both
+    (``test_trainer`` checks it for ``fit``)."""
+    case = {"profile": "official", "config": "tiled-fp32", "backbone": "resnet18", "deep_stem": False, "crop": 33,
+            "batch": 2, "chunk": 8, "classes": 21, "device": "cpu", "scenes_root": str(scenes_tiny)}
+    trainer = train_step.build_trainer(case, str(tmp_path))
+    trainer.net.classifier.weight.register_hook(lambda g: g * float("inf"))
+    step = train_step.step_fn(trainer, train_step.synthetic_batch(2, 33, 21), 1)
+    with pytest.raises(NonFiniteLossError, match="gradient norm became"):
+        step()
 
 
 def test_disagreement_stops_the_benchmark(tmp_path, scenes_tiny, monkeypatch):

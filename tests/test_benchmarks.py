@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import derloss, dlp
+from benchmarks import derloss, dlp, region
 
 
 def test_core_benchmarks_write_results(tmp_path, monkeypatch):
@@ -11,8 +11,11 @@ def test_core_benchmarks_write_results(tmp_path, monkeypatch):
     out = tmp_path / "bench_core.json"
     dlp.main(["--sizes", "64", "--chunk", "16", "--repeats", "1", "--threads", "1", "--out", str(out)])
     derloss.main(["--sizes", "64", "--chunk", "16", "--repeats", "1", "--threads", "1", "--out", str(out)])
+    region.main(["--sizes", "81", "--repeats", "1", "--threads", "1", "--out", str(out)])
     payload = json.loads(out.read_text())
-    assert set(payload) == {"dlp", "derloss"}
+    assert set(payload) == {"dlp", "derloss", "region_propagation"}
+    assert payload["region_propagation"]["ratios"][0]["crop"] == 65
+    assert payload["region_propagation"]["targets"] == []  # its target is stated at crop 801 only
     assert {r["impl"] for r in payload["dlp"]["rows"]} == set(dlp.IMPLS)
     assert payload["dlp"]["machine"]["torch"]
     assert payload["derloss"]["ratios"][0]["M"] == 64

@@ -57,6 +57,17 @@ def test_logits_grid_is_the_stride8_sampling_of_logits():
     torch.testing.assert_close(out.logits[..., ::8, ::8], out.logits_grid, rtol=1e-5, atol=1e-5)
 
 
+
+@pytest.mark.parametrize("two_heads", [True, False])
+def test_without_heads_the_logits_are_unchanged(two_heads):
+    """``heads=False`` (the release's momentum pass) skips J and the heads and nothing else."""
+    net = tiny(two_heads=two_heads).eval()
+    x = image()
+    with torch.no_grad():
+        full, bare = net(x), net(x, heads=False)
+    assert bare.f1 is None and bare.f2 is None
+    assert torch.equal(bare.logits, full.logits) and torch.equal(bare.logits_grid, full.logits_grid)
+
 def test_perturbation_branch():
     net = tiny().eval()
     x = image()

@@ -249,7 +249,7 @@ def test_one_official_step_equals_the_releases_total_loss(scenes_tiny, tmp_path)
     tr = Trainer(cfg, tmp_path)
     outputs = _outputs()
     tr.model = FixedNet(outputs)
-    tr.momentum = lambda x: outputs["mix"]  # the partner's pseudo-labels come from Θm
+    tr.momentum = lambda x, **_: outputs["mix"]  # the partner's pseudo-labels come from Θm
     batch, epoch = _batch(), 1
     tau0 = tr.threshold.value
     loss, logs = tr.train_step(batch, epoch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -204,6 +205,36 @@ def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
         loss.backward()
 
 
+
+@pytest.mark.parametrize(("profile", "heads"), [("official", False), ("paper", True)])
+def test_the_cutmix_partner_pass_computes_the_heads_only_where_a_term_reads_them(scenes_tiny, tmp_path, profile,
+                                                                                 heads):
+    """The official step reads only the partner's L (Θm); with the heads forced on, its loss and gradients are the
+    same bit for bit. The paper profile reads the partner's f1/f2 (its L̃ and the box's derivative targets)."""
+    tr = Trainer(tiny(scenes_tiny, f"profile={profile}", "method.region_samples=16", "data.diag_images=0"), tmp_path)
+    partner = tr.momentum.module if profile == "official" else tr.net
+    calls = []
+    forward = partner.forward
+
+    def spy(x, *, perturb=False, heads=True, force=False):
+        calls.append(heads)
+        return forward(x, perturb=perturb, heads=heads or force)
+
+    batch = next(iter(zip(*loaders(tr.data, tr.cfg, tr.d))))
+    state = {k: v.clone() for k, v in tr.net.state_dict().items()}
+    results = []
+    for force in (False, True):
+        tr.net.load_state_dict(state)
+        partner.forward = functools.partial(spy, force=force)
+        torch.manual_seed(0)
+        tr.net.zero_grad(set_to_none=True)
+        loss, _ = tr.train_step(batch, 1)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in tr.net.parameters() if p.grad is not None]))
+    assert calls[0] is heads
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
 def test_paper_blend_is_in_probability_space_and_official_in_logit_space(scenes_tiny, tmp_path):
     logits, prop = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2) * 5
     paper = tiny(scenes_tiny).method.blend_space
@@ -289,8 +320,9 @@ def test_region_propagation_fills_an_agreeing_region():
     mask[0, 0, 0] = 1  # with a wrong label
     box = torch.zeros(b, h, w, dtype=torch.bool)
     ign = torch.zeros(b, h, w, dtype=torch.long)
-    torch.manual_seed(0)
-    new_mask, new_keep = region_propagation(f.flatten(2), f.flatten(2), (h, w), mask, keep, box, ign, 0.8, "forward", k, c)
+    rows = torch.randint(0, h * w, (k,), generator=torch.Generator().manual_seed(0))
+    new_mask, new_keep = region_propagation(f.flatten(2), f.flatten(2), (h, w), rows, mask, keep, box, ign, 0.8, "forward",
+                                            c)
     assert new_keep.all()
     assert (new_mask[0, :, :2] == 0).all() and (new_mask[0, :, 2:] == 2).all()
 
