@@ -65,6 +65,7 @@ import torchvision
 from torch import Tensor, nn
 
 from derprop.checkpoint import WRAPPER_PREFIXES, strip_prefixes
+from derprop.errors import DerPropError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ _TORCHVISION_WEIGHTS = {
 _STRIP_PREFIXES = (*WRAPPER_PREFIXES, "backbone.", "encoder.")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(DerPropError, RuntimeError):
     """Pretrained weights could not be obtained or did not fit the backbone."""
 
 
