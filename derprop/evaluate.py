@@ -404,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _evaluate_checkpoint(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
     fix = "pass another file with --checkpoint"
     ckpt = ckpt_io.load(args.checkpoint, fix=fix)
     if "model" not in ckpt:
@@ -419,7 +420,6 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> None:
             f"checkpoint {args.checkpoint} predicts {cfg.num_classes} classes but the dataset under {root} has "
             f"{dataset.num_classes}; pass --data-root with the dataset it was trained on (its data.root was "
             f"{data_cfg.get('root')!r}), or another --checkpoint")
-    device = pick_device(args.device)
     which = ["model", "momentum"] if args.which == "both" else [args.which]
     which = [w for w in which if ckpt.get(w) is not None]
     if not which:

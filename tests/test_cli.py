@@ -157,3 +157,38 @@ def test_at_least_is_an_argparse_type():
     for text in ("0", "-5", "x"):
         with pytest.raises(Exception, match=">= 1"):
             cli.at_least(1)(text)
+
+
+TINY = str(REPO / "configs" / "cpu_scenes_tiny.yaml")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["model.pretrained=absent.pth"], "model.pretrained='absent.pth': no such file; give a state dict saved"),
+    (["model.pretrained=FOREIGN"], "not a checkpoint that loads safely (UnpicklingError)"),
+    (["--device", "bogus"], "--device 'bogus' is not a device; use cpu or cuda"),
+    (["--device", "cuda"], "--device cuda: no CUDA device is available here"),
+    (["optim.poly_power=-3"], "config key 'optim.poly_power' must be > 0, got -3.0"),
+    (["data.scale_range=[1, .inf]"], "config key 'data.scale_range' must be finite"),
+    (["data.crop_size=100000000"], "config key 'data.crop_size' must be in [17, 4096]"),
+    (["base=123"], "unknown config key 'base'"),
+    (["optim=1"], "'optim' is a section"),
+], ids=lambda a: a[0] if isinstance(a, list) else None)
+def test_train_on_real_bad_settings_is_one_line(args, words, scenes_tiny, tmp_path, monkeypatch, capsys):
+    from derprop.train import main
+
+    (tmp_path / "foreign.pth").write_text("not a checkpoint")
+    args = [a.replace("FOREIGN", str(tmp_path / "foreign.pth")) for a in args]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", TINY, "--out", str(tmp_path / "run"), f"data.root={scenes_tiny}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("module", ["derprop.evaluate", "derprop.predict"])
+def test_evaluate_and_predict_check_the_device_before_the_checkpoint(module, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    argv = [a.replace("a.png", str(tmp_path / "a.png")) for a in ENTRY_POINTS[module][1]]  # x.pt does not exist
+    assert importlib.import_module(module).main([*argv, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda: no CUDA device is available here")

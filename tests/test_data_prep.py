@@ -23,6 +23,7 @@ from data_prep.download import REGISTRY, Resource, download
 from derprop import data
 from derprop.data import DatasetError, SegmentationDataset, read_label, read_split
 from tests.fixtures import (
+    bomb_png,
     cityscapes_tree,
     cityscapes_zips,
     expected_cityscapes_train_ids,
@@ -212,6 +213,9 @@ def test_voc_deep_check_reports_bad_label(voc_setup):
     Image.fromarray(np.full((5, 5), 3, np.uint8)).save(root / "SegmentationClass/2007_000003.png")
     check_tree("pascal", root)  # existence only: fine
     with pytest.raises(DatasetError, match=r"(?s)1 problem.*2007_000003\.png is 5×5 but its image"):
+        check_tree("pascal", root, deep=True)
+    bomb_png(root / "JPEGImages/2007_000002.jpg")  # a decompression bomb: listed like any other problem
+    with pytest.raises(DatasetError, match=r"(?s)2 problem.*2007_000002\.jpg is too large to read"):
         check_tree("pascal", root, deep=True)
 
 

@@ -203,7 +203,8 @@ def test_cli_corrupt_checkpoint(tiny_run, tmp_path, capsys):
     broken.write_bytes(path.read_bytes()[:2000])
     assert main(["--checkpoint", str(broken), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "broken.pt" in err and "error:" in err
+    assert "broken.pt" in err and "error:" in err and err.strip().endswith("pass another file with --checkpoint")
+    assert "--resume-from" not in err  # a training option: evaluate has none
     assert main(["--checkpoint", str(tmp_path / "absent.pt")]) == 2
     assert "absent.pt" in capsys.readouterr().err
 

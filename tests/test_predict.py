@@ -91,6 +91,7 @@ def test_predict_bad_inputs_give_one_error_line(tiny_ckpt, tmp_path):
                               capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "--resume-from" not in proc.stderr  # a training option: predict has none
     assert not (tmp_path / "o.png").exists()
 
 
