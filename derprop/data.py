@@ -267,13 +267,13 @@ def _decoded(path: Path, what: str, fix: str) -> Image.Image:
     if not path.is_file():
         raise DatasetError(f"missing {what} {path}. {fix}".strip())
     try:
-        im = Image.open(path)
-        im.load()  # reads the pixels and closes the file
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()  # the pixels outlive the file (a multi-frame one stays open until closed)
     except Image.DecompressionBombError as e:
         raise DatasetError(f"{what} {path} is too large to read ({e}); resize it. {fix}".strip()) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"cannot decode {what} {path} ({e}); the file is truncated or corrupt. {fix}".strip()) from e
-    return im
 
 
 def read_image(path: str | Path, fix: str = "") -> np.ndarray:
