@@ -17,7 +17,6 @@ lists. ``--check`` only checks. Each step is safe to interrupt and rerun.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.common import check_split_hashes, check_tree, run_cli
-from derprop import atomic
+from derprop import atomic, cli
 from derprop.data import DatasetError
 
 ZIPS = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
@@ -144,7 +143,7 @@ def prepare(root: Path, from_archives: Path | None = None, download: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.cityscapes", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("data_prep.cityscapes", __doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="dataset root (leftImg8bit/, gtFine/ end up here)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--from-archives", type=Path, help="folder holding the two official zips")

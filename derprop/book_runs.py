@@ -8,17 +8,20 @@ generated on first use (:func:`ensure_scenes`). :mod:`derprop.viewer` draws what
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from derprop import cli
 from derprop.configfile import load_config
+from derprop.data import DatasetError
+from derprop.errors import DerPropError
 from derprop.tables import ABLATIONS
 from derprop.trainer import Trainer
 
@@ -105,8 +108,11 @@ def ensure_scenes(size: str) -> Path:
     root = repo_root() / s["data"]
     if root not in _SCENES_CHECKED:  # the generator does nothing when the manifest matches its settings
         _SCENES_CHECKED.add(root)
-        subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--quiet", *s["data_args"]],
-                       cwd=repo_root(), check=True)
+        made = subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--quiet",
+                               *s["data_args"]], cwd=repo_root(), stderr=subprocess.PIPE, text=True)
+        if made.returncode != 0:  # its own one-line error, passed on
+            lines = made.stderr.strip().splitlines() or [f"exit status {made.returncode}"]
+            raise DatasetError(f"generating {root} failed: {lines[-1].removeprefix('error: ')}")
     return root
 
 
@@ -141,26 +147,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m derprop.book_runs [SIZE]``: train (or load) the warm start, then the runs of :data:`TRAINING_RUNS`
     at ``SIZE``, side by side in ``--jobs`` processes of one thread each."""
 
-    ap = argparse.ArgumentParser(prog="python -m derprop.book_runs", description=main.__doc__)
+    ap = cli.parser("derprop.book_runs", main.__doc__)
     ap.add_argument("size", nargs="?", default="small", choices=list(BOOK_RUNS))
     ap.add_argument("--root", default=None, help="project folder with configs/; runs/ and data/ go there "
                                                   "(default: the checkout, else the current folder)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs trained at once, one thread each (default 2)")
+    ap.add_argument("--jobs", type=cli.at_least(1), default=2, help="runs trained at once, one thread each (default 2)")
     ap.add_argument("--only", choices=[r for r, _ in TRAINING_RUNS.values()], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     global _ROOT
     _ROOT = Path(args.root).resolve() if args.root else None
+    return cli.run(lambda: _train_runs(args), interrupted=lambda: (
+        f"every finished epoch is kept under {repo_root() / 'runs' / 'book' / args.size}; "
+        f"run the same command again to go on"))
+
+
+def _train_runs(args: argparse.Namespace) -> int:
     runs = {label: run for label, run in TRAINING_RUNS.items() if args.only in (None, run[0])}
     if args.only is None:
         warm_start(args.size, progress=True)
     if args.only is None and args.jobs > 1:
         torch.set_num_threads(1)
         root = ["--root", str(_ROOT)] if _ROOT is not None else []
-        procs = [subprocess.Popen([sys.executable, "-m", "derprop.book_runs", args.size, "--only", run_id, *root],
-                                  cwd=repo_root(), env={**os.environ, "OMP_NUM_THREADS": "1"})
-                 for run_id, _ in runs.values()]
-        if any(p.wait() != 0 for p in procs):
-            return 1
+        procs = {run_id: subprocess.Popen([sys.executable, "-m", "derprop.book_runs", args.size, "--only", run_id,
+                                           *root], cwd=repo_root(), env={**os.environ, "OMP_NUM_THREADS": "1"})
+                 for run_id, _ in runs.values()}
+        codes = {run_id: p.wait() for run_id, p in procs.items()}
+        failed = {run_id: rc for run_id, rc in codes.items() if rc != 0}
+        if failed and set(failed.values()) == {cli.EXIT_ERROR}:
+            return cli.EXIT_ERROR  # each printed its own error line
+        if failed:
+            raise DerPropError("; ".join(f"run {run_id} stopped with exit status {rc}" for run_id, rc in failed.items()))
     for label, (run_id, extra) in runs.items():
         if args.only is not None:
             torch.set_num_threads(1)

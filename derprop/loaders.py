@@ -123,9 +123,14 @@ def _dataset(cfg: TrainConfig, kind: str, labeled: bool, limit: int | None) -> S
     if not items:
         raise DatasetError(f"the {kind} list of {c.layout} split {c.split!r} under {root} is empty")
     fix = data_io.fix_hint(c.layout, root)
-    names = data_io.class_names(c.layout, root)  # scenes keeps its own in its manifest
-    ds = SegmentationDataset(root, items, num_classes=cfg.model.num_classes, labeled=labeled,
-                             class_names=names if len(names) == cfg.model.num_classes else None, fix=fix)
+    names = data_io.class_names(c.layout, root, items)  # a scenes tree: checked finished, its classes its own
+    n = cfg.model.num_classes
+    if c.layout == "scenes" and len(names) > n:  # its labels would be out of range (fewer classes are only unused)
+        raise DatasetError(f"the scenes tree {root} has {len(names)} classes ({root / data_io.SCENES_MANIFEST}) but "
+                           f"the config trains {n} (data.num_classes); point data.root at a tree generated for this "
+                           f"config, or set data.num_classes={len(names)}")
+    ds = SegmentationDataset(root, items, num_classes=n, labeled=labeled,
+                             class_names=names if len(names) == n else None, fix=fix)
     missing = ds.missing_files()
     if missing:
         raise DatasetError(f"{len(missing)} file(s) named in the {kind} list are missing, first: {missing[0]}. {fix}")

@@ -19,14 +19,15 @@ atomically.
 :func:`load_model` is the same loading as a library call:
 ``net, config = derprop.load_model("runs/x/best.pt")``.
 
-Exit status 2 with one ``error:`` line for an unreadable checkpoint or image.
+``--out`` and ``--overlay`` must be ``.png`` files, neither an input (by path or inode) nor inside a
+dataset tree; they are checked before any work. Exit status 2 with one ``error:`` line for an unreadable
+checkpoint or image, or such an output (:mod:`derprop.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,12 +35,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from derprop import atomic
+from derprop import atomic, cli
 from derprop import checkpoint as ckpt_io
-from derprop.data import DatasetError, label_png_bytes, read_image
+from derprop.data import dataset_tree_of, label_png_bytes, read_image
+from derprop.distributed import pick_device
+from derprop.errors import ConfigError
 from derprop.evaluate import checkpoint_weights, logits_of, model_config_from_checkpoint, sliding_window_logits
 from derprop.labels import voc_palette
 from derprop.model import DerPropNet, build_model
+from derprop.rundir import check_writable
 
 WHICH = ("auto", "model", "momentum")
 PREDICT_MODES = ("original", "sliding")
@@ -91,37 +95,55 @@ def overlay_png(image: np.ndarray, label: np.ndarray, alpha: float = 0.5) -> byt
     return buf.getvalue()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m derprop.predict", description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.Parser:
+    ap = cli.parser("derprop.predict", __doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="trainer checkpoint (best.pt or last.pt)")
     ap.add_argument("--image", required=True, help="an RGB image (jpg, png, ...)")
-    ap.add_argument("--out", required=True, help="label map, written as a palette PNG")
+    ap.add_argument("--out", required=True, help="label map, written as a palette PNG (.png)")
     ap.add_argument("--overlay", default=None, help="colour overlay PNG (default <out>_overlay.png)")
     ap.add_argument("--mode", choices=PREDICT_MODES, default="original")
-    ap.add_argument("--crop-size", type=int, default=None, help="sliding window size (default: eval.crop_size)")
+    ap.add_argument("--crop-size", type=cli.at_least(1), default=None,
+                    help="sliding window size (default: eval.crop_size)")
     ap.add_argument("--which", choices=WHICH, default="auto", help="weights to use (auto: momentum if present)")
     ap.add_argument("--device", default=None, help="default: cuda if available else cpu")
     return ap
 
 
+def check_output(path: Path, flag: str, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is not a ``.png``, is a folder or an input, or lies in a dataset tree, before any work."""
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"{flag} {path}: predictions are PNG images; give the file a .png name")
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; name a file in it, e.g. {path / 'a.png'}")
+    for given in inputs:
+        if path.resolve() == given.resolve() or (path.exists() and given.exists() and path.samefile(given)):
+            raise ConfigError(f"{flag} {path} is the input {given}; predict never overwrites its input: "
+                              "choose another file name")
+    tree = dataset_tree_of(path)
+    if tree is not None:
+        raise ConfigError(f"{flag} {path} lies in the dataset tree {tree}; predictions are never written into a "
+                          "dataset: choose a folder outside it")
+    check_writable(path.parent, flag)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return cli.run(lambda: _predict(build_parser().parse_args(argv)))
+
+
+def _predict(args: argparse.Namespace) -> None:
     out = Path(args.out)
     overlay = Path(args.overlay) if args.overlay else out.with_name(f"{out.stem}_overlay.png")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        net, config = load_model(args.checkpoint, which=args.which, device=device)
-        image = read_image(args.image, fix="pass --image with a readable RGB image")
-        crop = args.crop_size or int((config.get("eval") or {}).get("crop_size") or 321)
-        label = predict(net, image, mode=args.mode, crop_size=crop)
-    except (ckpt_io.CheckpointError, DatasetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    inputs = [Path(args.image), Path(args.checkpoint)]
+    check_output(out, "--out", inputs)
+    check_output(overlay, "--overlay", [*inputs, out])
+    net, config = load_model(args.checkpoint, which=args.which, device=pick_device(args.device))
+    image = read_image(args.image, fix="pass --image with a readable RGB image")
+    crop = args.crop_size or int((config.get("eval") or {}).get("crop_size") or 321)
+    label = predict(net, image, mode=args.mode, crop_size=crop)
     atomic.write_bytes(out, label_png_bytes(label))
     atomic.write_bytes(overlay, overlay_png(image, label))
     classes = np.unique(label).tolist()
     print(f"{out}: {label.shape[1]}x{label.shape[0]} label map ({args.mode}), classes {classes}; overlay {overlay}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_EVERY = 50
+TRAIN_LOG = "train.log"
+TENSORBOARD = "tensorboard"
 
 
 class ProgressLog:
@@ -48,7 +50,7 @@ class ProgressLog:
         if enabled and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            self._tb = SummaryWriter(str(self.out / TENSORBOARD))
 
     @classmethod
     def of(cls, trainer: Any) -> "ProgressLog":
@@ -91,7 +93,7 @@ class ProgressLog:
         rate = self._n / max(now - self._t, 1e-9)
         means = {k: v / self._n for k, v in self._sums.items()}
         line = self.format(global_step, means, lr, rate)
-        with open(self.out / "train.log", "a", encoding="utf-8") as f:
+        with open(self.out / TRAIN_LOG, "a", encoding="utf-8") as f:
             f.write(line + "\n")
         if self.echo:
             print(line, flush=True)

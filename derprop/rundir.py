@@ -19,7 +19,7 @@ has finished, ``results.json``. The rules that keep it consistent:
 - **Fresh start.** A new run refuses a folder that holds a checkpoint or
   results (:func:`check_fresh`) unless told to overwrite it; then, and for
   the leftovers of a run that never finished an epoch, every run file is
-  removed (:func:`clear_run_files`).
+  removed, ``train.log`` and ``tensorboard/`` too (:func:`clear_run_files`).
 - **Temporaries.** ``.<name>.*.tmp`` files left by a kill are removed on
   start and on resume (:func:`remove_stale_temporaries`).
 - **Resume.** A resumed run may change the settings of
@@ -43,12 +43,14 @@ from typing import Any
 
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
+from derprop.errors import DerPropError
+from derprop.progress import TENSORBOARD, TRAIN_LOG
 
 log = logging.getLogger(__name__)
 
 LOCK = "run.lock"
 LOGS = ("metrics.jsonl", "steps.jsonl")
-RUN_FILES = ("config.yaml", *LOGS, "last.pt", "best.pt", "results.json")
+RUN_FILES = ("config.yaml", *LOGS, TRAIN_LOG, "last.pt", "best.pt", "results.json")
 SNAPSHOTS = "pseudo_labels"
 
 RESUME_MAY_CHANGE = (
@@ -61,7 +63,7 @@ RESUME_MAY_CHANGE = (
 OPTIMIZER_KEYS = tuple(k for k in RESUME_MAY_CHANGE if k.startswith("optim."))
 
 
-class RunDirError(RuntimeError):
+class RunDirError(DerPropError, RuntimeError):
     """The run folder cannot be used as asked; the one-line message says why and what to do."""
 
 
@@ -80,13 +82,14 @@ def resume_path(out: Path, resume: str | os.PathLike | bool | None) -> Path | No
                 if resume is True else "pass the last.pt of a run with --resume-from")
         raise ckpt_io.CheckpointError(f"cannot resume: checkpoint {path} does not exist; {hint}")
     return path
-def check_writable(out: Path) -> None:
-    """Refuse an output folder that cannot be written (probed in it, or in its nearest existing parent)."""
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Refuse an output folder (given by ``flag``) that cannot be written (probed in it, or its nearest existing
+    parent)."""
     probe_dir = out
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise RunDirError(f"cannot use output folder {out}: {probe_dir} is not a folder; choose another --out")
+        raise RunDirError(f"cannot use output folder {out}: {probe_dir} is not a folder; choose another {flag}")
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=atomic.TMP_SUFFIX, dir=probe_dir)
         try:
@@ -99,7 +102,7 @@ def check_writable(out: Path) -> None:
         free = shutil.disk_usage(probe_dir).free / 1e6 if probe_dir.exists() else 0.0
         raise RunDirError(
             f"cannot write to output folder {out}: {err.strerror or err} in {probe_dir} ({free:.1f} MB free); "
-            "choose another --out or fix its permissions"
+            f"choose another {flag} or fix its permissions"
         ) from err
 
 
@@ -241,6 +244,7 @@ def clear_run_files(out: Path) -> None:
     """Delete the files a run writes (not other files a user may keep there)."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / TENSORBOARD, ignore_errors=True)
     snaps = out / SNAPSHOTS
     if snaps.is_dir():
         for p in snaps.glob("epoch_*.npz"):
@@ -342,8 +346,14 @@ def resume_changes(path: Path | None, state: dict[str, Any], now: dict[str, Any]
     """The allowed changes of a resume from checkpoint ``state`` to the resolved config ``now``.
 
     Raises:
-        CheckpointError: another key differs, or ``optim.epochs`` is below the epochs already done.
+        CheckpointError: the checkpoint holds weights only (a ``best.pt``), another key differs, or
+            ``optim.epochs`` is below the epochs already done.
     """
+    if "optimizer" not in state:
+        raise ckpt_io.CheckpointError(
+            f"checkpoint {path} holds a network's weights only (a best.pt), not the training state a resume needs; "
+            f"resume from the run's last.pt (--resume-from {path.parent / 'last.pt'}), or start a new run from these "
+            f"weights with optim.warm_start={path}")
     changed, refused = config_changes(state.get("config") or {}, now)
     if refused:
         raise ckpt_io.CheckpointError(

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from derprop.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Ablation:
@@ -134,9 +136,9 @@ def overrides_for(*, split: str = "", profile: str = "", ablation: str = "", siz
                   data_root: str = "", extra: Sequence[str] = ()) -> list[str]:
     """Dotted config overrides for the parameters of ``pipelines/train.ipynb``."""
     if ablation and ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
+        raise ConfigError(f"unknown ablation {ablation!r}; choose one of {sorted(ABLATIONS)}")
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+        raise ConfigError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
     out: list[str] = []
     if profile:
         out.append(f"profile={profile}")

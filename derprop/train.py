@@ -29,30 +29,29 @@ scaled by ``global batch / ref_batch``).
 
 Exit status 2 with one ``error:`` line for a bad config (file:line:col for
 YAML syntax), dataset or checkpoint, an output folder that is in use, not
-writable or full, or a loss, gradient or weight that became NaN/inf.
+writable or full, or a loss, gradient or weight that became NaN/inf
+(:mod:`derprop.cli`). Ctrl-C (exit status 130) keeps the last finished epoch
+and prints the command that resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
+import shlex
 from pathlib import Path
 from typing import Sequence
 
-from derprop.atomic import WriteError
-from derprop.checkpoint import CheckpointError
+from derprop import checkpoint as ckpt_io
+from derprop import cli
 from derprop.configfile import load_config
-from derprop.data import DatasetError
 from derprop.evaluate import format_iou_table
-from derprop.guards import NonFiniteLossError
 from derprop.progress import DEFAULT_EVERY
-from derprop.rundir import RunDirError
 from derprop.trainer import Trainer
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m derprop.train", description=__doc__.split("\n\n")[0])
+def build_parser() -> cli.Parser:
+    ap = cli.parser("derprop.train", __doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML config (see configs/)")
     ap.add_argument("--out", default=None, help="run directory (default runs/<config name>)")
     start = ap.add_mutually_exclusive_group()
@@ -64,19 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=cli.at_least(1), default=None,
                     help="torch CPU threads (on a busy machine 1 is often fastest: idle-spinning threads compete)")
-    ap.add_argument("--log-every", type=int, default=DEFAULT_EVERY, metavar="N",
+    ap.add_argument("--log-every", type=cli.at_least(1), default=DEFAULT_EVERY, metavar="N",
                     help=f"a progress line every N iterations to <out>/train.log (and stdout without a terminal; "
                          f"default {DEFAULT_EVERY})")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. method.dlp=false")
     return ap
-
-
-def _one_line(err: BaseException) -> str:
-    """DataLoader workers wrap errors in a traceback; keep the original message's last line."""
-    text = str(err).strip()
-    return text.splitlines()[-1] if "Traceback" in text else text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,17 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides.append("optim.channels_last=true")
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
-    try:
-        cfg = load_config(args.config, overrides)
-        out = Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem)
-        resume = args.resume_from or args.resume or None
-        trainer = Trainer(cfg, out, resume=resume, device=args.device, log_every=args.log_every,
-                          overwrite=args.overwrite)
-        results = trainer.fit()
-    except (ValueError, FileNotFoundError, DatasetError, CheckpointError, NonFiniteLossError, RunDirError,
-            WriteError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        return 2
+    out: list[Path] = []  # the run folder, once the config has named it
+    return cli.run(lambda: _train(args, overrides, out), interrupted=lambda: _interrupted(args, overrides, out))
+
+
+def _train(args: argparse.Namespace, overrides: list[str], out: list[Path]) -> None:
+    cfg = load_config(args.config, overrides)
+    out.append(Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem))
+    resume = args.resume_from or args.resume or None
+    trainer = Trainer(cfg, out[0], resume=resume, device=args.device, log_every=args.log_every,
+                      overwrite=args.overwrite)
+    results = trainer.fit()
     if trainer.d.is_main:
         for net, by_mode in results["final"].items():
             for mode, res in by_mode.items():
@@ -111,8 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(format_iou_table({**res, "iou_per_class": list(res["iou_per_class"].values()), "mode": mode},
                                        list(res["iou_per_class"])))
         print(f"mIoU {100 * results['miou']:.2f} ({results['miou_net']} net, {results['miou_mode']}); "
-              f"results in {out / 'results.json'}")
-    return 0
+              f"results in {out[0] / 'results.json'}")
+
+
+def _interrupted(args: argparse.Namespace, overrides: list[str], out: list[Path]) -> str:
+    """What Ctrl-C left: the last finished epoch (``last.pt`` commits it) and the command that continues it."""
+    if not out:
+        return "stopped before training began; nothing was written"
+    try:
+        epoch = ckpt_io.load(out[0] / "last.pt").get("epoch")
+    except ckpt_io.CheckpointError:
+        return f"no epoch has finished in {out[0]}, so it holds nothing to resume; run the same command again"
+    again = shlex.join(["--config", args.config, "--out", str(out[0]), "--resume", *overrides])
+    return (f"epoch {epoch}, the last finished one, is kept in {out[0] / 'last.pt'}; continue it with "
+            f"`{cli.prog_name('derprop.train')} {again}`")
 
 
 if __name__ == "__main__":

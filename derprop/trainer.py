@@ -42,6 +42,7 @@ from derprop import guards, rundir, schedule
 from derprop.config import TrainConfig, eval_mode, resolved
 from derprop.configfile import dump_yaml
 from derprop.diagnostics import pseudo_label_diagnostics
+from derprop.errors import ConfigError
 from derprop.distributed import CpuSyncBatchNorm, all_reduce_mean, device_name, epoch_seed, seed_all, setup_distributed
 from derprop.evaluate import evaluate
 from derprop.model import DerPropNet, build_model
@@ -95,11 +96,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.utils.deterministic.fill_uninitialized_memory = False
         if cfg.optim.amp == "fp16" and self.d.device.type != "cuda":
-            raise ValueError("optim.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
+            raise ConfigError("optim.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
         self.progress = (self.d.is_main and sys.stderr.isatty()) if progress is None else (progress and self.d.is_main)
         self.resume_path = rundir.resume_path(self.out, resume)
         # Reading a checkpoint comes first: a broken one must fail before anything is written.
-        self._resume_state = ckpt_io.load(self.resume_path) if self.resume_path else None
+        self._resume_state = (ckpt_io.load(self.resume_path, fix="delete it or pass another file with --resume-from")
+                              if self.resume_path else None)
         self._changes = (rundir.resume_changes(self.resume_path, self._resume_state, resolved(cfg))
                          if self._resume_state is not None else {})
 

@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from derprop import atomic
+from derprop import atomic, cli
+from derprop.errors import ConfigError, DerPropError
 from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,10 +64,10 @@ def run_one(config: str, *, ablation: str = "", size: str = "full", runs_root: P
             device: str = "", profile: str = "", force: bool = False, extra: Sequence[str] = (),
             results_dir: Path | None = RESULTS_DIR) -> Path:
     """Train one configuration through papermill; returns the run directory."""
-    import papermill
-
     name = run_name(config, ablation)
     cfg_file, abl = resolve_config(config, ablation)
+    if not (ROOT / cfg_file).is_file():  # the notebook runs from ROOT
+        raise ConfigError(f"config {ROOT / cfg_file} does not exist; name one of the files under {ROOT / 'configs'}")
     run_dir = (ROOT / runs_root / name) if not Path(runs_root).is_absolute() else Path(runs_root) / name
     if state(run_dir) == "done" and not force:
         print(f"[skip] {name}: {run_dir / 'results.json'} exists")
@@ -75,12 +76,24 @@ def run_one(config: str, *, ablation: str = "", size: str = "full", runs_root: P
     params = {"CONFIG": cfg_file, "OUT_DIR": str(run_dir), "ABLATION": abl, "SIZE": size, "RESUME": "auto",
               "DEVICE": device, "PROFILE": profile, "OVERRIDES": list(extra)}
     print(f"[run] {name}: {cfg_file} {('+ ' + abl) if abl else ''} size={size} ({state(run_dir)})", flush=True)
-    papermill.execute_notebook(str(PIPELINE), str(run_dir / "train.ipynb"), parameters=params,
-                               kernel_name="python3", cwd=str(ROOT), progress_bar=False, log_output=True)
+    execute(run_dir / "train.ipynb", params)
     if results_dir is not None:
         publish(run_dir, name, config=cfg_file, ablation=abl, size=size,
                 results_dir=ROOT / results_dir if not Path(results_dir).is_absolute() else Path(results_dir))
     return run_dir
+
+
+def execute(notebook: Path, params: dict) -> None:
+    """Run :data:`PIPELINE` into ``notebook``; an error in it (a bad config, dataset …) is one :class:`DerPropError`."""
+    try:
+        import papermill
+    except ImportError:
+        raise DerPropError("papermill is not installed: pip install 'derprop[book]' (or make setup)") from None
+    try:
+        papermill.execute_notebook(str(PIPELINE), str(notebook), parameters=params, kernel_name="python3",
+                                   cwd=str(ROOT), progress_bar=False, log_output=True)
+    except papermill.PapermillExecutionError as err:
+        raise DerPropError(f"{err.ename}: {err.evalue} (the executed notebook: {notebook})") from None
 
 
 def publish(run_dir: Path, name: str, *, config: str, ablation: str, size: str, results_dir: Path) -> Path:
@@ -110,7 +123,7 @@ def _unique_runs(entries: Sequence[Entry]) -> list[Entry]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pipelines/run_matrix.py", description=__doc__.split("\n\n")[0])
+    ap = cli.parser("pipelines.run_matrix", __doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     one = sub.add_parser("one", help="train one configuration")
     one.add_argument("config", nargs="?", help="config file (or --config)")
@@ -128,21 +141,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--profile", default="", choices=["", "official", "paper"])
         p.add_argument("--force", action="store_true", help="retrain even if results.json exists")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = ap.parse_args(argv)
-    runs_root = Path(args.runs_root)
+    # argparse takes positionals in one run: key=value overrides after an option come back unparsed
+    args, rest = ap.parse_known_args(argv)
+    unknown = [t for t in rest if t.startswith("-") or "=" not in t or args.cmd == "list"]
+    if unknown:
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    if args.cmd == "one" and not (args.config_opt or args.config):
+        ap.error("one: a config file is required")
+    return cli.run(lambda: _run(args), interrupted=lambda: "every finished epoch is kept in its run folder; run the "
+                                                             "same command again to resume")
 
+
+def _run(args: argparse.Namespace) -> None:
+    runs_root = Path(args.runs_root)
     if args.cmd == "one":
-        config = args.config_opt or args.config
-        if not config:
-            ap.error("one: a config file is required")
-        run_one(config, ablation=args.ablation, size=args.size, runs_root=runs_root, device=args.device,
-                profile=args.profile, force=args.force, extra=args.overrides)
-        return 0
+        run_one(args.config_opt or args.config, ablation=args.ablation, size=args.size, runs_root=runs_root,
+                device=args.device, profile=args.profile, force=args.force, extra=args.overrides)
+        return
     entries = _unique_runs([e for e in MATRIX if args.cmd == "list" or e.table in args.tables])
     if args.cmd == "list":
         for e in entries:
             print(f"{state(ROOT / runs_root / e.name):8s} {e.name}")
-        return 0
+        return
     failed = []
     for e in entries:
         if args.dry_run:
@@ -157,9 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             failed.append(e.name)
     if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+        raise DerPropError(f"{len(failed)} run(s) failed (see the [fail] lines above): {', '.join(failed)}; "
+                           "run the same command again to resume them")
 
 
 if __name__ == "__main__":

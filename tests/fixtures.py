@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +89,17 @@ def voc_tree(tmp: Path) -> tuple[Path, Path]:
     splits = write_splits(tmp / "splits", "pascal", [voc_pair(i) for i in ids[:2]], [voc_pair(ids[2])],
                           [voc_pair(ids[0])])  # fmt: skip
     return root, splits
+
+
+def bomb_png(path: Path, side: int = 30000) -> Path:
+    """A PNG whose header claims ``side``² grey pixels (a decompression bomb), in a few bytes: PIL refuses it on open."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
 
 
 # ---------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_nothing_matched_raises(tmp_path):
     torch.save({"foo.weight": torch.zeros(3)}, path)
     with pytest.raises(PretrainedWeightsError, match="no tensor"):
         build_backbone("resnet18", pretrained=str(path))
-    with pytest.raises(PretrainedWeightsError, match="neither"):
+    with pytest.raises(PretrainedWeightsError, match="model.pretrained=.*absent.pth': no such file; give a state dict"):
         build_backbone("resnet18", pretrained=str(tmp_path / "absent.pth"))
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")

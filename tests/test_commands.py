@@ -1,4 +1,4 @@
-"""Every command the README and the book show exists and accepts the flags shown.
+"""Every command the README and the book show exists, accepts the flags shown, and runs on what ``make demo`` makes.
 
 Commands are read from ``bash``/``sh``/``console`` code blocks and from inline
 code that starts with ``make``, ``python``, ``.venv/bin/python``, ``torchrun``
@@ -9,26 +9,36 @@ or ``papermill``. Then:
 - ``python -m MODULE ...`` / ``python SCRIPT.py [SUBCOMMAND] ...`` (also under
   ``torchrun``): ``--help`` must exit 0 and list every ``--flag`` shown;
 - ``papermill NOTEBOOK ... -p NAME value``: a notebook of the repository must
-  define each ``NAME`` in its ``parameters`` cell.
+  define each ``NAME`` in its ``parameters`` cell;
+- the walk: every ``python`` command that uses a run or the CPU data (:data:`RUN`)
+  runs, in this process, in a project folder like the one ``make demo`` leaves
+  (the ``demo`` fixture: ``python -m derprop.book_runs small`` with the CPU
+  default's config and data settings, at a tiny budget), and must succeed. The GPU
+  examples' checkpoint and config stand for the demo's (:data:`SUBSTITUTE`). A
+  command that is not run says why in :data:`NOT_RUN`.
 
-``--help`` runs in this process (``runpy``), so the whole walk takes seconds.
+``--help`` runs in this process (``runpy``), so that part takes seconds; the walk a minute or two.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import io
 import json
 import re
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+
+from derprop import book_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "book").glob("*.md"))]
@@ -60,7 +70,8 @@ def _help(target: list[str]) -> str:
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin, f"no module {name}"
         source = Path(spec.origin)
-    assert "argparse" in source.read_text(), f"{name} has no command-line parser, so it has no --help"
+    text = source.read_text()
+    assert "argparse" in text or "cli.parser(" in text, f"{name} has no command-line parser, so it has no --help"
     out = io.StringIO()
     saved = sys.argv
     sys.argv = [argv0, *sub, "--help"]
@@ -153,3 +164,93 @@ def test_the_docs_show_the_main_commands():
 @pytest.mark.parametrize("doc,line", COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
 def test_shown_command_exists_and_accepts_its_flags(doc, line):
     check(line)
+
+
+# --------------------------------------------------------------------------- #
+# The walk: the shown commands that use a run or the CPU data, run on a demo project
+# --------------------------------------------------------------------------- #
+DEMO_RUN = "runs/book/small/cpu_dlp"
+TINY_DATA = ["--num-train", "16", "--num-val", "4", "--size", "32", "--workers", "1"]
+TINY_RUN = ["optim.epochs=1", "optim.iters_per_epoch=1", "data.diag_images=1"]
+
+RUN = ("derprop.evaluate", "derprop.predict", "derprop.train", "pipelines/run_matrix.py list",
+       "pipelines/run_matrix.py all --tables 3 4 --dry-run")
+"""Shown commands that the walk runs (by their start, after ``python``/``python -m``)."""
+
+SUBSTITUTE = {"runs/voc_92/best.pt": f"{DEMO_RUN}/best.pt", "configs/voc_92.yaml": "configs/cpu_scenes.yaml"}
+"""The GPU examples' checkpoint and config, and what stands for them in the walk: the same commands on the demo."""
+
+EXTRA = {"derprop.train": TINY_RUN}
+"""What the walk adds to a command: a training run's tiny budget."""
+
+NOT_RUN = {
+    "derprop.train --config ...": "a placeholder, not a command",
+    "torchrun": "needs several processes (test_trainer_ddp trains with two)",
+    "derprop.book_runs small": "the demo fixture runs it (at a tiny budget, in one process)",
+    "data_prep.scenes": "shown without --root; the demo fixture runs it (through derprop.book_runs)",
+    "data_prep.voc": "downloads 2 GB (test_data_prep runs it on archives in the real layout)",
+    "data_prep.cityscapes": "needs a Cityscapes login (test_data_prep runs it on zips in the real layout)",
+    "data_prep.weights": "needs the downloaded ResNet-101 checkpoint (test_weights)",
+    "benchmarks.": "benchmarks and the GPU check (test_benchmarks, test_gpu_check, test_bench_train_step)",
+    "scripts.ablation_configs": "rewrites configs/ (test_tables checks what it writes)",
+    "pipelines/run_matrix.py one": "trains a paper config through papermill (test_notebooks runs one)",
+}
+"""Shown commands that the walk does not run (by their start), and why."""
+
+
+def walk_key(line: str) -> str:
+    """A shown command without its interpreter: ``derprop.evaluate --checkpoint ...``, ``pipelines/run_matrix.py list``."""
+    tokens = shlex.split(line)
+    if tokens[0] == "torchrun":
+        return line
+    rest = tokens[1:]
+    return " ".join(rest[1:] if rest[0] == "-m" else rest)
+
+
+def runs_in_walk(line: str) -> bool:
+    """Whether the walk runs ``line`` (:data:`NOT_RUN` wins over :data:`RUN`)."""
+    key = walk_key(line)
+    return key.startswith(RUN) and not key.startswith(tuple(NOT_RUN))
+
+
+WALK = [(doc, line) for doc, line in COMMANDS if not line.startswith("make ") and "papermill" not in line.split()[0]]
+RUN_IN_WALK = [(doc, line) for doc, line in WALK if runs_in_walk(line)]
+
+
+def test_every_shown_command_runs_on_the_demo_or_says_why_not():
+    for doc, line in WALK:
+        assert walk_key(line).startswith((*RUN, *NOT_RUN)), (
+            f"{doc}: `{line}`: add it to RUN (the walk runs it on the demo) or to NOT_RUN with the reason")
+    assert any("derprop.evaluate --checkpoint runs/book/small/cpu_dlp/best.pt" in line for _, line in RUN_IN_WALK)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """A project folder like the one ``make demo`` leaves: ``python -m derprop.book_runs small`` made the CPU
+    default's data (its class settings, tiny scenes) and its runs (its config, a tiny budget); and an image."""
+    root = tmp_path_factory.mktemp("demo")
+    (root / "configs").symlink_to(ROOT / "configs")
+    small = book_runs.BOOK_RUNS["small"]
+    tiny = {**small, "data_args": [*small["data_args"], *TINY_DATA], "overrides": [*small["overrides"], *TINY_RUN],
+            "warm": [*small["warm"], *TINY_RUN]}
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(book_runs.BOOK_RUNS, "small", tiny)
+        m.setattr(book_runs, "_ROOT", None)  # main sets it; restored after
+        m.chdir(root)
+        assert book_runs.main(["small", "--root", str(root), "--jobs", "1"]) == 0
+    shutil.copy(root / "data" / "scenes" / "JPEGImages" / "val_00000.jpg", root / "a.jpg")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc,line", RUN_IN_WALK, ids=[f"{d}:{c[:60]}" for d, c in RUN_IN_WALK])
+def test_shown_command_runs_on_the_demo(demo, doc, line, monkeypatch, capsys):
+    monkeypatch.chdir(demo)
+    tokens = [SUBSTITUTE.get(t, t) for t in shlex.split(line)[1:]]
+    module, argv = (tokens[1], tokens[2:]) if tokens[0] == "-m" else (tokens[0][:-3].replace("/", "."), tokens[1:])
+    assert importlib.import_module(module).main([*argv, *EXTRA.get(module, [])]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    if module == "derprop.evaluate":
+        assert "mIoU" in printed
+    if module == "derprop.predict":
+        assert (demo / "a.png").is_file() and (demo / "a_overlay.png").is_file()

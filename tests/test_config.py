@@ -10,6 +10,7 @@ import yaml
 
 from derprop.config import CHOICES, PROFILES, SECTIONS, TrainConfig, resolved
 from derprop.configfile import config_from_dict, dump_yaml, load_config
+from derprop.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -125,16 +126,20 @@ def _flat(cfg):
     return out
 
 
-@pytest.mark.parametrize("text, where", [
-    ("optim:\n  lr: 0.1\n   epochs: 3\n", ":3:10: mapping values are not allowed here"),
-    ("optim: [1, 2\n", ":2:1: expected ',' or ']'"),
+@pytest.mark.parametrize("text, message", [
+    ("optim:\n  lr: 0.1\n   epochs: 3\n", "{p}:3:10: mapping values are not allowed here"),
+    ("optim: [1, 2\n", "{p}:2:1: expected ',' or ']'"),
+    ("base: 123\n", "config {p}: 'base' must name another config file (relative to this one), e.g. base: voc.yaml; "
+                    "got 123"),
+    ("base: [a.yaml]\n", "config {p}: 'base' must name another config file"),
+    ("base: .\n", "config {p.parent} (the base of {p}) is a folder; name a YAML file"),
 ])
-def test_yaml_syntax_errors_name_file_line_and_column(tmp_path, text, where):
+def test_a_config_file_problem_is_one_line_naming_the_file_and_line(tmp_path, text, message):
     p = tmp_path / "bad.yaml"
     p.write_text(text)
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(ConfigError) as exc:
         load_config(p)
-    assert str(exc.value).startswith(f"{p}{where}") and "\n" not in str(exc.value)
+    assert str(exc.value).startswith(message.format(p=p)) and "\n" not in str(exc.value), str(exc.value)
 
 
 def test_yaml_syntax_error_in_an_override_is_one_line_with_rc_2(capsys):
@@ -155,3 +160,44 @@ def test_every_float_notation_is_a_number(tmp_path):
     assert cfg.method.threshold_value == 0.9 and cfg.data.split == "1_8"
     assert load_config(None, ["optim.lr=5e-3"]).optim.lr == 0.005
     assert resolved(config_from_dict(yaml.safe_load(dump_yaml(cfg)))) == resolved(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.poly_power=-3", "'optim.poly_power' must be > 0, got -3.0"),
+    ("optim.poly_power=0", "'optim.poly_power' must be > 0"),
+    ("optim.lr=.inf", "'optim.lr' must be finite"),
+    ("optim.momentum=.nan", "'optim.momentum' must be finite"),
+    ("optim.momentum=1.5", "'optim.momentum' must be in [0, 1)"),
+    ("optim.weight_decay=.nan", "'optim.weight_decay' must be finite"),
+    ("optim.weight_decay=-1e-4", "'optim.weight_decay' must be >= 0"),
+    ("optim.head_lr_mult=0", "'optim.head_lr_mult' must be > 0"),
+    ("seed=-1", "'seed' must be in [0, 2**64)"),
+    ("seed=18446744073709551616", "'seed' must be in [0, 2**64)"),
+    ("data.scale_range=[1, .inf]", "'data.scale_range' must be finite"),
+    ("data.scale_range=[2, 1]", "0 < low <= high"),
+    ("data.crop_size=100000000", "'data.crop_size' must be in [17, 4096]"),
+    ("data.crop_size=16", "'data.crop_size' must be in [17, 4096]"),
+    ("eval.crop_size=8", "'eval.crop_size' must be in [17, 4096]"),
+    ("optim=1", "override 'optim=1': 'optim' is a section; set one of its keys, e.g. optim.epochs=..."),
+])
+def test_every_numeric_setting_is_checked_when_the_config_is_read(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_the_smallest_crop_follows_the_output_stride():
+    assert load_config(None, ["data.crop_size=17", "eval.crop_size=17"]).data.crop_size == 17
+    with pytest.raises(ConfigError, match=r"'data.crop_size' must be in \[33, 4096\]"):
+        load_config(None, ["model.output_stride=16", "data.crop_size=32"])
+
+
+def test_a_config_that_is_a_folder_or_not_utf8_names_the_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"config {CONFIG_DIR} is a folder; name a YAML file, e.g. {CONFIG_DIR}/"):
+        load_config(CONFIG_DIR)
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"config {p} is not UTF-8 text \(byte 0xe9 at offset 9\); save it as UTF-8"):
+        load_config(p)
+    p.write_bytes(b"\xef\xbb\xbfname: bom\n")  # a byte-order mark is fine
+    assert load_config(p).name == "bom"

@@ -10,9 +10,16 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from derprop import data
-from derprop.data import DatasetError, SegmentationDataset, cityscapes_id_to_train_id, read_label, read_split
+from derprop.data import (
+    DatasetError,
+    SegmentationDataset,
+    cityscapes_id_to_train_id,
+    read_image,
+    read_label,
+    read_split,
+)
 from derprop.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, voc_palette
-from tests.fixtures import cityscapes_tree, scenes_tree, voc_pair, voc_samples, voc_tree
+from tests.fixtures import bomb_png, cityscapes_tree, scenes_tree, voc_pair, voc_samples, voc_tree
 
 
 @pytest.fixture
@@ -187,3 +194,39 @@ def test_from_split_error_says_how_to_fix(voc):
     ds = SegmentationDataset.from_split("pascal", voc, "92")
     with pytest.raises(DatasetError, match=r"Fix: run `python -m data_prep\.voc --root .*` .*--check"):
         ds[0]
+
+
+def test_a_split_list_with_a_byte_order_mark_reads_its_first_path(tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_bytes("\ufeffJPEGImages/a.jpg SegmentationClass/a.png\n".encode("utf-8"))
+    assert read_split(path) == [("JPEGImages/a.jpg", "SegmentationClass/a.png")]
+    path.write_bytes(b"JPEGImages/\xe9.jpg SegmentationClass/a.png\n")
+    with pytest.raises(DatasetError, match=rf"split list {path} is not UTF-8 text \(byte 0xe9 at offset 11\)"):
+        read_split(path)
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits(tmp_path):
+    grey = np.array([[0, 257, 32896], [65535, 1000, 65280]], dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    image = read_image(tmp_path / "g16.png")
+    assert image.dtype == np.uint8 and image.shape == (2, 3, 3)
+    assert image[..., 0].tolist() == [[0, 1, 128], [255, 4, 254]] and (image[..., 0] == image[..., 2]).all()
+    Image.fromarray(np.full((2, 2), -5, np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(DatasetError, match=r"i32\.tif holds values outside 0\.\.65535"):
+        read_image(tmp_path / "i32.tif")
+    Image.fromarray(np.zeros((2, 2), np.float32)).save(tmp_path / "f.tif")
+    with pytest.raises(DatasetError, match=r"f\.tif holds floating-point pixels"):
+        read_image(tmp_path / "f.tif")
+
+
+def test_a_decompression_bomb_is_refused_in_one_line(voc):
+    bomb_png(voc / "JPEGImages/2007_000001.jpg")
+    with pytest.raises(DatasetError) as exc:
+        _one(voc)[0]
+    message = str(exc.value)
+    assert message.startswith(f"image {voc / 'JPEGImages/2007_000001.jpg'} is too large to read (Image size "
+                              "(900000000 pixels) exceeds limit") and "resize it. Fix: rerun prep." in message
+    bomb_png(voc / "SegmentationClass/2007_000002.png")
+    with pytest.raises(DatasetError, match=r"label .*2007_000002\.png is too large to read"):
+        _one(voc, "2007_000002")[0]

@@ -5,8 +5,13 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +23,7 @@ from data_prep.download import REGISTRY, Resource, download
 from derprop import data
 from derprop.data import DatasetError, SegmentationDataset, read_label, read_split
 from tests.fixtures import (
+    bomb_png,
     cityscapes_tree,
     cityscapes_zips,
     expected_cityscapes_train_ids,
@@ -27,6 +33,8 @@ from tests.fixtures import (
     voc_pair,
     write_splits,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 # --- the download helper ------------------------------------------------------
 
@@ -188,11 +196,11 @@ def test_voc_bad_archives_and_check_errors(voc_setup, capsys):
         voc.archives(tmp, tmp / "nowhere")
     tar = tmp / "archives/VOCtrainval_11-May-2012.tar"
     tar.write_bytes(tar.read_bytes()[:-10])
-    assert voc.main(["--root", str(tmp / "VOC"), "--from-archives", str(tmp / "archives"), "--quiet"]) == 1
+    assert voc.main(["--root", str(tmp / "VOC"), "--from-archives", str(tmp / "archives"), "--quiet"]) == 2
     assert "VOCtrainval_11-May-2012.tar has checksum md5:" in capsys.readouterr().err
     # --check on a tree with a missing file names the file and the fix
     (tmp / "VOC/JPEGImages").mkdir(parents=True)
-    assert voc.main(["--check", "--root", str(tmp / "VOC")]) == 1
+    assert voc.main(["--check", "--root", str(tmp / "VOC")]) == 2
     err = capsys.readouterr().err
     assert "missing " + str(tmp / "VOC/JPEGImages/2007_000001.jpg") in err
     assert "Fix: run `python -m data_prep.voc --root" in err
@@ -205,6 +213,9 @@ def test_voc_deep_check_reports_bad_label(voc_setup):
     Image.fromarray(np.full((5, 5), 3, np.uint8)).save(root / "SegmentationClass/2007_000003.png")
     check_tree("pascal", root)  # existence only: fine
     with pytest.raises(DatasetError, match=r"(?s)1 problem.*2007_000003\.png is 5×5 but its image"):
+        check_tree("pascal", root, deep=True)
+    bomb_png(root / "JPEGImages/2007_000002.jpg")  # a decompression bomb: listed like any other problem
+    with pytest.raises(DatasetError, match=r"(?s)2 problem.*2007_000002\.jpg is too large to read"):
         check_tree("pascal", root, deep=True)
 
 
@@ -246,7 +257,7 @@ def test_cityscapes_from_archives(tmp_path, monkeypatch, capsys):
     assert (ds[0][1].numpy() == expected_cityscapes_train_ids()).all()
     assert cityscapes.main(["--check", "--deep", "--root", str(root)]) == 0
     # no source: the message explains the login and both ways in
-    assert cityscapes.main(["--root", str(root)]) == 1
+    assert cityscapes.main(["--root", str(root)]) == 2
     err = capsys.readouterr().err
     assert "--from-archives" in err and "--download" in err and "cityscapes-dataset.com" in err
 
@@ -339,7 +350,7 @@ def test_scenes_deterministic_idempotent_and_checked(tmp_path, capsys):
     assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*")}
     broken = tmp_path / "a/SegmentationClass/train_00003.png"
     broken.write_bytes(b"x")
-    assert scenes.main(["--check", "--root", str(tmp_path / "a")]) == 1
+    assert scenes.main(["--check", "--root", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "train_00003.png differs from the manifest" in err and "--force" in err
     assert scenes_tree(tmp_path / "a")["files"] == a["files"]  # regenerated
@@ -347,6 +358,118 @@ def test_scenes_deterministic_idempotent_and_checked(tmp_path, capsys):
     scenes_tree(tmp_path / "a", num_train=16)
     assert not (tmp_path / "a/JPEGImages/train_00020.jpg").exists()
     assert scenes.main(["--check", "--root", str(tmp_path / "a")]) == 0
+
+
+class Kill(BaseException):
+    """A simulated ``kill -9``: no handler sees it."""
+
+
+TINY = REPO / "configs" / "cpu_scenes_tiny.yaml"
+
+
+def _refused_by_training_and_evaluation(root, words, capsys):
+    from derprop import evaluate, train
+
+    assert train.main(["--config", str(TINY), "--out", str(root.parent / "run"), f"data.root={root}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    with pytest.raises(DatasetError, match=words):
+        SegmentationDataset.from_split("scenes", root, None, "val")  # what evaluate reads
+    assert not (root.parent / "run" / "last.pt").exists()
+
+
+def test_a_killed_regeneration_leaves_the_old_tree_and_a_half_made_tree_is_refused(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "scenes"
+    first = scenes_tree(root, size=32, num_train=16, num_val=2)
+    # killed while rendering the new tree: the old one is as it was, and usable
+    with monkeypatch.context() as m:
+        m.setattr(scenes, "swap_in", lambda root, new: (_ for _ in ()).throw(Kill()))
+        with pytest.raises(Kill):
+            scenes_tree(root, size=40, num_train=16, num_val=2)
+    assert (root / scenes.NEW_TREE).is_dir() and scenes.check(root) == first
+    assert len(SegmentationDataset.from_split("scenes", root, None, "val")) == 2
+    # killed in the middle of the swap: the marker stays, and training and evaluation refuse the tree
+    real_swap, real_replace = scenes.swap_in, os.replace
+    calls = []
+
+    def replace(a, b):
+        calls.append(a)
+        if len(calls) == 3:
+            raise Kill()
+        real_replace(a, b)
+
+    def killed_swap(root, new):
+        with monkeypatch.context() as m:
+            m.setattr(os, "replace", replace)
+            real_swap(root, new)
+
+    with monkeypatch.context() as m:
+        m.setattr(scenes, "swap_in", killed_swap)
+        with pytest.raises(Kill):
+            scenes_tree(root, size=40, num_train=16, num_val=2)
+    assert (root / scenes.IN_PROGRESS).exists() and not (root / scenes.MANIFEST).exists()
+    _refused_by_training_and_evaluation(root, f"the scenes tree {root} is half-made", capsys)
+    # the same command again finishes it, and leaves nothing of its own behind
+    second = scenes_tree(root, size=40, num_train=16, num_val=2)
+    assert second["settings"]["size"] == 40 and scenes.check(root) == second
+    assert sorted(p.name for p in root.iterdir()) == sorted([*scenes.TREE, scenes.MANIFEST])
+    # a tree without a manifest (an older generator's, or one that was damaged) is refused too
+    (root / scenes.MANIFEST).unlink()
+    _refused_by_training_and_evaluation(root, f"{root / scenes.MANIFEST} is missing", capsys)
+
+
+def test_a_stale_manifest_or_another_class_count_is_refused(scenes_tiny, tmp_path):
+    from derprop import loaders
+    from derprop.configfile import load_config
+    from derprop.distributed import Dist
+
+    root = tmp_path / "scenes"
+    shutil.copytree(scenes_tiny, root)
+    manifest = json.loads((root / scenes.MANIFEST).read_text())
+    del manifest["files"]["JPEGImages/val_00001.jpg"]
+    (root / scenes.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match=rf"manifest.json is stale: it does not list {root}/JPEGImages/val_00001"):
+        SegmentationDataset.from_split("scenes", root, None, "val")
+    cfg = load_config(TINY, [f"data.root={scenes_tiny}", "data.num_classes=4"])
+    with pytest.raises(DatasetError, match=rf"the scenes tree {scenes_tiny} has 11 classes .* but the config trains 4"):
+        loaders.build_training_data(cfg, Dist())
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for f in Path(f"/proc/{pid}/task").glob("*/children") for c in f.read_text().split()]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_workers_end_with_a_killed_generator(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep.scenes", "--root", str(tmp_path / "s"), "--num-train",
+                             "20000", "--num-val", "16", "--workers", "2", "--quiet"], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        while min(_cpu_seconds(w) for w in workers) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)  # both are rendering their first chunk (an idle worker would exit by itself)
+    finally:
+        proc.kill()  # kill -9: no handler of the generator runs
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(w) for w in workers)
 
 
 def test_scenes_refuses_a_foreign_tree(tmp_path):

@@ -23,6 +23,7 @@ from derprop.config import ModelConfig
 from derprop.metrics import ConfusionMatrix
 from derprop.model import build_model
 from derprop.momentum import MomentumNetwork
+from tests.fixtures import scenes_tree
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 C = 4
@@ -202,7 +203,8 @@ def test_cli_corrupt_checkpoint(tiny_run, tmp_path, capsys):
     broken.write_bytes(path.read_bytes()[:2000])
     assert main(["--checkpoint", str(broken), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "broken.pt" in err and "error:" in err
+    assert "broken.pt" in err and "error:" in err and err.strip().endswith("pass another file with --checkpoint")
+    assert "--resume-from" not in err  # a training option: evaluate has none
     assert main(["--checkpoint", str(tmp_path / "absent.pt")]) == 2
     assert "absent.pt" in capsys.readouterr().err
 
@@ -210,9 +212,11 @@ def test_cli_corrupt_checkpoint(tiny_run, tmp_path, capsys):
 def test_cli_only_model_and_missing_list(tiny_run, tmp_path, capsys):
     root, path, _, _ = tiny_run
     args = ["--checkpoint", str(path), "--device", "cpu", "--which", "model", "--limit", "1", "--workers", "0"]
-    assert main(args) == 0
+    assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
     printed = capsys.readouterr().out
     assert "== model weights" in printed and "momentum" not in printed and "images: 1" in printed
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["num_images"] == res["results"]["model"]["num_images"] == 1  # what was evaluated, not the list
     assert main(["--checkpoint", str(path), "--val-list", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt" in capsys.readouterr().err
 
@@ -231,12 +235,17 @@ def test_confusion_matrix_sanity_with_cli_data(tiny_run):
     assert evaluate(net, ds, num_classes=C)["miou"] == pytest.approx(cm.miou())
 
 
-def test_eval_dataset_from_layout(scenes_tiny):
+def test_eval_dataset_from_layout(scenes_tiny, tmp_path):
     """Without a list file the layout's own val split is used (scenes keeps its lists under its root)."""
     from derprop.evaluate import eval_dataset
 
     ds = eval_dataset({"layout": "scenes", "root": str(scenes_tiny), "val_list": None, "num_classes": None})
     assert len(ds) == 8 and ds.num_classes == 11 and len(ds.class_names) == 11
+    # a tree of fewer classes (the CPU default's): its manifest's count, not the layout's eleven
+    root = tmp_path / "three"
+    scenes_tree(root, classes=(0, 1, 8), size=32, num_train=16, num_val=2)
+    ds = eval_dataset({"layout": "scenes", "root": str(root), "val_list": None, "num_classes": 4})
+    assert ds.num_classes == 4 and len(ds.class_names) == 4 and ds.class_names[0] == "background"
     with pytest.raises(ValueError, match="val_list"):
         eval_dataset({"layout": "nowhere", "root": str(scenes_tiny)})
 
@@ -257,7 +266,8 @@ def test_cli_refuses_a_checkpoint_of_another_class_count(scenes_tiny, tmp_path, 
     assert main(["--checkpoint", str(path), "--device", "cpu", "--workers", "0", "--limit", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (f"error: checkpoint {path} predicts 12 classes but the dataset under {scenes_tiny} has 11; "
-                   "evaluate it on a dataset with 12 classes (--data-root) or pass a checkpoint trained for this one")
+                   f"pass --data-root with the dataset it was trained on (its data.root was '{scenes_tiny}'), "
+                   "or another --checkpoint")
 
 
 def test_cli_resolves_a_relative_root_as_training_did_and_says_so(scenes_tiny, tmp_path, monkeypatch, capsys, caplog):
@@ -274,3 +284,13 @@ def test_cli_resolves_a_relative_root_as_training_did_and_says_so(scenes_tiny, t
     assert main(["--checkpoint", str(old), "--device", "cpu"]) == 2
     assert f"dataset root '{rel}' of the checkpoint is not found (tried {tmp_path / rel}); pass --data-root DIR" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, least", [("--stride", "-5", 1), ("--window-batch", "0", 1), ("--limit", "0", 1),
+                                                ("--crop-size", "0", 1), ("--workers", "-1", 0)])
+def test_cli_refuses_bad_numbers_in_one_line(flag, value, least, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", "x.pt", flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: argument {flag}: must be an integer >= {least}, got {value} "
+                                       "(see python -m derprop.evaluate --help)\n")

@@ -17,9 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "derprop"
 
 LAYERS: list[tuple[str, ...]] = [
+    # the base of every error a user can cause
+    ("errors",),
     # what nothing else in derprop is needed for: file writes, label conventions, the paper's tables,
-    # the derivative operators, seeds and processes, progress lines, the EMA of the weights
-    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum"),
+    # the derivative operators, seeds and processes, progress lines, the EMA of the weights, the command-line front
+    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "cli"),
     # the maths of the paper, and the first readers and writers
     ("losses", "propagation", "reference", "checkpoint", "metrics", "data"),
     ("backbones", "augment", "rundir"),

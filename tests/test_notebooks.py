@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -47,6 +48,28 @@ def test_the_pipeline_notebook_does_not_import_the_script_that_runs_it():
     code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     assert "derprop.tables import overrides_for" in code
     assert "run_matrix" not in code and "sys.path" not in code
+
+
+def test_overrides_may_follow_options(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(rm, "run_one", lambda config, **kw: seen.update(config=config, **kw))
+    assert rm.main(["one", TINY, "--size", "smoke", "optim.epochs=1", "--device", "cpu", "method.dlp=false"]) == 0
+    assert (seen["config"], seen["size"], seen["device"]) == (TINY, "smoke", "cpu")
+    assert list(seen["extra"]) == ["optim.epochs=1", "method.dlp=false"]
+
+
+@pytest.mark.parametrize("notebook", ["train.ipynb", "evaluate.ipynb"])
+def test_papermill_reads_every_parameter_without_a_warning(notebook, tmp_path, monkeypatch, caplog):
+    import papermill
+
+    with caplog.at_level(logging.WARNING):
+        known = papermill.inspect_notebook(str(PIPELINES / notebook))
+    assert not caplog.records, caplog.text  # e.g. "Unable to parse line 3"
+    if notebook == "train.ipynb":
+        passed = {}
+        monkeypatch.setattr(rm, "execute", lambda path, params: passed.update(params))
+        rm.run_one(TINY, size="smoke", runs_root=tmp_path, results_dir=None)
+        assert passed and set(passed) <= set(known)  # else papermill warns "Passed unknown parameter"
 
 
 def test_publish_writes_the_summary_atomically(tmp_path):

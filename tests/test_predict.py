@@ -17,6 +17,7 @@ from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.model import build_model
 from derprop.predict import main, predict
+from tests.fixtures import bomb_png
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,4 +91,69 @@ def test_predict_bad_inputs_give_one_error_line(tiny_ckpt, tmp_path):
                               capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "--resume-from" not in proc.stderr  # a training option: predict has none
     assert not (tmp_path / "o.png").exists()
+
+
+def _predict_cli(ckpt: Path, image: Path, out: Path, *extra: str) -> int:
+    return main(["--checkpoint", str(ckpt), "--image", str(image), "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_predict_never_overwrites_its_input(tiny_ckpt, tmp_path, capsys):
+    write_image(tmp_path / "x.png")
+    before = (tmp_path / "x.png").read_bytes()
+    assert _predict_cli(tiny_ckpt, tmp_path / "x.png", tmp_path / "x.png") == 2
+    assert capsys.readouterr().err == (f"error: --out {tmp_path / 'x.png'} is the input {tmp_path / 'x.png'}; "
+                                       "predict never overwrites its input: choose another file name\n")
+    (tmp_path / "link.png").hardlink_to(tmp_path / "x.png")  # another name, the same file
+    assert _predict_cli(tiny_ckpt, tmp_path / "x.png", tmp_path / "out.png", "--overlay", str(tmp_path / "link.png")) == 2
+    assert "--overlay" in capsys.readouterr().err
+    assert _predict_cli(tiny_ckpt, tmp_path / "x.png", tmp_path / "out.png", "--overlay", str(tmp_path / "out.png")) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert (tmp_path / "x.png").read_bytes() == before and not (tmp_path / "out.png").exists()
+
+
+def test_predict_writes_nothing_into_a_dataset_tree(tiny_ckpt, scenes_tiny, tmp_path, capsys):
+    image = scenes_tiny / "JPEGImages" / "val_00000.jpg"
+    before = image.read_bytes()
+    for overlay, words in ((image, "predictions are PNG images"),
+                           (scenes_tiny / "JPEGImages" / "x.png", f"lies in the dataset tree {scenes_tiny}")):
+        assert _predict_cli(tiny_ckpt, image, tmp_path / "a.png", "--overlay", str(overlay)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --overlay {overlay}") and words in err and err.count("\n") == 1
+    assert image.read_bytes() == before and not (tmp_path / "a.png").exists()
+    assert not (scenes_tiny / "JPEGImages" / "x.png").exists()
+
+
+def test_predict_output_that_cannot_be_written_is_one_line(tiny_ckpt, tmp_path, capsys):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "dir.png").mkdir()
+    assert _predict_cli(tiny_ckpt, tmp_path / "a.png", tmp_path / "dir.png") == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {tmp_path / 'dir.png'} is a folder; name a file in it")
+    if Path("/sys").is_dir():  # read-only even for root
+        assert _predict_cli(tiny_ckpt, tmp_path / "a.png", Path("/sys/derprop-out.png")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot write to output folder /sys: ") and err.count("\n") == 1
+
+
+def test_predict_reads_a_16_bit_image_and_refuses_a_bomb(tiny_ckpt, tmp_path, capsys):
+    grey = (np.arange(40 * 52).reshape(40, 52) * 31).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert _predict_cli(tiny_ckpt, tmp_path / "g16.png", tmp_path / "out.png") == 0
+    net, _ = derprop.load_model(tiny_ckpt)
+    eight = np.repeat(np.rint(grey / 257).astype(np.uint8)[..., None], 3, axis=2)
+    assert np.array_equal(np.array(Image.open(tmp_path / "out.png")), predict(net, eight))
+    capsys.readouterr()
+    assert _predict_cli(tiny_ckpt, bomb_png(tmp_path / "bomb.png"), tmp_path / "o2.png") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: image {tmp_path / 'bomb.png'} is too large to read") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("device, words", [("bogus", "'bogus' is not a device"),
+                                           ("cuda:99", "cuda:99")])
+def test_predict_bad_device_is_one_line(tiny_ckpt, tmp_path, device, words, capsys):
+    write_image(tmp_path / "a.png")
+    assert main(["--checkpoint", str(tiny_ckpt), "--image", str(tmp_path / "a.png"), "--out",
+                 str(tmp_path / "o.png"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --device ") and words in err and err.count("\n") == 1

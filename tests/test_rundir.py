@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -226,6 +227,9 @@ def test_a_fresh_run_into_a_finished_folder_refuses_or_overwrites(runs, scenes_t
     (out / "pseudo_labels" / "epoch_009.npz").write_bytes(b"from an older, longer run")
     (out / ".last.pt.abc123.tmp").write_bytes(b"stale")
     (out / "notes.txt").write_text("mine")
+    (out / "train.log").write_text("a line of the older run\n")
+    (out / "tensorboard").mkdir(exist_ok=True)
+    (out / "tensorboard" / "events.out.tfevents.older").write_bytes(b"older scalars")
     before = sorted(p.name for p in out.rglob("*"))
     assert cli(scenes_tiny, out) == 2
     err = capsys.readouterr().err
@@ -236,6 +240,8 @@ def test_a_fresh_run_into_a_finished_folder_refuses_or_overwrites(runs, scenes_t
     assert not (out / "pseudo_labels" / "epoch_009.npz").exists()
     assert not (out / ".last.pt.abc123.tmp").exists()
     assert (out / "notes.txt").read_text() == "mine"
+    assert "older run" not in (out / "train.log").read_text()
+    assert not (out / "tensorboard" / "events.out.tfevents.older").exists()
     assert_same_run(out, ref)
 
 
@@ -314,3 +320,36 @@ def test_resume_is_a_flag_and_may_change_the_lr(runs, scenes_tiny, tmp_path, cap
     assert "goes after --resume-from" in capsys.readouterr().err
     assert cli(scenes_tiny, out, "--resume", "method.Q=2") == 2
     assert "different config: method.Q: 1 there, 2 here" in capsys.readouterr().err
+
+
+def test_resuming_from_a_best_pt_says_it_holds_weights_only(runs, scenes_tiny, tmp_path, capsys):
+    ref, _ = runs
+    assert cli(scenes_tiny, tmp_path / "run", "--resume-from", str(ref / "best.pt")) == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {ref / 'best.pt'} holds a network's weights only (a best.pt), not the training state a "
+        f"resume needs; resume from the run's last.pt (--resume-from {ref / 'last.pt'}), or start a new run from "
+        f"these weights with optim.warm_start={ref / 'best.pt'}\n")
+
+
+def test_ctrl_c_keeps_the_last_finished_epoch_and_prints_the_resume_command(runs, scenes_tiny, tmp_path,
+                                                                            monkeypatch, capsys):
+    ref, _ = runs
+    out = tmp_path / "run"
+    real = Trainer._train_epoch
+
+    def ctrl_c_in_epoch_2(self, epoch, loaders):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        real(self, epoch, loaders)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_train_epoch", ctrl_c_in_epoch_2)
+        assert cli(scenes_tiny, out) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted: epoch 1, the last finished one, is kept in {out / 'last.pt'}; "
+                          "continue it with `python -m derprop.train --config ") and err.count("\n") == 1
+    assert not (out / rundir.LOCK).exists()
+    command = shlex.split(err.split("`")[1])
+    assert command[:3] == ["python", "-m", "derprop.train"] and "--resume" in command
+    assert main(command[3:]) == 0
+    assert_same_run(out, ref)

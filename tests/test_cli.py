@@ -1,0 +1,194 @@
+"""One command-line front for every entry point (derprop.cli): its error line, its Ctrl-C line, --version, --help.
+
+Every error kind of the package, raised inside every command, must reach the user as one ``error:`` line with
+exit status 2; Ctrl-C as one ``interrupted:`` line with exit status 130. The matrix runs in this process (each
+command's body replaced by one that raises), then real bad inputs run as subprocesses, whose whole stderr is seen.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from data_prep.weights import WeightsError
+from derprop import cli
+from derprop.atomic import WriteError
+from derprop.backbones import PretrainedWeightsError
+from derprop.checkpoint import CheckpointError
+from derprop.data import DatasetError
+from derprop.errors import ConfigError, DerPropError
+from derprop.guards import NonFiniteLossError
+from derprop.rundir import RunDirError
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # this checkout
+
+# every entry point: its module, the function its body calls (replaced below), and arguments it parses
+ENTRY_POINTS = {
+    "derprop.train": ("_train", ["--config", "x.yaml"]),
+    "derprop.evaluate": ("_evaluate_checkpoint", ["--checkpoint", "x.pt"]),
+    "derprop.predict": ("_predict", ["--checkpoint", "x.pt", "--image", "a.jpg", "--out", "a.png"]),
+    "derprop.book_runs": ("_train_runs", ["smoke"]),
+    "data_prep.scenes": ("_run", ["--root", "x"]),
+    "data_prep.voc": ("prepare", ["--root", "x"]),
+    "data_prep.cityscapes": ("prepare", ["--root", "x"]),
+    "data_prep.weights": ("_place", []),
+    "pipelines.run_matrix": ("_run", ["list"]),
+}
+KINDS = [DatasetError, CheckpointError, ConfigError, RunDirError, WriteError, NonFiniteLossError,
+         PretrainedWeightsError, WeightsError]
+WORKER = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+          '  File "x.py", line 1, in f\nderprop.data.DatasetError: missing image data/x.jpg')
+
+
+def test_every_error_kind_is_a_derprop_error():
+    for kind in KINDS:
+        assert issubclass(kind, DerPropError), kind
+    assert issubclass(ConfigError, ValueError) and issubclass(DatasetError, ValueError)
+
+
+def _raising(exc: BaseException):
+    def body(*args, **kwargs):
+        raise exc
+
+    return body
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.__name__)
+def test_each_command_reports_each_error_kind_in_one_line(module, kind, monkeypatch, capsys):
+    target, argv = ENTRY_POINTS[module]
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, target, _raising(kind(f"{kind.__name__} at fault; do this")))
+    assert mod.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {kind.__name__} at fault; do this\n"
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_an_error_from_a_loader_worker_keeps_its_message_not_the_traceback(module, monkeypatch, capsys):
+    target, argv = ENTRY_POINTS[module]
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, target, _raising(DatasetError(WORKER)))
+    assert mod.main(argv) == 2
+    assert capsys.readouterr().err == "error: missing image data/x.jpg\n"
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_ctrl_c_is_one_line_with_status_130(module, monkeypatch, capsys):
+    target, argv = ENTRY_POINTS[module]
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, target, _raising(KeyboardInterrupt()))
+    assert mod.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_a_bad_argument_is_one_line_with_status_2(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main([*ENTRY_POINTS[module][1], "--no-such-flag"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--no-such-flag" in err and err.count("\n") == 1, err
+    assert f"(see python -m {module} --help)" in err
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_version_is_the_installed_package_version(module, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"derprop {importlib.metadata.version('derprop')}\n"
+
+
+def _usage(*command: str) -> str:
+    proc = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("\n")[0]
+
+
+def test_help_names_the_program_as_it_was_called(tmp_path):
+    assert _usage("pipelines/run_matrix.py").startswith("usage: python pipelines/run_matrix.py ")
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        shim = tmp_path / name  # what pip writes for a console script
+        shim.write_text(f"import sys\nfrom {module} import {function}\nsys.exit({function}())\n")
+        assert _usage(str(shim)).startswith(f"usage: {name} "), name
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "derprop.train", "--config", "configs"],
+    ["-m", "derprop.evaluate", "--checkpoint", "absent.pt", "--stride", "-5"],
+    ["-m", "derprop.predict", "--checkpoint", "absent.pt", "--image", "a.jpg", "--out", "a.png"],
+    ["-m", "data_prep.scenes", "--root", "absent", "--check"],
+    ["pipelines/run_matrix.py", "one", "configs/absent.yaml"],
+], ids=lambda c: " ".join(c[:2]))
+def test_real_bad_inputs_end_in_one_line_without_a_traceback(command):
+    proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+
+
+def test_device_names_are_checked(monkeypatch):
+    from derprop.distributed import pick_device
+
+    assert str(pick_device("cpu")) == "cpu"
+    with pytest.raises(ConfigError, match="'bogus' is not a device; use cpu or cuda"):
+        pick_device("bogus")
+    with pytest.raises(ConfigError, match="only cpu and cuda"):
+        pick_device("meta")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device is available here"):
+        pick_device("cuda")
+
+
+def test_at_least_is_an_argparse_type():
+    assert cli.at_least(1)("3") == 3
+    for text in ("0", "-5", "x"):
+        with pytest.raises(Exception, match=">= 1"):
+            cli.at_least(1)(text)
+
+
+TINY = str(REPO / "configs" / "cpu_scenes_tiny.yaml")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["model.pretrained=absent.pth"], "model.pretrained='absent.pth': no such file; give a state dict saved"),
+    (["model.pretrained=FOREIGN"], "not a checkpoint that loads safely (UnpicklingError)"),
+    (["--device", "bogus"], "--device 'bogus' is not a device; use cpu or cuda"),
+    (["--device", "cuda"], "--device cuda: no CUDA device is available here"),
+    (["optim.poly_power=-3"], "config key 'optim.poly_power' must be > 0, got -3.0"),
+    (["data.scale_range=[1, .inf]"], "config key 'data.scale_range' must be finite"),
+    (["data.crop_size=100000000"], "config key 'data.crop_size' must be in [17, 4096]"),
+    (["base=123"], "unknown config key 'base'"),
+    (["optim=1"], "'optim' is a section"),
+], ids=lambda a: a[0] if isinstance(a, list) else None)
+def test_train_on_real_bad_settings_is_one_line(args, words, scenes_tiny, tmp_path, monkeypatch, capsys):
+    from derprop.train import main
+
+    (tmp_path / "foreign.pth").write_text("not a checkpoint")
+    args = [a.replace("FOREIGN", str(tmp_path / "foreign.pth")) for a in args]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--config", TINY, "--out", str(tmp_path / "run"), f"data.root={scenes_tiny}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("module", ["derprop.evaluate", "derprop.predict"])
+def test_evaluate_and_predict_check_the_device_before_the_checkpoint(module, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    argv = [a.replace("a.png", str(tmp_path / "a.png")) for a in ENTRY_POINTS[module][1]]  # x.pt does not exist
+    assert importlib.import_module(module).main([*argv, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("error: --device cuda: no CUDA device is available here")
