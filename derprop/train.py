@@ -22,10 +22,12 @@ writes a run folder (its ``run.lock`` names the pid and host).
 ``--amp``, ``--channels-last`` and ``--seed`` are shorthands for the
 overrides ``optim.amp=…``, ``optim.channels_last=true`` and ``seed=…``.
 
-Batch size and learning rate: ``optim.batch_size`` is per process, so
-``torchrun --nproc_per_node N`` trains with a global batch ``N × batch_size``;
-``optim.lr`` is used as given unless ``optim.ref_batch`` is set (then it is
-scaled by ``global batch / ref_batch``).
+Batch size and learning rate: ``optim.batch_size`` is the global batch, so
+``torchrun --nproc_per_node N`` gives each process ``batch_size / N`` images
+(one ``error:`` line when N does not divide it) and trains the same recipe as
+one process; ``optim.lr`` is used as given unless ``optim.ref_batch`` is set
+(then it is scaled by ``batch_size / ref_batch``). The last line printed says
+what ran: processes, global and per-process batch, derprop version and commit.
 
 Exit status 2 with one ``error:`` line for a bad config (file:line:col for
 YAML syntax), dataset or checkpoint, an output folder that is in use, not
@@ -44,9 +46,9 @@ from derprop.atomic import WriteError
 from derprop.checkpoint import CheckpointError
 from derprop.configfile import load_config
 from derprop.data import DatasetError
-from derprop.evaluate import format_iou_table
 from derprop.guards import NonFiniteLossError
 from derprop.progress import DEFAULT_EVERY
+from derprop.report import iou_table
 from derprop.rundir import RunDirError
 from derprop.trainer import Trainer
 
@@ -79,6 +81,14 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[-1] if "Traceback" in text else text
 
 
+def describe(results: dict) -> str:
+    """One line of what a run ran on: processes, devices, batch, derprop version and commit."""
+    dirty = {True: ", with uncommitted changes", False: "", None: ""}[results["git_dirty"]]
+    return (f"ran on {results['world_size']} process(es), {results['device_count']} device(s) ({results['device']}), "
+            f"global batch {results['global_batch']} ({results['per_process_batch']} per process); "
+            f"derprop {results['derprop_version']}, commit {results['git_commit']}{dirty}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides may follow options: --resume optim.lr=1e-4
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -106,12 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if trainer.d.is_main:
         for net, by_mode in results["final"].items():
-            for mode, res in by_mode.items():
+            for mode in by_mode:
                 print(f"== {net} network, {mode} ==")
-                print(format_iou_table({**res, "iou_per_class": list(res["iou_per_class"].values()), "mode": mode},
-                                       list(res["iou_per_class"])))
+                print(iou_table(results, net, mode))
         print(f"mIoU {100 * results['miou']:.2f} ({results['miou_net']} net, {results['miou_mode']}); "
               f"results in {out / 'results.json'}")
+        print(describe(results))
     return 0
 
 

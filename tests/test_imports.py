@@ -18,8 +18,8 @@ PACKAGE = REPO / "derprop"
 
 LAYERS: list[tuple[str, ...]] = [
     # what nothing else in derprop is needed for: file writes, label conventions, the paper's tables,
-    # the derivative operators, seeds and processes, progress lines, the EMA of the weights
-    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum"),
+    # the derivative operators, seeds and processes, progress lines, the EMA of the weights, what made a run
+    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "provenance"),
     # the maths of the paper, and the first readers and writers
     ("losses", "propagation", "reference", "checkpoint", "metrics", "data"),
     ("backbones", "augment", "rundir"),
@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("configfile", "model"),
     ("evaluate", "pseudo_labels", "schedule", "loaders", "guards"),
     ("objective", "predict"),
-    ("diagnostics",),
+    ("diagnostics", "report"),
     ("trainer",),
     # the runs: the command line, the book's CPU runs, the book's viewer, the package's front door
     ("train", "book_runs", "viewer", "__init__"),
