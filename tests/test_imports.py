@@ -18,8 +18,10 @@ PACKAGE = REPO / "derprop"
 
 LAYERS: list[tuple[str, ...]] = [
     # what nothing else in derprop is needed for: file writes, label conventions, the paper's tables,
-    # the derivative operators, seeds and processes, progress lines, the EMA of the weights, what made a run
-    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "provenance"),
+    # the derivative operators, seeds and processes, progress lines, the EMA of the weights, what made a run,
+    # starting the processes of a run
+    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "provenance",
+     "launch"),
     # the maths of the paper, and the first readers and writers
     ("losses", "propagation", "reference", "checkpoint", "metrics", "data"),
     ("backbones", "augment", "rundir"),
