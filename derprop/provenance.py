@@ -18,8 +18,6 @@ from typing import Any, Sequence
 
 NOT_INSTALLED = "unknown (derprop is not installed)"
 NOT_A_CHECKOUT = "not a git checkout"
-SOURCE = Path(__file__).resolve().parents[1]
-"""The folder the running ``derprop`` package was imported from (a checkout, or site-packages)."""
 
 KEYS = ("derprop_version", "git_commit", "git_dirty", "python", "torch_version", "cuda_version", "cudnn_version",
         "device", "devices", "device_count", "world_size", "global_batch", "per_process_batch")
@@ -34,12 +32,20 @@ def version() -> str:
         return NOT_INSTALLED
 
 
-def git_state(root: Path = SOURCE) -> tuple[str, bool | None]:
-    """``(commit, dirty)`` of the checkout at ``root``; ``dirty``: a tracked file differs from the commit.
+def source() -> Path:
+    """The folder the running ``derprop`` package was imported from: a checkout, or site-packages."""
+    return Path(__file__).resolve().parents[1]
+
+
+def git_state(root: Path | None = None) -> tuple[str, bool | None]:
+    """``(commit, dirty)`` of the checkout at ``root`` (default :func:`source`); ``dirty``: a tracked file
+    differs from the commit.
 
     ``(NOT_A_CHECKOUT, None)`` when ``root`` is not the top of a git work tree (an installed package) or
     git is missing.
     """
+    root = root or source()
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
                               timeout=30).stdout.strip()
