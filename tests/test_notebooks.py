@@ -137,6 +137,17 @@ def test_a_check_run_then_the_full_run_both_train_then_skip(scenes_tiny, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+def test_a_run_that_fails_fails_its_notebook_with_the_run_error_line(tmp_path):
+    with pytest.raises(rm.RunError) as err:
+        rm.run_one(TINY, size="smoke", gpus=1, device="cpu", runs_root=tmp_path / "runs", results_root=None,
+                   extra=[f"data.root={tmp_path / 'missing'}"])
+    message = str(err.value)
+    assert message.startswith("smoke/cpu_scenes_tiny failed: error: dataset root ") and "does not exist" in message
+    assert str(tmp_path / "runs" / "smoke" / "cpu_scenes_tiny" / "train.ipynb") in message and "\n" not in message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_pipelines_run_under_nbval_lax(repo_scenes_tiny):
     """The notebooks as committed (default parameters: the tiny scenes config) under ``pytest --nbval-lax``."""
     env = {**os.environ, "MPLBACKEND": "Agg"}

@@ -84,6 +84,14 @@ def test_a_failed_run_is_one_error_line_naming_its_notebook(monkeypatch, tmp_pat
     assert str(tmp_path / "smoke" / "cpu_scenes_tiny" / "train.ipynb") in err
 
 
+def test_without_papermill_it_is_one_error_line_naming_the_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "papermill", None)  # import papermill now raises ImportError
+    code = rm.main(["one", TINY, "--runs-root", str(tmp_path), "--results-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: papermill is not installed") and "make setup" in err and "pip install papermill" in err
+
+
 # --------------------------------------------------------------------------- #
 # the training processes
 # --------------------------------------------------------------------------- #
