@@ -114,13 +114,14 @@ class FakeWriter:
 
 @pytest.fixture(scope="module")
 def recorded_run(scenes_tiny, tmp_path_factory):
-    """A 2-epoch tiny run with a stand-in TensorBoard writer."""
+    """A 1-epoch tiny run with a stand-in TensorBoard writer."""
     writer = FakeWriter()
     mp = pytest.MonkeyPatch()
     mp.setattr(progress, "summary_writer", lambda log_dir: writer)
     out = tmp_path_factory.mktemp("runs") / "recorded"
     try:
-        Trainer(load_config(TINY, [f"data.root={scenes_tiny}"]), out, device="cpu").fit()
+        Trainer(load_config(TINY, [f"data.root={scenes_tiny}", "optim.epochs=1", "eval.final_modes=[original]"]), out,
+                device="cpu").fit()
     finally:
         mp.undo()
     return out, writer
