@@ -11,7 +11,11 @@ SCENES ?= data/scenes
 CONFIG ?= configs/cpu_scenes.yaml
 ABLATION ?=
 SIZE ?= full
-# gpu-check runs on a box with a preinstalled torch and no registry: the .venv when there is one, else $(PYTHON).
+GPUS ?=
+DEVICE ?=
+FORCE ?=
+# gpu-check, weights and reproduce never install anything, so a GPU box's preinstalled torch is never replaced:
+# they run on the .venv when there is one (`make setup`), else on $(PYTHON).
 CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 BOOK_FLAGS := -W -n --keep-going
 
@@ -24,8 +28,8 @@ help:
 	@echo "make bench  - run the benchmarks, write results/*.json"
 	@echo "make gpu-check - CUDA tests, train-step benchmark, 300-iteration ResNet-101 run -> results/gpu_check_<device>.json"
 	@echo "make weights  - check pretrained/resnet101.pth, the ImageNet deep-stem ResNet-101 the VOC configs load"
-	@echo "make reproduce CONFIG=configs/voc_92.yaml [ABLATION=wo_dlp] [SIZE=small]  - one paper run (GPU box)"
-	@echo "make reproduce-all [SIZE=small]            - the Table 1-4 matrix, skipping finished runs"
+	@echo "make reproduce CONFIG=configs/voc_92.yaml [ABLATION=wo_dlp] [SIZE=small] [GPUS=N] [FORCE=1]  - one paper run (GPU box)"
+	@echo "make reproduce-all [SIZE=small] [GPUS=N]   - the Table 1-4 matrix, skipping finished runs"
 
 setup: $(STAMP)
 
@@ -71,11 +75,14 @@ gpu-check:
 weights:
 	$(CHECK_PY) -m data_prep.weights
 
-reproduce: setup
-	$(PY) -m pipelines.run_matrix one --config $(CONFIG) --size $(SIZE) $(if $(ABLATION),--ablation $(ABLATION))
+# One process per visible GPU unless GPUS=N; FORCE=1 trains a finished run again. No setup (see CHECK_PY).
+RUN_FLAGS = --size $(SIZE) $(if $(GPUS),--gpus $(GPUS)) $(if $(DEVICE),--device $(DEVICE)) $(if $(FORCE),--force)
 
-reproduce-all: setup
-	$(PY) -m pipelines.run_matrix all --size $(SIZE)
+reproduce:
+	$(CHECK_PY) -m pipelines.run_matrix one --config $(CONFIG) $(RUN_FLAGS) $(if $(ABLATION),--ablation $(ABLATION))
+
+reproduce-all:
+	$(CHECK_PY) -m pipelines.run_matrix all $(RUN_FLAGS)
 
 clean:
 	rm -rf _build .pytest_cache

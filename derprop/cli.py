@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from derprop.errors import DerPropError
+from derprop.provenance import version
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
@@ -32,14 +33,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_ERROR, f"error: {message} (see {self.prog} --help)\n")
-
-
-def version() -> str:
-    """The installed derprop's version, from the package metadata."""
-    try:
-        return importlib.metadata.version("derprop")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed: pip install -e .)"
 
 
 def prog_name(module: str) -> str:

@@ -9,9 +9,10 @@ reads them from YAML.
 Profiles
 --------
 ``profile: official|paper`` sets every switch of :data:`PROFILES` at once:
-``official`` is what the released code does (SPEC §2), ``paper`` what the
-paper writes (SPEC §1). A key written in a config file or on the command
-line always wins over the profile. :func:`resolved` gives the fully expanded
+``official`` is what the released code does, ``paper`` what the paper
+writes (eq. 1–8); the chapter *Paper vs released code* sets them side by
+side. A key written in a config file or on the command line always wins
+over the profile. :func:`resolved` gives the fully expanded
 dictionary that goes into checkpoints and ``results.json``.
 
 What each switch does in the release and in the paper is written once, in
@@ -20,7 +21,7 @@ of :data:`PROFILES`); the chapter *Paper vs released code* tabulates it with
 both profiles' values.
 
 ``auto`` evaluation means original size for pascal/scenes and sliding window
-for cityscapes (SPEC §1). Both label resizes sample the feature grid the
+for cityscapes (the paper's *Implementation Details*). Both label resizes sample the feature grid the
 logits are upsampled from (align corners): ``nearest`` takes the label at
 each grid point, ``bilinear`` interpolates class indices there. At the crops
 321, 513 and 801 every grid point falls on a pixel and the two are identical;
@@ -38,10 +39,12 @@ training curves of all three). Ablations (Tables 1–4) are the switches
 ``method.dlp``, ``method.derivative_loss``, ``method.momentum``,
 ``method.Q``, ``method.sparsity`` and ``method.op``, independent of the profile.
 
-Batch size and learning rate: ``optim.batch_size`` is per process; the global
-batch is ``batch_size × world_size`` and ``optim.lr`` is used as given (the
-release's 1e-3 for a global batch of 8 on VOC). With ``optim.ref_batch`` set,
-the lr is scaled linearly, ``lr × global_batch / ref_batch``.
+Batch size and learning rate: ``optim.batch_size`` is the *global* batch, the labeled images of
+one step over all processes (as many unlabeled ones again); each of ``N`` processes takes
+``batch_size / N`` (:meth:`OptimConfig.per_process_batch`), so a run trains the same recipe on one
+GPU or several. ``optim.lr`` is used as given (the release's 1e-3 for its global batch of 8 on VOC).
+With ``optim.ref_batch`` set, the lr is scaled linearly, ``lr × batch_size / ref_batch``, for a
+deliberately different batch.
 """
 
 from __future__ import annotations
@@ -182,6 +185,8 @@ class DataConfig:
 class OptimConfig:
     """SGD with the release's poly schedule ``lr·(1 − it/total)^power`` and head lr multiplier.
 
+    ``batch_size`` is the global batch (module doc); an epoch is ``unlabeled images / batch_size``
+    iterations (at most ``iters_per_epoch``), whatever the number of processes.
     ``warm_start``: a checkpoint (a run's ``best.pt`` or ``last.pt``) whose model weights initialise Θb,
     and so Θm, before the first step; the book's CPU runs start from one shared supervised run.
     ``schedule_iters`` / ``schedule_offset``: the poly decay spans ``schedule_iters`` iterations (default
@@ -204,6 +209,16 @@ class OptimConfig:
     schedule_offset: int = 0
     amp: str = "none"
     channels_last: bool = False
+
+    def per_process_batch(self, world_size: int) -> int:
+        """The images each of ``world_size`` processes takes per step; ValueError when they do not divide."""
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"optim.batch_size={self.batch_size} is the global batch and does not divide over {world_size} "
+                f"processes; run on a number of processes that divides it (GPUS=...), or set optim.batch_size "
+                f"to a multiple of {world_size} (optim.ref_batch scales the lr with it)"
+            )
+        return self.batch_size // world_size
 
 
 @dataclass(frozen=True)
@@ -406,7 +421,7 @@ def resolved(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def eval_mode(cfg: TrainConfig, mode: str) -> str:
-    """``auto`` → ``sliding`` for cityscapes, ``original`` otherwise (SPEC §1)."""
+    """``auto`` → ``sliding`` for cityscapes, ``original`` otherwise (the paper's evaluation protocol)."""
     if mode != "auto":
         return mode
     return "sliding" if cfg.data.layout == "cityscapes" else "original"

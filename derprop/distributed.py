@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,3 +147,13 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def gather_devices(d: Dist) -> tuple[list[str], int]:
+    """The device name of every process (rank order) and how many distinct devices they use (all ranks call it)."""
+    here = (socket.gethostname(), str(d.device), device_name(d.device))
+    everyone: list = [here]
+    if d.distributed:
+        everyone = [None] * d.world_size
+        dist.all_gather_object(everyone, here)
+    return [e[2] for e in everyone], len({tuple(e[:2]) for e in everyone})

@@ -209,8 +209,8 @@ def evaluate(
     :class:`~derprop.model.DerPropNet`, a
     :class:`~derprop.momentum.MomentumNetwork` or any callable returning
     logits. It runs in eval mode; its previous mode is restored afterwards.
-    ``all_reduce=True`` sums the confusion matrix over DDP ranks (every rank
-    must then call evaluate on its shard). ``num_workers > 0`` loads a
+    ``all_reduce=True`` sums the confusion matrix and the image count over DDP
+    ranks (every rank must then call evaluate on its shard). ``num_workers > 0`` loads a
     Dataset's items in that many worker processes (batch size 1).
 
     Returns ``{"miou", "iou_per_class" (None for absent classes), "pixel_acc",
@@ -253,6 +253,7 @@ def evaluate(
             model.train()
     if all_reduce:
         cm.reduce_()
+        n = _sum_over_ranks(n, device)
     iou = cm.iou_per_class().tolist()
     return {
         "miou": cm.miou(),
@@ -264,6 +265,17 @@ def evaluate(
         "num_images": n,
         "num_classes": num_classes,
     }
+
+
+def _sum_over_ranks(n: int, device: torch.device) -> int:
+    """``n`` summed over the DDP ranks (``n`` itself without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    total = torch.tensor([n], device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def _safe_len(data: Any, limit: int | None) -> int | None:

@@ -50,12 +50,12 @@ def build_training_data(cfg: TrainConfig, d: Dist) -> TrainingData:
     train_u = UnlabeledTrainSet(unlabeled, c, seed=seed, stream=2)
     train_mix = UnlabeledTrainSet(unlabeled, c, seed=seed, stream=3)
     diag_set = diagnostic_set(cfg, unlabeled) if d.is_main else None
-    b = cfg.optim.batch_size
+    b = cfg.optim.per_process_batch(d.world_size)
     per_rank = len(train_u) // d.world_size
     if per_rank < b:
         raise DatasetError(
-            f"{len(train_u)} unlabeled images are fewer than one batch per process "
-            f"(optim.batch_size={b} × {d.world_size} processes); lower optim.batch_size"
+            f"{len(train_u)} unlabeled images are fewer than one global batch "
+            f"(optim.batch_size={cfg.optim.batch_size}); lower optim.batch_size"
         )
     iters = per_rank // b
     if cfg.optim.iters_per_epoch:
@@ -75,12 +75,12 @@ def diagnostic_set(cfg: TrainConfig, unlabeled: SegmentationDataset | None = Non
 
 
 def loader(ds: Dataset, cfg: TrainConfig, d: Dist, sampler_seed: int) -> DataLoader:
-    """A shuffling loader of this process's shard of ``ds`` (full batches only)."""
+    """A shuffling loader of this process's shard of ``ds`` in per-process batches (full batches only)."""
     sampler = DistributedSampler(ds, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=sampler_seed,
                                  drop_last=True)
     nw = cfg.data.num_workers
-    return DataLoader(ds, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=nw, drop_last=True,
-                      pin_memory=d.device.type == "cuda", persistent_workers=False,
+    return DataLoader(ds, batch_size=cfg.optim.per_process_batch(d.world_size), sampler=sampler, num_workers=nw,
+                      drop_last=True, pin_memory=d.device.type == "cuda", persistent_workers=False,
                       multiprocessing_context="fork" if nw and sys.platform == "linux" else None)
 
 

@@ -56,7 +56,8 @@ def similarity_l1(
         reduction: ``"sum"``, or ``"mean"`` over the ``B·M²`` entries.
         chunk: rows per tile; ``None`` materialises the ``M × M`` matrices.
             With a chunk the exact gradient ``x2 sign(E)ᵀ`` / ``x1 sign(E)``,
-            ``E = x1ᵀx2 − y1ᵀy2``, is computed tile by tile (SPEC §4).
+            ``E = x1ᵀx2 − y1ᵀy2``, is computed tile by tile (chapter
+            *Derivative label propagation* measures its memory).
     """
     _check_factors(x1, x2, y1, y2)
     if reduction not in REDUCTIONS:
@@ -120,7 +121,8 @@ def _order_factor(f: Tensor, q: int, op: str, normalize: str) -> Tensor:
 
     ``"l1"``/``"none"`` (paper): normalise ``v``, then differentiate. ``"softmax"``
     (release): differentiate the raw features, then take the channel softmax
-    (SPEC §2), so every order's factors are distributions over channels.
+    (the release's ``model/semseg/segmentation.py``, ``Corr.forward``), so every
+    order's factors are distributions over channels.
     """
     if normalize == "softmax":
         return derivative(f, q, op).softmax(dim=1)
@@ -156,7 +158,7 @@ def derivative_loss(
 
     * ``normalize="l1"`` (paper) or ``"none"``: ``S_q = (Δ^q V1)ᵀ(Δ^q V2)`` of
       the normalised features ``V = f/‖f‖₁``;
-    * ``normalize="softmax"`` (release, SPEC §2): ``S_q = σ(Δ^q f1)ᵀ σ(Δ^q f2) / √D_q``,
+    * ``normalize="softmax"`` (release, ``Corr.forward``): ``S_q = σ(Δ^q f1)ᵀ σ(Δ^q f2) / √D_q``,
       ``σ`` the channel softmax of the *differentiated raw* features, ``D_q``
       their length. The sparsity term is then ``mean|Δ^{Q+1} f|`` of the raw
       features (the softmax of a derivative has a constant L1 norm).

@@ -2,7 +2,8 @@
 
 Explained in the book chapters *Training on a CPU* and *Paper vs released code*.
 
-With ``B`` labeled images and the CutMixed unlabeled batch (SPEC §2 "Total" for the release)::
+With ``B`` labeled images and the CutMixed unlabeled batch (for the release: the ``loss`` of
+``main()`` in its ``main.py``)::
 
     L = scale · [ λCE·(CE_x + CE_x̃) + λCE/2·(CE_u + CE_ũ) + λKL·KL + λFP·CE_fp
                   + λDer·(L_Der,x + L_Der,u) ]

@@ -14,8 +14,10 @@ confidence threshold and the share of unlabeled pixels above it; img/s counts
 labeled + unlabeled images of all processes; the ETA covers the remaining
 training iterations at the rate since the previous line (evaluation not
 included). When the ``tensorboard`` package is installed, the same numbers go
-to ``<run>/tensorboard/`` as scalars (optional dependency ``derprop[tensorboard]``).
-Only rank 0 writes.
+to ``<run>/tensorboard/`` as scalars ``train/*`` (optional dependency ``derprop[tensorboard]``),
+and each evaluation adds ``val/miou`` (the net that ``eval.select`` judges), ``val/miou_<net>``
+for both networks and ``val/iou_per_class`` (a text table, one column per network)
+(:meth:`ProgressLog.validation`). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ import datetime as _dt
 import importlib.util
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 DEFAULT_EVERY = 50
 TRAIN_LOG = "train.log"
 TENSORBOARD = "tensorboard"
+
+
+def summary_writer(log_dir: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` into ``log_dir``, or None without the ``tensorboard`` package."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
 
 
 class ProgressLog:
@@ -45,12 +56,8 @@ class ProgressLog:
         self._sums: dict[str, float] = {}
         self._n = 0
         self._t = time.perf_counter()
-        self._tb: Any = None
+        self._tb: Any = summary_writer(self.out / TENSORBOARD) if enabled else None
         self.bar, self._bar = bar and enabled, None
-        if enabled and importlib.util.find_spec("tensorboard") is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.out / TENSORBOARD))
 
     @classmethod
     def of(cls, trainer: Any) -> "ProgressLog":
@@ -60,7 +67,7 @@ class ProgressLog:
             trainer._progress_log = cls(
                 trainer.out, total_steps=cfg.optim.epochs * trainer.iters_per_epoch,
                 steps_per_epoch=trainer.iters_per_epoch, epochs=cfg.optim.epochs,
-                images_per_step=2 * cfg.optim.batch_size * trainer.d.world_size,
+                images_per_step=2 * cfg.optim.batch_size,
                 every=getattr(trainer, "log_every", DEFAULT_EVERY), echo=not trainer.progress,
                 enabled=trainer.d.is_main, bar=trainer.progress)
         return trainer._progress_log
@@ -103,10 +110,30 @@ class ProgressLog:
             self._tb.add_scalar("train/lr", lr, global_step)
             self._tb.add_scalar("train/images_per_s", rate * self.images_per_step, global_step)
             self._tb.flush()
-            if global_step == self.total:
-                self._tb.close()
         self._sums, self._n, self._t = {}, 0, now
         return line
+
+    def validation(self, global_step: int, miou: Mapping[str, float], headline: float,
+                   iou_per_class: Mapping[str, Sequence[float]], class_names: Sequence[str]) -> None:
+        """One evaluation to TensorBoard: ``miou`` and ``iou_per_class`` per network, ``headline`` as ``val/miou``."""
+        if self._tb is None:
+            return
+        self._tb.add_scalar("val/miou", headline, global_step)
+        for net, value in miou.items():
+            self._tb.add_scalar(f"val/miou_{net}", value, global_step)
+        nets = list(iou_per_class)
+        rows = [f"| class | {' | '.join(nets)} |", "|---|" + "---|" * len(nets)]
+        cell = {n: ["–" if v is None else f"{v:.4f}" for v in iou_per_class[n]] for n in nets}  # None: class absent
+        rows += [f"| {name} | " + " | ".join(cell[n][c] for n in nets) + " |" for c, name in enumerate(class_names)]
+        self._tb.add_text("val/iou_per_class", "\n".join(rows), global_step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (the end of training)."""
+        self.end_epoch()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def format(self, global_step: int, means: dict[str, float], lr: float, steps_per_s: float) -> str:
         """One progress line (see module doc)."""

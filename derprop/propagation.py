@@ -17,7 +17,7 @@ Two forms:
     ``softmax(L̃)`` saturates; ``paper_norm`` names the normalisation that
     makes it trainable (:data:`PAPER_NORMS`).
 
-``mode="official"`` (what the released code does, SPEC §2)
+``mode="official"`` (what the released code does: the release's ``model/semseg/segmentation.py``, ``Corr.forward``)
     ``s_ij = f1_iᵀ f2_j / √D + Δf1_iᵀ Δf2_j / √D₁ = f1_iᵀ G f2_j`` with
     ``G = I/√D + KᵀK/√D₁``, ``A = softmax_j(s)``,
     ``L̃_j = Σ_i sg(L)_i A_ij``. The softmax normalises over ``j`` but the sum

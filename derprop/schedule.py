@@ -6,7 +6,7 @@ Explained in the book chapter *Training on a CPU*.
 (UniMatch's and the release's schedule), or of a longer span that a warm start began
 (``optim.schedule_iters``, ``optim.schedule_offset``); the decoder and the heads train at ``head_lr_mult × lr``
 (:meth:`derprop.model.DerPropNet.param_groups`). With ``optim.ref_batch`` set, ``lr`` is scaled
-linearly to the global batch first.
+linearly to the global batch ``optim.batch_size`` first.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from derprop.config import OptimConfig
 from derprop.model import DerPropNet
 
 
-def build_optimizer(net: DerPropNet, o: OptimConfig, world_size: int) -> torch.optim.SGD:
+def build_optimizer(net: DerPropNet, o: OptimConfig) -> torch.optim.SGD:
     """SGD over ``net``'s backbone and head parameter groups at the (batch-scaled) ``o.lr``."""
-    global_batch = o.batch_size * world_size
-    lr = o.lr * (global_batch / o.ref_batch if o.ref_batch else 1.0)
+    lr = o.lr * (o.batch_size / o.ref_batch if o.ref_batch else 1.0)
     return torch.optim.SGD(net.param_groups(lr, o.head_lr_mult), lr=lr, momentum=o.momentum,
                            weight_decay=o.weight_decay)
 

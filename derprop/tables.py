@@ -7,7 +7,8 @@ and *Paper vs released code* (:data:`DIVERGENCES`). Each row is defined here onc
 ``scripts/ablation_configs.py`` writes the ``configs/voc_*_<ablation>.yaml`` files from
 :data:`ABLATIONS`, ``derprop.book_runs`` trains the book's "w/o DLP" with them, and the
 chapters read the paper's numbers from :data:`MATRIX`. The paper's numbers
-(SPEC §5) lay out the tables only: nothing here is ever written into ``results/``.
+(its Tables 1–4) lay out the tables only: nothing here is ever written into ``results/``.
+A matrix run lives in ``runs/matrix/<size>/<name>`` (:func:`run_path`).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ PAPER_TABLE3: dict[int, tuple[float, float]] = {  # VOC 92: L_Q without and with
 PAPER_TABLE4: dict[str, tuple[float, float]] = {  # VOC 92 and 183 (VOC_SPLITS[:2]), per derivative operator
     "op_central": (76.1, 78.6), "op_sum": (76.4, 77.1), "op_second": (76.8, 78.5), "": (77.6, 78.7),
 }
-"""The paper's mIoU (%, ResNet-101; SPEC §5), keyed by ablation ("" = DerProp itself)."""
+"""The paper's mIoU (%, ResNet-101; its Tables 1–4), keyed by ablation ("" = DerProp itself)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ def run_name(config: str, ablation: str = "") -> str:
     if ablation in ("", "Q1"):  # Q = 1 with sparsity is DerProp itself
         return stem
     return f"{stem}_{ablation}"
+
+
+def run_path(config: str, ablation: str = "", size: str = "full", root: str | Path = "runs/matrix") -> Path:
+    """The folder of a matrix run, ``<root>/<size>/<run name>``: a check run never shares the full run's folder."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    return Path(root) / size / run_name(config, ablation)
 
 
 SIZES: dict[str, tuple[str, ...]] = {

@@ -22,10 +22,12 @@ writes a run folder (its ``run.lock`` names the pid and host).
 ``--amp``, ``--channels-last`` and ``--seed`` are shorthands for the
 overrides ``optim.amp=…``, ``optim.channels_last=true`` and ``seed=…``.
 
-Batch size and learning rate: ``optim.batch_size`` is per process, so
-``torchrun --nproc_per_node N`` trains with a global batch ``N × batch_size``;
-``optim.lr`` is used as given unless ``optim.ref_batch`` is set (then it is
-scaled by ``global batch / ref_batch``).
+Batch size and learning rate: ``optim.batch_size`` is the global batch, so
+``torchrun --nproc_per_node N`` gives each process ``batch_size / N`` images
+(one ``error:`` line when N does not divide it) and trains the same recipe as
+one process; ``optim.lr`` is used as given unless ``optim.ref_batch`` is set
+(then it is scaled by ``batch_size / ref_batch``). The last line printed says
+what ran: processes, global and per-process batch, derprop version and commit.
 
 Exit status 2 with one ``error:`` line for a bad config (file:line:col for
 YAML syntax), dataset or checkpoint, an output folder that is in use, not
@@ -45,8 +47,8 @@ from typing import Sequence
 from derprop import checkpoint as ckpt_io
 from derprop import cli
 from derprop.configfile import load_config
-from derprop.evaluate import format_iou_table
 from derprop.progress import DEFAULT_EVERY
+from derprop.report import iou_table
 from derprop.trainer import Trainer
 
 
@@ -70,6 +72,14 @@ def build_parser() -> cli.Parser:
                          f"default {DEFAULT_EVERY})")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. method.dlp=false")
     return ap
+
+
+def describe(results: dict) -> str:
+    """One line of what a run ran on: processes, devices, batch, derprop version and commit."""
+    dirty = {True: ", with uncommitted changes", False: "", None: ""}[results["git_dirty"]]
+    return (f"ran on {results['world_size']} process(es), {results['device_count']} device(s) ({results['device']}), "
+            f"global batch {results['global_batch']} ({results['per_process_batch']} per process); "
+            f"derprop {results['derprop_version']}, commit {results['git_commit']}{dirty}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,12 +109,12 @@ def _train(args: argparse.Namespace, overrides: list[str], out: list[Path]) -> N
     results = trainer.fit()
     if trainer.d.is_main:
         for net, by_mode in results["final"].items():
-            for mode, res in by_mode.items():
+            for mode in by_mode:
                 print(f"== {net} network, {mode} ==")
-                print(format_iou_table({**res, "iou_per_class": list(res["iou_per_class"].values()), "mode": mode},
-                                       list(res["iou_per_class"])))
+                print(iou_table(results, net, mode))
         print(f"mIoU {100 * results['miou']:.2f} ({results['miou_net']} net, {results['miou_mode']}); "
               f"results in {out[0] / 'results.json'}")
+        print(describe(results))
 
 
 def _interrupted(args: argparse.Namespace, overrides: list[str], out: list[Path]) -> str:

@@ -23,7 +23,6 @@ The run folder's rules are :mod:`derprop.rundir`'s, the data :mod:`derprop.loade
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -38,12 +37,12 @@ from torch.utils.data import Subset
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop import loaders as data_loaders
-from derprop import guards, rundir, schedule
+from derprop import guards, provenance, rundir, schedule
 from derprop.config import TrainConfig, eval_mode, resolved
 from derprop.configfile import dump_yaml
 from derprop.diagnostics import pseudo_label_diagnostics
+from derprop.distributed import CpuSyncBatchNorm, all_reduce_mean, epoch_seed, gather_devices, seed_all, setup_distributed
 from derprop.errors import ConfigError
-from derprop.distributed import CpuSyncBatchNorm, all_reduce_mean, device_name, epoch_seed, seed_all, setup_distributed
 from derprop.evaluate import evaluate
 from derprop.model import DerPropNet, build_model
 from derprop.momentum import MomentumNetwork
@@ -80,6 +79,10 @@ class Trainer:
         self.hook = hook
         self.log_every = log_every
         self.d = setup_distributed(device)
+        batch = cfg.optim.per_process_batch(self.d.world_size)  # a batch that does not divide fails first
+        devices, count = gather_devices(self.d)
+        self.record = provenance.record(devices=devices, device_count=count, world_size=self.d.world_size,
+                                        global_batch=cfg.optim.batch_size, per_process_batch=batch)
         self.fresh = resume is None or resume is False
         if self.d.is_main:  # folder problems come before the (slow) data and model
             rundir.check_writable(self.out)
@@ -141,7 +144,7 @@ class Trainer:
             net, device_ids=[d.local_rank] if d.device.type == "cuda" else None, find_unused_parameters=not uses_heads,
         ) if d.distributed else net
         self.momentum = MomentumNetwork(net, include_buffers=m.momentum_buffers, when=m.momentum_timing) if m.momentum else None
-        self.optimizer = schedule.build_optimizer(net, cfg.optim, d.world_size)
+        self.optimizer = schedule.build_optimizer(net, cfg.optim)
         self.scheduler = schedule.build_scheduler(self.optimizer, cfg.optim, cfg.optim.epochs * self.iters_per_epoch)
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.optim.amp]
         self.scaler = torch.amp.GradScaler("cuda") if cfg.optim.amp == "fp16" else None
@@ -273,6 +276,8 @@ class Trainer:
             if d.distributed:
                 dist.barrier()
         finally:
+            if getattr(self, "_progress_log", None) is not None:
+                self._progress_log.close()
             if lock is not None:
                 lock.release()
         return results if d.is_main else {}
@@ -339,6 +344,9 @@ class Trainer:
         self._eval_cache = {}
         if (epoch + 1) % cfg.eval.every == 0 or last_epoch:
             metrics.update(self._evaluate_epoch(epoch))  # every rank evaluates its shard
+            nets, mode = list(self._nets()), cfg.eval.mode
+            progress.validation(self.global_step, {n: metrics[f"miou_{n}"] for n in nets}, metrics["_best_candidate"][1],
+                                {n: self._eval(n, mode)["iou_per_class"] for n in nets}, self.data.val_set.class_names)
         if d.is_main:
             if self.data.diag_set is not None:
                 metrics.update(self._diagnostics(epoch))
@@ -384,8 +392,9 @@ class Trainer:
                                         self._autocast)
 
     def _provenance(self) -> dict[str, Any]:
-        """What a checkpoint records beside the weights: the resolved config and where its data was."""
-        return {"config": resolved(self.cfg), "data_root": str(Path(self.cfg.data.root).resolve())}
+        """What a checkpoint records beside the weights: the resolved config, where its data was, and
+        :func:`derprop.provenance.record`."""
+        return {"config": resolved(self.cfg), "data_root": str(Path(self.cfg.data.root).resolve()), **self.record}
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -401,8 +410,6 @@ class Trainer:
             "best": dict(self.best),
             "resumes": list(self.resumes),
             **self._provenance(),
-            "world_size": self.d.world_size,
-            "torch_version": str(torch.__version__),
         }
 
     def _save_epoch(self, epoch: int, metrics: dict[str, Any], steps_log: list[dict[str, Any]]) -> None:
@@ -466,9 +473,7 @@ class Trainer:
         results = {
             "config": resolved(cfg), "miou": nets[head][modes[0]]["miou"], "miou_net": head, "miou_mode": modes[0],
             "final": nets, "best": self.best, "resumes": self.resumes, "epochs": cfg.optim.epochs,
-            "iters_per_epoch": self.iters_per_epoch, "global_batch": cfg.optim.batch_size * self.d.world_size,
-            "world_size": self.d.world_size, "wall_time_s": wall, "device": device_name(self.d.device),
-            "torch_version": str(torch.__version__), "python": platform.python_version(),
+            "iters_per_epoch": self.iters_per_epoch, "wall_time_s": wall, **self.record,
         }
         if self.d.is_main:
             atomic.write_json(self.out / "results.json", results)

@@ -5,19 +5,27 @@ Explained in the book chapter *Full reproduction on a GPU* (``book/reproduction.
 
 ::
 
-    python pipelines/run_matrix.py one configs/voc_92.yaml [--ablation wo_dlp] [--size full]
-    python pipelines/run_matrix.py all [--tables 1 3] [--size full] [--dry-run]
-    python pipelines/run_matrix.py list
+    python -m pipelines.run_matrix one configs/voc_92.yaml [--ablation wo_dlp] [--size full] [--gpus N] [--force]
+    python -m pipelines.run_matrix all [--tables 1 3] [--size full] [--gpus N] [--force] [--dry-run]
+    python -m pipelines.run_matrix list
 
 ``one`` trains one configuration: ``pipelines/train.ipynb`` is executed by
-papermill into ``<runs-root>/<name>/train.ipynb`` and the trainer writes its
-run files (``results.json``, ``last.pt``, ``metrics.jsonl`` …) next to it.
-``all`` does that for every entry of :data:`derprop.tables.MATRIX`, skipping
-entries whose ``results.json`` exists and resuming (``--resume``, i.e. the
-pipeline's ``RESUME=auto``) those that have a ``last.pt``; interrupted, it can
-simply be started again. After each finished run a summary is copied to
-``results/matrix/<name>.json`` (tracked in git), which the book's results
-table reads. ``list`` prints the matrix and the state of each entry.
+papermill into ``<runs-root>/<size>/<name>/train.ipynb``; the notebook starts the
+training processes (``--gpus N``, default one per visible GPU; ``torchrun`` for more
+than one) and streams their log into itself, and the trainer writes its run files
+(``results.json``, ``last.pt``, ``metrics.jsonl`` …) next to it. Each size has its own
+folder, so a ``small`` check run never stands in for the ``full`` run. A finished
+run (its ``results.json`` exists) is skipped, an interrupted one resumes from its
+``last.pt``; ``--force`` trains it again from scratch (its run files deleted first).
+``all`` does that for every entry of :data:`derprop.tables.MATRIX`; interrupted, it
+can simply be started again. After each finished run a summary with the run's
+provenance (:data:`derprop.provenance.KEYS`) is copied to
+``<results-root>/<size>/<name>.json`` (``results/matrix/``, tracked in git), which
+the book's results table reads. ``list`` prints every entry's state at each size.
+
+A run that fails ends ``one`` with one ``error:`` line (the run's last error line and
+where its executed notebook is) and exit status 2; ``all`` goes on with the next
+entry and names the failed ones at the end (exit status 1).
 
 Every entry is a config file under ``configs/`` plus, where no file exists for
 an ablation, the overrides of :data:`derprop.tables.ABLATIONS`. This script
@@ -30,18 +38,24 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from derprop import atomic, cli
 from derprop.errors import ConfigError, DerPropError
-from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, run_name
+from derprop.provenance import KEYS
+from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, run_name, run_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipelines" / "train.ipynb"
 RUNS_ROOT = Path("runs") / "matrix"
-RESULTS_DIR = Path("results") / "matrix"
+RESULTS_ROOT = Path("results") / "matrix"
+
+
+class RunError(DerPropError):
+    """A run of the matrix could not start or failed; the message is its last error line."""
 
 
 def resolve_config(config: str, ablation: str) -> tuple[str, str]:
@@ -52,7 +66,13 @@ def resolve_config(config: str, ablation: str) -> tuple[str, str]:
     return config, ablation
 
 
+def _in_repo(path: str | Path) -> Path:
+    """A relative ``--runs-root``/``--results-root`` is relative to the repository, like the notebook's paths."""
+    return Path(path) if Path(path).is_absolute() else ROOT / path
+
+
 def state(run_dir: Path) -> str:
+    """``done`` (``results.json``), ``partial`` (``last.pt``) or ``todo``."""
     if (run_dir / "results.json").is_file():
         return "done"
     if (run_dir / "last.pt").is_file():
@@ -60,50 +80,56 @@ def state(run_dir: Path) -> str:
     return "todo"
 
 
-def run_one(config: str, *, ablation: str = "", size: str = "full", runs_root: Path = RUNS_ROOT,
+def _papermill() -> Any:
+    try:
+        import papermill
+    except ImportError:
+        raise RunError(f"papermill is not installed for {sys.executable}: run `make setup`, or beside a "
+                       f"preinstalled torch `{sys.executable} -m pip install papermill ipykernel`") from None
+    return papermill
+
+
+def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = -1, runs_root: str | Path = RUNS_ROOT,
             device: str = "", profile: str = "", force: bool = False, extra: Sequence[str] = (),
-            results_dir: Path | None = RESULTS_DIR) -> Path:
-    """Train one configuration through papermill; returns the run directory."""
+            results_root: str | Path | None = RESULTS_ROOT) -> Path:
+    """Train one configuration through papermill (skipped when finished, unless ``force``); returns its run folder.
+
+    Raises:
+        RunError: papermill is missing, or the run failed (the message is its last error line).
+    """
     name = run_name(config, ablation)
     cfg_file, abl = resolve_config(config, ablation)
     if not (ROOT / cfg_file).is_file():  # the notebook runs from ROOT
         raise ConfigError(f"config {ROOT / cfg_file} does not exist; name one of the files under {ROOT / 'configs'}")
-    run_dir = (ROOT / runs_root / name) if not Path(runs_root).is_absolute() else Path(runs_root) / name
+    run_dir = run_path(config, ablation, size, _in_repo(runs_root))
     if state(run_dir) == "done" and not force:
-        print(f"[skip] {name}: {run_dir / 'results.json'} exists")
+        print(f"[skip] {size}/{name}: {run_dir / 'results.json'} exists (--force trains it again)")
         return run_dir
+    papermill = _papermill()
     run_dir.mkdir(parents=True, exist_ok=True)
-    params = {"CONFIG": cfg_file, "OUT_DIR": str(run_dir), "ABLATION": abl, "SIZE": size, "RESUME": "auto",
-              "DEVICE": device, "PROFILE": profile, "OVERRIDES": list(extra)}
-    print(f"[run] {name}: {cfg_file} {('+ ' + abl) if abl else ''} size={size} ({state(run_dir)})", flush=True)
-    execute(run_dir / "train.ipynb", params)
-    if results_dir is not None:
-        publish(run_dir, name, config=cfg_file, ablation=abl, size=size,
-                results_dir=ROOT / results_dir if not Path(results_dir).is_absolute() else Path(results_dir))
+    params = {"CONFIG": cfg_file, "OUT_DIR": str(run_dir), "ABLATION": abl, "SIZE": size, "GPUS": gpus,
+              "RESUME": "overwrite" if force else "auto", "DEVICE": device, "PROFILE": profile,
+              "OVERRIDES": list(extra)}
+    print(f"[run] {size}/{name}: {cfg_file} {('+ ' + abl) if abl else ''} ({'forced' if force else state(run_dir)})",
+          flush=True)
+    try:
+        papermill.execute_notebook(str(PIPELINE), str(run_dir / "train.ipynb"), parameters=params,
+                                   kernel_name="python3", cwd=str(ROOT), progress_bar=False, log_output=True)
+    except papermill.PapermillExecutionError as err:
+        raise RunError(f"{size}/{name} failed: {err.evalue} (executed notebook: {run_dir / 'train.ipynb'})") from None
+    if results_root is not None:
+        publish(run_dir, name, config=cfg_file, ablation=abl, size=size, results_dir=_in_repo(results_root) / size)
     return run_dir
 
 
-def execute(notebook: Path, params: dict) -> None:
-    """Run :data:`PIPELINE` into ``notebook``; an error in it (a bad config, dataset …) is one :class:`DerPropError`."""
-    try:
-        import papermill
-    except ImportError:
-        raise DerPropError("papermill is not installed: pip install 'derprop[book]' (or make setup)") from None
-    try:
-        papermill.execute_notebook(str(PIPELINE), str(notebook), parameters=params, kernel_name="python3",
-                                   cwd=str(ROOT), progress_bar=False, log_output=True)
-    except papermill.PapermillExecutionError as err:
-        raise DerPropError(f"{err.ename}: {err.evalue} (the executed notebook: {notebook})") from None
-
-
 def publish(run_dir: Path, name: str, *, config: str, ablation: str, size: str, results_dir: Path) -> Path:
-    """Copy the run's headline results (no per-class tables of every epoch) to ``results/matrix/<name>.json``."""
+    """Copy the run's headline results and provenance (no per-class tables) to ``results_dir/<name>.json``."""
     res = json.loads((run_dir / "results.json").read_text())
     summary = {
         "name": name, "config": config, "ablation": ablation, "size": size,
         "date": _dt.date.today().isoformat(),
-        **{k: res.get(k) for k in ("miou", "miou_net", "miou_mode", "device", "epochs", "iters_per_epoch",
-                                   "global_batch", "world_size", "wall_time_s", "torch_version")},
+        **{k: res.get(k) for k in ("miou", "miou_net", "miou_mode", "epochs", "iters_per_epoch", "wall_time_s")},
+        **{k: res.get(k) for k in KEYS},
         "final": {net: {mode: {"miou": r.get("miou"), "pixel_acc": r.get("pixel_acc")} for mode, r in modes.items()}
                   for net, modes in (res.get("final") or {}).items()},
         "profile": (res.get("config") or {}).get("profile"),
@@ -132,14 +158,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     every = sub.add_parser("all", help="train every entry of Tables 1-4 that is not finished")
     every.add_argument("--tables", nargs="*", default=["1", "2", "3", "4"], choices=["1", "2", "3", "4"])
     every.add_argument("--dry-run", action="store_true", help="only print what would run")
-    lst = sub.add_parser("list", help="print the matrix and the state of each run")
+    lst = sub.add_parser("list", help="print the matrix and each run's state at every size")
     for p in (one, every, lst):
-        p.add_argument("--runs-root", default=str(RUNS_ROOT))
+        p.add_argument("--runs-root", default=str(RUNS_ROOT), help=f"run folders: <runs-root>/<size>/<name> "
+                                                                   f"(default {RUNS_ROOT})")
     for p in (one, every):
         p.add_argument("--size", default="full", choices=list(SIZES))
+        p.add_argument("--gpus", type=int, default=-1, metavar="N",
+                       help="training processes: one per visible GPU (default), N > 1 with torchrun")
         p.add_argument("--device", default="")
         p.add_argument("--profile", default="", choices=["", "official", "paper"])
-        p.add_argument("--force", action="store_true", help="retrain even if results.json exists")
+        p.add_argument("--force", action="store_true", help="train again from scratch even if results.json exists")
+        p.add_argument("--results-root", default=str(RESULTS_ROOT),
+                       help=f"summaries: <results-root>/<size>/<name>.json (default {RESULTS_ROOT})")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     # argparse takes positionals in one run: key=value overrides after an option come back unparsed
     args, rest = ap.parse_known_args(argv)
@@ -150,33 +181,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *rest]
     if args.cmd == "one" and not (args.config_opt or args.config):
         ap.error("one: a config file is required")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs the run's lines as they come
     return cli.run(lambda: _run(args), interrupted=lambda: "every finished epoch is kept in its run folder; run the "
                                                              "same command again to resume")
 
 
 def _run(args: argparse.Namespace) -> None:
     runs_root = Path(args.runs_root)
-    if args.cmd == "one":
-        run_one(args.config_opt or args.config, ablation=args.ablation, size=args.size, runs_root=runs_root,
-                device=args.device, profile=args.profile, force=args.force, extra=args.overrides)
-        return
-    entries = _unique_runs([e for e in MATRIX if args.cmd == "list" or e.table in args.tables])
     if args.cmd == "list":
+        entries = _unique_runs(MATRIX)
+        width = max(len(e.name) for e in entries)
+        print(f"{'entry':{width}s}  " + "  ".join(f"{size:8s}" for size in SIZES))
         for e in entries:
-            print(f"{state(ROOT / runs_root / e.name):8s} {e.name}")
+            states = [state(run_path(e.config, e.ablation, size, _in_repo(runs_root))) for size in SIZES]
+            print(f"{e.name:{width}s}  " + "  ".join(f"{s:8s}" for s in states))
+        return
+    options = dict(size=args.size, gpus=args.gpus, runs_root=runs_root, device=args.device, profile=args.profile,
+                   force=args.force, extra=args.overrides, results_root=args.results_root)
+    if args.cmd == "one":
+        run_one(args.config_opt or args.config, ablation=args.ablation, **options)
         return
     failed = []
-    for e in entries:
+    for e in _unique_runs([e for e in MATRIX if e.table in args.tables]):
         if args.dry_run:
             cfg_file, abl = resolve_config(e.config, e.ablation)
-            print(f"{state(ROOT / runs_root / e.name):8s} {e.name}: {cfg_file}{' + ' + abl if abl else ''}")
+            where = run_path(e.config, e.ablation, args.size, _in_repo(runs_root))
+            print(f"{state(where):8s} {args.size}/{e.name}: {cfg_file}{' + ' + abl if abl else ''}")
             continue
         try:
-            run_one(e.config, ablation=e.ablation, size=args.size, runs_root=runs_root, device=args.device,
-                    profile=args.profile, force=args.force, extra=args.overrides)
+            run_one(e.config, ablation=e.ablation, **options)
         except Exception as exc:  # keep going: the matrix is resumable, report at the end
-            print(f"[fail] {e.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                  file=sys.stderr)
+            print(f"[fail] {e.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
             failed.append(e.name)
     if failed:
         raise DerPropError(f"{len(failed)} run(s) failed (see the [fail] lines above): {', '.join(failed)}; "

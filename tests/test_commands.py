@@ -5,7 +5,8 @@ code that starts with ``make``, ``python``, ``.venv/bin/python``, ``torchrun``
 or ``papermill``. Then:
 
 - ``make TARGET VAR=value ...``: ``make -n`` (nothing runs) must succeed and its
-  recipe must use every value given (``ABLATION=wo_dlp`` must reach the command);
+  recipe must use every value given (``ABLATION=wo_dlp`` must reach the command,
+  ``FORCE=1`` must change it);
 - ``python -m MODULE ...`` / ``python SCRIPT.py [SUBCOMMAND] ...`` (also under
   ``torchrun``): ``--help`` must exit 0 and list every ``--flag`` shown;
 - ``papermill NOTEBOOK ... -p NAME value``: a notebook of the repository must
@@ -116,11 +117,17 @@ def check_python(tokens: list[str]) -> None:
 def check_make(tokens: list[str]) -> None:
     target = [t for t in tokens if "=" not in t]
     variables = [t for t in tokens if "=" in t]
-    proc = subprocess.run(["make", "-n", *target, *variables], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, f"make -n {' '.join(tokens)}: {proc.stderr.strip()}"
+
+    def recipe(given: list[str]) -> str:
+        proc = subprocess.run(["make", "-n", *target, *given], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, f"make -n {' '.join(tokens)}: {proc.stderr.strip()}"
+        return proc.stdout
+
+    shown = recipe(variables)
     for var in variables:
         value = var.split("=", 1)[1]
-        assert value in proc.stdout, f"make {' '.join(tokens)}: the recipe never uses {var}"
+        used = value in shown or recipe([v for v in variables if v != var]) != shown  # a switch such as FORCE=1
+        assert used, f"make {' '.join(tokens)}: the recipe never uses {var}"
 
 
 def notebook_parameters(path: Path) -> str:

@@ -105,3 +105,13 @@ def test_every_module_is_in_the_api_reference():
     documented = set(re.findall(r"automodule:: derprop\.(\w+)", (ROOT / "book" / "api.md").read_text()))
     modules = {m.name for m in pkgutil.iter_modules(derprop.__path__)}
     assert modules - documented == set(), f"add to book/api.md: {sorted(modules - documented)}"
+
+
+def test_no_reference_points_outside_what_a_reader_can_open():
+    """References are to a chapter, an equation or section of the paper, or a file of the release by path and
+    function; never to the project's private design notes (once cited as "SPEC")."""
+    files = [*ROOT.glob("derprop/*.py"), *ROOT.glob("configs/*.yaml"), *ROOT.glob("book/*.md"), ROOT / "README.md",
+             *ROOT.glob("pipelines/*.ipynb"), *ROOT.glob("pipelines/*.py")]
+    cited = [f"{f.relative_to(ROOT)}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+             if re.search(r"\bSPEC\b", line)]
+    assert not cited, f"references nobody can open: {cited}"

@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "derprop"
 
 LAYERS: list[tuple[str, ...]] = [
-    # the base of every error a user can cause
-    ("errors",),
+    # the base of every error a user can cause, and what made a run (version, commit, devices)
+    ("errors", "provenance"),
     # what nothing else in derprop is needed for: file writes, label conventions, the paper's tables,
-    # the derivative operators, seeds and processes, progress lines, the EMA of the weights, the command-line front
-    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "cli"),
+    # the derivative operators, seeds and processes, progress lines, the EMA of the weights,
+    # starting the processes of a run, the command-line front
+    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "launch", "cli"),
     # the maths of the paper, and the first readers and writers
     ("losses", "propagation", "reference", "checkpoint", "metrics", "data"),
     ("backbones", "augment", "rundir"),
@@ -29,7 +30,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("configfile", "model"),
     ("evaluate", "pseudo_labels", "schedule", "loaders", "guards"),
     ("objective", "predict"),
-    ("diagnostics",),
+    ("diagnostics", "report"),
+    ("dlp_map",),
     ("trainer",),
     # the runs: the command line, the book's CPU runs, the book's viewer, the package's front door
     ("train", "book_runs", "viewer", "__init__"),

@@ -1,9 +1,10 @@
 """The papermill pipelines (pipelines/*.ipynb) and the matrix runner, at smoke size.
 
 ``make reproduce`` / ``make reproduce-all`` go through ``pipelines/run_matrix.py``,
-which executes ``pipelines/train.ipynb`` with papermill; ``pipelines/evaluate.ipynb``
-evaluates a checkpoint. Here both run on the tiny scenes tree, and the notebooks
-also run unmodified under ``pytest --nbval-lax``.
+which executes ``pipelines/train.ipynb`` with papermill; the notebook starts the
+training processes (``torchrun`` for ``GPUS`` > 1, gloo on a CPU);
+``pipelines/evaluate.ipynb`` evaluates a checkpoint. Here both run on the tiny
+scenes tree, and the notebooks also run unmodified under ``pytest --nbval-lax``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from derprop.book_runs import BOOK_RUNS
+from derprop.provenance import KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"
@@ -68,7 +71,7 @@ def test_papermill_reads_every_parameter_without_a_warning(notebook, tmp_path, m
     if notebook == "train.ipynb":
         passed = {}
         monkeypatch.setattr(rm, "execute", lambda path, params: passed.update(params))
-        rm.run_one(TINY, size="smoke", runs_root=tmp_path, results_dir=None)
+        rm.run_one(TINY, size="smoke", runs_root=tmp_path, results_root=None)
         assert passed and set(passed) <= set(known)  # else papermill warns "Passed unknown parameter"
 
 
@@ -82,48 +85,94 @@ def test_publish_writes_the_summary_atomically(tmp_path):
     assert path == results / "voc_92.json" and summary["miou"] == 0.5 and summary["profile"] == "paper"
     assert summary["final"] == {"momentum": {"original": {"miou": 0.5, "pixel_acc": None}}}
     assert [p.name for p in results.iterdir()] == ["voc_92.json"]  # no temporary file left behind
+    assert set(KEYS) <= set(summary)  # the provenance fields, None where the run had none
 
 
 # --------------------------------------------------------------------------- #
 # papermill, end to end
 # --------------------------------------------------------------------------- #
+@pytest.fixture(scope="module")
+def repo_scenes_tiny() -> Path:
+    """``data/scenes_tiny`` in the repository: the tree ``configs/cpu_scenes_tiny.yaml`` reads as it is."""
+    root = ROOT / BOOK_RUNS["smoke"]["data"]
+    subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), *BOOK_RUNS["smoke"]["data_args"],
+                    "--workers", "1", "--quiet"], cwd=ROOT, check=True)
+    return root
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_run_one_trains_through_papermill_then_skips(scenes_tiny, tmp_path):
+def test_make_reproduce_trains_on_two_gloo_processes(repo_scenes_tiny, tmp_path):
+    """``make reproduce CONFIG=configs/cpu_scenes_tiny.yaml GPUS=2 SIZE=smoke`` on a CPU: the notebook starts torchrun
+    with 2 gloo processes, streams their log, ends with the learning curves, and results.json says what ran."""
+    make = subprocess.run(["make", "-n", "reproduce", f"CONFIG={TINY}", "GPUS=2", "SIZE=smoke", "DEVICE=cpu",
+                           f"CHECK_PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True, check=True)
     runs, results = tmp_path / "runs", tmp_path / "results"
-    extra = [f"data.root={scenes_tiny}"]
-    run_dir = rm.run_one(TINY, ablation="wo_dlp", size="smoke", runs_root=runs, device="cpu", extra=extra,
-                         results_dir=results)
-    assert run_dir == runs / "cpu_scenes_tiny_wo_dlp"
+    cmd = [*shlex.split(make.stdout), "--runs-root", str(runs), "--results-root", str(results)]
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernel's inline backend draws the figure
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = runs / "smoke" / "cpu_scenes_tiny"
     executed = json.loads((run_dir / "train.ipynb").read_text())
-    assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code")
+    outputs = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    log = "".join("".join(o.get("text", "")) for o in outputs)
+    assert f"from {ROOT}" in log, "the kernel imports this checkout's derprop"
+    assert "--nproc_per_node=2" in log and "it 2/2" in log and "ran on 2 process(es)" in log  # the run's own log
+    assert any("image/png" in o.get("data", {}) for o in outputs) and (run_dir / "learning_curves.png").is_file()
+    assert "mIoU" in log.rsplit("momentum network", 1)[-1]  # the per-class IoU table ends the notebook
     res = json.loads((run_dir / "results.json").read_text())
-    assert res["config"]["method"]["dlp"] is False and res["epochs"] == 1
-    summary = json.loads((results / "cpu_scenes_tiny_wo_dlp.json").read_text())
-    assert summary["miou"] == res["miou"] and summary["size"] == "smoke" and summary["ablation"] == "wo_dlp"
-    stamp = (run_dir / "results.json").stat().st_mtime_ns
-    rm.run_one(TINY, ablation="wo_dlp", size="smoke", runs_root=runs, device="cpu", extra=extra, results_dir=results)
-    assert (run_dir / "results.json").stat().st_mtime_ns == stamp, "a finished run is skipped"
-    assert rm.state(run_dir) == "done"
+    assert (res["world_size"], res["global_batch"], res["per_process_batch"], len(res["devices"])) == (2, 2, 1, 2)
+    assert res["final"]["momentum"]["original"]["num_images"] == 4  # both processes' shards of val_limit=4
+    summary = json.loads((results / "smoke" / "cpu_scenes_tiny.json").read_text())
+    assert (summary["world_size"], summary["global_batch"], summary["size"]) == (2, 2, "smoke")
+    assert summary["git_commit"] == res["git_commit"] and summary["derprop_version"] == res["derprop_version"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_check_run_then_the_full_run_both_train_then_skip(scenes_tiny, tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    kw = dict(ablation="wo_dlp", gpus=1, runs_root=runs, device="cpu", extra=[f"data.root={scenes_tiny}"],
+              results_root=results)
+    small = rm.run_one(TINY, size="small", **kw)
+    full = rm.run_one(TINY, size="full", **kw)
+    assert (small, full) == (runs / "small" / "cpu_scenes_tiny_wo_dlp", runs / "full" / "cpu_scenes_tiny_wo_dlp")
+    res_small, res_full = (json.loads((d / "results.json").read_text()) for d in (small, full))
+    assert (res_small["epochs"], res_full["epochs"]) == (4, 2)  # SIZE=small's 4 epochs, then the config's own 2
+    assert res_full["config"]["method"]["dlp"] is False and res_full["world_size"] == 1
+    for size, res in (("small", res_small), ("full", res_full)):
+        summary = json.loads((results / size / "cpu_scenes_tiny_wo_dlp.json").read_text())
+        assert summary["miou"] == res["miou"] and summary["size"] == size and summary["ablation"] == "wo_dlp"
+    stamp = (full / "results.json").stat().st_mtime_ns
+    rm.run_one(TINY, size="full", **kw)
+    assert (full / "results.json").stat().st_mtime_ns == stamp, "a finished run is skipped"
 
     import papermill
 
     out = tmp_path / "eval.ipynb"
     papermill.execute_notebook(str(PIPELINES / "evaluate.ipynb"), str(out), kernel_name="python3", cwd=str(ROOT),
-                               parameters={"RUN_DIR": str(run_dir), "MODE": "center_crop", "CROP_SIZE": 32,
+                               parameters={"RUN_DIR": str(full), "MODE": "center_crop", "CROP_SIZE": 32,
                                            "LIMIT": 4, "DEVICE": "cpu"}, progress_bar=False)
-    ev = json.loads((run_dir / "eval_center_crop.json").read_text())
+    ev = json.loads((full / "eval_center_crop.json").read_text())
     assert ev["num_images"] == 4 or ev["results"]
     assert 0.0 <= ev["results"]["model"]["miou"] <= 1.0
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pipelines_run_under_nbval_lax():
+def test_a_run_that_fails_fails_its_notebook_with_the_run_error_line(tmp_path):
+    with pytest.raises(rm.RunError) as err:
+        rm.run_one(TINY, size="smoke", gpus=1, device="cpu", runs_root=tmp_path / "runs", results_root=None,
+                   extra=[f"data.root={tmp_path / 'missing'}"])
+    message = str(err.value)
+    assert message.startswith("smoke/cpu_scenes_tiny failed: error: dataset root ") and "does not exist" in message
+    assert str(tmp_path / "runs" / "smoke" / "cpu_scenes_tiny" / "train.ipynb") in message and "\n" not in message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pipelines_run_under_nbval_lax(repo_scenes_tiny):
     """The notebooks as committed (default parameters: the tiny scenes config) under ``pytest --nbval-lax``."""
-    subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(ROOT / "data" / "scenes_tiny"),
-                    *BOOK_RUNS["smoke"]["data_args"], "--workers", "1", "--quiet"],
-                   cwd=ROOT, check=True)
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider",
                            "--rootdir", str(PIPELINES), str(PIPELINES / "train.ipynb"), str(PIPELINES / "evaluate.ipynb")],

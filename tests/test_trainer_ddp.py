@@ -1,4 +1,4 @@
-"""DDP on CPU (gloo): 2 processes follow the loss curve of 1 process with the same global batch."""
+"""DDP on CPU (gloo): 2 processes follow the loss curve of 1 process with the same config (the same global batch)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yam
 # Dropout draws differ between processes, so it is switched off. BatchNorm statistics are global
 # (CpuSyncBatchNorm); the curves still differ a little: losses are averaged per process (the CE over
 # each process's valid pixels, the labeled derivative loss over its valid pixel pairs).
-COMMON = ["model.proj_dropout=0.0", "optim.lr=0.002", "optim.epochs=1", "optim.iters_per_epoch=4", "data.diag_images=0",
+COMMON = ["optim.batch_size=4", "model.proj_dropout=0.0", "optim.lr=0.002", "optim.epochs=1", "optim.iters_per_epoch=4", "data.diag_images=0",
           "data.val_limit=2", "eval.final_modes=[original]"]
 
 
@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    cfg = load_config(TINY, [f"data.root={root}", "optim.batch_size=2", *COMMON])
+    cfg = load_config(TINY, [f"data.root={root}", *COMMON])
     trainer = Trainer(cfg, out, device="cpu")
     trainer.fit()
     flat = torch.cat([p.detach().flatten() for p in trainer.net.parameters()])
@@ -49,7 +49,7 @@ def _losses(out: Path) -> list[float]:
 def test_two_gloo_processes_match_one_process(scenes_tiny, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(scenes_tiny), str(tmp_path / "ddp")), nprocs=2, join=True)
     torch.set_num_threads(1)
-    single = Trainer(load_config(TINY, [f"data.root={scenes_tiny}", "optim.batch_size=4", *COMMON]),
+    single = Trainer(load_config(TINY, [f"data.root={scenes_tiny}", *COMMON]),
                      tmp_path / "single", device="cpu")
     single.fit()
     ddp, one = _losses(tmp_path / "ddp"), _losses(tmp_path / "single")
@@ -59,3 +59,7 @@ def test_two_gloo_processes_match_one_process(scenes_tiny, tmp_path):
     # gradients were averaged: both ranks hold the same weights
     p0, p1 = (torch.load(tmp_path / "ddp" / f"params_rank{r}.pt") for r in (0, 1))
     torch.testing.assert_close(p0, p1)
+    ran = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert (ran["world_size"], ran["global_batch"], ran["per_process_batch"], ran["device_count"]) == (2, 4, 2, 1)
+    assert len(ran["devices"]) == 2
+    assert json.loads((tmp_path / "single" / "results.json").read_text())["per_process_batch"] == 4
