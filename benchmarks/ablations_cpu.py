@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_results
-from benchmarks.cpu_evidence import Plan, measure, summarise
+from benchmarks.cpu_evidence import TABLE_COLUMNS, Plan, evidence_table, measure, summarise
 from derprop.book_runs import BOOK_RUNS
 from derprop.tables import ABLATIONS
 
