@@ -74,20 +74,20 @@ def main(argv: list[str] | None = None) -> int:
                 args.warm_start)
     rows = {"full": [], **{f"{g}: {name}": o for g in args.groups for name, o in GROUPS[g].items()}}
     runs = measure(plan, rows, args.seeds, args.jobs, 1, collect_only=args.collect_only)
-    summary = summarise(runs)
+    summary = summarise(runs, "full")
 
     def row(g: str, name: str, overrides: list[str]) -> dict:
         s = summary.get(f"{g}: {name}")
         if s is None:
             return {"name": name, "overrides": overrides, "n": 0, "status": "not yet measured"}
-        return {"name": name, "overrides": overrides, "n": len(s["seeds"]), "mean": s["miou_mean"],
-                "std": s["miou_std"], **{k: v for k, v in s.items() if k not in ("row", "miou_mean", "miou_std")}}
+        return {"name": name, "overrides": overrides, "n": len(s["seeds"]), **{k: v for k, v in s.items() if k != "row"}}
 
     groups = {g: [row(g, name, o) for name, o in GROUPS[g].items()] for g in args.groups}
     machine = machine_info("cpu")
     payload = {
-        "what": "headline mIoU on the scenes val set (original size), mean ± sample std over seeds, and the "
-                "per-seed paired difference to the CPU default (full); book CPU run settings "
+        "what": "mIoU on the scenes val set (original size) of the trained network, the momentum network and the "
+                "headline, mean ± sample std over seeds, and each network's per-seed paired difference to the same "
+                "network of the CPU default (full); book CPU run settings "
                 "(derprop.book_runs.BOOK_RUNS, from a supervised warm start) plus each row's overrides",
         "warm_start": str(args.warm_start) if args.warm_start else "one per seed",
         "command": "python -m benchmarks.ablations_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -98,11 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         "total_wall_time_s": time.time() - t0,
     }
     write_results(Path(args.out), payload)
-    print_table([{"group": g, "name": r["name"], "miou": 100 * r.get("mean", float("nan")),
-                  "std": 100 * r.get("std", float("nan")), "diff": 100 * r.get("paired_diff_mean", 0.0), "n": r["n"]}
-                 for g, rs in groups.items() for r in rs],
-                [("group", "group", "s"), ("name", "run", "s"), ("miou", "mIoU %", ".2f"), ("std", "± std", ".2f"),
-                 ("diff", "Δ vs full", "+.2f"), ("n", "seeds", "d")])
+    print_table(evidence_table({f"{g}: {r['name']}": r for g, rs in groups.items() for r in rs if r["n"]}),
+                TABLE_COLUMNS)
     return 0
 
 

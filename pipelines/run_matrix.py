@@ -80,15 +80,6 @@ def state(run_dir: Path) -> str:
     return "todo"
 
 
-def _papermill() -> Any:
-    try:
-        import papermill
-    except ImportError:
-        raise RunError(f"papermill is not installed for {sys.executable}: run `make setup`, or beside a "
-                       f"preinstalled torch `{sys.executable} -m pip install papermill ipykernel`") from None
-    return papermill
-
-
 def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = -1, runs_root: str | Path = RUNS_ROOT,
             device: str = "", profile: str = "", force: bool = False, extra: Sequence[str] = (),
             results_root: str | Path | None = RESULTS_ROOT) -> Path:
@@ -105,21 +96,30 @@ def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = 
     if state(run_dir) == "done" and not force:
         print(f"[skip] {size}/{name}: {run_dir / 'results.json'} exists (--force trains it again)")
         return run_dir
-    papermill = _papermill()
     run_dir.mkdir(parents=True, exist_ok=True)
     params = {"CONFIG": cfg_file, "OUT_DIR": str(run_dir), "ABLATION": abl, "SIZE": size, "GPUS": gpus,
               "RESUME": "overwrite" if force else "auto", "DEVICE": device, "PROFILE": profile,
               "OVERRIDES": list(extra)}
     print(f"[run] {size}/{name}: {cfg_file} {('+ ' + abl) if abl else ''} ({'forced' if force else state(run_dir)})",
           flush=True)
-    try:
-        papermill.execute_notebook(str(PIPELINE), str(run_dir / "train.ipynb"), parameters=params,
-                                   kernel_name="python3", cwd=str(ROOT), progress_bar=False, log_output=True)
-    except papermill.PapermillExecutionError as err:
-        raise RunError(f"{size}/{name} failed: {err.evalue} (executed notebook: {run_dir / 'train.ipynb'})") from None
+    execute(run_dir / "train.ipynb", params, f"{size}/{name}")
     if results_root is not None:
         publish(run_dir, name, config=cfg_file, ablation=abl, size=size, results_dir=_in_repo(results_root) / size)
     return run_dir
+
+
+def execute(notebook: Path, params: dict, label: str) -> None:
+    """Run :data:`PIPELINE` into ``notebook``; a failed run is one :class:`RunError` with its last error line."""
+    try:
+        import papermill
+    except ImportError:
+        raise RunError(f"papermill is not installed for {sys.executable}: run `make setup`, or beside a "
+                       f"preinstalled torch `{sys.executable} -m pip install papermill ipykernel`") from None
+    try:
+        papermill.execute_notebook(str(PIPELINE), str(notebook), parameters=params, kernel_name="python3",
+                                   cwd=str(ROOT), progress_bar=False, log_output=True)
+    except papermill.PapermillExecutionError as err:
+        raise RunError(f"{label} failed: {err.evalue} (executed notebook: {notebook})") from None
 
 
 def publish(run_dir: Path, name: str, *, config: str, ablation: str, size: str, results_dir: Path) -> Path:

@@ -180,11 +180,12 @@ DEMO_RUN = "runs/book/small/cpu_dlp"
 TINY_DATA = ["--num-train", "16", "--num-val", "4", "--size", "32", "--workers", "1"]
 TINY_RUN = ["optim.epochs=1", "optim.iters_per_epoch=1", "data.diag_images=1"]
 
-RUN = ("derprop.evaluate", "derprop.predict", "derprop.train", "pipelines/run_matrix.py list",
+RUN = ("derprop.evaluate", "derprop.predict", "derprop.train", "pipelines/run_matrix.py list", "pipelines.run_matrix list",
        "pipelines/run_matrix.py all --tables 3 4 --dry-run")
 """Shown commands that the walk runs (by their start, after ``python``/``python -m``)."""
 
-SUBSTITUTE = {"runs/voc_92/best.pt": f"{DEMO_RUN}/best.pt", "configs/voc_92.yaml": "configs/cpu_scenes.yaml"}
+SUBSTITUTE = {"runs/matrix/full/voc_92/best.pt": f"{DEMO_RUN}/best.pt", "runs/voc_92/best.pt": f"{DEMO_RUN}/best.pt",
+              "configs/voc_92.yaml": "configs/cpu_scenes.yaml"}
 """The GPU examples' checkpoint and config, and what stands for them in the walk: the same commands on the demo."""
 
 EXTRA = {"derprop.train": TINY_RUN}
@@ -201,6 +202,7 @@ NOT_RUN = {
     "benchmarks.": "benchmarks and the GPU check (test_benchmarks, test_gpu_check, test_bench_train_step)",
     "scripts.ablation_configs": "rewrites configs/ (test_tables checks what it writes)",
     "pipelines/run_matrix.py one": "trains a paper config through papermill (test_notebooks runs one)",
+    "venv .venv": "the V100 install route makes a second virtual environment (make setup makes the project's)",
 }
 """Shown commands that the walk does not run (by their start), and why."""
 

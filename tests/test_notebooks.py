@@ -70,7 +70,7 @@ def test_papermill_reads_every_parameter_without_a_warning(notebook, tmp_path, m
     assert not caplog.records, caplog.text  # e.g. "Unable to parse line 3"
     if notebook == "train.ipynb":
         passed = {}
-        monkeypatch.setattr(rm, "execute", lambda path, params: passed.update(params))
+        monkeypatch.setattr(rm, "execute", lambda path, params, label: passed.update(params))
         rm.run_one(TINY, size="smoke", runs_root=tmp_path, results_root=None)
         assert passed and set(passed) <= set(known)  # else papermill warns "Passed unknown parameter"
 

@@ -331,23 +331,31 @@ def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
     from benchmarks import cpu_evidence
 
     out = tmp_path / "evidence.json"
-    cpu_evidence.main(["--size", "smoke", "--seeds", "0", "1", "--variants", "full", "wo_dlp",
-                       "--runs-dir", str(tmp_path / "runs"), "--out", str(out), f"data.root={scenes_tiny}",
-                       "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2", "data.diag_images=2",
-                       "eval.final_modes=[original]"])
+    cpu_evidence.main(["--size", "smoke", "--seeds", "0", "1", "--held-out", "1", "--variants", "full", "wo_dlp",
+                       cpu_evidence.BASELINE, "--runs-dir", str(tmp_path / "runs"), "--out", str(out),
+                       f"data.root={scenes_tiny}", "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2",
+                       "data.diag_images=2", "eval.final_modes=[original]"])
     payload = json.loads(out.read_text())
-    assert set(payload["summary"]) == {"full", "wo_dlp"}
-    full, wo = payload["summary"]["full"], payload["summary"]["wo_dlp"]
-    vals = [r["miou"] for r in payload["runs"] if r["row"] == "full"]
-    assert full["miou_mean"] == pytest.approx(sum(vals) / 2)
-    assert full["seeds"] == [0, 1] and "miou_std" in full
-    assert wo["paired_diff"] == pytest.approx([r["miou"] - f for r, f in zip(
-        [r for r in payload["runs"] if r["row"] == "wo_dlp"], vals)])
+    summary = payload["summary"]
+    assert set(summary) == {"full", "wo_dlp", cpu_evidence.BASELINE}
+    runs = {(r["row"], r["seed"]): r for r in payload["runs"]}
+    full, wo, base = summary["full"], summary["wo_dlp"], summary[cpu_evidence.BASELINE]
+    assert full["seeds"] == [0, 1] and set(full["nets"]) == {"backprop", "momentum", "headline"}
+    assert set(wo["nets"]) == {"backprop", "headline"}  # w/o DLP drops the momentum network, as the paper's row
+    assert "diff" not in base["nets"]["backprop"]  # the reference
+    for net, key in cpu_evidence.NETS.items():  # paired seed by seed, network by network, as JSON keys
+        assert full["nets"][net]["diff_per_seed"] == pytest.approx(
+            {str(s): runs[("full", s)][key] - runs[(cpu_evidence.BASELINE, s)][key] for s in (0, 1)})
+    assert full["nets"]["backprop"]["mean"] == pytest.approx((runs[("full", 0)]["miou_backprop"]
+                                                              + runs[("full", 1)]["miou_backprop"]) / 2)
+    assert payload["seeds"] == {"selection": [0], "held_out": [1]}
+    claim = payload["claim"]
+    assert claim["measured"] and claim["seeds"] == [1]
+    assert claim["met"] == all(d >= cpu_evidence.MARGIN for per in claim["diff_per_seed"].values() for d in per.values())
     assert "pl_acc_after_mean" in full and "pl_acc_after_mean" not in wo  # no "after DLP" without DLP
     assert [r["seed"] for r in payload["warm_start"]["runs"]] == [0, 1]
     assert payload["configs"]["wo_dlp"]["method"]["dlp"] is False
-    assert payload["configs"]["wo_dlp"]["method"]["region_propagation"] is False
-    assert payload["runs"][0]["pl_acc_before"] is not None
+    assert payload["configs"][cpu_evidence.BASELINE]["method"]["semi_supervised"] is False
 
 
 def test_supervised_warm_start_then_diagnostics_with_and_without_dlp(scenes_tiny, tmp_path):
