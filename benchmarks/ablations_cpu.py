@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_results
-from benchmarks.cpu_evidence import TABLE_COLUMNS, Plan, evidence_table, measure, summarise
+from benchmarks.cpu_evidence import TABLE_COLUMNS, Plan, Row, as_row, evidence_table, measure, summarise
 from derprop.book_runs import BOOK_RUNS
 from derprop.tables import ABLATIONS
 
@@ -38,13 +38,19 @@ ACTIVE_DER = ("method.labeled_der_detached=false", "method.spatial_softmax_spars
 """The Q and op groups keep the release's two zero-gradient loss quirks off (the CPU default already
 does), so that every term of eq. 9 that Tables 3 and 4 vary actually trains the features."""
 
-GROUPS: dict[str, dict[str, list[str]]] = {
+GROUPS: dict[str, dict[str, list[str] | Row]] = {
     "Q": {a.row: [*ACTIVE_DER, *a.overrides] for a in ABLATIONS.values() if a.table == "3"},
     "op": {"eq. 2 (forward)": [*ACTIVE_DER, "method.op=forward"],
            **{a.row: [*ACTIVE_DER, *a.overrides] for a in ABLATIONS.values() if a.table == "4"}},
     "profile": {
         "paper": ["profile=paper"],
         "official": ["profile=official"],
+    },
+    "levers": {
+        "paper profile (eq. 4, row-sum normalised)": Row(("profile=paper",)),
+        "λ_Der × 4": Row(("loss.lambda_der=1.0",), warm=("loss.lambda_der=1.0",)),
+        "temperature 0.5": Row(("method.dlp_temperature=0.5",)),
+        "stride-4 head (output stride 4: a 16 × 16 grid)": Row(("model.output_stride=4",), warm=("model.output_stride=4",)),
     },
     "switches": {
         "paper profile": ["profile=paper"],
@@ -76,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     runs = measure(plan, rows, args.seeds, args.jobs, 1, collect_only=args.collect_only)
     summary = summarise(runs, "full")
 
-    def row(g: str, name: str, overrides: list[str]) -> dict:
+    def row(g: str, name: str, spec: Row | list[str]) -> dict:
+        spec = as_row(spec)
+        described = {"name": name, "overrides": list(spec.run), "warm_overrides": list(spec.warm)}
         s = summary.get(f"{g}: {name}")
         if s is None:
-            return {"name": name, "overrides": overrides, "n": 0, "status": "not yet measured"}
-        return {"name": name, "overrides": overrides, "n": len(s["seeds"]), **{k: v for k, v in s.items() if k != "row"}}
+            return {**described, "n": 0, "status": "not yet measured"}
+        return {**described, "n": len(s["seeds"]), **{k: v for k, v in s.items() if k != "row"}}
 
     groups = {g: [row(g, name, o) for name, o in GROUPS[g].items()] for g in args.groups}
     machine = machine_info("cpu")

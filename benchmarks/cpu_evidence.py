@@ -44,13 +44,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from benchmarks.common import RESULTS, ROOT, machine_info, print_table, repo_path, write_results
-from derprop.book_runs import BOOK_RUNS, SUPERVISED, WARM_START, ensure_scenes
+from derprop.book_runs import BOOK_RUNS, SUPERVISED, ensure_scenes, phase_overrides
 from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.tables import ABLATIONS
@@ -93,6 +94,19 @@ SMOKE_OVERRIDES = [
 ]
 
 
+@dataclass(frozen=True)
+class Row:
+    """A benchmark row: its run's overrides, and those of its own supervised warm start (none: it starts from
+    the seed's shared one). A lever that changes the network or the labeled loss changes both."""
+
+    run: tuple[str, ...]
+    warm: tuple[str, ...] = ()
+
+
+def as_row(row: Row | Sequence[str]) -> Row:
+    return row if isinstance(row, Row) else Row(tuple(row))
+
+
 class Plan:
     """The runs of a benchmark: warm starts per seed, then rows × seeds; identical configs share a run."""
 
@@ -103,24 +117,29 @@ class Plan:
         s = BOOK_RUNS[size]
         self.config = config or str(ROOT / s["config"])
         has_root = any(o.startswith("data.root=") for o in extra)
-        self.base = [*([] if has_root else [f"data.root={ensure_scenes(size)}"]), *s["overrides"]]
-        self.warm = [*WARM_START, *s["warm"]]
+        warm, run = phase_overrides(size, self.config)
+        self.base = [*([] if has_root else [f"data.root={ensure_scenes(size)}"]), *run]
+        self.warm = warm
         self.extra = list(extra)
         # finished book runs (runs/book/<size>/*) whose resolved config a cell needs are reused as they are
         self._dirs: dict[str, Path] = {}
         for done in sorted((ROOT / "runs" / "book" / size).glob("*/results.json")):
             self._dirs.setdefault(_key(json.loads(done.read_text())["config"]), done.parent)
 
-    def warm_dir(self, seed: int) -> Path:
-        return self.shared_warm or self.runs_dir / f"warm_s{seed}"
+    def warm_dir(self, seed: int, warm: Sequence[str] = ()) -> Path:
+        """The seed's shared warm start, or (``warm`` overrides) a row's own: ``warm_s<seed>[_<overrides>]``."""
+        if not warm:
+            return self.shared_warm or self.runs_dir / f"warm_s{seed}"
+        return self.runs_dir / f"warm_s{seed}_{slug('_'.join(warm))}"
 
-    def warm_overrides(self, seed: int) -> list[str]:
-        return [*self.base, *self.warm, f"seed={seed}", *self.extra]
+    def warm_overrides(self, seed: int, warm: Sequence[str] = ()) -> list[str]:
+        return [*self.base, *self.warm, f"seed={seed}", *self.extra, *warm]
 
-    def overrides(self, row: Sequence[str], seed: int) -> list[str]:
-        return [*self.base, f"optim.warm_start={self.warm_dir(seed) / 'last.pt'}", *row, f"seed={seed}", *self.extra]
+    def overrides(self, row: Row, seed: int) -> list[str]:
+        return [*self.base, f"optim.warm_start={self.warm_dir(seed, row.warm) / 'last.pt'}", *row.warm, *row.run,
+                f"seed={seed}", *self.extra]
 
-    def run_dir(self, name: str, row: Sequence[str], seed: int) -> Path:
+    def run_dir(self, name: str, row: Row, seed: int) -> Path:
         """``runs_dir/<name>_s<seed>``, or the directory of an earlier row with the same resolved config."""
         key = _key(resolved(load_config(self.config, self.overrides(row, seed))))
         return self._dirs.setdefault(key, self.runs_dir / f"{slug(name)}_s{seed}")
@@ -215,16 +234,18 @@ def summarise(runs: list[dict[str, Any]], reference: str = "full") -> dict[str, 
     return out
 
 
-def measure(plan: Plan, rows: dict[str, Sequence[str]], seeds: Sequence[int], n_jobs: int,
+def measure(plan: Plan, rows: dict[str, Row | Sequence[str]], seeds: Sequence[int], n_jobs: int,
             threads: int | None, *, collect_only: bool = False) -> list[dict[str, Any]]:
     """Train the warm starts, then every row × seed (reusing finished runs); one record per finished run.
 
     ``collect_only``: train nothing, report the runs that have finished (an interrupted benchmark's part).
     """
+    rows = {name: as_row(row) for name, row in rows.items()}
     cells = [(name, seed, plan.run_dir(name, row, seed), plan.overrides(row, seed))
              for seed in seeds for name, row in rows.items()]
+    warms = dict.fromkeys((seed, row.warm) for seed in seeds for row in rows.values())
     if not collect_only:
-        train_all(plan.config, [(plan.warm_dir(s), plan.warm_overrides(s)) for s in seeds], n_jobs, threads)
+        train_all(plan.config, [(plan.warm_dir(s, w), plan.warm_overrides(s, w)) for s, w in warms], n_jobs, threads)
         train_all(plan.config, [(d, o) for _, _, d, o in cells], n_jobs, threads)
     return [{"row": name, "seed": seed, **read_run(d)} for name, seed, d, _ in cells if (d / "results.json").is_file()]
 
@@ -254,7 +275,7 @@ def evidence(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "warm_start": {"overrides": plan.warm, "shared": str(args.warm_start) if args.warm_start else None,
                        "runs": warm},
-        "configs": {v: resolved(load_config(plan.config, plan.overrides(VARIANTS[v], args.seeds[0])))
+        "configs": {v: resolved(load_config(plan.config, plan.overrides(as_row(VARIANTS[v]), args.seeds[0])))
                     for v in args.variants},
         "machine": machine_info("cpu"),
         "jobs": args.jobs, "threads": args.threads,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +56,8 @@ def check_split_hashes(folder: str | Path | None = None) -> None:
             )
 
 
-def check_tree(name: str, root: str | Path, deep: bool = False, max_report: int = 20,
-               labeled_splits: Sequence[str] | None = None) -> int:
+def check_tree(name: str, root: str | Path, deep: bool = False, max_report: int = 20) -> int:
     """Check that every file of a dataset's split lists exists (``deep``: and decodes and is valid).
-
-    ``labeled_splits``: the labeled splits to read (default the layout's; the scenes' manifest names its own).
 
     Returns the number of distinct (image, label) pairs checked; raises
     :class:`DatasetError` listing the first ``max_report`` problems and the
@@ -68,7 +65,7 @@ def check_tree(name: str, root: str | Path, deep: bool = False, max_report: int 
     """
     spec = dataset_spec(name)
     folder = splits_dir(name, root)
-    lists = [folder / spec.train_list, folder / "val.txt"] + [folder / s / "labeled.txt" for s in (labeled_splits or spec.labeled_splits)]
+    lists = [folder / spec.train_list, folder / "val.txt"] + [folder / s / "labeled.txt" for s in data.labeled_splits(name, root)]
     items = list(dict.fromkeys(item for path in lists for item in read_split(path)))
     ds = SegmentationDataset(root, items, num_classes=spec.num_classes, fix=fix_hint(name, root))
     problems: list[str] = [f"missing {p}" for p in ds.missing_files()]

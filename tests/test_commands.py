@@ -177,7 +177,7 @@ def test_shown_command_exists_and_accepts_its_flags(doc, line):
 # The walk: the shown commands that use a run or the CPU data, run on a demo project
 # --------------------------------------------------------------------------- #
 DEMO_RUN = "runs/book/small/cpu_dlp"
-TINY_DATA = ["--num-train", "16", "--num-val", "4", "--size", "32", "--workers", "1"]
+TINY_DATA = ["--num-train", "32", "--num-val", "4", "--size", "32", "--workers", "1"]
 TINY_RUN = ["optim.epochs=1", "optim.iters_per_epoch=1", "data.diag_images=1"]
 
 RUN = ("derprop.evaluate", "derprop.predict", "derprop.train", "pipelines/run_matrix.py list", "pipelines.run_matrix list",

