@@ -228,3 +228,22 @@ def ceiling(inputs: MapInputs, eta: float = 0.5, band: int | None = None) -> dic
             **{k: int(v.sum()) for k, v in (("whole_region", whole), ("boundary", boundary), ("interior", interior))},
             **{f"{k}_fixed": int((v & fixed).sum()) for k, v in (("whole_region", whole), ("boundary", boundary),
                                                                  ("interior", interior))}}
+
+
+def kappa_frames(inputs: MapInputs, kappas: Sequence[float], eta: float = 0.5,
+                 images: Sequence[int] = tuple(range(8))) -> dict[float, dict[str, Any]]:
+    """Pseudo-labels of ``images`` after DLP at blend weight ``eta`` with the ``kappa`` weights of each value
+    (the κ viewer of chapter *Pseudo-label rectification, interactively*): per κ the labels after ``(N, H, W)``,
+    the own-class share, and fixed / broken pixels over *all* the images of ``inputs``."""
+    idx = list(images)
+    before = inputs.logits.argmax(1)
+    out: dict[float, dict[str, Any]] = {}
+    for kappa in kappas:
+        weights = family_weights(inputs, "kappa", kappa)
+        _, lt_full = propagate_with(inputs, weights, tuple(inputs.labels.shape[-2:]))
+        after = blend(inputs.logits, lt_full, eta, inputs.blend_space).argmax(1)
+        fixed, broken = _changes(before, after, inputs.labels)
+        own, uniform, _ = attention_shares(weights, inputs.grid_labels, ignore_index=IGNORE_INDEX)
+        out[kappa] = {"after": after[idx].numpy().astype("uint8"), "fixed": fixed, "broken": broken,
+                      "share_ratio": float(own.mean() / uniform.mean())}
+    return out

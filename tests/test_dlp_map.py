@@ -76,3 +76,12 @@ def test_ceiling_splits_every_wrong_pixel():
     c = dlp_map.ceiling(inp)
     assert c["whole_region"] + c["boundary"] + c["interior"] == c["wrong"]
     assert c["whole_region_fixed"] <= c["whole_region"] and c["interior_fixed"] <= c["interior"]
+
+
+def test_kappa_frames_agree_with_the_scores():
+    inp = inputs(seed=3)
+    frames = dlp_map.kappa_frames(inp, (0.0, 20.0), eta=0.5, images=(0, 2))
+    for kappa, frame in frames.items():
+        s = dlp_map.score(inp, dlp_map.family_weights(inp, "kappa", kappa), etas=(0.5,))
+        assert (frame["fixed"], frame["broken"]) == (s["full"]["0.5"]["fixed"], s["full"]["0.5"]["broken"])
+        assert frame["after"].shape == (2, 13, 13) and frame["share_ratio"] == pytest.approx(s["share_ratio"])

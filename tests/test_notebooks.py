@@ -105,7 +105,7 @@ def repo_scenes_tiny() -> Path:
 def test_make_reproduce_trains_on_two_gloo_processes(repo_scenes_tiny, tmp_path):
     """``make reproduce CONFIG=configs/cpu_scenes_tiny.yaml GPUS=2 SIZE=smoke`` on a CPU: the notebook starts torchrun
     with 2 gloo processes, streams their log, ends with the learning curves, and results.json says what ran."""
-    make = subprocess.run(["make", "-n", "reproduce", f"CONFIG={TINY}", "GPUS=2", "SIZE=smoke", "DEVICE=cpu",
+    make = subprocess.run(["make", "--no-print-directory", "-n", "reproduce", f"CONFIG={TINY}", "GPUS=2", "SIZE=smoke", "DEVICE=cpu",
                            f"CHECK_PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True, check=True)
     runs, results = tmp_path / "runs", tmp_path / "results"
     cmd = [*shlex.split(make.stdout), "--runs-root", str(runs), "--results-root", str(results)]

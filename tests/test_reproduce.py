@@ -142,7 +142,7 @@ def test_run_streams_lines_and_fails_with_the_last_error_line():
 # the Makefile and the README
 # --------------------------------------------------------------------------- #
 def _make_n(*args: str) -> list[str]:
-    proc = subprocess.run(["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    proc = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True)
     return [line for line in proc.stdout.splitlines() if line.strip()]
 
 
