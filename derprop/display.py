@@ -93,7 +93,7 @@ def table(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], column
         columns = list(dict.fromkeys(k for r in records for k in r)) if records and isinstance(records[0], Mapping) \
             else []
     keys = [c.split("=", 1)[0] for c in columns]
-    heads = [c.split("=", 1)[-1] for c in columns]
+    heads = [_cell(c.split("=", 1)[-1], None) for c in columns]
     rows = [[r.get(k) for k in keys] if isinstance(r, Mapping) else list(r) for r in records]
     fmts = [fmt.get(k) if isinstance(fmt, Mapping) else fmt for k in keys]
     cells = [heads] + [[_cell(v, f) for v, f in zip(row, fmts)] for row in rows]

@@ -109,7 +109,7 @@ def pipeline_figure(ex: VocExample, logits: Tensor, f: Tensor, *, eta: float = 0
     def grid(label: Tensor) -> np.ndarray:
         return colorize(label.view(h, w).numpy())
 
-    fig, axes = plt.subplots(2, 3, figsize=(10, 6.4), layout="constrained")
+    fig, axes = plt.subplots(2, 3, figsize=(8.5, 6.2), layout="constrained")
     panels = [
         (ex.rgb, "the image, × = one pixel"),
         (grid(before), f"1. pseudo-label L: {ex.accuracy(logits):.0%} right"),
@@ -124,12 +124,12 @@ def pipeline_figure(ex: VocExample, logits: Tensor, f: Tensor, *, eta: float = 0
                       norm=LogNorm(vmin=0.1 / (h * w), vmax=float(received.max())))
         else:
             ax.imshow(im, interpolation="nearest", extent=(0, w, h, 0))
-        ax.set_title(title, fontsize=12)
+        ax.set_title(title, fontsize=14)
         ax.set_axis_off()
     r, c = divmod(j, w)
     for ax in (axes[0, 0], axes[0, 2]):
         ax.plot(c + 0.5, r + 0.5, "x", color="cyan", ms=14, mew=3)
     present = sorted(set(truth.tolist()) | set(before.tolist()))
     colours = {**class_colours(ex.class_names, present), **CHANGE_COLOURS}
-    add_legend(fig, colours, ncol=(len(colours) + 1) // 2)
+    add_legend(fig, colours, ncol=(len(colours) + 1) // 2, fontsize=13)
     return fig

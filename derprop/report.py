@@ -99,8 +99,11 @@ def gpu_hours(config: str | os.PathLike, rows: list[dict[str, Any]], data_root: 
     takes ``N_u // batch`` steps, so a run takes ``epochs · N_u · 2 / images_per_s`` seconds (data loading and
     evaluation not counted). On ``n`` GPUs divide by about ``n``.
     """
+    on_gpu = [r for r in rows if r["device"] != "cpu"]
+    if not on_gpu:
+        return None
     cfg = load_config(config)
-    fits = [r for r in rows if r["device"] != "cpu" and r.get("crop") == cfg.data.crop_size
+    fits = [r for r in on_gpu if r.get("crop") == cfg.data.crop_size
             and r.get("backbone", cfg.model.backbone) == cfg.model.backbone]
     if not fits:
         return None

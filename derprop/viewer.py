@@ -216,7 +216,8 @@ def render_png(snap: dict[str, np.ndarray], i: int, *, overlay: bool = False, co
     draw_snapshot(axes.flat, snap, i, overlay=overlay, confidence=confidence, palette=palette, fontsize=13)
     if not confidence:
         axes.flat[-1].set_axis_off()
-    present = sorted(set(np.unique(snap["gt"][i]).tolist()) - {IGNORE_INDEX})
+    shown = [snap["gt"][i], snap["pl_before"][i], snap["pl_after"][i]]
+    present = sorted(set(np.unique(np.concatenate([m.ravel() for m in shown])).tolist()) - {IGNORE_INDEX})
     add_legend(fig, {**class_colours(class_names_of(snap), present, palette), **CHANGE_COLOURS}, ncol=3, fontsize=12)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

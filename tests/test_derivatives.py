@@ -89,3 +89,17 @@ def test_orders_compose(op, p, q, length):
     x, y = torch.randn(1, length, 3, dtype=torch.float64), torch.randn(1, length, 3, dtype=torch.float64)
     torch.testing.assert_close(derivative(derivative(x, q, op), p, op), derivative(x, p + q, op))
     torch.testing.assert_close(derivative(2 * x - y, p, op), 2 * derivative(x, p, op) - derivative(y, p, op))
+
+
+def test_similarity_symmetries_are_the_eight_maps_of_theorem_1():
+    from derprop.derivatives import similarity_symmetries
+
+    for d in (3, 5, 6):
+        assert len(similarity_symmetries(d, 1)) == 2**d  # orders 0-1: a sign per eigenvector of K1ᵀK1
+        found = similarity_symmetries(d, d - 1)
+        assert len(found) == 8
+        reversal = torch.eye(d, dtype=torch.float64).flip(0)
+        assert any(torch.allclose(t, reversal, atol=1e-9) for t in found)
+        assert any(torch.allclose(t, -torch.eye(d, dtype=torch.float64), atol=1e-9) for t in found)
+    with pytest.raises(ValueError, match="max_order"):
+        similarity_symmetries(4, 0)
