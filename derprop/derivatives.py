@@ -20,6 +20,8 @@ All four are linear, so ``Δ^q V = K_q V`` for a ``(D_q, D)`` matrix ``K_q``
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -92,8 +94,6 @@ def similarity_symmetries(length: int, max_order: int, op: str = "forward") -> l
         ValueError: if ``max_order < 1`` (order 0 alone keeps a continuous family) or ``K_1ᵀK_1`` of ``op`` has
             a repeated eigenvalue (the candidates are then not a finite list).
     """
-    import itertools
-
     if max_order < 1:
         raise ValueError(f"max_order must be >= 1, got {max_order}: order 0 alone keeps every orthogonal map")
     grams = [derivative_matrix(length, q, op).T @ derivative_matrix(length, q, op) for q in range(max_order + 1)]

@@ -112,11 +112,11 @@ def pipeline_figure(ex: VocExample, logits: Tensor, f: Tensor, *, eta: float = 0
     fig, axes = plt.subplots(2, 3, figsize=(8.5, 6.2), layout="constrained")
     panels = [
         (ex.rgb, "the image, × = one pixel"),
-        (grid(before), f"1. pseudo-label L: {ex.accuracy(logits):.0%} right"),
-        (None, "2. weights A into × (log scale)"),
+        (grid(before), f"1. pseudo-label L: {ex.accuracy(logits):.0%}"),
+        (None, "2. weights into × (log)"),
         (grid(lt.argmax(1)[0]), f"3. propagated L̃ = L·A: {ex.accuracy(lt):.0%}"),
         (grid(after), f"4. blend at η = {eta:g}: {ex.accuracy(mixed):.0%}"),
-        (change, "5. what the blend fixed and broke"),
+        (change, "5. fixed and broken"),
     ]
     for ax, (im, title) in zip(axes.flat, panels):
         if im is None:
