@@ -20,6 +20,8 @@ All four are linear, so ``Δ^q V = K_q V`` for a ``(D_q, D)`` matrix ``K_q``
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -77,3 +79,30 @@ def derivative(x: Tensor, order: int = 1, op: str = "forward", dim: int = 1) -> 
 def derivative_matrix(length: int, order: int = 1, op: str = "forward", *, dtype: torch.dtype = torch.float64) -> Tensor:
     """The matrix ``K_q`` with ``Δ^q v = K_q v`` for vectors of ``length`` entries."""
     return derivative(torch.eye(length, dtype=dtype), order, op, dim=0)
+
+
+def similarity_symmetries(length: int, max_order: int, op: str = "forward") -> list[torch.Tensor]:
+    """Every orthogonal ``T`` that keeps the similarities of orders ``0..max_order`` of any features.
+
+    ``T`` keeps them when ``Tᵀ K_qᵀ K_q T = K_qᵀ K_q`` for every ``q``: then ``(Δ^q TV)ᵀ(Δ^q TV) = (Δ^q V)ᵀ(Δ^q V)``
+    for every ``V``. Order 0 makes ``T`` orthogonal; order 1 makes it commute with ``K_1ᵀK_1``, whose eigenvalues
+    are distinct for the forward difference, so ``T = U diag(±1) Uᵀ`` in its eigenbasis ``U``: the ``2^length``
+    candidates are tested against the higher orders. Theorem 1 asks for uniqueness; chapter *Theorems 1 and 2,
+    checked* finds 8 such maps for every ``length`` tried. Needs ``max_order >= 1``.
+
+    Raises:
+        ValueError: if ``max_order < 1`` (order 0 alone keeps a continuous family) or ``K_1ᵀK_1`` of ``op`` has
+            a repeated eigenvalue (the candidates are then not a finite list).
+    """
+    if max_order < 1:
+        raise ValueError(f"max_order must be >= 1, got {max_order}: order 0 alone keeps every orthogonal map")
+    grams = [derivative_matrix(length, q, op).T @ derivative_matrix(length, q, op) for q in range(max_order + 1)]
+    evals, basis = torch.linalg.eigh(grams[1])
+    if float(torch.diff(evals).min()) <= 1e-9:
+        raise ValueError(f"K_1ᵀK_1 of the {op} difference has a repeated eigenvalue at length {length}")
+    found = []
+    for signs in itertools.product((1.0, -1.0), repeat=length):
+        t = basis @ torch.diag(torch.tensor(signs, dtype=basis.dtype)) @ basis.T
+        if all(torch.allclose(t.T @ g @ t, g, atol=1e-9) for g in grams):
+            found.append(t)
+    return found

@@ -1,17 +1,23 @@
-"""What a run folder shows once trained: its learning curves and per-class IoU tables.
+"""What runs and benchmarks show: a run folder's learning curves and IoU tables, the GPU matrix, the cost of a
+run, and the CPU-scale findings.
 
 Explained in the book chapter *Full reproduction on a GPU*: ``pipelines/train.ipynb`` ends with
 :func:`learning_curves` and the headline's :func:`iou_table`; ``python -m derprop.train`` prints
-:func:`iou_table` for every network and evaluation mode.
+:func:`iou_table` for every network and evaluation mode. That chapter's table reads the published summaries
+of matrix runs (:func:`matrix_results`) and estimates each run's GPU-hours from the train-step benchmark
+(:func:`train_step_rows`, :func:`gpu_hours`); the start page (*Start here*) states :func:`cpu_findings`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from derprop.atomic import read_jsonl
+from derprop.configfile import load_config
+from derprop.data import split_items
 from derprop.evaluate import format_iou_table
 
 NOT_LOSS_TERMS = ("threshold", "mask_ratio", "time_s")
@@ -53,3 +59,93 @@ def learning_curves(run_dir: str | os.PathLike) -> Any:
     ax_miou.legend(fontsize=8)
     fig.suptitle(str(run))
     return fig
+
+
+SIZES = ("smoke", "small", "full")
+"""Sizes of a matrix run (:data:`derprop.tables.SIZES`), from the quickest check to the paper's schedule."""
+
+
+def matrix_results(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{run name: summary}`` of the published matrix runs, ``<results_dir>/matrix/<size>/<name>.json``; a
+    larger size's summary of a run replaces a smaller one's."""
+    found: dict[str, dict[str, Any]] = {}
+    for size in SIZES:
+        for path in sorted((Path(results_dir) / "matrix" / size).glob("*.json")):
+            found[path.stem] = {"size": size, **json.loads(path.read_text())}
+    return found
+
+
+def train_step_rows(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every timed training step of ``bench_train_step_<device>.json`` and ``gpu_check_<device>.json`` (which
+    nests the same payload), each row with its file's ``device`` and ``device_name``."""
+    rows = []
+    folder = Path(results_dir)
+    for path in sorted(folder.glob("bench_train_step_*.json")) + sorted(folder.glob("gpu_check_*.json")):
+        data = json.loads(path.read_text())
+        data = data.get("train_step", data)
+        machine = data.get("machine", {})
+        rows += [{"file": path.name, "device": machine.get("device", "?"),
+                  "device_name": machine.get("device_name") or machine.get("cpu") or "?", **r}
+                 for r in data.get("rows", []) if "images_per_s" in r]
+    return rows
+
+
+def gpu_hours(config: str | os.PathLike, rows: list[dict[str, Any]], data_root: str | os.PathLike | None = None
+              ) -> tuple[float, dict[str, Any]] | None:
+    """GPU-hours of one full run of ``config`` on one GPU, from the fastest measured step of its backbone at its
+    crop on a CUDA device (``rows`` of :func:`train_step_rows`), with that row; ``None`` without such a row.
+
+    A step trains on one batch of labeled and one of unlabeled images (``images_per_s`` counts both), an epoch
+    takes ``N_u // batch`` steps, so a run takes ``epochs · N_u · 2 / images_per_s`` seconds (data loading and
+    evaluation not counted). On ``n`` GPUs divide by about ``n``.
+    """
+    on_gpu = [r for r in rows if r["device"] != "cpu"]
+    if not on_gpu:
+        return None
+    cfg = load_config(config)
+    fits = [r for r in on_gpu if r.get("crop") == cfg.data.crop_size
+            and r.get("backbone", cfg.model.backbone) == cfg.model.backbone]
+    if not fits:
+        return None
+    best = max(fits, key=lambda r: r["images_per_s"])
+    n_u = len(split_items(cfg.data.layout, cfg.data.split, "unlabeled", data_root))
+    return cfg.optim.epochs * n_u * 2 / best["images_per_s"] / 3600, best
+
+
+def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
+    """What the CPU-scale runs found, in sentences with their numbers (Markdown), from ``cpu_evidence.json``
+    (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``); a sentence
+    saying which file is missing where one is."""
+    folder = Path(results_dir)
+    out = []
+    evidence = folder / "cpu_evidence.json"
+    if evidence.is_file():
+        data = json.loads(evidence.read_text())
+        claim = data.get("claim")
+        if claim and claim.get("measured"):
+            per_net = {net: " / ".join(f"{100 * d:+.1f}" for d in per.values())
+                       for net, per in claim["diff_per_seed"].items()}
+            out.append(f"DerProp against {claim['baseline']} on held-out seeds "
+                       f"{', '.join(map(str, claim['seeds']))}: trained network {per_net.get('backprop', '–')} pp, "
+                       f"momentum network {per_net.get('momentum', '–')} pp; the claim of at least "
+                       f"{100 * claim['margin']:.0f} pp on every seed is **{'met' if claim['met'] else 'not met'}**.")
+        full = data.get("summary", {}).get("full", {})
+        if "pl_fixed_mean" in full:
+            out.append(f"At the last epoch DLP fixed {full['pl_fixed_mean']:,.0f} pseudo-label pixels and broke "
+                       f"{full['pl_broken_mean']:,.0f} (mean of {len(full.get('seeds', []))} seeds); a foreground "
+                       f"pixel took {full['attn_share_ratio_mean']:.2f}× the uniform share of its propagation "
+                       "weights from its own class.")
+    else:
+        out.append("No CPU evidence yet: `python -m benchmarks.cpu_evidence` writes `results/cpu_evidence.json`.")
+    dlp_map = folder / "dlp_map.json"
+    if dlp_map.is_file():
+        data = json.loads(dlp_map.read_text())
+        oracle = data["oracle"]["full"]["0.5"]
+        share = (data.get("break_even_share") or {}).get("kappa")
+        out.append(f"With perfect (oracle) propagation weights DLP would fix {oracle['fixed']:,} and break "
+                   f"{oracle['broken']:,} pixels at η = 0.5; "
+                   + (f"it breaks even at an own-class share of {share:.2f}." if share is not None
+                      else "no point of the κ family breaks even."))
+    else:
+        out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
+    return out

@@ -16,26 +16,37 @@ grid) receives from every pixel, and the scalars ``eta_ep``, ``epoch`` and
 first step. A run without DLP has no ``pl_after``/``attn``: nothing propagates.
 
 This module reads them (:func:`load_snapshots`), compares before and after
-(:func:`compare`), draws a static figure that needs no kernel
-(:func:`snapshot_figure`) and builds an ipywidgets viewer for a live kernel
-(:func:`make_viewer`).
+(:func:`compare`), draws a static figure (:func:`snapshot_figure`) and builds a
+viewer (:func:`make_viewer`) that works with and without a kernel.
+
+**A viewer in two forms** (:class:`Viewer`). In a live kernel it is an ipywidgets
+box that redraws on every change. A built book has no kernel, so the same panels
+are pre-rendered for every combination of the viewer's :class:`Axis` values
+(image × epoch here; a third axis, such as a similarity bonus κ, is one more
+:class:`Axis` and its frames) and the book's ``book/_static/frame-viewer.js``
+shows the frame that the controls select. Displaying a :class:`Viewer` sends
+both forms; Jupyter shows the widget, and the book, which prefers ``text/html``
+to widgets (``nb_mime_priority_overrides`` in ``_config.yml``), the frames.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import io
+import itertools
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from derprop.labels import IGNORE_INDEX, voc_palette
+from derprop.display import CHANGE_COLOURS, add_legend, change_image, class_colours, colorize
+from derprop.labels import IGNORE_INDEX, default_class_names
 
-FIXED_RGB = (40, 160, 40)
-BROKEN_RGB = (210, 40, 40)
 SNAPSHOT_PATTERN = re.compile(r"epoch_(\d+)\.npz$")
 KEYS = ("image", "gt", "pl_before", "confidence", "names")
 
@@ -110,26 +121,28 @@ def load_snapshots(run_dir: str | os.PathLike) -> dict[int, dict[str, np.ndarray
             if missing:
                 raise KeyError(f"{path}: missing arrays {missing}; found {z.files}")
             out[epoch] = {k: z[k] for k in z.files}
+    names = run_class_names(run_dir)
+    if names:
+        for snap in out.values():
+            snap["class_names"] = np.array(names)
     return out
 
 
-def colorize(label: np.ndarray, palette: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-    """RGB image of a label map; ``palette`` is a flat [r, g, b, r, g, b, ...] list (VOC's by default)."""
-    if palette is None:
-        palette = voc_palette()
-    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    if len(pal) < 256:
-        pal = np.concatenate([pal, np.zeros((256 - len(pal), 3), np.uint8)])
-    return pal[label.astype(np.int64) % 256]
+def run_class_names(run_dir: str | os.PathLike) -> list[str]:
+    """The class names of a finished run (the keys of its ``results.json`` IoU table); ``[]`` before it finishes."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        return []
+    results = json.loads(path.read_text())
+    return list(results["final"][results["miou_net"]][results["miou_mode"]]["iou_per_class"])
 
 
-def change_image(gt: np.ndarray, before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """White image with fixed pixels green and broken pixels red."""
-    fixed, broken = change_masks(gt, before, after)
-    out = np.full(gt.shape + (3,), 255, np.uint8)
-    out[fixed] = FIXED_RGB
-    out[broken] = BROKEN_RGB
-    return out
+def class_names_of(snap: Mapping[str, np.ndarray]) -> list[str]:
+    """A snapshot's class names: the run's (``load_snapshots``), else generic ones for the labels it holds."""
+    if "class_names" in snap:
+        return [str(n) for n in snap["class_names"]]
+    labels = np.concatenate([snap["gt"].ravel(), snap["pl_before"].ravel()])
+    return list(default_class_names(int(labels[labels != IGNORE_INDEX].max(initial=0)) + 1))
 
 
 def _panels(snap: dict[str, np.ndarray], i: int, overlay: bool, confidence: bool, palette) -> list[tuple[str, np.ndarray]]:
@@ -146,7 +159,7 @@ def _panels(snap: dict[str, np.ndarray], i: int, overlay: bool, confidence: bool
         ("ground truth", show(gt)),
         (f"before DLP ({c.acc_before:.1%})", show(before)),
         (f"after DLP ({c.acc_after:.1%})", show(after)),
-        (f"fixed {c.fixed} / broke {c.broken}", change_image(gt, before, after)),
+        (f"fixed {c.fixed} / broke {c.broken}", change_image(*change_masks(gt, before, after))),
     ]
     if confidence:
         panels.append(("confidence of the blend", snap["confidence"][i].astype(np.float32)))
@@ -154,14 +167,14 @@ def _panels(snap: dict[str, np.ndarray], i: int, overlay: bool, confidence: bool
 
 
 def draw_snapshot(ax_row, snap: dict[str, np.ndarray], i: int, *, overlay: bool = False,
-                  confidence: bool = False, palette=None, row_title: str | None = None) -> None:
+                  confidence: bool = False, palette=None, row_title: str | None = None, fontsize: float = 9) -> None:
     """Draw one image's panels (image, GT, before, after, fixed/broken[, confidence]) on a row of axes."""
     for ax, (title, im) in zip(ax_row, _panels(snap, i, overlay, confidence, palette)):
         if im.ndim == 2:
             ax.imshow(im, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         else:
             ax.imshow(im, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=fontsize)
         ax.set_xticks([])
         ax.set_yticks([])
     if row_title:
@@ -193,26 +206,109 @@ def snapshot_figure(snapshots: dict[int, dict[str, np.ndarray]], *, epochs: Sequ
 
 
 def render_png(snap: dict[str, np.ndarray], i: int, *, overlay: bool = False, confidence: bool = False,
-               palette=None, dpi: int = 90) -> bytes:
-    """PNG bytes of one image's panels (what the interactive viewer displays)."""
+               palette=None, dpi: int = 80) -> bytes:
+    """PNG bytes of one image's panels, two rows of three with a legend of the classes and of fixed / broken
+    pixels: what the viewer shows, legible at the width of the book's text column."""
     from matplotlib.figure import Figure  # no pyplot: leaves the notebook's backend alone
 
-    n = 6 if confidence else 5
-    fig = Figure(figsize=(2.4 * n, 2.8), constrained_layout=True)
-    axes = fig.subplots(1, n)
-    draw_snapshot(axes, snap, i, overlay=overlay, confidence=confidence, palette=palette)
+    fig = Figure(figsize=(8, 6.2), layout="constrained")
+    axes = fig.subplots(2, 3)
+    draw_snapshot(axes.flat, snap, i, overlay=overlay, confidence=confidence, palette=palette, fontsize=13)
+    if not confidence:
+        axes.flat[-1].set_axis_off()
+    shown = [snap["gt"][i], snap["pl_before"][i], snap["pl_after"][i]]
+    present = sorted(set(np.unique(np.concatenate([m.ravel() for m in shown])).tolist()) - {IGNORE_INDEX})
+    add_legend(fig, {**class_colours(class_names_of(snap), present, palette), **CHANGE_COLOURS}, ncol=3, fontsize=12)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
 
 
-def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | None = None, palette=None):
-    """An ipywidgets viewer: image picker, epoch slider, overlay and confidence toggles.
+@dataclass(frozen=True)
+class Axis:
+    """One control of a :class:`Viewer`: a name and the labels of its values, shown as a drop-down, or as a
+    slider for ordered values (epochs, κ); ``start`` is the index shown first."""
 
-    Pass a run directory or already loaded ``snapshots``. Returns the
-    container widget; its ``.controls`` dict holds the ``image``, ``epoch``,
-    ``overlay`` and ``confidence`` widgets and ``.picture`` the
-    :class:`ipywidgets.Image` that shows the panels (tests drive them).
+    name: str
+    labels: tuple[str, ...]
+    slider: bool = False
+    start: int = 0
+
+
+Frame = tuple[bytes, str]
+"""A pre-rendered frame: PNG bytes and its caption (HTML)."""
+
+
+def frames_html(axes: Sequence[Axis], frames: Mapping[tuple[int, ...], Frame]) -> str:
+    """The kernel-free form of a viewer: one ``<figure>`` per frame (keyed by its index on each axis) and one
+    control per axis. The controls are disabled until ``book/_static/frame-viewer.js`` wires them to show the
+    selected frame, so a page without the script shows the first frame and no control that does nothing."""
+    start = tuple(a.start for a in axes)
+    controls = []
+    for n, a in enumerate(axes):
+        name = html.escape(a.name)
+        if a.slider:
+            labels = html.escape(json.dumps(list(a.labels)))
+            controls.append(f'<label>{name} <input type="range" min="0" max="{len(a.labels) - 1}" value="{a.start}" '
+                            f'data-axis="{n}" data-labels="{labels}" disabled> '
+                            f'<output>{html.escape(a.labels[a.start])}</output></label>')
+        else:
+            options = "".join(f'<option value="{k}"{" selected" if k == a.start else ""}>{html.escape(label)}</option>'
+                              for k, label in enumerate(a.labels))
+            controls.append(f'<label>{name} <select data-axis="{n}" disabled>{options}</select></label>')
+    figures = []
+    for key, (png, caption) in frames.items():
+        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        figures.append(f'<figure data-key="{",".join(map(str, key))}"{"" if key == start else " hidden"}>'
+                       f'<figcaption>{caption}</figcaption><img src="{src}" alt="{html.escape(_plain(caption))}">'
+                       f'</figure>')
+    return (f'<div class="derprop-frames"><div class="derprop-frames-controls">{" ".join(controls)}</div>'
+            f'{"".join(figures)}</div>')
+
+
+def _plain(caption: str) -> str:
+    return re.sub(r"<[^>]+>", "", caption)
+
+
+class Viewer:
+    """A viewer for a live kernel and for a static page: ``widget`` (ipywidgets) redraws on every change;
+    ``render(key)`` pre-renders the frame of one combination of ``axes`` values for :func:`frames_html`.
+
+    Displaying it sends both forms (the frames are rendered then, once); see the module doc for which one
+    a reader sees. ``widget.controls`` and ``widget.picture`` are the live form's controls and picture.
+    """
+
+    def __init__(self, widget: Any, axes: Sequence[Axis], render: Callable[[tuple[int, ...]], Frame]):
+        self.widget, self.axes, self._render = widget, list(axes), render
+        self._frames: dict[tuple[int, ...], Frame] | None = None
+
+    @property
+    def frames(self) -> dict[tuple[int, ...], Frame]:
+        """Every frame, keyed by its index on each axis (rendered on first use)."""
+        if self._frames is None:
+            self._frames = {key: self._render(key)
+                            for key in itertools.product(*(range(len(a.labels)) for a in self.axes))}
+        return self._frames
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
+        bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude) or {})
+        bundle["text/html"] = frames_html(self.axes, self.frames)
+        return bundle
+
+
+def status(snap: dict[str, np.ndarray], i: int) -> str:
+    """One line of HTML on image ``i`` of a snapshot: epoch, ``η_ep``, accuracy before → after, fixed and broken."""
+    c = compare(snap["gt"][i], snap["pl_before"][i], snap["pl_after"][i])
+    eta = float(snap["eta_ep"]) if "eta_ep" in snap else float("nan")
+    return (f"<b>epoch {int(snap['epoch'])}</b> (η<sub>ep</sub> = {eta:.2f}), <b>{snap['names'][i]}</b>: "
+            f"accuracy {c.acc_before:.1%} → {c.acc_after:.1%}; DLP fixed {c.fixed} pixels and broke {c.broken}")
+
+
+def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | None = None, palette=None) -> Viewer:
+    """The before/after-DLP :class:`Viewer`: image picker, epoch slider, overlay and confidence toggles.
+
+    Pass a run directory or already loaded ``snapshots``. In a live kernel all four controls redraw; the
+    pre-rendered frames cover every image × epoch, without overlay or confidence.
     """
     import ipywidgets as W
 
@@ -224,25 +320,27 @@ def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | N
     overlay = W.ToggleButton(value=False, description="overlay on image", icon="")
     confidence = W.ToggleButton(value=False, description="show confidence", icon="")
     picture = W.Image(format="png")
-    status = W.HTML()
+    line = W.HTML()
 
     def update(*_):
         snap = snapshots[epoch.value]
-        i = image.value
-        picture.value = render_png(snap, i, overlay=overlay.value, confidence=confidence.value, palette=palette)
-        c = compare(snap["gt"][i], snap["pl_before"][i], snap["pl_after"][i])
-        eta = float(snap["eta_ep"]) if "eta_ep" in snap else float("nan")
-        status.value = (f"<b>epoch {epoch.value}</b> (η<sub>ep</sub> = {eta:.2f}), <b>{names[i]}</b>: "
-                        f"accuracy {c.acc_before:.1%} → {c.acc_after:.1%}; "
-                        f"DLP fixed {c.fixed} pixels and broke {c.broken}")
+        picture.value = render_png(snap, image.value, overlay=overlay.value, confidence=confidence.value,
+                                   palette=palette)
+        line.value = status(snap, image.value)
 
     for w in (image, epoch, overlay, confidence):
         w.observe(update, names="value")
     update()
-    box = W.VBox([W.HBox([image, epoch]), W.HBox([overlay, confidence]), status, picture])
+    box = W.VBox([W.HBox([image, epoch]), W.HBox([overlay, confidence]), line, picture])
     box.controls = {"image": image, "epoch": epoch, "overlay": overlay, "confidence": confidence}
     box.picture = picture
-    return box
+
+    def frame(key: tuple[int, int]) -> Frame:
+        snap = snapshots[epochs[key[1]]]
+        return render_png(snap, key[0], palette=palette), status(snap, key[0])
+
+    axes = [Axis("image", tuple(names)), Axis("epoch", tuple(map(str, epochs)), slider=True, start=len(epochs) - 1)]
+    return Viewer(box, axes, frame)
 
 
 def summary(snapshots: dict[int, dict[str, np.ndarray]]) -> list[dict[str, float]]:

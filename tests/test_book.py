@@ -116,9 +116,39 @@ def test_computational_chapter_conventions(path):
     assert re.search(r"^(from|import) derprop", "\n".join(src for _, src in cells), re.M), \
         f"{path.name}: chapters import their maths from derprop"
     assert "What you will learn" in text and "What you need" in text, f"{path.name}: opening admonitions"
-    assert re.search(r"eq\. \d+", text), f"{path.name}: cite the paper's equation numbers"
+    assert re.search(r"eq\. \d+|\{eq\}`paper-eq-\d+`", text), f"{path.name}: cite the paper's equation numbers"
     for forbidden in (r"^\s*class \w+\(.*nn\.Module", r"^\s*def (propagate|derivative|derivative_loss)\b"):
         assert not re.search(forbidden, text, re.M), f"{path.name}: no notebook-local model/propagation/loss code"
+
+
+PAPER_EQUATIONS = range(1, 13)
+CODE_UNDER = {2: "derivative", 4: "_propagate_paper", 5: "blend", 7: "weighted_sum", 9: "derivative_loss"}
+"""Equations of the paper whose implementing function the book shows right below them (Annotated-Transformer style)."""
+
+
+def test_every_paper_equation_is_displayed_once_with_its_number():
+    labels = [(path, m) for path in chapters() for m in re.finditer(r"^:label: paper-eq-(\d+)$", path.read_text(), re.M)]
+    numbers = sorted(int(m.group(1)) for _, m in labels)
+    assert numbers == list(PAPER_EQUATIONS), f"each of eq. 1-12 labelled exactly once (paper-eq-N), found {numbers}"
+    for path, m in labels:
+        n = int(m.group(1))
+        if n in CODE_UNDER:
+            shown = re.search(r"```\{literalinclude\}[^\n]*\n:pyobject: ([\w.]+)", path.read_text()[m.end():])
+            assert shown and shown.group(1) == CODE_UNDER[n], \
+                f"{path.name}: the first code shown below eq. {n} must be {CODE_UNDER[n]}, found {shown and shown.group(1)}"
+
+
+def test_api_pages_are_the_import_layers():
+    from test_imports import LAYERS
+
+    pages = sorted((BOOK / "api").glob("layer*.md"))
+    assert len(pages) == len(LAYERS)
+    for i, (page, layer) in enumerate(zip(pages, LAYERS)):
+        documented = re.findall(r"^\.\. automodule:: (\S+)$", page.read_text(), re.M)
+        assert page.name == f"layer{i:02d}.md"
+        assert documented == ["derprop" if m == "__init__" else f"derprop.{m}" for m in layer], page.name
+    toc = (ROOT / "_toc.yml").read_text()
+    assert all(f"book/api/{p.stem}" in toc for p in pages)
 
 
 def test_config_offline_settings():

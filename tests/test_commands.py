@@ -53,7 +53,8 @@ def shown_commands() -> list[tuple[str, str]]:
     found: dict[tuple[str, str], None] = {}
     for doc in DOCS:
         text = doc.read_text()
-        lines = [line for m in FENCE.finditer(text) for line in m.group(2).splitlines()]
+        # a backslash at the end of a line continues the command on the next (the book wraps long ones)
+        lines = [line for m in FENCE.finditer(text) for line in re.sub(r"\\\n\s*", " ", m.group(2)).splitlines()]
         lines += [m.group(1) for m in INLINE.finditer(FENCE.sub("", text))]
         for line in lines:
             line = re.sub(r"\s+#.*$", "", line).strip()

@@ -23,13 +23,13 @@ LAYERS: list[tuple[str, ...]] = [
     # the derivative operators, seeds and processes, progress lines, the EMA of the weights,
     # starting the processes of a run, the command-line front
     ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "launch", "cli"),
-    # the maths of the paper, and the first readers and writers
-    ("losses", "propagation", "reference", "checkpoint", "metrics", "data"),
+    # the maths of the paper, the first readers and writers, and how the book shows results
+    ("losses", "propagation", "reference", "checkpoint", "metrics", "data", "display"),
     ("backbones", "augment", "rundir"),
     ("config",),
     ("configfile", "model"),
     ("evaluate", "pseudo_labels", "schedule", "loaders", "guards"),
-    ("objective", "predict"),
+    ("objective", "predict", "examples"),
     ("diagnostics", "report"),
     ("dlp_map",),
     ("trainer",),

@@ -1,0 +1,45 @@
+"""How the book shows results (derprop.display): Markdown tables, boxes, and colours no class uses."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from derprop.display import (BROKEN_RGB, CHANGE_COLOURS, FIXED_RGB, UNCHANGED_RGB, box, change_image, class_colours,
+                             colorize, table)
+from derprop.labels import VOC_CLASSES, voc_palette
+
+
+def test_table_renders_markdown_with_headers_formats_and_alignment():
+    t = table([{"run": "full", "miou": 0.4321, "n": 3}, {"run": "w/o DLP", "miou": None, "n": 3}],
+              ["run", "miou=mIoU", "n=seeds"], fmt={"miou": ".1%"})
+    lines = t._repr_markdown_().splitlines()
+    assert lines[0] == "| run | mIoU | seeds |"
+    assert lines[1] == "|---|---:|---:|"  # numbers (and missing values) right-aligned, text left
+    assert lines[2] == "| full | 43.2% | 3 |" and lines[3] == "| w/o DLP | – | 3 |"
+
+
+def test_table_escapes_pipes_transposes_and_captions():
+    t = table([["a|b", 1.0]], ["x=|x|", "y"], transpose=True, caption="A caption")
+    text = t._repr_markdown_()
+    assert text.startswith("```{table} A caption\n") and text.endswith("\n```")
+    assert "| \\|x\\| | a\\|b |" in text and "| y | 1 |" in text
+
+
+def test_box_is_an_admonition_of_bullets():
+    text = box("What you saw", ["one", "two $x$"])._repr_markdown_()
+    assert text == ":::{admonition} What you saw\n:class: tip\n- one\n- two $x$\n:::"
+
+
+def test_change_colours_are_no_class_colour():
+    palette = {tuple(c) for c in np.array(voc_palette()).reshape(-1, 3)[: len(VOC_CLASSES)]}
+    assert not {FIXED_RGB, BROKEN_RGB, UNCHANGED_RGB} & palette
+    img = change_image(np.array([[True, False]]), np.array([[False, True]]))
+    assert img[0, 0].tolist() == list(FIXED_RGB) and img[0, 1].tolist() == list(BROKEN_RGB)
+    assert set(CHANGE_COLOURS.values()) == {FIXED_RGB, BROKEN_RGB, UNCHANGED_RGB}
+
+
+def test_class_colours_follow_colorize():
+    names = ["background", "cat", "dog"]
+    colours = class_colours(names, [0, 2])
+    assert list(colours) == ["background", "dog"]
+    assert colorize(np.array([[2]]))[0, 0].tolist() == list(colours["dog"])

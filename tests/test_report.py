@@ -1,0 +1,46 @@
+"""What runs and benchmarks show (derprop.report): published matrix runs, the cost of a run, CPU findings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from derprop.report import cpu_findings, gpu_hours, matrix_results, train_step_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_full_run_replaces_a_check_run(tmp_path):
+    for size, miou in (("small", 0.1), ("full", 0.77)):
+        (tmp_path / "matrix" / size).mkdir(parents=True)
+        (tmp_path / "matrix" / size / "voc_92.json").write_text(json.dumps({"miou": miou}))
+    assert matrix_results(tmp_path) == {"voc_92": {"size": "full", "miou": 0.77}}
+
+
+def test_gpu_hours_from_the_fastest_matching_gpu_step(tmp_path):
+    rows = [{"profile": "official", "config": c, "crop": 321, "backbone": "resnet101", "images_per_s": ips}
+            for c, ips in (("dense", 10.0), ("tiled-cl", 20.0))]
+    (tmp_path / "gpu_check_h100.json").write_text(json.dumps(
+        {"train_step": {"machine": {"device": "cuda", "device_name": "H100"}, "rows": rows}}))
+    (tmp_path / "bench_train_step_cpu.json").write_text(json.dumps(
+        {"machine": {"device": "cpu"}, "rows": [{**rows[0], "images_per_s": 99.0}]}))
+    steps = train_step_rows(tmp_path)
+    assert len(steps) == 3
+    hours, row = gpu_hours(ROOT / "configs" / "voc_92.yaml", steps)
+    assert row["config"] == "tiled-cl" and row["device_name"] == "H100"  # CPU rows never count
+    assert hours == pytest.approx(80 * (10582 - 92) * 2 / 20.0 / 3600)
+    assert gpu_hours(ROOT / "configs" / "voc_92.yaml", [r for r in steps if r["device"] == "cpu"]) is None
+
+
+def test_cpu_findings_read_the_claim_and_say_what_is_missing(tmp_path):
+    assert [line.split(":")[0] for line in cpu_findings(tmp_path)] == ["No CPU evidence yet", "No DLP map yet"]
+    claim = {"baseline": "supervised", "margin": 0.02, "seeds": [3, 4], "measured": True, "met": False,
+             "diff_per_seed": {"backprop": {"3": 0.031, "4": 0.012}, "momentum": {"3": 0.025, "4": 0.021}}}
+    (tmp_path / "cpu_evidence.json").write_text(json.dumps({"claim": claim}))
+    oracle = {"full": {"0.5": {"fixed": 1200, "broken": 300, "net": 900}}}
+    (tmp_path / "dlp_map.json").write_text(json.dumps({"oracle": oracle, "break_even_share": {"kappa": 0.61}}))
+    first, second = cpu_findings(tmp_path)
+    assert "+3.1 / +1.2 pp" in first and "+2.5 / +2.1 pp" in first and "**not met**" in first
+    assert "fix 1,200 and break 300" in second and "0.61" in second
