@@ -44,7 +44,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	@touch $@
 
 test: setup
-	$(PY) -m pytest -q --ignore=_build
+	$(PY) -m pytest -q --durations=15 --ignore=_build
 
 data-scenes: setup
 	$(PY) -m data_prep.scenes --root $(SCENES)
@@ -59,7 +59,7 @@ book: setup
 
 demo: train-cpu
 	$(MAKE) book
-	@echo "Book: _build/html/index.html  Runs: runs/book/small/cpu_{dlp,nodlp}/results.json"
+	@echo "Book: _build/html/index.html  Runs: runs/book/small/cpu_{dlp,nodlp,sup}/results.json"
 
 bench: setup
 	$(PY) -m benchmarks.dlp

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, one thread each")
     ap.add_argument("--out", default=str(RESULTS / "ablations_cpu.json"))
     ap.add_argument("--collect-only", action="store_true", help="train nothing: report the runs that finished")
+    ap.add_argument("--train-only", nargs="+", default=None, metavar="WORD",
+                    help="train only the rows whose name contains one of these words; report every finished row")
     ap.add_argument("--warm-start", type=Path, default=None,
                     help="a finished warm-start run folder shared by every seed (default: one per seed)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(args.size, None, Path(args.runs_dir or ROOT / "runs" / "cpu_bench" / args.size), args.overrides,
                 args.warm_start)
     rows = {"full": [], **{f"{g}: {name}": o for g in args.groups for name, o in GROUPS[g].items()}}
-    runs = measure(plan, rows, args.seeds, args.jobs, 1, collect_only=args.collect_only)
+    if args.train_only and not args.collect_only:
+        measure(plan, {k: v for k, v in rows.items() if any(w in k for w in args.train_only)}, args.seeds, args.jobs, 1)
+    runs = measure(plan, rows, args.seeds, args.jobs, 1, collect_only=args.collect_only or bool(args.train_only))
     summary = summarise(runs, "full")
 
     def row(g: str, name: str, spec: Row | list[str]) -> dict:

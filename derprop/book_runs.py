@@ -32,12 +32,13 @@ BOOK_RUNS: dict[str, dict] = {
     # size the runs, and those that size the supervised warm start they all begin from
     # (the two phases share one poly schedule: phase_overrides). "small" is the CPU default as
     # is: `make demo` trains exactly these runs (runs/book/small/cpu_warm, then cpu_dlp,
-    # cpu_nodlp and cpu_sup, two at a time) before it builds the book.
+    # cpu_nodlp and cpu_sup, two at a time) before it builds the book. "smoke" takes the release's
+    # profile like the default, so that the chapters' κ viewer has similarity logits to add κ to.
     "smoke": {"config": "configs/cpu_scenes_tiny.yaml", "data": "data/scenes_tiny",
               "data_args": ["--num-train", "24", "--num-val", "8", "--size", "48", "--classes", "all",
                             "--clutter", "--object-size", "0.3", "0.6", "--max-objects", "4"],
-              "overrides": ["optim.epochs=2", "optim.iters_per_epoch=2"],
-              "warm": ["optim.epochs=1", "optim.iters_per_epoch=2"]},
+              "overrides": ["profile=official", "optim.epochs=2", "optim.iters_per_epoch=2"],
+              "warm": ["profile=official", "optim.epochs=1", "optim.iters_per_epoch=2"]},
     "small": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [], "overrides": [],
               "warm": ["optim.epochs=2", "optim.iters_per_epoch=200"]},
     "full": {"config": "configs/cpu_scenes.yaml", "data": "data/scenes", "data_args": [],

@@ -129,11 +129,18 @@ def family_weights(inputs: MapInputs, family: str, value: float) -> Tensor:
     raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
 
 
-def propagate_with(inputs: MapInputs, weights: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """``L̃ = L·W`` on the grid ``(N, C, M)`` and bilinearly upsampled to ``size`` ``(N, C, H, W)``."""
+def propagate_with(inputs: MapInputs, weights: Tensor, size: tuple[int, int],
+                   detail: bool = False) -> tuple[Tensor, Tensor]:
+    """``L̃ = L·W`` on the grid ``(N, C, M)`` and bilinearly upsampled to ``size`` ``(N, C, H, W)``.
+
+    ``detail``: upsample only what propagation changed, ``L + up(L̃ − L_grid)``, so that the full-resolution
+    logits keep the boundaries the grid cannot hold (a departure from the release, measured on the map only).
+    """
     lt = inputs.logits_grid @ weights
     n, c, _ = lt.shape
-    return lt, F.interpolate(lt.view(n, c, *inputs.grid), size=size, mode="bilinear", align_corners=True)
+    change = lt - inputs.logits_grid if detail else lt
+    full = F.interpolate(change.view(n, c, *inputs.grid), size=size, mode="bilinear", align_corners=True)
+    return lt, inputs.logits + full if detail else full
 
 
 def _changes(before: Tensor, after: Tensor, truth: Tensor) -> tuple[int, int]:
@@ -149,15 +156,16 @@ def _accuracy(pred: Tensor, truth: Tensor, num_classes: int) -> tuple[float, flo
     return cm.pixel_accuracy(), cm.miou()
 
 
-def score(inputs: MapInputs, weights: Tensor, etas: Sequence[float] = ETAS) -> dict[str, Any]:
+def score(inputs: MapInputs, weights: Tensor, etas: Sequence[float] = ETAS, detail: bool = False) -> dict[str, Any]:
     """Own-class share of ``weights`` and, per ``η``, fixed / broken / net pixels and pseudo-label accuracy
-    and mIoU, on the grid points (``grid``) and at full resolution (``full``)."""
+    and mIoU, on the grid points (``grid``) and at full resolution (``full``; ``detail``: see
+    :func:`propagate_with`)."""
     own, uniform, support = attention_shares(weights, inputs.grid_labels, ignore_index=IGNORE_INDEX)
     out: dict[str, Any] = {"own_share": float(own.mean()), "uniform_share": float(uniform.mean()),
                            "support": float(support.mean())}
     out["share_ratio"] = out["own_share"] / out["uniform_share"]
     c = inputs.logits.shape[1]
-    lt_grid, lt_full = propagate_with(inputs, weights, tuple(inputs.labels.shape[-2:]))
+    lt_grid, lt_full = propagate_with(inputs, weights, tuple(inputs.labels.shape[-2:]), detail)
     where = {"grid": (inputs.logits_grid, lt_grid, inputs.grid_labels),
              "full": (inputs.logits, lt_full, inputs.labels)}
     for name, (logits, lt, truth) in where.items():
@@ -174,14 +182,14 @@ def score(inputs: MapInputs, weights: Tensor, etas: Sequence[float] = ETAS) -> d
 
 
 def dlp_map(inputs: MapInputs, families: dict[str, Sequence[float]] | None = None,
-            etas: Sequence[float] = ETAS) -> dict[str, list[dict[str, Any]]]:
+            etas: Sequence[float] = ETAS, detail: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Every point of every family (those that apply to ``inputs``' form), scored by :func:`score`."""
     families = FAMILIES if families is None else families
     out = {}
     for family, values in families.items():
         if family != "alpha" and inputs.scores is None:
             continue
-        out[family] = [{"value": v, **score(inputs, family_weights(inputs, family, v), etas)} for v in values]
+        out[family] = [{"value": v, **score(inputs, family_weights(inputs, family, v), etas, detail)} for v in values]
     return out
 
 
@@ -230,20 +238,32 @@ def ceiling(inputs: MapInputs, eta: float = 0.5, band: int | None = None) -> dic
                                                                  ("interior", interior))}}
 
 
-def kappa_frames(inputs: MapInputs, kappas: Sequence[float], eta: float = 0.5,
-                 images: Sequence[int] = tuple(range(8))) -> dict[float, dict[str, Any]]:
-    """Pseudo-labels of ``images`` after DLP at blend weight ``eta`` with the ``kappa`` weights of each value
-    (the κ viewer of chapter *Pseudo-label rectification, interactively*): per κ the labels after ``(N, H, W)``,
-    the own-class share, and fixed / broken pixels over *all* the images of ``inputs``."""
-    idx = list(images)
+def kappa_snapshots(inputs: MapInputs, kappas: Sequence[float], base: dict[str, Any],
+                    eta: float = 0.5) -> dict[float, dict[str, Any]]:
+    """The κ viewer's frames (chapter *Pseudo-label rectification, interactively*): per ``kappa``, a snapshot
+    in :mod:`derprop.viewer`'s layout for the first images of ``inputs``.
+
+    ``base`` is one of the run's saved snapshots of the same diagnostic images (``image``, ``gt``, ``names``,
+    ``class_names``); ``pl_before`` and ``pl_after`` are the network's labels before and after DLP at blend
+    weight ``eta`` with the κ weights, ``confidence`` the blend's top probability, and the ``stat_*`` entries
+    count fixed / broken pixels over *all* the images of ``inputs``, as :func:`score` does.
+    """
+    n = len(base["image"])
     before = inputs.logits.argmax(1)
+    if not torch.equal(inputs.labels[:n], torch.as_tensor(base["gt"]).long()):
+        raise ValueError("the snapshot's images are not the first diagnostic images of these inputs")
     out: dict[float, dict[str, Any]] = {}
     for kappa in kappas:
         weights = family_weights(inputs, "kappa", kappa)
         _, lt_full = propagate_with(inputs, weights, tuple(inputs.labels.shape[-2:]))
-        after = blend(inputs.logits, lt_full, eta, inputs.blend_space).argmax(1)
+        mixed = blend(inputs.logits, lt_full, eta, inputs.blend_space)
+        after = mixed.argmax(1)
         fixed, broken = _changes(before, after, inputs.labels)
         own, uniform, _ = attention_shares(weights, inputs.grid_labels, ignore_index=IGNORE_INDEX)
-        out[kappa] = {"after": after[idx].numpy().astype("uint8"), "fixed": fixed, "broken": broken,
-                      "share_ratio": float(own.mean() / uniform.mean())}
+        ratio = float(own.mean() / uniform.mean())
+        out[kappa] = {**{k: base[k] for k in ("image", "gt", "names", "class_names") if k in base},
+                      "pl_before": before[:n].numpy(), "pl_after": after[:n].numpy(),
+                      "confidence": mixed[:n].max(1).values.numpy(),
+                      "heading": f"κ = {kappa:g}: own-class share {ratio:.2f}× uniform, η = {eta:g}",
+                      "stat_pl_fixed": fixed, "stat_pl_broken": broken, "stat_attn_share_ratio": ratio}
     return out

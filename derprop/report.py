@@ -142,10 +142,86 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         data = json.loads(dlp_map.read_text())
         oracle = data["oracle"]["full"]["0.5"]
         share = (data.get("break_even_share") or {}).get("kappa")
+        detail = (data.get("detail") or {}).get("break_even_share", {}).get("kappa")
+        learned = data["families"]["kappa"][0]["own_share"] if data.get("families", {}).get("kappa") else None
         out.append(f"With perfect (oracle) propagation weights DLP would fix {oracle['fixed']:,} and break "
                    f"{oracle['broken']:,} pixels at η = 0.5; "
-                   + (f"it breaks even at an own-class share of {share:.2f}." if share is not None
-                      else "no point of the κ family breaks even."))
+                   + (f"it breaks even at an own-class share of {share:.2f}" if share is not None
+                      else "no point of the κ family breaks even with the release's upsampling")
+                   + (f", and at {detail:.2f} with a detail-preserving one" if detail is not None else "")
+                   + (f"; the learned weights give {learned:.2f}." if learned is not None else "."))
     else:
         out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
     return out
+
+
+MAP_FAMILIES = {"kappa": "κ bonus on the similarity logits", "alpha": "α mix with the oracle",
+                "temperature": "temperature T (no labels)"}
+"""The DLP map's families (:mod:`derprop.dlp_map`), as the figure's legend names them."""
+
+
+def dlp_map_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
+    """The DLP map of ``results/dlp_map.json`` (``python -m benchmarks.dlp_map``): net pixels fixed − broken at
+    blend weight ``eta`` against the own-class share of the weights, at full resolution and on the grid points,
+    one line per family, the oracle and every trained row marked, and at full resolution the κ family and the
+    oracle with the detail-preserving upsampling (open markers; chapter *Pseudo-label rectification,
+    interactively*)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    for ax, where in zip(axes, ("full", "grid")):
+        for k, (family, points) in enumerate(data["families"].items()):
+            pts = sorted(points, key=lambda p: p["own_share"])
+            ax.plot([p["own_share"] for p in pts], [p[where][eta]["net"] for p in pts], "o-", ms=4, color=f"C{k}",
+                    label=MAP_FAMILIES.get(family, family))
+        oracle = data["oracle"]
+        ax.plot(oracle["own_share"], oracle[where][eta]["net"], "*", ms=16, color="k", label="oracle weights")
+        detail = data.get("detail")
+        if detail and where == "full":
+            pts = sorted(detail["families"]["kappa"], key=lambda p: p["own_share"])
+            ax.plot([p["own_share"] for p in pts], [p["full"][eta]["net"] for p in pts], "o--", ms=4, color="C0",
+                    mfc="white", label="κ bonus, detail-preserving upsampling")
+            ax.plot(detail["oracle"]["own_share"], detail["oracle"]["full"][eta]["net"], "*", ms=16, color="k",
+                    mfc="white", label="oracle, detail-preserving upsampling")
+        for k, (name, row) in enumerate(data["rows"].items()):
+            ax.plot(row["own_share"], row[where][eta]["net"], "D", ms=8, color=f"C{k + 4}", label=f"trained: {name}")
+        ax.axhline(0, color="0.5", lw=0.8)
+        ax.set(xlabel="own-class share of a foreground pixel's weights", ylabel="fixed − broken pixels",
+               title=("full resolution" if where == "full" else "grid points only") + f", η = {eta}")
+    for source, style in ((data, "-"), (data.get("detail") or {}, "--")):
+        share = (source.get("break_even_share") or {}).get("kappa")
+        if share is not None:
+            axes[0].axvline(share, color="C0", ls=style, lw=0.8, alpha=0.6)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
+    return fig
+
+
+NET_NAMES = {"backprop": "trained Θb", "momentum": "momentum Θm", "headline": "headline"}
+"""The three numbers of a CPU run (``benchmarks.cpu_evidence.NETS``), as the book's tables name them."""
+
+
+def paired_records(summary: Mapping[str, Mapping[str, Any]], nets: tuple[str, ...] = ("backprop", "momentum"),
+                   names: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """Table records of a CPU benchmark summary (``results/cpu_evidence.json`` or a group of
+    ``results/ablations_cpu.json``): per row and network, mIoU % as mean ± std over seeds, and the paired
+    difference to the same network of the reference row seed by seed (pp, seeds in order) with its mean."""
+    out = []
+    for key, s in summary.items():
+        rec = {"row": (names or {}).get(key, key), "seeds": ", ".join(map(str, s["seeds"]))}
+        for net in nets:
+            e = s["nets"].get(net)
+            rec[net] = "–" if e is None else f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}"
+            d = (e or {}).get("diff_per_seed")
+            rec[f"d_{net}"] = ("reference" if key == s.get("reference") else "–") if not d else \
+                " / ".join(f"{100 * v:+.1f}" for _, v in sorted(d.items(), key=lambda t: int(t[0]))) + \
+                f" (mean {100 * e['diff']['mean']:+.2f})"
+        out.append(rec)
+    return out
+
+
+def paired_columns(nets: tuple[str, ...] = ("backprop", "momentum"), reference: str = "the reference") -> list[str]:
+    """The columns of :func:`paired_records` for :func:`derprop.display.table`."""
+    cols = ["row", "seeds"]
+    for net in nets:
+        cols += [f"{net}={NET_NAMES[net]}: mIoU %", f"d_{net}=Δ vs {reference}, per seed (pp)"]
+    return cols

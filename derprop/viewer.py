@@ -186,8 +186,8 @@ def snapshot_figure(snapshots: dict[int, dict[str, np.ndarray]], *, epochs: Sequ
     """A static matplotlib figure: one row per (epoch, image), five panels per row.
 
     The book shows it below the interactive viewer, so the rendered HTML is
-    useful without a running kernel. ``epochs`` defaults to the first and
-    the last snapshot.
+    useful without a running kernel. ``epochs`` (keys of ``snapshots``: epochs, or κ values of
+    :func:`derprop.dlp_map.kappa_snapshots`) defaults to the first and the last snapshot.
     """
     import matplotlib.pyplot as plt
 
@@ -199,9 +199,8 @@ def snapshot_figure(snapshots: dict[int, dict[str, np.ndarray]], *, epochs: Sequ
     fig, axes = plt.subplots(len(rows), 5, figsize=(12, 2.5 * len(rows)), squeeze=False, constrained_layout=True)
     for ax_row, (e, i) in zip(axes, rows):
         snap = snapshots[e]
-        eta = float(snap["eta_ep"]) if "eta_ep" in snap else float("nan")
         draw_snapshot(ax_row, snap, i, overlay=overlay, palette=palette,
-                      row_title=f"epoch {e} (η_ep = {eta:.2f})\n{snap['names'][i]}")
+                      row_title=f"{heading(snap)}\n{snap['names'][i]}")
     return fig
 
 
@@ -296,19 +295,29 @@ class Viewer:
         return bundle
 
 
-def status(snap: dict[str, np.ndarray], i: int) -> str:
-    """One line of HTML on image ``i`` of a snapshot: epoch, ``η_ep``, accuracy before → after, fixed and broken."""
-    c = compare(snap["gt"][i], snap["pl_before"][i], snap["pl_after"][i])
+def heading(snap: Mapping[str, Any]) -> str:
+    """What a snapshot is: its ``heading`` (a κ frame of :func:`derprop.dlp_map.kappa_snapshots`), else its epoch
+    and ``η_ep``."""
+    if "heading" in snap:
+        return str(snap["heading"])
     eta = float(snap["eta_ep"]) if "eta_ep" in snap else float("nan")
-    return (f"<b>epoch {int(snap['epoch'])}</b> (η<sub>ep</sub> = {eta:.2f}), <b>{snap['names'][i]}</b>: "
+    return f"epoch {int(snap['epoch'])} (η_ep = {eta:.2f})"
+
+
+def status(snap: dict[str, np.ndarray], i: int) -> str:
+    """One line of HTML on image ``i`` of a snapshot: :func:`heading`, accuracy before → after, fixed and broken."""
+    c = compare(snap["gt"][i], snap["pl_before"][i], snap["pl_after"][i])
+    return (f"<b>{html.escape(heading(snap))}</b>, <b>{snap['names'][i]}</b>: "
             f"accuracy {c.acc_before:.1%} → {c.acc_after:.1%}; DLP fixed {c.fixed} pixels and broke {c.broken}")
 
 
-def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | None = None, palette=None) -> Viewer:
+def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | None = None, palette=None,
+                slider: str = "epoch", start: int = -1) -> Viewer:
     """The before/after-DLP :class:`Viewer`: image picker, epoch slider, overlay and confidence toggles.
 
     Pass a run directory or already loaded ``snapshots``. In a live kernel all four controls redraw; the
-    pre-rendered frames cover every image × epoch, without overlay or confidence.
+    pre-rendered frames cover every image × epoch, without overlay or confidence. ``slider`` names what the
+    snapshots' keys are (``"κ"`` for :func:`derprop.dlp_map.kappa_snapshots`), ``start`` the one shown first.
     """
     import ipywidgets as W
 
@@ -316,7 +325,7 @@ def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | N
     epochs = list(snapshots)
     names = [str(n) for n in snapshots[epochs[-1]]["names"]]
     image = W.Dropdown(options=[(n, i) for i, n in enumerate(names)], value=0, description="image")
-    epoch = W.SelectionSlider(options=epochs, value=epochs[-1], description="epoch", continuous_update=False)
+    epoch = W.SelectionSlider(options=epochs, value=epochs[start], description=slider, continuous_update=False)
     overlay = W.ToggleButton(value=False, description="overlay on image", icon="")
     confidence = W.ToggleButton(value=False, description="show confidence", icon="")
     picture = W.Image(format="png")
@@ -339,7 +348,8 @@ def make_viewer(run_dir: str | os.PathLike | None = None, *, snapshots: dict | N
         snap = snapshots[epochs[key[1]]]
         return render_png(snap, key[0], palette=palette), status(snap, key[0])
 
-    axes = [Axis("image", tuple(names)), Axis("epoch", tuple(map(str, epochs)), slider=True, start=len(epochs) - 1)]
+    axes = [Axis("image", tuple(names)), Axis(slider, tuple(f"{e:g}" for e in epochs), slider=True,
+                                              start=range(len(epochs))[start])]
     return Viewer(box, axes, frame)
 
 

@@ -8,9 +8,9 @@
   wider than the text column (``scrollWidth > clientWidth``: clipped or
   scrolled), and no printed repr such as ``<torch._C.Generator at 0x…>`` is on
   the page. Source code (cells, listings of ``derprop``) may scroll sideways.
-* *Pseudo-label rectification*: its viewer works without a kernel (picking
-  another image or epoch shows another pre-rendered panel), and its static
-  fallback figure is there.
+* *Pseudo-label rectification*: its viewers work without a kernel (picking
+  another image or epoch, or moving the κ slider, shows another pre-rendered
+  panel), and its static fallback figure is there.
 * JupyterLab runs that chapter (converted to .ipynb with jupytext) cell by
   cell; moving the epoch slider and picking another image changes the
   displayed picture, and no cell errors.
@@ -182,8 +182,9 @@ def test_rectification_viewer_works_without_a_kernel(server, browser):
     fallback = page.locator("section:has(> h2:has-text('Static fallback')) img")
     assert fallback.count() >= 1 and fallback.first.evaluate("i => i.naturalWidth") > 0
     # the viewer: its pre-rendered frames, switched by book/_static/frame-viewer.js
-    viewer = page.locator(".derprop-frames")
-    assert viewer.count() == 1, "the viewer's kernel-free form is not on the page"
+    viewers = page.locator(".derprop-frames")
+    assert viewers.count() == 2, "the kernel-free forms of the epoch and κ viewers are not on the page"
+    viewer = viewers.first
     image = viewer.locator("select[data-axis='0']")
     page.wait_for_function("s => !s.disabled", arg=image.element_handle(), timeout=10000)
     key, src = _shown_frame(viewer)
@@ -196,6 +197,14 @@ def test_rectification_viewer_works_without_a_kernel(server, browser):
     caption = viewer.locator("figure[data-key]:not([hidden]) figcaption").inner_text()
     assert key3 == key2.split(",")[0] + ",0" and caption.startswith("epoch 0"), "moving the epoch slider did nothing"
     assert viewer.locator("output").inner_text() == slider.evaluate("s => JSON.parse(s.dataset.labels)[0]")
+    kappa = viewers.nth(1)
+    kappa_slider = kappa.locator("input[type=range]")
+    page.wait_for_function("s => !s.disabled", arg=kappa_slider.element_handle(), timeout=10000)
+    first_key, _ = _shown_frame(kappa)
+    kappa_slider.evaluate("s => { s.value = s.max; s.dispatchEvent(new Event('input', {bubbles: true})); }")
+    last_key, _ = _shown_frame(kappa)  # the pictures may coincide: a smoke-size network can predict one class
+    caption = kappa.locator("figure[data-key]:not([hidden]) figcaption").inner_text()
+    assert last_key != first_key and caption.startswith("κ = 20"), "moving the κ slider did nothing"
     assert not watch.errors and not watch.remote, watch.errors + watch.remote
     page.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,10 +79,23 @@ def test_ceiling_splits_every_wrong_pixel():
     assert c["whole_region_fixed"] <= c["whole_region"] and c["interior_fixed"] <= c["interior"]
 
 
-def test_kappa_frames_agree_with_the_scores():
+def test_kappa_snapshots_agree_with_the_scores():
     inp = inputs(seed=3)
-    frames = dlp_map.kappa_frames(inp, (0.0, 20.0), eta=0.5, images=(0, 2))
-    for kappa, frame in frames.items():
+    base = {"image": np.zeros((2, 13, 13, 3), np.uint8), "gt": inp.labels[:2].numpy(), "names": np.array(["a", "b"])}
+    snaps = dlp_map.kappa_snapshots(inp, (0.0, 20.0), base, eta=0.5)
+    for kappa, snap in snaps.items():
         s = dlp_map.score(inp, dlp_map.family_weights(inp, "kappa", kappa), etas=(0.5,))
-        assert (frame["fixed"], frame["broken"]) == (s["full"]["0.5"]["fixed"], s["full"]["0.5"]["broken"])
-        assert frame["after"].shape == (2, 13, 13) and frame["share_ratio"] == pytest.approx(s["share_ratio"])
+        assert (snap["stat_pl_fixed"], snap["stat_pl_broken"]) == (s["full"]["0.5"]["fixed"], s["full"]["0.5"]["broken"])
+        assert snap["pl_after"].shape == (2, 13, 13) and snap["stat_attn_share_ratio"] == pytest.approx(s["share_ratio"])
+        assert ((snap["confidence"] > 0) & (snap["confidence"] <= 1)).all()
+    with pytest.raises(ValueError, match="not the first diagnostic images"):
+        dlp_map.kappa_snapshots(inp, (0.0,), {**base, "gt": inp.labels[1:3].numpy()})
+
+
+def test_detail_preserving_upsampling_keeps_the_logits_where_nothing_propagates():
+    inp = inputs(seed=4)
+    identity = torch.eye(inp.weights.shape[-1]).expand_as(inp.weights)
+    _, full = dlp_map.propagate_with(inp, identity, tuple(inp.labels.shape[-2:]), detail=True)
+    assert torch.allclose(full, inp.logits)
+    s = dlp_map.score(inp, identity, etas=(1.0,), detail=True)
+    assert s["full"]["1"]["fixed"] == s["full"]["1"]["broken"] == 0
