@@ -20,9 +20,11 @@ from typing import Sequence
 import torch
 
 from derprop import cli
+from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.data import DatasetError
 from derprop.errors import DerPropError
+from derprop.rundir import config_changes, describe_changes
 from derprop.tables import ABLATIONS
 from derprop.trainer import Trainer
 
@@ -67,19 +69,33 @@ TRAINING_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
 baseline: the same steps from the same warm start with the same momentum network (eq. 6), labeled images only."""
 
 
+MAY_MOVE = ("data.root", "optim.warm_start")
+"""Paths in a finished run's config that differ when the checkout moves; no other setting may differ from the
+book's for :func:`load_or_train` to load the run."""
+
+
 def load_or_train(config: str | os.PathLike, out_dir: str | os.PathLike, overrides: Sequence[str] = (), *,
                   device: str = "cpu", progress: bool = False) -> dict:
     """The book's "load the run if it exists, else train" (UvA-notebook style).
 
     Returns the run's ``results.json`` content. If ``out_dir/results.json``
-    exists nothing is trained; if only ``last.pt`` exists training resumes
+    exists nothing is trained (a run trained with other settings, such as an earlier CPU default, is
+    refused with the keys that differ); if only ``last.pt`` exists training resumes
     from it; otherwise :class:`derprop.trainer.Trainer` trains ``config``
     with ``overrides`` into ``out_dir``. With ``progress`` one line is
     printed per finished epoch.
     """
     out = Path(out_dir)
+    cfg = load_config(config, list(overrides))
     if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
+        results = json.loads((out / "results.json").read_text())
+        differ = {k: v for part in config_changes(results.get("config") or {}, resolved(cfg)) for k, v in part.items()
+                  if k not in MAY_MOVE}
+        if differ:
+            raise DerPropError(f"{out} was trained with other settings than the book's now "
+                               f"({describe_changes(dict(list(differ.items())[:4]))}): remove the folder and "
+                               "run `make demo` (or this chapter) again to train it anew")
+        return results
 
     def hook(event, **info):
         if progress and event == "epoch_end":
@@ -88,7 +104,6 @@ def load_or_train(config: str | os.PathLike, out_dir: str | os.PathLike, overrid
                 "train_loss", "miou_momentum", "miou_backprop", "pl_acc_before", "pl_acc_after")}
             print(f"epoch {m['epoch']}: {shown}", flush=True)
 
-    cfg = load_config(config, list(overrides))
     resume = out / "last.pt" if (out / "last.pt").is_file() else None
     return Trainer(cfg, out, resume=resume, device=device, hook=hook, progress=False).fit()
 

@@ -264,6 +264,6 @@ def kappa_snapshots(inputs: MapInputs, kappas: Sequence[float], base: dict[str, 
         out[kappa] = {**{k: base[k] for k in ("image", "gt", "names", "class_names") if k in base},
                       "pl_before": before[:n].numpy(), "pl_after": after[:n].numpy(),
                       "confidence": mixed[:n].max(1).values.numpy(),
-                      "heading": f"κ = {kappa:g}: own-class share {ratio:.2f}× uniform, η = {eta:g}",
+                      "heading": f"κ = {kappa:g} (own class {ratio:.2f}× uniform)",
                       "stat_pl_fixed": fixed, "stat_pl_broken": broken, "stat_attn_share_ratio": ratio}
     return out

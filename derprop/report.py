@@ -125,7 +125,7 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         if claim and claim.get("measured"):
             per_net = {net: " / ".join(f"{100 * d:+.1f}" for d in per.values())
                        for net, per in claim["diff_per_seed"].items()}
-            out.append(f"DerProp against {claim['baseline']} on held-out seeds "
+            out.append("DerProp against supervised training with the same momentum network, on held-out seeds "
                        f"{', '.join(map(str, claim['seeds']))}: trained network {per_net.get('backprop', '–')} pp, "
                        f"momentum network {per_net.get('momentum', '–')} pp; the claim of at least "
                        f"{100 * claim['margin']:.0f} pp on every seed is **{'met' if claim['met'] else 'not met'}**.")

@@ -353,3 +353,18 @@ def test_ctrl_c_keeps_the_last_finished_epoch_and_prints_the_resume_command(runs
     assert command[:3] == ["python", "-m", "derprop.train"] and "--resume" in command
     assert main(command[3:]) == 0
     assert_same_run(out, ref)
+
+
+def test_a_book_run_trained_with_other_settings_is_refused_not_shown(tmp_path):
+    from derprop.book_runs import load_or_train
+    from derprop.config import resolved
+    from derprop.errors import DerPropError
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "cpu_scenes_tiny.yaml"
+    out = tmp_path / "cpu_dlp"
+    out.mkdir()
+    saved = resolved(load_config(config, ["data.root=/elsewhere/scenes", "data.split=1_4"]))
+    atomic.write_json(out / "results.json", {"miou": 0.5, "config": saved})
+    with pytest.raises(DerPropError, match=r"other settings.*data\.split '1_4' → '1_8'.*remove the folder"):
+        load_or_train(config, out)
+    assert load_or_train(config, out, ["data.split=1_4"])["miou"] == 0.5  # a moved data folder is the same run
