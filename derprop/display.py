@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from derprop.labels import voc_palette
+from derprop.labels import IGNORE_INDEX, voc_palette
 
 FIXED_RGB = (0, 150, 255)
 """Pixels DLP fixed (wrong before, right after): azure. VOC's classes use only the levels 0, 64, 128 and 192 of
@@ -144,6 +144,13 @@ def add_legend(fig: Any, colours: Mapping[str, Sequence[int]], *, ncol: int | No
     handles = [Patch(facecolor=np.asarray(rgb) / 255, edgecolor="0.4", label=name) for name, rgb in colours.items()]
     return fig.legend(handles=handles, loc="outside lower center", ncol=ncol or min(len(handles), 6), title=title,
                       frameon=False, fontsize=fontsize)
+
+
+def change_masks(gt: Any, before: Any, after: Any, ignore_index: int = IGNORE_INDEX) -> tuple[Any, Any]:
+    """Boolean maps of the pixels DLP *fixed* (wrong → right) and *broke* (right → wrong), for numpy arrays or
+    torch tensors of labels (the diagnostics, the DLP map and the viewer all count with it)."""
+    valid = gt != ignore_index
+    return valid & (before != gt) & (after == gt), valid & (before == gt) & (after != gt)
 
 
 def change_image(fixed: np.ndarray, broken: np.ndarray) -> np.ndarray:

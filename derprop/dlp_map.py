@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from derprop.config import TrainConfig
 from derprop.data import SegmentationDataset
 from derprop.diagnostics import fit_crop
+from derprop.display import change_masks
 from derprop.labels import IGNORE_INDEX
 from derprop.metrics import ConfusionMatrix
 from derprop.objective import label_on_grid
@@ -144,10 +145,8 @@ def propagate_with(inputs: MapInputs, weights: Tensor, size: tuple[int, int],
 
 
 def _changes(before: Tensor, after: Tensor, truth: Tensor) -> tuple[int, int]:
-    valid = truth != IGNORE_INDEX
-    fixed = int((valid & (before != truth) & (after == truth)).sum())
-    broken = int((valid & (before == truth) & (after != truth)).sum())
-    return fixed, broken
+    fixed, broken = change_masks(truth, before, after)
+    return int(fixed.sum()), int(broken.sum())
 
 
 def _accuracy(pred: Tensor, truth: Tensor, num_classes: int) -> tuple[float, float]:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from derprop.backbones import build_backbone
-from derprop.display import CHANGE_COLOURS, add_legend, change_image, class_colours, colorize
+from derprop.display import CHANGE_COLOURS, add_legend, change_image, change_masks, class_colours, colorize
 from derprop.model import normalize
 from derprop.propagation import propagate, propagation_weights
 from derprop.pseudo_labels import blend
@@ -103,8 +103,7 @@ def pipeline_figure(ex: VocExample, logits: Tensor, f: Tensor, *, eta: float = 0
     j = query_pixel(ex.grid_labels)
     received = propagation_weights(f, mode="official")[0, :, j]
     before, after, truth = logits.argmax(1)[0], mixed.argmax(1)[0], ex.grid_labels
-    change = change_image(((before != truth) & (after == truth)).view(h, w).numpy(),
-                          ((before == truth) & (after != truth)).view(h, w).numpy())
+    change = change_image(*(m.view(h, w).numpy() for m in change_masks(truth, before, after)))
 
     def grid(label: Tensor) -> np.ndarray:
         return colorize(label.view(h, w).numpy())

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from derprop.display import CHANGE_COLOURS, add_legend, change_image, class_colours, colorize
+from derprop.display import CHANGE_COLOURS, add_legend, change_image, change_masks, class_colours, colorize
 from derprop.labels import IGNORE_INDEX, default_class_names
 
 SNAPSHOT_PATTERN = re.compile(r"epoch_(\d+)\.npz$")
@@ -68,15 +68,6 @@ class Comparison:
     @property
     def acc_after(self) -> float:
         return self.correct_after / max(self.valid, 1)
-
-
-def change_masks(gt: np.ndarray, before: np.ndarray, after: np.ndarray,
-                 ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
-    """Boolean maps of the pixels DLP *fixed* (wrong → right) and *broke* (right → wrong)."""
-    valid = gt != ignore_index
-    fixed = valid & (before != gt) & (after == gt)
-    broken = valid & (before == gt) & (after != gt)
-    return fixed, broken
 
 
 def compare(gt: np.ndarray, before: np.ndarray, after: np.ndarray,
