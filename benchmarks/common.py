@@ -91,9 +91,17 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work, so that a timer stops when the work is done (CUDA runs ahead)."""
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def device_slug(device: str) -> str:
+    """A file-name part naming the device: ``cpu``, or the CUDA device's name (``nvidia-h200``)."""
+    if device != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") or "cuda"
 
 
 def _reset_peak_rss() -> None:
@@ -112,11 +120,11 @@ def _peak_rss() -> int:
 def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
     """Peak extra memory of one call of ``step``, then (after a warm-up call) its median wall time."""
     if device == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
-        _sync(device)
+        sync(device)
         peak = torch.cuda.max_memory_allocated() - base
     else:
         import psutil
@@ -128,10 +136,10 @@ def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
     step()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return {"seconds": statistics.median(times), "peak_mib": max(peak, 0) / 2**20, "repeats": repeats}
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, machine_info, write_results
+from benchmarks.common import RESULTS, ROOT, device_slug, machine_info, write_results
 
 PARTS = ("cuda_tests", "train_step", "scenes_run")
 TRAIN_STEP_ARGS = ["--size", "full", "--crops", "321", "801", "--profiles", "official",
@@ -139,7 +139,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no CUDA device (torch.cuda.is_available() is False); on a CPU run "
               "python -m benchmarks.gpu_check --dry-run", file=sys.stderr)
         return 2
-    from benchmarks.train_step import device_slug
 
     device = "cpu" if args.dry_run else "cuda"
     out = Path(args.out) if args.out else RESULTS / f"gpu_check_{device_slug(device)}.json"

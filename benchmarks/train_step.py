@@ -64,7 +64,6 @@ import gc
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -73,7 +72,8 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from benchmarks.common import RESULTS, machine_info, measure, print_table, run_isolated, write_results
+from benchmarks.common import (RESULTS, device_slug, machine_info, measure, print_table, run_isolated, sync,
+                               write_results)
 
 MODULE = "benchmarks.train_step"
 PROFILES = ("official", "paper")
@@ -291,11 +291,6 @@ SPLIT = ("backbone", "region_propagation", "dlp_derivative_loss", "optimizer", "
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def split_step(step: Callable[[], float], device: str) -> dict[str, Any]:
     """One profiled step, its time split into :data:`SPLIT` by the package's ``record_function`` ranges.
 
@@ -308,10 +303,10 @@ def split_step(step: Callable[[], float], device: str) -> dict[str, Any]:
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
     events = prof.events()
 
@@ -530,12 +525,6 @@ def evaluate_goals(rows: list[dict], ratios: list[dict], device: str, preset: st
 # --------------------------------------------------------------------------- #
 # main
 # --------------------------------------------------------------------------- #
-
-
-def device_slug(device: str) -> str:
-    if device != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-") or "cuda"
 
 
 def _make_scenes(root: Path) -> None:
