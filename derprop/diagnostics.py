@@ -27,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 from derprop import atomic
 from derprop.config import TrainConfig
 from derprop.data import SegmentationDataset
+from derprop.display import change_masks
 from derprop.evaluate import center_crop
 from derprop.labels import IGNORE_INDEX
 from derprop.metrics import ConfusionMatrix
@@ -73,9 +74,9 @@ def pseudo_label_diagnostics(net: nn.Module, images: SegmentationDataset, cfg: T
         if m.dlp:
             cms["after"].update(pl_after, gt)
             cms["prop"].update(prop.argmax(1), gt)
-            valid = gt != IGNORE_INDEX
-            fixed += int((valid & (pl_before != gt) & (pl_after == gt)).sum())
-            broken += int((valid & (pl_before == gt) & (pl_after != gt)).sum())
+            fixed_now, broken_now = change_masks(gt, pl_before, pl_after)
+            fixed += int(fixed_now.sum())
+            broken += int(broken_now.sum())
             h, w = out.f1.shape[-2:]
             f1, f2 = similarity_features(out, m.dlp_temperature)
             weights = propagation_weights(f1.float(), None if f2 is None else f2.float(), op=m.op,
