@@ -47,7 +47,7 @@ GROUPS: dict[str, dict[str, list[str] | Row]] = {
         "official": ["profile=official"],
     },
     "levers": {
-        "paper profile (eq. 4, row-sum normalised)": Row(("profile=paper",)),
+        "paper profile (eq. 4, row-sum normalised)": Row(("profile=paper",), warm=("profile=paper",)),
         "λ_Der × 4": Row(("loss.lambda_der=1.0",), warm=("loss.lambda_der=1.0",)),
         "temperature 0.5": Row(("method.dlp_temperature=0.5",)),
         "stride-4 head (output stride 4: a 16 × 16 grid)": Row(("model.output_stride=4",), warm=("model.output_stride=4",)),

@@ -155,7 +155,9 @@ def slug(name: str) -> str:
 
 
 def train_all(config: str, jobs: list[tuple[Path, list[str]]], n_jobs: int, threads: int | None) -> None:
-    """Train every ``(run dir, overrides)`` without a ``results.json``; ``n_jobs`` processes at a time."""
+    """Train every ``(run dir, overrides)`` without a ``results.json``; ``n_jobs`` processes at a time.
+
+    A run that fails does not stop the others; RuntimeError names every failed run's log at the end."""
     todo = list(dict((d, o) for d, o in jobs if not (d / "results.json").is_file()).items())
     if n_jobs <= 1:
         for out, overrides in todo:
@@ -163,6 +165,7 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], n_jobs: int, thre
             Trainer(load_config(config, overrides), out, resume=(out / "last.pt").is_file()).fit()
         return
     running: list[tuple[Path, subprocess.Popen]] = []
+    failed: list[Path] = []
     while todo or running:
         while todo and len(running) < n_jobs:
             out, overrides = todo.pop(0)
@@ -176,8 +179,11 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], n_jobs: int, thre
         time.sleep(2)
         for item in [r for r in running if r[1].poll() is not None]:
             running.remove(item)
-            if item[1].returncode != 0:
-                raise RuntimeError(f"run {item[0]} failed; see {item[0] / 'train.log'}")
+            if item[1].returncode != 0:  # the other runs go on: one bad row should not waste the rest
+                failed.append(item[0])
+                print(f"== {item[0].name} failed (see {item[0] / 'train.log'})", file=sys.stderr, flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: " + ", ".join(f"{d / 'train.log'}" for d in failed))
 
 
 def read_run(out: Path) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """The core benchmarks run end to end at a tiny size and write their JSON sections."""
 
 import json
+from pathlib import Path
+
+import pytest
 
 from benchmarks import derloss, dlp, region
 
@@ -23,3 +26,14 @@ def test_core_benchmarks_write_results(tmp_path, monkeypatch):
     targets = payload["dlp"]["targets"]
     assert [t["target"] for t in targets] == ["factorised ≥ 20× literal", "tiled ≤ 1.5× dense time"]
     assert all(isinstance(t["met"], bool) and t["threads"] == 1 for t in targets)
+
+
+def test_one_failed_run_does_not_stop_the_others(scenes_tiny, tmp_path):
+    from benchmarks.cpu_evidence import train_all
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_scenes_tiny.yaml")
+    common = [f"data.root={scenes_tiny}", "optim.epochs=1", "optim.iters_per_epoch=1", "data.diag_images=0"]
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed: .*bad/train\.log"):
+        train_all(config, [(bad, [*common, f"optim.warm_start={tmp_path / 'none.pt'}"]), (good, common)], 2, 1)
+    assert (good / "results.json").is_file() and not (bad / "results.json").exists()
