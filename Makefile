@@ -22,7 +22,7 @@ BOOK_FLAGS := -W -n --keep-going
 .PHONY: help setup test demo data-scenes train-cpu book bench gpu-check weights reproduce reproduce-all clean
 
 help:
-	@echo "make demo   - set up, build the CPU dataset, train the CPU default with and without DLP, build the book"
+	@echo "make demo   - set up, build the CPU dataset, train the CPU default and its baselines, build the book"
 	@echo "make test   - set up, run the whole test suite (CI runs this)"
 	@echo "make book   - build the Jupyter Book into _build/html"
 	@echo "make bench  - run the benchmarks, write results/*.json"
@@ -49,7 +49,7 @@ test: setup
 data-scenes: setup
 	$(PY) -m data_prep.scenes --root $(SCENES)
 
-# The CPU default with and without DLP: the runs the book's chapters load (derprop.book_runs.TRAINING_RUNS at
+# The CPU default and its baselines: the runs the book's chapters load (derprop.book_runs.TRAINING_RUNS at
 # size "small", in runs/book/small/). A finished run is not trained again; an interrupted one resumes.
 train-cpu: data-scenes
 	$(PY) -m derprop.book_runs small
