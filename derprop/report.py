@@ -203,8 +203,9 @@ NET_NAMES = {"backprop": "trained Θb", "momentum": "momentum Θm", "headline": 
 def paired_records(summary: Mapping[str, Mapping[str, Any]], nets: tuple[str, ...] = ("backprop", "momentum"),
                    names: Mapping[str, str] | None = None) -> list[dict[str, str]]:
     """Table records of a CPU benchmark summary (``results/cpu_evidence.json`` or a group of
-    ``results/ablations_cpu.json``): per row and network, mIoU % as mean ± std over seeds, and the paired
-    difference to the same network of the reference row seed by seed (pp, seeds in order) with its mean."""
+    ``results/ablations_cpu.json``; chapter *Ablations at CPU scale*): per row and network, mIoU % as mean ± std
+    over seeds, and the paired difference to the same network of the reference row seed by seed (pp, seeds in
+    order) with its mean."""
     out = []
     for key, s in summary.items():
         rec = {"row": (names or {}).get(key, key), "seeds": ", ".join(map(str, s["seeds"]))}

@@ -44,3 +44,20 @@ def test_cpu_findings_read_the_claim_and_say_what_is_missing(tmp_path):
     first, second = cpu_findings(tmp_path)
     assert "+3.1 / +1.2 pp" in first and "+2.5 / +2.1 pp" in first and "**not met**" in first
     assert "fix 1,200 and break 300" in second and "0.61" in second
+
+
+def test_paired_records_pair_each_network_seed_by_seed():
+    from derprop.report import paired_columns, paired_records
+
+    summary = {
+        "base": {"seeds": [0, 1], "reference": "base",
+                 "nets": {"backprop": {"mean": 0.40, "std": 0.01, "per_seed": {"0": 0.39, "1": 0.41}}}},
+        "full": {"seeds": [0, 1], "reference": "base",
+                 "nets": {"backprop": {"mean": 0.42, "std": 0.02, "diff_per_seed": {"1": -0.01, "0": 0.05},
+                                       "diff": {"mean": 0.02}}}},
+    }
+    base, full = paired_records(summary, names={"full": "DerProp"})
+    assert base["d_backprop"] == "reference" and base["momentum"] == "–"
+    assert full["row"] == "DerProp" and full["backprop"] == "42.00 ± 2.00"
+    assert full["d_backprop"] == "+5.0 / -1.0 (mean +2.00)"  # seeds in order, not in the file's order
+    assert paired_columns()[2].startswith("backprop=")
