@@ -318,7 +318,8 @@ def non_finite_hint(out: Path, epoch: int) -> str:
 # --------------------------------------------------------------------------- #
 # Resume policy
 # --------------------------------------------------------------------------- #
-def _flat(d: dict[str, Any]) -> dict[str, Any]:
+def flatten(d: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config as ``{"section.key": value}`` (top-level values keep their key)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -330,7 +331,7 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
     """``(allowed, refused)``: dotted keys whose values differ between two resolved configs, as ``[saved, now]``."""
-    fa, fb = _flat(saved), _flat(now)
+    fa, fb = flatten(saved), flatten(now)
     diff = {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
     allowed = {k: v for k, v in diff.items() if k in RESUME_MAY_CHANGE}
     refused = {k: v for k, v in diff.items() if k not in RESUME_MAY_CHANGE}
