@@ -213,9 +213,11 @@ def paired_records(summary: Mapping[str, Mapping[str, Any]], nets: tuple[str, ..
             e = s["nets"].get(net)
             rec[net] = "–" if e is None else f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}"
             d = (e or {}).get("diff_per_seed")
-            rec[f"d_{net}"] = ("reference" if key == s.get("reference") else "–") if not d else \
-                " / ".join(f"{100 * v:+.1f}" for _, v in sorted(d.items(), key=lambda t: int(t[0]))) + \
-                f" (mean {100 * e['diff']['mean']:+.2f})"
+            if d:
+                per_seed = " / ".join(f"{100 * v:+.1f}" for _, v in sorted(d.items(), key=lambda t: int(t[0])))
+                rec[f"d_{net}"] = f"{per_seed} (mean {100 * e['diff']['mean']:+.2f})"
+            else:
+                rec[f"d_{net}"] = "reference" if key == s.get("reference") else "–"
         out.append(rec)
     return out
 
