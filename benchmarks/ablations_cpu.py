@@ -29,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_results
+from benchmarks.common import RESULTS, machine_info, print_table, write_results
 from benchmarks.cpu_evidence import TABLE_COLUMNS, Plan, Row, as_row, evidence_table, measure, summarise
 from derprop.book_runs import BOOK_RUNS
+from derprop.provenance import project_root
 from derprop.tables import ABLATIONS
 
 ACTIVE_DER = ("method.labeled_der_detached=false", "method.spatial_softmax_sparsity=false")
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
     t0 = time.time()
-    plan = Plan(args.size, None, Path(args.runs_dir or ROOT / "runs" / "cpu_bench" / args.size), args.overrides,
+    plan = Plan(args.size, None, Path(args.runs_dir or project_root() / "runs" / "cpu_bench" / args.size), args.overrides,
                 args.warm_start)
     rows = {"full": [], **{f"{g}: {name}": o for g in args.groups for name, o in GROUPS[g].items()}}
     if args.train_only and not args.collect_only:

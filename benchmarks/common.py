@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from derprop import atomic
+from derprop.provenance import project_root
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results"
+RESULTS = project_root() / "results"
 
 ABSOLUTE_PATH = re.compile(r"""(?<![^\s="'(\[{,])/(?=[\w.~-])[^\s"'`,;:()\[\]{}<>|]*""")
 """An absolute POSIX path inside a string: at its start or after a space, ``=``, a quote or a bracket."""
@@ -44,7 +44,7 @@ def repo_path(path: str | Path) -> str:
     if str(path) == sys.executable:
         return "python"
     p = Path(os.path.abspath(path))
-    for base, label in ((ROOT, ""), (Path(sys.prefix), "<python>"), (Path(tempfile.gettempdir()), "<tmp>"),
+    for base, label in ((project_root(), ""), (Path(sys.prefix), "<python>"), (Path(tempfile.gettempdir()), "<tmp>"),
                         (Path.home(), "~")):
         # symlinks either side (a worktree's .venv, macOS's /tmp) must not hide that a path is inside
         for candidate, b in itertools.product((p, p.resolve()), (base, base.resolve())):
@@ -148,7 +148,7 @@ def run_isolated(module: str, case: dict) -> dict:
     """Run one case as ``python -m module --case JSON`` and return the JSON it prints last."""
     proc = subprocess.run(
         [sys.executable, "-m", module, "--case", json.dumps(case)],
-        cwd=ROOT,
+        cwd=project_root(),
         # A fixed mmap threshold makes glibc hand large freed blocks straight back
         # to the kernel, so the resident size follows the tensors that are alive.
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"},

@@ -50,10 +50,11 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table, repo_path, write_results
+from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
 from derprop.book_runs import BOOK_RUNS, SUPERVISED, ensure_scenes, phase_overrides
 from derprop.config import resolved
 from derprop.configfile import load_config
+from derprop.provenance import project_root
 from derprop.tables import ABLATIONS
 from derprop.trainer import Trainer
 
@@ -115,7 +116,7 @@ class Plan:
         self.size, self.runs_dir = size, runs_dir
         self.shared_warm = warm_start.resolve() if warm_start else None
         s = BOOK_RUNS[size]
-        self.config = config or str(ROOT / s["config"])
+        self.config = config or str(project_root() / s["config"])
         has_root = any(o.startswith("data.root=") for o in extra)
         warm, run = phase_overrides(size, self.config)
         self.base = [*([] if has_root else [f"data.root={ensure_scenes(size)}"]), *run]
@@ -123,7 +124,7 @@ class Plan:
         self.extra = list(extra)
         # finished book runs (runs/book/<size>/*) whose resolved config a cell needs are reused as they are
         self._dirs: dict[str, Path] = {}
-        for done in sorted((ROOT / "runs" / "book" / size).glob("*/results.json")):
+        for done in sorted((project_root() / "runs" / "book" / size).glob("*/results.json")):
             self._dirs.setdefault(_key(json.loads(done.read_text())["config"]), done.parent)
 
     def warm_dir(self, seed: int, warm: Sequence[str] = ()) -> Path:
@@ -175,7 +176,7 @@ def train_all(config: str, jobs: list[tuple[Path, list[str]]], n_jobs: int, thre
                    *(["--resume"] if (out / "last.pt").is_file() else []),
                    *(["--threads", str(threads)] if threads else []), *overrides]
             with open(out / "train.log", "w") as log:
-                running.append((out, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
+                running.append((out, subprocess.Popen(cmd, cwd=project_root(), stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(2)
         for item in [r for r in running if r[1].poll() is not None]:
             running.remove(item)
@@ -314,7 +315,7 @@ def evidence_table(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
     """A few iterations of ResNet-101 (deep stem, OS 8, release profile) on CPU: the full-size path runs."""
-    config = args.config or str(ROOT / BOOK_RUNS[args.size]["config"])
+    config = args.config or str(project_root() / BOOK_RUNS[args.size]["config"])
     cfg = load_config(config, [*SMOKE_OVERRIDES, *args.overrides])
     out = Path(args.runs_dir) / "resnet101_smoke"
     t0 = time.time()
@@ -363,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="a finished warm-start run folder shared by every seed (default: one per seed)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
-    args.runs_dir = args.runs_dir or str(ROOT / "runs" / "cpu_bench" / args.size)
+    args.runs_dir = args.runs_dir or str(project_root() / "runs" / "cpu_bench" / args.size)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.resnet101_smoke:

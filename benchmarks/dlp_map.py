@@ -24,12 +24,13 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table, repo_path, write_results
+from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
 from derprop import dlp_map
 from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.loaders import diagnostic_set
 from derprop.predict import load_model
+from derprop.provenance import project_root
 
 
 def inputs_of(run: Path, images: int | None) -> tuple[dlp_map.MapInputs, dict[str, Any]]:
@@ -51,7 +52,7 @@ def position(run: Path, images: int | None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dlp_map", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run", type=Path, default=ROOT / "runs" / "book" / "small" / "cpu_dlp",
+    ap.add_argument("--run", type=Path, default=project_root() / "runs" / "book" / "small" / "cpu_dlp",
                     help="a finished run of the release's softmax form (default: the book's DerProp run)")
     ap.add_argument("--row", action="append", default=[], metavar="NAME=RUN",
                     help="a trained run to place on the map (repeatable)")

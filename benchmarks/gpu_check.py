@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, device_slug, machine_info, write_results
+from benchmarks.common import RESULTS, device_slug, machine_info, write_results
+from derprop.provenance import source
 
 PARTS = ("cuda_tests", "train_step", "scenes_run")
 TRAIN_STEP_ARGS = ["--size", "full", "--crops", "321", "801", "--profiles", "official",
@@ -52,10 +53,10 @@ SCENES_OVERRIDES = [
 def cuda_tests(dry_run: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-k", "cuda", "-p", "no:cacheprovider", "tests"]
     if dry_run:
-        if not (ROOT / "tests").is_dir():
-            raise FileNotFoundError(f"{ROOT / 'tests'} is missing: run from a checkout of the repository")
+        if not (source() / "tests").is_dir():
+            raise FileNotFoundError(f"{source() / 'tests'} is missing: run from a checkout of the repository")
         return {"command": cmd}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=source(), capture_output=True, text=True)
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
     return {"command": cmd, "returncode": proc.returncode, "summary": summary, "passed": proc.returncode == 0,
             "output_tail": proc.stdout[-3000:] + proc.stderr[-2000:]}
@@ -78,7 +79,7 @@ def scenes_run(dry_run: bool, scenes_root: Path | None, work: Path) -> dict[str,
 
     root = scenes_root or work / "scenes"
     overrides = [*SCENES_OVERRIDES, f"data.root={root}"]
-    cfg = load_config(ROOT / "configs" / "cpu_scenes.yaml", overrides)  # a bad key fails the plan here
+    cfg = load_config(source() / "configs" / "cpu_scenes.yaml", overrides)  # a bad key fails the plan here
     if dry_run:
         return {"overrides": overrides, "iterations": cfg.optim.epochs * cfg.optim.iters_per_epoch}
     from data_prep import scenes

@@ -22,10 +22,11 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.common import RESULTS, ROOT, machine_info, print_table, write_results
+from benchmarks.common import RESULTS, machine_info, print_table, write_results
 from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.propagation import PAPER_NORMS
+from derprop.provenance import project_root
 from derprop.trainer import Trainer
 
 
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     overrides = [f"optim.epochs={args.epochs}", f"optim.iters_per_epoch={args.iters}", "data.diag_images=0",
                  f"eval.every={args.epochs}", *args.overrides]
     t0 = time.time()
-    runs = [run(args.config, n, ROOT / args.runs_dir, overrides) for n in args.norms]
+    runs = [run(args.config, n, project_root() / args.runs_dir, overrides) for n in args.norms]
     payload = {
         "what": "profile=paper on the CPU default, one run per method.paper_dlp_norm: labeled CE on L and on "
                 "the propagated L̃ per epoch, and the final mIoU",

@@ -44,7 +44,7 @@ def write_split(path: str | Path, items: Iterable[tuple[str, str]]) -> None:
 
 def check_split_hashes(folder: str | Path | None = None) -> None:
     """Verify split lists (default: the shipped ones) against the ``SHA256SUMS`` in ``folder``."""
-    folder = Path(folder) if folder is not None else data.SPLITS_ROOT
+    folder = Path(folder) if folder is not None else data.SPLITS_DIR
     for line in (folder / "SHA256SUMS").read_text().splitlines():
         digest, rel = line.split()
         path = folder / rel

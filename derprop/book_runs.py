@@ -19,11 +19,12 @@ from typing import Sequence
 
 import torch
 
-from derprop import cli
+from derprop import cli, provenance
 from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.data import DatasetError
 from derprop.errors import DerPropError
+from derprop.provenance import project_root
 from derprop.rundir import config_changes, describe_changes
 from derprop.tables import ABLATIONS
 from derprop.trainer import Trainer
@@ -108,32 +109,17 @@ def load_or_train(config: str | os.PathLike, out_dir: str | os.PathLike, overrid
     return Trainer(cfg, out, resume=resume, device=device, hook=hook, progress=False).fit()
 
 
-_ROOT: Path | None = None  # set by ``python -m derprop.book_runs --root DIR``
-
-
-def repo_root() -> Path:
-    """Where the book's CPU runs and their data live: ``--root``, else the checkout, else the current folder.
-
-    The checkout is the folder above this package when it holds ``configs/`` (an editable install or
-    ``PYTHONPATH``); an installed package lives in site-packages, so runs then go to the current folder.
-    """
-    if _ROOT is not None:
-        return _ROOT
-    checkout = Path(__file__).resolve().parents[1]
-    return checkout if (checkout / "configs").is_dir() else Path.cwd()
-
-
 _SCENES_CHECKED: set[Path] = set()
 
 
 def ensure_scenes(size: str) -> Path:
     """Generate the scenes data of ``BOOK_RUNS[size]`` unless it is there with these settings; returns its folder."""
     s = BOOK_RUNS[size]
-    root = repo_root() / s["data"]
+    root = project_root() / s["data"]
     if root not in _SCENES_CHECKED:  # the generator does nothing when the manifest matches its settings
         _SCENES_CHECKED.add(root)
         made = subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--quiet",
-                               *s["data_args"]], cwd=repo_root(), stderr=subprocess.PIPE, text=True)
+                               *s["data_args"]], cwd=project_root(), stderr=subprocess.PIPE, text=True)
         if made.returncode != 0:  # its own one-line error, passed on
             lines = made.stderr.strip().splitlines() or [f"exit status {made.returncode}"]
             raise DatasetError(f"generating {root} failed: {lines[-1].removeprefix('error: ')}")
@@ -149,7 +135,7 @@ def phase_overrides(size: str, config: str | os.PathLike | None = None) -> tuple
     ``(warm start overrides, run overrides)``; ``config`` defaults to the size's.
     """
     s = BOOK_RUNS[size]
-    path = config or repo_root() / s["config"]
+    path = config or project_root() / s["config"]
     iters = []
     for phase in ([*WARM_START, *s["warm"]], s["overrides"]):
         o = load_config(path, list(phase)).optim
@@ -164,8 +150,8 @@ def phase_overrides(size: str, config: str | os.PathLike | None = None) -> tuple
 def warm_start(size: str, *, progress: bool = False) -> Path:
     """Load or train the supervised warm start ``runs/book/<size>/cpu_warm``; returns its ``last.pt``."""
     data = ensure_scenes(size)
-    out = repo_root() / "runs" / "book" / size / WARM_RUN
-    load_or_train(repo_root() / BOOK_RUNS[size]["config"], out, [f"data.root={data}", *phase_overrides(size)[0]],
+    out = project_root() / "runs" / "book" / size / WARM_RUN
+    load_or_train(project_root() / BOOK_RUNS[size]["config"], out, [f"data.root={data}", *phase_overrides(size)[0]],
                   progress=progress)
     return out / "last.pt"
 
@@ -181,8 +167,8 @@ def book_run(size: str, name: str, extra: Sequence[str] = (), *, progress: bool 
 
     Returns ``(run directory, results)``. The data and the warm start are made first if needed.
     """
-    out = repo_root() / "runs" / "book" / size / name
-    results = load_or_train(repo_root() / BOOK_RUNS[size]["config"], out, run_overrides(size, extra, progress=progress),
+    out = project_root() / "runs" / "book" / size / name
+    results = load_or_train(project_root() / BOOK_RUNS[size]["config"], out, run_overrides(size, extra, progress=progress),
                             progress=progress)
     return out, results
 
@@ -193,15 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = cli.parser("derprop.book_runs", main.__doc__)
     ap.add_argument("size", nargs="?", default="small", choices=list(BOOK_RUNS))
-    ap.add_argument("--root", default=None, help="project folder with configs/; runs/ and data/ go there "
-                                                  "(default: the checkout, else the current folder)")
+    ap.add_argument("--root", default=None, help="project folder with configs/; runs/ and data/ go there (default: "
+                                                  "$DERPROP_ROOT, else the checkout, else the current folder)")
     ap.add_argument("--jobs", type=cli.at_least(1), default=2, help="runs trained at once, one thread each (default 2)")
     ap.add_argument("--only", choices=[r for r, _ in TRAINING_RUNS.values()], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    global _ROOT
-    _ROOT = Path(args.root).resolve() if args.root else None
+    if args.root:  # the runs' processes inherit it
+        os.environ[provenance.ROOT_VARIABLE] = str(Path(args.root).resolve())
     return cli.run(lambda: _train_runs(args), interrupted=lambda: (
-        f"every finished epoch is kept under {repo_root() / 'runs' / 'book' / args.size}; "
+        f"every finished epoch is kept under {project_root() / 'runs' / 'book' / args.size}; "
         f"run the same command again to go on"))
 
 
@@ -211,7 +197,6 @@ def _train_runs(args: argparse.Namespace) -> int:
         warm_start(args.size, progress=True)
     if args.only is None and args.jobs > 1:
         torch.set_num_threads(1)
-        root = ["--root", str(_ROOT)] if _ROOT is not None else []
         codes: dict[str, int] = {}
         waiting = [run_id for run_id, _ in runs.values()]  # longest first: DerProp, then the cheaper runs
         running: dict[str, subprocess.Popen] = {}
@@ -219,8 +204,8 @@ def _train_runs(args: argparse.Namespace) -> int:
             while waiting and len(running) < args.jobs:
                 run_id = waiting.pop(0)
                 running[run_id] = subprocess.Popen(
-                    [sys.executable, "-m", "derprop.book_runs", args.size, "--only", run_id, *root],
-                    cwd=repo_root(), env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    [sys.executable, "-m", "derprop.book_runs", args.size, "--only", run_id],
+                    cwd=project_root(), env={**os.environ, "OMP_NUM_THREADS": "1"})
             time.sleep(0.5)
             for run_id, proc in list(running.items()):
                 if proc.poll() is not None:

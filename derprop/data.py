@@ -36,8 +36,9 @@ from torchvision import tv_tensors
 
 from derprop.errors import DerPropError
 from derprop.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, VOC_CLASSES, default_class_names, voc_palette
+from derprop.provenance import source
 
-SPLITS_ROOT = Path(__file__).resolve().parent.parent / "data_prep" / "splits"
+SPLITS_DIR = source() / "data_prep" / "splits"
 """UniMatch's split lists for VOC and Cityscapes (see its README)."""
 
 LABELED_KINDS = ("labeled", "val")
@@ -190,7 +191,7 @@ def splits_dir(name: str, root: str | Path | None = None) -> Path:
         if root is None:
             raise DatasetError("the scenes dataset keeps its split lists under its root; pass root")
         return Path(root) / "splits"
-    return SPLITS_ROOT / name
+    return SPLITS_DIR / name
 
 
 # ---------------------------------------------------------------------------

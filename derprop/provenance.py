@@ -11,6 +11,7 @@ software and the hardware that produced it and to the batch it was actually trai
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -32,9 +33,28 @@ def version() -> str:
         return NOT_INSTALLED
 
 
+ROOT_VARIABLE = "DERPROP_ROOT"
+"""The environment variable that names the project folder (:func:`project_root`)."""
+
+
 def source() -> Path:
-    """The folder the running ``derprop`` package was imported from: a checkout, or site-packages."""
+    """The folder the running ``derprop`` package was imported from: a checkout, or site-packages.
+
+    The code's own files live here (``configs/``, ``data_prep/splits``, ``pipelines/``, ``tests/``).
+    """
     return Path(__file__).resolve().parents[1]
+
+
+def project_root() -> Path:
+    """The project folder, where ``runs/``, ``data/`` and ``results/`` go.
+
+    ``$DERPROP_ROOT`` when set (``python -m derprop.book_runs --root DIR`` sets it for its own processes),
+    else the checkout (:func:`source`, when it holds ``configs/``: an editable install or ``PYTHONPATH``),
+    else the current folder: an installed package lives in site-packages.
+    """
+    if os.environ.get(ROOT_VARIABLE):
+        return Path(os.environ[ROOT_VARIABLE]).resolve()
+    return source() if (source() / "configs").is_dir() else Path.cwd()
 
 
 def git_state(root: Path | None = None) -> tuple[str, bool | None]:

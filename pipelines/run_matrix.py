@@ -41,17 +41,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from derprop import atomic, cli
 from derprop.errors import ConfigError, DerPropError
-from derprop.provenance import KEYS
+from derprop.provenance import KEYS, project_root, source
 from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, run_name, run_path
 
-ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = ROOT / "pipelines" / "train.ipynb"
-RUNS_ROOT = Path("runs") / "matrix"
-RESULTS_ROOT = Path("results") / "matrix"
+PIPELINE = source() / "pipelines" / "train.ipynb"
+RUNS_DIR = Path("runs") / "matrix"
+RESULTS_DIR = Path("results") / "matrix"
 
 
 class RunError(DerPropError):
@@ -61,14 +60,14 @@ class RunError(DerPropError):
 def resolve_config(config: str, ablation: str) -> tuple[str, str]:
     """Prefer a dedicated config file ``configs/<name>.yaml``; else the base config plus the ablation's overrides."""
     dedicated = Path(config).with_name(f"{run_name(config, ablation)}.yaml")
-    if ablation and (ROOT / dedicated).is_file():
+    if ablation and (project_root() / dedicated).is_file():
         return str(dedicated), ""
     return config, ablation
 
 
 def _in_repo(path: str | Path) -> Path:
     """A relative ``--runs-root``/``--results-root`` is relative to the repository, like the notebook's paths."""
-    return Path(path) if Path(path).is_absolute() else ROOT / path
+    return Path(path) if Path(path).is_absolute() else project_root() / path
 
 
 def state(run_dir: Path) -> str:
@@ -80,9 +79,9 @@ def state(run_dir: Path) -> str:
     return "todo"
 
 
-def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = -1, runs_root: str | Path = RUNS_ROOT,
+def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = -1, runs_root: str | Path = RUNS_DIR,
             device: str = "", profile: str = "", force: bool = False, extra: Sequence[str] = (),
-            results_root: str | Path | None = RESULTS_ROOT) -> Path:
+            results_root: str | Path | None = RESULTS_DIR) -> Path:
     """Train one configuration through papermill (skipped when finished, unless ``force``); returns its run folder.
 
     Raises:
@@ -90,8 +89,8 @@ def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = 
     """
     name = run_name(config, ablation)
     cfg_file, abl = resolve_config(config, ablation)
-    if not (ROOT / cfg_file).is_file():  # the notebook runs from ROOT
-        raise ConfigError(f"config {ROOT / cfg_file} does not exist; name one of the files under {ROOT / 'configs'}")
+    if not (project_root() / cfg_file).is_file():  # the notebook runs from project_root()
+        raise ConfigError(f"config {project_root() / cfg_file} does not exist; name one of the files under {project_root() / 'configs'}")
     run_dir = run_path(config, ablation, size, _in_repo(runs_root))
     if state(run_dir) == "done" and not force:
         print(f"[skip] {size}/{name}: {run_dir / 'results.json'} exists (--force trains it again)")
@@ -117,7 +116,7 @@ def execute(notebook: Path, params: dict, label: str) -> None:
                        f"preinstalled torch `{sys.executable} -m pip install papermill ipykernel`") from None
     try:
         papermill.execute_notebook(str(PIPELINE), str(notebook), parameters=params, kernel_name="python3",
-                                   cwd=str(ROOT), progress_bar=False, log_output=True)
+                                   cwd=str(project_root()), progress_bar=False, log_output=True)
     except papermill.PapermillExecutionError as err:
         raise RunError(f"{label} failed: {err.evalue} (executed notebook: {notebook})") from None
 
@@ -160,8 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     every.add_argument("--dry-run", action="store_true", help="only print what would run")
     lst = sub.add_parser("list", help="print the matrix and each run's state at every size")
     for p in (one, every, lst):
-        p.add_argument("--runs-root", default=str(RUNS_ROOT), help=f"run folders: <runs-root>/<size>/<name> "
-                                                                   f"(default {RUNS_ROOT})")
+        p.add_argument("--runs-root", default=str(RUNS_DIR), help=f"run folders: <runs-root>/<size>/<name> "
+                                                                   f"(default {RUNS_DIR})")
     for p in (one, every):
         p.add_argument("--size", default="full", choices=list(SIZES))
         p.add_argument("--gpus", type=int, default=-1, metavar="N",
@@ -169,8 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--device", default="")
         p.add_argument("--profile", default="", choices=["", "official", "paper"])
         p.add_argument("--force", action="store_true", help="train again from scratch even if results.json exists")
-        p.add_argument("--results-root", default=str(RESULTS_ROOT),
-                       help=f"summaries: <results-root>/<size>/<name>.json (default {RESULTS_ROOT})")
+        p.add_argument("--results-root", default=str(RESULTS_DIR),
+                       help=f"summaries: <results-root>/<size>/<name>.json (default {RESULTS_DIR})")
         p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     # argparse takes positionals in one run: key=value overrides after an option come back unparsed
     args, rest = ap.parse_known_args(argv)

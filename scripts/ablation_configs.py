@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Sequence
 
 from derprop import atomic
+from derprop.provenance import source
 from derprop.tables import ABLATIONS
 
-ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("92", "183")
-CONFIGS = ROOT / "configs"
+CONFIGS = source() / "configs"
 
 
 def config_text(split: str, ablation: str) -> str:
@@ -60,12 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stale = [path for path, text in files.items() if not path.is_file() or path.read_text() != text]
     if args.check:
         for path in stale:
-            print(f"error: {path.relative_to(ROOT)} is not what derprop.tables.ABLATIONS gives; "
+            print(f"error: {path.relative_to(source())} is not what derprop.tables.ABLATIONS gives; "
                   "fix: run python -m scripts.ablation_configs", file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
         atomic.write_text(path, files[path])
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {path.relative_to(source())}")
     return 0
 
 

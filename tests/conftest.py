@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from derprop.book_runs import BOOK_RUNS
+from derprop.provenance import source
 
-REPO = Path(__file__).resolve().parent.parent
 TINY_SCENES = BOOK_RUNS["smoke"]["data_args"]  # the tree configs/cpu_scenes_tiny.yaml expects
 
 
@@ -20,6 +20,12 @@ def scenes_tiny(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "scenes_tiny"
     subprocess.run(
         [sys.executable, "-m", "data_prep.scenes", "--root", str(root), *TINY_SCENES, "--workers", "1", "--quiet"],
-        cwd=REPO, check=True,
+        cwd=source(), check=True,
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    """The checkout under test: where derprop was imported from (``derprop.provenance.source``)."""
+    return source()

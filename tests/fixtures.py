@@ -8,7 +8,7 @@
 - :func:`scenes_tree`: a small scenes dataset made by the real generator.
 
 Split lists for ``pascal``/``cityscapes`` are written under ``<tmp>/splits``;
-point ``derprop.data.SPLITS_ROOT`` there (``monkeypatch.setattr``) to use them.
+point ``derprop.data.SPLITS_DIR`` there (``monkeypatch.setattr``) to use them.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """The core benchmarks run end to end at a tiny size and write their JSON sections."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from benchmarks import derloss, dlp, region
+
+from derprop.provenance import source
 
 
 def test_core_benchmarks_write_results(tmp_path, monkeypatch):
@@ -31,7 +32,7 @@ def test_core_benchmarks_write_results(tmp_path, monkeypatch):
 def test_one_failed_run_does_not_stop_the_others(scenes_tiny, tmp_path):
     from benchmarks.cpu_evidence import train_all
 
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_scenes_tiny.yaml")
+    config = str(source() / "configs" / "cpu_scenes_tiny.yaml")
     common = [f"data.root={scenes_tiny}", "optim.epochs=1", "optim.iters_per_epoch=1", "data.diag_images=0"]
     bad, good = tmp_path / "bad", tmp_path / "good"
     with pytest.raises(RuntimeError, match=r"1 run\(s\) failed: .*bad/train\.log"):

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BOOK = ROOT / "book"
-SMOKE_OUT = ROOT / "_build" / "smoke"
+from derprop.provenance import source
+
+BOOK = source() / "book"
+SMOKE_OUT = source() / "_build" / "smoke"
 SMOKE_HTML = SMOKE_OUT / "_build" / "html"
 JB = Path(sys.executable).with_name("jupyter-book")
 VENDOR = BOOK / "_static" / "vendor"
@@ -39,7 +40,7 @@ def chapters() -> list[Path]:
 
 
 def toc_files() -> list[str]:
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    toc = yaml.safe_load((source() / "_toc.yml").read_text())
     files = [toc["root"]]
     for part in toc.get("parts", []):
         files += [c["file"] for c in part.get("chapters", [])]
@@ -65,18 +66,18 @@ def code_cells(path: Path) -> list[tuple[str, str]]:
 def repo_files() -> list[Path]:
     """Files git would commit: tracked plus untracked-but-not-ignored."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source(),
                              capture_output=True, check=True).stdout
-        return [ROOT / p for p in out.decode().split("\0") if p and (ROOT / p).exists()]
+        return [source() / p for p in out.decode().split("\0") if p and (source() / p).exists()]
     except (OSError, subprocess.CalledProcessError):
         skip = {".venv", "_build", ".git", "runs", "data", "node_modules"}
-        return [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+        return [p for p in source().rglob("*") if p.is_file() and not skip & set(p.relative_to(source()).parts)]
 
 
 # --------------------------------------------------------------------------- #
 # sources
 # --------------------------------------------------------------------------- #
-def test_no_notebook_in_the_repo_has_outputs():
+def test_no_notebook_in_the_repo_has_outputs(repo):
     bad = []
     for path in repo_files():
         if path.suffix != ".ipynb":
@@ -84,7 +85,7 @@ def test_no_notebook_in_the_repo_has_outputs():
         nb = json.loads(path.read_text())
         for i, cell in enumerate(nb.get("cells", [])):
             if cell.get("cell_type") == "code" and (cell.get("outputs") or cell.get("execution_count") is not None):
-                bad.append(f"{path.relative_to(ROOT)} cell {i}")
+                bad.append(f"{path.relative_to(repo)} cell {i}")
     assert not bad, "notebooks must be committed without outputs (jupyter nbconvert --clear-output): " + ", ".join(bad)
 
 
@@ -100,9 +101,9 @@ def test_chapter_has_jupytext_header(path):
     assert fm.get("kernelspec", {}).get("name") == "python3", f"{path.name}: kernelspec must be python3"
 
 
-def test_toc_lists_exactly_the_chapters():
+def test_toc_lists_exactly_the_chapters(repo):
     listed = {f"{f}.md" if not f.endswith(".md") else f for f in toc_files()}
-    present = {str(p.relative_to(ROOT)) for p in chapters()}
+    present = {str(p.relative_to(repo)) for p in chapters()}
     assert listed == present, f"only in _toc.yml: {sorted(listed - present)}; not in _toc.yml: {sorted(present - listed)}"
 
 
@@ -138,7 +139,7 @@ def test_every_paper_equation_is_displayed_once_with_its_number():
                 f"{path.name}: the first code shown below eq. {n} must be {CODE_UNDER[n]}, found {shown and shown.group(1)}"
 
 
-def test_api_pages_are_the_import_layers():
+def test_api_pages_are_the_import_layers(repo):
     from test_imports import LAYERS
 
     pages = sorted((BOOK / "api").glob("layer*.md"))
@@ -147,16 +148,16 @@ def test_api_pages_are_the_import_layers():
         documented = re.findall(r"^\.\. automodule:: (\S+)$", page.read_text(), re.M)
         assert page.name == f"layer{i:02d}.md"
         assert documented == ["derprop" if m == "__init__" else f"derprop.{m}" for m in layer], page.name
-    toc = (ROOT / "_toc.yml").read_text()
+    toc = (repo / "_toc.yml").read_text()
     assert all(f"book/api/{p.stem}" in toc for p in pages)
 
 
-def test_config_offline_settings():
-    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+def test_config_offline_settings(repo):
+    cfg = yaml.safe_load((repo / "_config.yml").read_text())
     sphinx = cfg["sphinx"]["config"]
     assert cfg["only_build_toc_files"] is True
     assert cfg["execute"]["execute_notebooks"] == "cache"
-    assert not (ROOT / "_static").exists(), "a root _static/ makes Jupyter Book inject every .js in it into every page"
+    assert not (repo / "_static").exists(), "a root _static/ makes Jupyter Book inject every .js in it into every page"
     assert (BOOK / "_static" / sphinx["mathjax_path"]).is_file()
     for js in sphinx["nb_ipywidgets_js"]:
         assert (BOOK / "_static" / js).is_file(), js
@@ -186,9 +187,9 @@ def source_stamp() -> str:
     """Hash of the code the chapters execute and their environment; a change invalidates the execution cache."""
     h = hashlib.sha256(json.dumps(SMOKE_ENV, sort_keys=True).encode())
     for folder in ("derprop", "configs", "data_prep", "pipelines"):
-        for p in sorted((ROOT / folder).rglob("*")):
+        for p in sorted((source() / folder).rglob("*")):
             if p.is_file() and p.suffix in (".py", ".yaml", ".yml", ".txt") and "__pycache__" not in p.parts:
-                h.update(str(p.relative_to(ROOT)).encode())
+                h.update(str(p.relative_to(source())).encode())
                 h.update(p.read_bytes())
     return h.hexdigest()
 
@@ -205,7 +206,7 @@ def build_smoke_book() -> tuple[int, str, float]:
     env = {**os.environ, **SMOKE_ENV}
     t0 = time.time()
     proc = subprocess.run([str(JB), "build", ".", "--path-output", str(SMOKE_OUT), "-W", "-n", "--keep-going"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                          cwd=source(), env=env, capture_output=True, text=True, timeout=1500)
     wall = time.time() - t0
     log = proc.stdout + proc.stderr
     (SMOKE_OUT / "build.log").write_text(log)
@@ -220,14 +221,14 @@ def built_pages() -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1600)
-def test_book_builds_without_warnings():
+def test_book_builds_without_warnings(repo):
     rc, log, wall = build_smoke_book()
     # Sphinx's own messages ("path:line: WARNING: ..."), not kernels' log lines ("[IPKernelApp] WARNING | ...")
     warnings = [line for line in log.splitlines() if re.search(r"(^|: )(WARNING|ERROR|CRITICAL|SEVERE):", line)]
     assert rc == 0 and not warnings, f"jupyter-book build failed (rc={rc}, {wall:.0f} s):\n" + \
         "\n".join(warnings[:40] or log.splitlines()[-60:])
     for page in built_pages():
-        assert page.is_file(), f"missing page {page.relative_to(ROOT)}"
+        assert page.is_file(), f"missing page {page.relative_to(repo)}"
 
 
 @pytest.mark.slow

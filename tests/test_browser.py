@@ -38,7 +38,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from derprop.provenance import source
+
 CHROMIUM = os.environ.get("DERPROP_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -128,7 +129,7 @@ def page_paths() -> list[str]:
     """Every page of _toc.yml, sections (the API's layer pages) included."""
     import yaml
 
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    toc = yaml.safe_load((source() / "_toc.yml").read_text())
     files = [toc["root"]]
     for part in toc.get("parts", []):
         for chapter in part.get("chapters", []):
@@ -217,7 +218,7 @@ def lab(tmp_path_factory, book_html):
     import jupytext
 
     work = tmp_path_factory.mktemp("lab")
-    nb = jupytext.read(ROOT / "book" / "rectification.md")
+    nb = jupytext.read(source() / "book" / "rectification.md")
     jupytext.write(nb, work / "rectification.ipynb")
     port, token = _free_port(), secrets.token_hex(16)
     jupyter = Path(sys.executable).with_name("jupyter")

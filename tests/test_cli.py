@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 
@@ -25,10 +24,10 @@ from derprop.checkpoint import CheckpointError
 from derprop.data import DatasetError
 from derprop.errors import ConfigError, DerPropError
 from derprop.guards import NonFiniteLossError
+from derprop.provenance import source
 from derprop.rundir import RunDirError
 
-REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # this checkout
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source()), os.environ.get("PYTHONPATH", "")])}  # this checkout
 
 # every entry point: its module, the function its body calls (replaced below), and arguments it parses
 ENTRY_POINTS = {
@@ -109,14 +108,14 @@ def test_version_is_the_installed_package_version(module, capsys):
 
 
 def _usage(*command: str) -> str:
-    proc = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, capture_output=True, text=True, env=ENV)
+    proc = subprocess.run([sys.executable, *command, "--help"], cwd=source(), capture_output=True, text=True, env=ENV)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split("\n")[0]
 
 
-def test_help_names_the_program_as_it_was_called(tmp_path):
+def test_help_names_the_program_as_it_was_called(repo, tmp_path):
     assert _usage("pipelines/run_matrix.py").startswith("usage: python pipelines/run_matrix.py ")
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    scripts = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]
     for name, target in scripts.items():
         module, function = target.split(":")
         shim = tmp_path / name  # what pip writes for a console script
@@ -131,8 +130,8 @@ def test_help_names_the_program_as_it_was_called(tmp_path):
     ["-m", "data_prep.scenes", "--root", "absent", "--check"],
     ["pipelines/run_matrix.py", "one", "configs/absent.yaml"],
 ], ids=lambda c: " ".join(c[:2]))
-def test_real_bad_inputs_end_in_one_line_without_a_traceback(command):
-    proc = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, env=ENV)
+def test_real_bad_inputs_end_in_one_line_without_a_traceback(repo, command):
+    proc = subprocess.run([sys.executable, *command], cwd=repo, capture_output=True, text=True, env=ENV)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -159,7 +158,7 @@ def test_at_least_is_an_argparse_type():
             cli.at_least(1)(text)
 
 
-TINY = str(REPO / "configs" / "cpu_scenes_tiny.yaml")
+TINY = str(source() / "configs" / "cpu_scenes_tiny.yaml")
 
 
 @pytest.mark.parametrize("args, words", [

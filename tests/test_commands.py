@@ -39,10 +39,10 @@ from pathlib import Path
 
 import pytest
 
-from derprop import book_runs
+from derprop import book_runs, provenance
+from derprop.provenance import source
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "book").glob("*.md"))]
+DOCS = [source() / "README.md", *sorted((source() / "book").glob("*.md"))]
 PREFIXES = ("make ", "python ", "python3 ", ".venv/bin/python ", "torchrun ", "papermill ", ".venv/bin/papermill ")
 FENCE = re.compile(r"^```(bash|sh|shell|console)\s*\n(.*?)^```", re.M | re.S)
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
@@ -66,13 +66,13 @@ def shown_commands() -> list[tuple[str, str]]:
 def _help(target: list[str]) -> str:
     """``--help`` of ``target = ["-m", MODULE, *sub]`` or ``["script", PATH, *sub]``."""
     kind, name, *sub = target
-    argv0 = name if kind == "-m" else str(ROOT / name)
-    source = (ROOT / name) if kind != "-m" else None
+    argv0 = name if kind == "-m" else str(source() / name)
+    path = (source() / name) if kind != "-m" else None
     if kind == "-m":
         spec = importlib.util.find_spec(name)
         assert spec is not None and spec.origin, f"no module {name}"
-        source = Path(spec.origin)
-    text = source.read_text()
+        path = Path(spec.origin)
+    text = path.read_text()
     assert "argparse" in text or "cli.parser(" in text, f"{name} has no command-line parser, so it has no --help"
     out = io.StringIO()
     saved = sys.argv
@@ -83,7 +83,7 @@ def _help(target: list[str]) -> str:
             if kind == "-m":
                 runpy.run_module(name, run_name="__main__", alter_sys=False)
             else:
-                runpy.run_path(str(ROOT / name), run_name="__main__")
+                runpy.run_path(str(source() / name), run_name="__main__")
     finally:
         sys.argv = saved
     assert exit_info.value.code in (0, None), f"{' '.join([argv0, *sub])} --help exited {exit_info.value.code}"
@@ -104,7 +104,7 @@ def check_python(tokens: list[str]) -> None:
     if tokens[0] == "-m":
         target, rest = ["-m", tokens[1]], tokens[2:]
     else:
-        assert (ROOT / tokens[0]).is_file(), f"no script {tokens[0]}"
+        assert (source() / tokens[0]).is_file(), f"no script {tokens[0]}"
         target, rest = ["script", tokens[0]], tokens[1:]
     usage = help_text(target)
     choices = re.search(r"\{([\w,-]+)\}", usage.split("\n\n")[0])
@@ -120,7 +120,7 @@ def check_make(tokens: list[str]) -> None:
     variables = [t for t in tokens if "=" in t]
 
     def recipe(given: list[str]) -> str:
-        proc = subprocess.run(["make", "-n", *target, *given], cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(["make", "-n", *target, *given], cwd=source(), capture_output=True, text=True)
         assert proc.returncode == 0, f"make -n {' '.join(tokens)}: {proc.stderr.strip()}"
         return proc.stdout
 
@@ -137,7 +137,7 @@ def notebook_parameters(path: Path) -> str:
 
 
 def check_papermill(tokens: list[str]) -> None:
-    notebook = ROOT / tokens[0]
+    notebook = source() / tokens[0]
     if not notebook.is_file():
         return  # a notebook made on the fly (jupytext --to ipynb of a chapter): its parameters are the chapter's
     params = notebook_parameters(notebook)
@@ -239,13 +239,13 @@ def demo(tmp_path_factory) -> Path:
     """A project folder like the one ``make demo`` leaves: ``python -m derprop.book_runs small`` made the CPU
     default's data (its class settings, tiny scenes) and its runs (its config, a tiny budget); and an image."""
     root = tmp_path_factory.mktemp("demo")
-    (root / "configs").symlink_to(ROOT / "configs")
+    (root / "configs").symlink_to(source() / "configs")
     small = book_runs.BOOK_RUNS["small"]
     tiny = {**small, "data_args": [*small["data_args"], *TINY_DATA], "overrides": [*small["overrides"], *TINY_RUN],
             "warm": [*small["warm"], *TINY_RUN]}
     with pytest.MonkeyPatch.context() as m:
         m.setitem(book_runs.BOOK_RUNS, "small", tiny)
-        m.setattr(book_runs, "_ROOT", None)  # main sets it; restored after
+        m.delenv(provenance.ROOT_VARIABLE, raising=False)  # main sets it; restored after
         m.chdir(root)
         assert book_runs.main(["small", "--root", str(root), "--jobs", "1"]) == 0
     shutil.copy(root / "data" / "scenes" / "JPEGImages" / "val_00000.jpg", root / "a.jpg")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import yaml
@@ -11,8 +10,9 @@ import yaml
 from derprop.config import CHOICES, PROFILES, SECTIONS, TrainConfig, resolved
 from derprop.configfile import config_from_dict, dump_yaml, load_config
 from derprop.errors import ConfigError
+from derprop.provenance import source
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = source() / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 

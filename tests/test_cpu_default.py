@@ -9,23 +9,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from derprop.book_runs import WARM_START
 from derprop.configfile import load_config
 from derprop.data import SegmentationDataset
+from derprop.provenance import source
 from derprop.trainer import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "configs" / "cpu_scenes.yaml"
+CONFIG = source() / "configs" / "cpu_scenes.yaml"
 
 
-def test_cpu_default_predicts_every_class(tmp_path):
+def test_cpu_default_predicts_every_class(repo, tmp_path):
     root = tmp_path / "scenes"
     subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--num-val", "40", "--workers", "2",
-                    "--quiet"], cwd=REPO, check=True)  # the default's 2000 training scenes: 62 labeled at 1/32
+                    "--quiet"], cwd=repo, check=True)  # the default's 2000 training scenes: 62 labeled at 1/32
     common = [f"data.root={root}", "data.diag_images=0", "eval.final_modes=[original]"]
     # the book's two phases, shortened: 200 supervised steps, then DerProp continuing the same schedule
     warm = load_config(CONFIG, [*common, *WARM_START, "optim.epochs=1", "optim.iters_per_epoch=200",

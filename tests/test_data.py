@@ -25,7 +25,7 @@ from tests.fixtures import bomb_png, cityscapes_tree, scenes_tree, voc_pair, voc
 @pytest.fixture
 def voc(tmp_path, monkeypatch):
     root, splits = voc_tree(tmp_path)
-    monkeypatch.setattr(data, "SPLITS_ROOT", splits)
+    monkeypatch.setattr(data, "SPLITS_DIR", splits)
     return root
 
 
@@ -93,7 +93,7 @@ def test_cityscapes_id_table_matches_cityscapesscripts():
 
 def test_cityscapes_tree_and_label_ids_are_mapped_to_train_ids(tmp_path, monkeypatch):
     root, splits = cityscapes_tree(tmp_path, train_ids=True)
-    monkeypatch.setattr(data, "SPLITS_ROOT", splits)
+    monkeypatch.setattr(data, "SPLITS_DIR", splits)
     ds = SegmentationDataset.from_split("cityscapes", root, "1_16", "labeled")
     image, mask = ds[0]
     assert image.shape == (3, 32, 64) and set(np.unique(mask.numpy())) == {0, 10, 13, 18, 255}

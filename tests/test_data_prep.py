@@ -22,6 +22,7 @@ from data_prep.common import check_tree
 from data_prep.download import REGISTRY, Resource, download
 from derprop import data
 from derprop.data import DatasetError, SegmentationDataset, read_label, read_split
+from derprop.provenance import source
 from tests.fixtures import (
     bomb_png,
     cityscapes_tree,
@@ -34,7 +35,6 @@ from tests.fixtures import (
     write_splits,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 
 # --- the download helper ------------------------------------------------------
 
@@ -151,7 +151,7 @@ def voc_setup(tmp_path, monkeypatch):
     ids = info["ids"]
     splits = write_splits(tmp_path / "splits", "pascal", [voc_pair(i) for i in ids[:2]], [voc_pair(ids[2])],
                           [voc_pair(ids[0])])  # fmt: skip
-    monkeypatch.setattr(data, "SPLITS_ROOT", splits)
+    monkeypatch.setattr(data, "SPLITS_DIR", splits)
     return tmp_path, info
 
 
@@ -247,7 +247,7 @@ def test_cityscapes_unknown_label_is_named(tmp_path):
 
 def test_cityscapes_from_archives(tmp_path, monkeypatch, capsys):
     tree, splits = cityscapes_tree(tmp_path / "src")
-    monkeypatch.setattr(data, "SPLITS_ROOT", splits)
+    monkeypatch.setattr(data, "SPLITS_DIR", splits)
     zips = cityscapes_zips(tree, tmp_path / "zips")
     root = tmp_path / "cityscapes"
     assert cityscapes.main(["--root", str(root), "--from-archives", str(zips), "--quiet"]) == 0
@@ -364,11 +364,11 @@ class Kill(BaseException):
     """A simulated ``kill -9``: no handler sees it."""
 
 
-TINY = REPO / "configs" / "cpu_scenes_tiny.yaml"
+TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 
 
 def _refused_by_training_and_evaluation(root, words, capsys):
-    from derprop import evaluate, train
+    from derprop import train
 
     assert train.main(["--config", str(TINY), "--out", str(root.parent / "run"), f"data.root={root}"]) == 2
     err = capsys.readouterr().err
@@ -452,9 +452,9 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
-def test_workers_end_with_a_killed_generator(tmp_path):
+def test_workers_end_with_a_killed_generator(repo, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "data_prep.scenes", "--root", str(tmp_path / "s"), "--num-train",
-                             "20000", "--num-val", "16", "--workers", "2", "--quiet"], cwd=REPO)
+                             "20000", "--num-val", "16", "--workers", "2", "--quiet"], cwd=repo)
     try:
         deadline = time.monotonic() + 120
         while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:

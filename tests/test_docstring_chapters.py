@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 import derprop
+from derprop.provenance import source
 
-ROOT = Path(__file__).resolve().parents[1]
 
 BOOK_PATH = re.compile(r"\bbook/[\w./-]+\.md\b")
 ITALIC = r"\*(?!\*)([^*]+?)\*"
@@ -35,13 +35,13 @@ PAIRED = re.compile(rf"{ITALIC}\s*\(\s*``(book/[\w./-]+\.md)``\s*\)")
 
 def toc_chapters() -> dict[str, str]:
     """``book/x.md`` → title (its first ``# `` heading), for every file of ``_toc.yml``."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    toc = yaml.safe_load((source() / "_toc.yml").read_text())
     files = [toc["root"], *(c["file"] for part in toc.get("parts", []) for c in part.get("chapters", []))]
     out = {}
     for f in files:
-        path = ROOT / (f if f.endswith(".md") else f"{f}.md")
+        path = source() / (f if f.endswith(".md") else f"{f}.md")
         title = next(line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# "))
-        out[str(path.relative_to(ROOT))] = title
+        out[str(path.relative_to(source()))] = title
     return out
 
 
@@ -85,7 +85,7 @@ def test_the_patterns_catch_the_names_that_once_were_wrong():
 
 
 @pytest.mark.parametrize("name,path", modules(), ids=[m for m, _ in modules()])
-def test_docstrings_name_only_chapters_of_the_book(name, path):
+def test_docstrings_name_only_chapters_of_the_book(repo, name, path):
     chapters = toc_chapters()
     titles = set(chapters.values())
     bad = []
@@ -95,24 +95,24 @@ def test_docstrings_name_only_chapters_of_the_book(name, path):
         bad += [f"line {line}: *{t}* is no chapter title" for t in named if t not in titles]
         bad += [f"line {line}: *{t}* is not the title of {p}" for t, p in PAIRED.findall(" ".join(text.split()))
                 if p in chapters and chapters[p] != t.strip()]
-    assert not bad, f"{path.relative_to(ROOT)} names chapters that do not exist (titles: {sorted(titles)}):\n" + \
+    assert not bad, f"{path.relative_to(repo)} names chapters that do not exist (titles: {sorted(titles)}):\n" + \
         "\n".join(bad)
 
 
-def test_every_module_is_in_the_api_reference():
+def test_every_module_is_in_the_api_reference(repo):
     """A module missing from the API pages (``book/api/layer*.md``, one per import layer) would be absent from the
     rendered API, and a docstring reference to it a broken link (a warning, so a failed ``-W`` build)."""
-    pages = "".join(p.read_text() for p in (ROOT / "book" / "api").glob("layer*.md"))
+    pages = "".join(p.read_text() for p in (repo / "book" / "api").glob("layer*.md"))
     documented = set(re.findall(r"automodule:: derprop\.(\w+)", pages))
     modules = {m.name for m in pkgutil.iter_modules(derprop.__path__)}
     assert modules - documented == set(), f"add to its layer's page in book/api/: {sorted(modules - documented)}"
 
 
-def test_no_reference_points_outside_what_a_reader_can_open():
+def test_no_reference_points_outside_what_a_reader_can_open(repo):
     """References are to a chapter, an equation or section of the paper, or a file of the release by path and
     function; never to the project's private design notes (once cited as "SPEC")."""
-    files = [*ROOT.glob("derprop/*.py"), *ROOT.glob("configs/*.yaml"), *ROOT.glob("book/*.md"), ROOT / "README.md",
-             *ROOT.glob("pipelines/*.ipynb"), *ROOT.glob("pipelines/*.py")]
-    cited = [f"{f.relative_to(ROOT)}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+    files = [*repo.glob("derprop/*.py"), *repo.glob("configs/*.yaml"), *repo.glob("book/*.md"), repo / "README.md",
+             *repo.glob("pipelines/*.ipynb"), *repo.glob("pipelines/*.py")]
+    cited = [f"{f.relative_to(repo)}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
              if re.search(r"\bSPEC\b", line)]
     assert not cited, f"references nobody can open: {cited}"

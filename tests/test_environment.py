@@ -1,19 +1,18 @@
 """The pins in environment.yml mirror requirements*.txt; pyproject declares ranges."""
 
-from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from derprop.provenance import source
 
 
 def pins(name: str) -> list[str]:
-    lines = (ROOT / name).read_text().splitlines()
+    lines = (source() / name).read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def test_environment_yml_mirrors_requirements():
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+def test_environment_yml_mirrors_requirements(repo):
+    env = yaml.safe_load((repo / "environment.yml").read_text())
     pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
     assert len(pip_lists) == 1, "environment.yml needs exactly one `pip:` list"
     expected = pins("requirements.txt") + pins("requirements-dev.txt")
@@ -30,8 +29,8 @@ def test_requirements_are_exact_pins():
             assert "==" in line, f"{name}: `{line}` is not pinned with =="
 
 
-def test_pyproject_declares_ranges_for_the_gpu_box():
-    text = (ROOT / "pyproject.toml").read_text()
+def test_pyproject_declares_ranges_for_the_gpu_box(repo):
+    text = (repo / "pyproject.toml").read_text()
     assert '"torch>=2.4"' in text, "pyproject.toml must accept the GPU box's torch (>=2.4), not a pin"
 
 
@@ -45,10 +44,10 @@ def test_constraints_pin_the_same_versions_as_requirements():
     assert not any(k.startswith("derprop") for k in constraints), "constraints.txt must not pin derprop itself"
 
 
-def test_pyproject_runtime_is_lean_and_extras_cover_the_pins():
+def test_pyproject_runtime_is_lean_and_extras_cover_the_pins(repo):
     import tomllib
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
     runtime = {d.split(">")[0].split("=")[0].lower() for d in project["dependencies"]}
     assert runtime == {"torch", "torchvision", "numpy", "pyyaml", "pillow", "tqdm"}
     extras = project["optional-dependencies"]

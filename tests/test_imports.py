@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-PACKAGE = REPO / "derprop"
+from derprop.provenance import source
+
+PACKAGE = source() / "derprop"
 
 LAYERS: list[tuple[str, ...]] = [
     # the base of every error a user can cause, and what made a run (version, commit, devices)

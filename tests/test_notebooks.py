@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 
 from derprop.book_runs import BOOK_RUNS
-from derprop.provenance import KEYS
+from derprop.provenance import KEYS, source
 
-ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ROOT / "pipelines"
+PIPELINES = source() / "pipelines"
 TINY = "configs/cpu_scenes_tiny.yaml"
 
 
@@ -94,29 +93,29 @@ def test_publish_writes_the_summary_atomically(tmp_path):
 @pytest.fixture(scope="module")
 def repo_scenes_tiny() -> Path:
     """``data/scenes_tiny`` in the repository: the tree ``configs/cpu_scenes_tiny.yaml`` reads as it is."""
-    root = ROOT / BOOK_RUNS["smoke"]["data"]
+    root = source() / BOOK_RUNS["smoke"]["data"]
     subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), *BOOK_RUNS["smoke"]["data_args"],
-                    "--workers", "1", "--quiet"], cwd=ROOT, check=True)
+                    "--workers", "1", "--quiet"], cwd=source(), check=True)
     return root
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_make_reproduce_trains_on_two_gloo_processes(repo_scenes_tiny, tmp_path):
+def test_make_reproduce_trains_on_two_gloo_processes(repo, repo_scenes_tiny, tmp_path):
     """``make reproduce CONFIG=configs/cpu_scenes_tiny.yaml GPUS=2 SIZE=smoke`` on a CPU: the notebook starts torchrun
     with 2 gloo processes, streams their log, ends with the learning curves, and results.json says what ran."""
     make = subprocess.run(["make", "--no-print-directory", "-n", "reproduce", f"CONFIG={TINY}", "GPUS=2", "SIZE=smoke", "DEVICE=cpu",
-                           f"CHECK_PY={sys.executable}"], cwd=ROOT, capture_output=True, text=True, check=True)
+                           f"CHECK_PY={sys.executable}"], cwd=repo, capture_output=True, text=True, check=True)
     runs, results = tmp_path / "runs", tmp_path / "results"
     cmd = [*shlex.split(make.stdout), "--runs-root", str(runs), "--results-root", str(results)]
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernel's inline backend draws the figure
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = runs / "smoke" / "cpu_scenes_tiny"
     executed = json.loads((run_dir / "train.ipynb").read_text())
     outputs = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
     log = "".join("".join(o.get("text", "")) for o in outputs)
-    assert f"from {ROOT}" in log, "the kernel imports this checkout's derprop"
+    assert f"from {repo}" in log, "the kernel imports this checkout's derprop"
     assert "--nproc_per_node=2" in log and "it 2/2" in log and "ran on 2 process(es)" in log  # the run's own log
     assert any("image/png" in o.get("data", {}) for o in outputs) and (run_dir / "learning_curves.png").is_file()
     assert "mIoU" in log.rsplit("momentum network", 1)[-1]  # the per-class IoU table ends the notebook
@@ -130,7 +129,7 @@ def test_make_reproduce_trains_on_two_gloo_processes(repo_scenes_tiny, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_check_run_then_the_full_run_both_train_then_skip(scenes_tiny, tmp_path):
+def test_a_check_run_then_the_full_run_both_train_then_skip(repo, scenes_tiny, tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
     kw = dict(ablation="wo_dlp", gpus=1, runs_root=runs, device="cpu", extra=[f"data.root={scenes_tiny}"],
               results_root=results)
@@ -150,7 +149,7 @@ def test_a_check_run_then_the_full_run_both_train_then_skip(scenes_tiny, tmp_pat
     import papermill
 
     out = tmp_path / "eval.ipynb"
-    papermill.execute_notebook(str(PIPELINES / "evaluate.ipynb"), str(out), kernel_name="python3", cwd=str(ROOT),
+    papermill.execute_notebook(str(PIPELINES / "evaluate.ipynb"), str(out), kernel_name="python3", cwd=str(repo),
                                parameters={"RUN_DIR": str(full), "MODE": "center_crop", "CROP_SIZE": 32,
                                            "LIMIT": 4, "DEVICE": "cpu"}, progress_bar=False)
     ev = json.loads((full / "eval_center_crop.json").read_text())
@@ -171,11 +170,11 @@ def test_a_run_that_fails_fails_its_notebook_with_the_run_error_line(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_pipelines_run_under_nbval_lax(repo_scenes_tiny):
+def test_pipelines_run_under_nbval_lax(repo, repo_scenes_tiny):
     """The notebooks as committed (default parameters: the tiny scenes config) under ``pytest --nbval-lax``."""
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider",
                            "--rootdir", str(PIPELINES), str(PIPELINES / "train.ipynb"), str(PIPELINES / "evaluate.ipynb")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=880)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout

@@ -24,12 +24,13 @@ from packaging.utils import canonicalize_name
 
 from tests.test_predict import save_tiny_checkpoint, write_image
 
-REPO = Path(__file__).resolve().parents[1]
+from derprop.provenance import source
+
 SOURCES = ("derprop", "data_prep", "pyproject.toml", "README.md", "LICENSE")
 
 
 def runtime_requirements() -> list[str]:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return tomllib.loads((source() / "pyproject.toml").read_text())["project"]["dependencies"]
 
 
 def closure(requirements: list[str]) -> dict[str, md.Distribution]:
@@ -61,7 +62,7 @@ def lean_site(folder: Path, dists: dict[str, md.Distribution]) -> Path:
 
 
 @pytest.mark.slow
-def test_non_editable_install_with_only_the_lean_runtime_predicts(tmp_path):
+def test_non_editable_install_with_only_the_lean_runtime_predicts(repo, tmp_path):
     dists = closure(runtime_requirements())
     assert {"torch", "torchvision", "numpy", "pillow", "pyyaml", "tqdm"} <= set(dists)
     assert not {"scipy", "matplotlib", "psutil", "pandas"} & set(dists), "a demo package leaked into the runtime"
@@ -69,7 +70,7 @@ def test_non_editable_install_with_only_the_lean_runtime_predicts(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for name in SOURCES:
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, src / name)
+        (shutil.copytree if (repo / name).is_dir() else shutil.copy)(repo / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w",
                     str(tmp_path / "wheels"), str(src)], check=True, cwd=tmp_path)

@@ -17,15 +17,14 @@ from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.model import build_model
 from derprop.predict import main, predict
+from derprop.provenance import source
 from tests.fixtures import bomb_png
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def save_tiny_checkpoint(path: Path, *, momentum: bool = False) -> dict:
     """A checkpoint shaped like the trainer's best.pt (or last.pt with ``momentum``) for the CPU default's network."""
     torch.manual_seed(0)
-    cfg = resolved(load_config(REPO / "configs" / "cpu_scenes.yaml", ["model.pretrained=none"]))
+    cfg = resolved(load_config(source() / "configs" / "cpu_scenes.yaml", ["model.pretrained=none"]))
     net = build_model(cfg["model"])
     state = {"epoch": 1, "model": net.state_dict(), "config": cfg}
     if momentum:
@@ -47,10 +46,10 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def test_load_model_returns_eval_net_and_config(tiny_ckpt):
+def test_load_model_returns_eval_net_and_config(repo, tiny_ckpt):
     net, cfg = derprop.load_model(tiny_ckpt)
     assert not net.training
-    classes = load_config(REPO / "configs" / "cpu_scenes.yaml").model.num_classes
+    classes = load_config(repo / "configs" / "cpu_scenes.yaml").model.num_classes
     assert cfg["model"]["backbone"] == "mobilenet_v2" and cfg["model"]["num_classes"] == classes
     out = net(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     assert out.logits.shape == (1, classes, 32, 32)
@@ -66,7 +65,7 @@ def test_load_model_prefers_the_momentum_network(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["original", "sliding"])
-def test_predict_cli_writes_palette_png_and_overlay(tiny_ckpt, tmp_path, mode, capsys):
+def test_predict_cli_writes_palette_png_and_overlay(repo, tiny_ckpt, tmp_path, mode, capsys):
     img = write_image(tmp_path / "a.jpg")
     out = tmp_path / "a.png"
     assert main(["--checkpoint", str(tiny_ckpt), "--image", str(tmp_path / "a.jpg"), "--mode", mode,
@@ -74,7 +73,7 @@ def test_predict_cli_writes_palette_png_and_overlay(tiny_ckpt, tmp_path, mode, c
     with Image.open(out) as im:
         assert im.mode == "P" and im.size == (52, 40)
         label = np.array(im)
-    assert label.max() < load_config(REPO / "configs" / "cpu_scenes.yaml").model.num_classes
+    assert label.max() < load_config(repo / "configs" / "cpu_scenes.yaml").model.num_classes
     with Image.open(tmp_path / "a_overlay.png") as ov:
         assert ov.mode == "RGB" and ov.size == (52, 40)
     net, _ = derprop.load_model(tiny_ckpt)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from derprop.progress import ProgressLog
+from derprop.provenance import source
 from derprop.train import main
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
+TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 FIELDS = re.compile(r"^epoch (\d+)/2 it (\d+)/4 \(\d+\.\d%\) loss [-\d.e+]+ .*ce_x .* lr [\d.e+-]+ "
                     r"threshold [\d.]+ mask_ratio [\d.]+ [\d.]+ img/s ETA \d+:\d\d:\d\d$")
 

@@ -21,10 +21,10 @@ from derprop import progress, provenance
 from derprop.configfile import load_config
 from derprop.distributed import Dist
 from derprop.loaders import build_training_data
+from derprop.provenance import source
 from derprop.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = source() / "configs"
 TINY = CONFIGS / "cpu_scenes_tiny.yaml"
 
 
@@ -170,3 +170,14 @@ def test_a_run_writes_tensorboard_event_files_holding_val_miou(scenes_tiny, tmp_
     tags = events.Tags()
     assert {"val/miou", "val/miou_backprop", "val/miou_momentum"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("val/miou")] == [2]
+
+
+def test_project_root_is_the_variable_else_the_checkout_else_the_current_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv(provenance.ROOT_VARIABLE, raising=False)
+    assert provenance.project_root() == provenance.source()  # a checkout: it holds configs/
+    monkeypatch.setenv(provenance.ROOT_VARIABLE, str(tmp_path))
+    assert provenance.project_root() == tmp_path.resolve()
+    monkeypatch.delenv(provenance.ROOT_VARIABLE)
+    monkeypatch.setattr(provenance, "source", lambda: tmp_path / "site-packages")  # an installed package
+    monkeypatch.chdir(tmp_path)
+    assert provenance.project_root() == tmp_path

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from derprop.report import cpu_findings, gpu_hours, matrix_results, train_step_rows
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_full_run_replaces_a_check_run(tmp_path):
@@ -19,7 +16,7 @@ def test_a_full_run_replaces_a_check_run(tmp_path):
     assert matrix_results(tmp_path) == {"voc_92": {"size": "full", "miou": 0.77}}
 
 
-def test_gpu_hours_from_the_fastest_matching_gpu_step(tmp_path):
+def test_gpu_hours_from_the_fastest_matching_gpu_step(repo, tmp_path):
     rows = [{"profile": "official", "config": c, "crop": 321, "backbone": "resnet101", "images_per_s": ips}
             for c, ips in (("dense", 10.0), ("tiled-cl", 20.0))]
     (tmp_path / "gpu_check_h100.json").write_text(json.dumps(
@@ -28,10 +25,10 @@ def test_gpu_hours_from_the_fastest_matching_gpu_step(tmp_path):
         {"machine": {"device": "cpu"}, "rows": [{**rows[0], "images_per_s": 99.0}]}))
     steps = train_step_rows(tmp_path)
     assert len(steps) == 3
-    hours, row = gpu_hours(ROOT / "configs" / "voc_92.yaml", steps)
+    hours, row = gpu_hours(repo / "configs" / "voc_92.yaml", steps)
     assert row["config"] == "tiled-cl" and row["device_name"] == "H100"  # CPU rows never count
     assert hours == pytest.approx(80 * (10582 - 92) * 2 / 20.0 / 3600)
-    assert gpu_hours(ROOT / "configs" / "voc_92.yaml", [r for r in steps if r["device"] == "cpu"]) is None
+    assert gpu_hours(repo / "configs" / "voc_92.yaml", [r for r in steps if r["device"] == "cpu"]) is None
 
 
 def test_cpu_findings_read_the_claim_and_say_what_is_missing(tmp_path):

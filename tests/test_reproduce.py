@@ -18,11 +18,10 @@ import pytest
 import tomllib
 
 from derprop import launch
-from derprop.provenance import KEYS
+from derprop.provenance import KEYS, source
 from derprop.tables import run_path
 from pipelines import run_matrix as rm
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/cpu_scenes_tiny.yaml"
 
 
@@ -142,7 +141,7 @@ def test_run_streams_lines_and_fails_with_the_last_error_line():
 # the Makefile and the README
 # --------------------------------------------------------------------------- #
 def _make_n(*args: str) -> list[str]:
-    proc = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    proc = subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=source(), capture_output=True, text=True, check=True)
     return [line for line in proc.stdout.splitlines() if line.strip()]
 
 
@@ -165,9 +164,9 @@ def test_make_reproduce_passes_gpus_size_device_and_force():
                                  "--gpus", "2", "--device", "cpu", "--force", "--ablation", "wo_dlp"]
 
 
-def test_the_readme_names_the_console_scripts():
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    readme = (ROOT / "README.md").read_text()
+def test_the_readme_names_the_console_scripts(repo):
+    scripts = tomllib.loads((repo / "pyproject.toml").read_text())["project"]["scripts"]
+    readme = (repo / "README.md").read_text()
     assert set(scripts) == {"derprop-train", "derprop-evaluate", "derprop-predict"}
     for name in scripts:
         assert f"`{name}`" in readme, name

@@ -20,10 +20,11 @@ import torch
 from derprop import atomic, loaders, rundir
 from derprop import checkpoint as ck
 from derprop.configfile import load_config
+from derprop.provenance import source
 from derprop.train import main
 from derprop.trainer import Trainer, TrainingInterrupted
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
+TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 FAST = ["model.backbone=mobilenet_v2", "model.aspp_dilations=[1]", "data.crop_size=24", "optim.iters_per_epoch=1",
         "data.val_limit=2", "data.diag_images=1", "eval.final_modes=[original]"]
 
@@ -360,7 +361,7 @@ def test_a_book_run_trained_with_other_settings_is_refused_not_shown(tmp_path):
     from derprop.config import resolved
     from derprop.errors import DerPropError
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "cpu_scenes_tiny.yaml"
+    config = source() / "configs" / "cpu_scenes_tiny.yaml"
     out = tmp_path / "cpu_dlp"
     out.mkdir()
     saved = resolved(load_config(config, ["data.root=/elsewhere/scenes", "data.split=1_4"]))

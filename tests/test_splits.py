@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from data_prep.common import check_split_hashes
-from derprop.data import DATASETS, SPLITS_ROOT, DatasetError, read_split, split_items
+from derprop.data import DATASETS, SPLITS_DIR, DatasetError, read_split, split_items
 
 COUNTS = {
     "pascal": {"92": 92, "183": 183, "366": 366, "732": 732, "1464": 1464, "train": 10582, "val": 1449},
@@ -17,10 +17,10 @@ COUNTS = {
 
 def test_hashes_match_and_licence_is_kept():
     check_split_hashes()
-    assert (SPLITS_ROOT / "LICENSE.UniMatch-splits").read_text().startswith("MIT License")
-    assert "UniMatch" in (SPLITS_ROOT / "README.md").read_text()
-    listed = {line.split()[1].removeprefix("./") for line in (SPLITS_ROOT / "SHA256SUMS").read_text().splitlines()}
-    shipped = {p.relative_to(SPLITS_ROOT).as_posix() for p in SPLITS_ROOT.rglob("*.txt")}
+    assert (SPLITS_DIR / "LICENSE.UniMatch-splits").read_text().startswith("MIT License")
+    assert "UniMatch" in (SPLITS_DIR / "README.md").read_text()
+    listed = {line.split()[1].removeprefix("./") for line in (SPLITS_DIR / "SHA256SUMS").read_text().splitlines()}
+    shipped = {p.relative_to(SPLITS_DIR).as_posix() for p in SPLITS_DIR.rglob("*.txt")}
     assert listed == shipped
 
 
@@ -43,7 +43,7 @@ def test_counts_and_rules(name):
 
 def test_pascal_labeled_lists_come_from_voc_train():
     # all five labeled subsets are images of VOC's own 1,464 (1464/labeled.txt is that list)
-    voc_train = set(read_split(SPLITS_ROOT / "pascal/1464/labeled.txt"))
+    voc_train = set(read_split(SPLITS_DIR / "pascal/1464/labeled.txt"))
     for split in ("92", "183", "366", "732"):
         assert set(split_items("pascal", split)) <= voc_train
 
@@ -56,7 +56,7 @@ def test_cityscapes_labels_are_train_ids():
 
 def test_tampered_list_is_detected(tmp_path):
     copy = tmp_path / "splits"
-    shutil.copytree(SPLITS_ROOT, copy)
+    shutil.copytree(SPLITS_DIR, copy)
     target = copy / "pascal/92/labeled.txt"
     target.chmod(0o644)
     target.write_text(target.read_text() + "JPEGImages/x.jpg SegmentationClass/x.png\n")

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from derprop.config import PROFILES, resolved
 from derprop.configfile import load_config
+from derprop.provenance import source
 from derprop.tables import ABLATIONS, DIVERGENCES, MATRIX, overrides_for, run_name
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, source() / "scripts" / f"{name}.py")
     mod = sys.modules[name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_matrix_covers_tables_1_to_4_with_the_papers_numbers():
+def test_matrix_covers_tables_1_to_4_with_the_papers_numbers(repo):
     cells = {(e.table, e.row, e.column): e.paper for e in MATRIX}
     assert cells[("1", "DerProp", "92")] == 77.6 and cells[("1", "w/o DLP", "92")] == 66.6
     assert ("1", "w/o DLP", "1464") not in cells  # not applicable with every image labeled
@@ -31,7 +29,7 @@ def test_matrix_covers_tables_1_to_4_with_the_papers_numbers():
     assert cells[("4", "eq. 11 (sum)", "183")] == 77.1
     assert len([e for e in MATRIX if e.table == "1"]) == 4 * 5 - 1
     for e in MATRIX:
-        assert (ROOT / e.config).is_file(), e.config
+        assert (repo / e.config).is_file(), e.config
         assert e.ablation in ("", *ABLATIONS), e.ablation
 
 
@@ -45,10 +43,10 @@ def test_a_run_that_several_tables_report_has_one_number():
     assert {name: n for name, n in numbers.items() if len(n) > 1} == {}
 
 
-def test_overrides_load_into_a_valid_config():
+def test_overrides_load_into_a_valid_config(repo):
     for abl in ABLATIONS:
         ov = overrides_for(split="183", profile="paper", ablation=abl, size="smoke", seed=3)
-        cfg = load_config(ROOT / "configs/voc_92.yaml", ov)
+        cfg = load_config(repo / "configs/voc_92.yaml", ov)
         assert cfg.data.split == "183" and cfg.profile == "paper" and cfg.seed == 3 and cfg.optim.epochs == 1
     with pytest.raises(ValueError, match="unknown ablation"):
         overrides_for(ablation="nope")
@@ -58,23 +56,23 @@ def test_divergences_describe_exactly_the_switches_of_the_profiles():
     assert set(DIVERGENCES) == set(PROFILES["official"])
 
 
-def test_the_ablation_configs_are_what_the_generator_writes():
+def test_the_ablation_configs_are_what_the_generator_writes(repo):
     gen = _script("ablation_configs")
     files = gen.generated()
     for path, text in files.items():
         assert path.read_text() == text, f"{path.name} is stale: run python -m scripts.ablation_configs"
         split, ablation = path.stem.split("_", 2)[1:]
         assert resolved(load_config(path)) == resolved(
-            load_config(ROOT / f"configs/voc_{split}.yaml", ABLATIONS[ablation].overrides))
-    ablation_files = {p for p in (ROOT / "configs").glob("voc_*_*.yaml") if p.stem.split("_", 2)[2] in ABLATIONS}
+            load_config(repo / f"configs/voc_{split}.yaml", ABLATIONS[ablation].overrides))
+    ablation_files = {p for p in (repo / "configs").glob("voc_*_*.yaml") if p.stem.split("_", 2)[2] in ABLATIONS}
     assert ablation_files == set(files)
 
 
-def test_the_cpu_benchmarks_run_the_rows_of_the_tables():
+def test_the_cpu_benchmarks_run_the_rows_of_the_tables(repo):
     from benchmarks import ablations_cpu, cpu_evidence
 
     def config(overrides):
-        return resolved(load_config(ROOT / "configs/cpu_scenes.yaml", list(overrides)))
+        return resolved(load_config(repo / "configs/cpu_scenes.yaml", list(overrides)))
 
     rows = {a.row: a.overrides for a in ABLATIONS.values()} | {"eq. 2 (forward)": ()}
     for group in ("Q", "op"):

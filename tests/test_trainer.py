@@ -20,11 +20,12 @@ from derprop.distributed import Dist
 from derprop.guards import NonFiniteLossError
 from derprop.loaders import loaders
 from derprop.objective import ohem_ce
+from derprop.provenance import source
 from derprop.pseudo_labels import Threshold, blend, region_propagation
 from derprop.train import main
 from derprop.trainer import Trainer, TrainingInterrupted
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
+TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 
 
 def tiny(root, *overrides):
@@ -205,7 +206,6 @@ def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
         loss.backward()
 
 
-
 @pytest.mark.parametrize(("profile", "heads"), [("official", False), ("paper", True)])
 def test_the_cutmix_partner_pass_computes_the_heads_only_where_a_term_reads_them(scenes_tiny, tmp_path, profile,
                                                                                  heads):
@@ -234,6 +234,7 @@ def test_the_cutmix_partner_pass_computes_the_heads_only_where_a_term_reads_them
     assert calls[0] is heads
     (l0, g0), (l1, g1) = results
     assert torch.equal(l0, l1) and len(g0) == len(g1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+
 
 def test_paper_blend_is_in_probability_space_and_official_in_logit_space(scenes_tiny, tmp_path):
     logits, prop = torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2) * 5

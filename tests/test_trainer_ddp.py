@@ -13,9 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from derprop.configfile import load_config
+from derprop.provenance import source
 from derprop.trainer import Trainer
 
-TINY = Path(__file__).resolve().parent.parent / "configs" / "cpu_scenes_tiny.yaml"
+TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 # Dropout draws differ between processes, so it is switched off. BatchNorm statistics are global
 # (CpuSyncBatchNorm); the curves still differ a little: losses are averaged per process (the CE over
 # each process's valid pixels, the labeled derivative loss over its valid pixel pairs).
