@@ -15,10 +15,9 @@ side. A key written in a config file or on the command line always wins
 over the profile. :func:`resolved` gives the fully expanded
 dictionary that goes into checkpoints and ``results.json``.
 
-What each switch does in the release and in the paper is written once, in
-``derprop.tables.DIVERGENCES`` (a test checks that it has exactly the keys
-of :data:`PROFILES`); the chapter *Paper vs released code* tabulates it with
-both profiles' values.
+Each switch is written once, in ``derprop.tables.DIVERGENCES``: its value in
+both profiles and what the release and the paper do; the chapter *Paper vs
+released code* tabulates it.
 
 ``auto`` evaluation means original size for pascal/scenes and sliding window
 for cityscapes (the paper's *Implementation Details*). Both label resizes sample the feature grid the
@@ -50,11 +49,14 @@ deliberately different batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS, RESNET_OUTPUT_STRIDES
+from derprop.data import DATASETS
 from derprop.errors import ConfigError
+from derprop.tables import DIVERGENCES
 
 # --------------------------------------------------------------------------- #
 # Sections
@@ -315,6 +317,9 @@ class TrainConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        _validate(self)
+
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
@@ -349,58 +354,99 @@ CHOICES: dict[str, tuple] = {
 """Allowed values of the string (and small integer) keys."""
 
 PROFILES: dict[str, dict[str, Any]] = {
-    "official": {
-        "model.two_heads": True,
-        "method.dlp_form": "softmax",
-        "method.blend_space": "logit",
-        "method.feature_norm": "softmax",
-        "method.label_resize": "bilinear",
-        "method.labeled_der_detached": True,
-        "method.spatial_softmax_sparsity": True,
-        "method.momentum_timing": "epoch_start",
-        "method.momentum_buffers": True,
-        "method.threshold": "ema",
-        "method.pseudo_label_source": "momentum",
-        "method.unlabeled_ce": "soft",
-        "method.cutmix_consistent_targets": False,
-        "method.cutmix_partner": "same_image",
-        "method.weak_propagated_ce": True,
-        "method.fp_branch": True,
-        "method.region_propagation": True,
-        "loss.lambda_der": 0.25,
-        "loss.eta": 1.0,
-        "loss.scale": 0.5,
-        "eval.mode": "center_crop",
-        "eval.select": "best_of_both",
-    },
-    "paper": {
-        "model.two_heads": False,
-        "method.dlp_form": "linear",
-        "method.blend_space": "prob",
-        "method.feature_norm": "l1",
-        "method.label_resize": "nearest",
-        "method.labeled_der_detached": False,
-        "method.spatial_softmax_sparsity": False,
-        "method.momentum_timing": "epoch_end",
-        "method.momentum_buffers": False,
-        "method.threshold": "fixed",
-        "method.pseudo_label_source": "backprop",
-        "method.unlabeled_ce": "hard",
-        "method.cutmix_consistent_targets": True,
-        "method.cutmix_partner": "other_image",
-        "method.weak_propagated_ce": False,
-        "method.fp_branch": False,
-        "method.region_propagation": False,
-        "loss.lambda_der": 0.5,
-        "loss.eta": 0.5,
-        "loss.scale": 1.0,
-        "eval.mode": "auto",
-        "eval.select": "momentum",
-    },
+    profile: {key: d.values[i] for key, d in DIVERGENCES.items()} for i, profile in enumerate(("official", "paper"))
 }
-"""Switch values of each profile (dotted keys); see the table in the module doc."""
+"""Switch values of each profile (dotted keys), read from :data:`derprop.tables.DIVERGENCES`, where each switch
+is written once with both values and what they mean."""
 
-assert PROFILES["official"].keys() == PROFILES["paper"].keys()
+
+def check_choice(key: str, value: Any) -> None:
+    """Raise a :class:`ConfigError` naming the allowed values unless ``value`` is one of :data:`CHOICES` ``[key]``."""
+    allowed = CHOICES[key]
+    if isinstance(value, bool) or value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+
+
+MAX_CROP_SIZE = 4096
+"""The largest crop (training and evaluation): each crop is padded to ``crop_size²`` pixels per image."""
+
+
+def min_crop_size(output_stride: int) -> int:
+    """The smallest crop whose feature grid is 3×3, what the central and second derivatives (eq. 10–12) need."""
+    return 2 * output_stride + 1
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """Every range and cross-section check of a config (the sections check their own types and choices)."""
+    flat = flatten(dataclasses.asdict(cfg))
+    for key in CHOICES:
+        check_choice(key, flat[key])
+    for mode in cfg.eval.final_modes:
+        if mode not in EVAL_MODES:
+            raise ConfigError(f"config key 'eval.final_modes' entries must be in {list(EVAL_MODES)}, got {mode!r}")
+    for key, value in flat.items():
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
+            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+    positive = ["data.crop_size", "optim.epochs", "optim.batch_size", "optim.lr", "optim.head_lr_mult",
+                "optim.poly_power", "eval.crop_size", "eval.every", "method.region_samples", "method.dlp_temperature"]
+    for key in positive:
+        if not flat[key] > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
+    if not 0 <= cfg.seed < 2**64:
+        raise ConfigError(f"config key 'seed' must be in [0, 2**64), got {cfg.seed!r}")
+    if not 0 <= cfg.optim.momentum < 1:
+        raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {cfg.optim.momentum!r}")
+    if not cfg.optim.weight_decay >= 0:
+        raise ConfigError(f"config key 'optim.weight_decay' must be >= 0, got {cfg.optim.weight_decay!r}")
+    smallest = min_crop_size(cfg.model.output_stride)
+    for key in ("data.crop_size", "eval.crop_size"):
+        if not smallest <= flat[key] <= MAX_CROP_SIZE:
+            raise ConfigError(f"config key '{key}' must be in [{smallest}, {MAX_CROP_SIZE}], got {flat[key]!r}: the "
+                              f"network needs a 3×3 feature grid (2 × model.output_stride + 1 pixels), and a crop is "
+                              f"padded to crop_size² pixels")
+    for key in ["optim.iters_per_epoch", "optim.ref_batch", "optim.schedule_iters", "method.chunk", "data.labeled_limit",
+                "data.unlabeled_limit", "data.val_limit"]:
+        if flat[key] is not None and not flat[key] > 0:
+            raise ConfigError(f"config key '{key}' must be null or > 0, got {flat[key]!r}")
+    lo, hi = cfg.data.scale_range
+    if not 0 < lo <= hi:
+        raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {[lo, hi]}")
+    for key in ["data.cutmix_p", "method.threshold_value", "method.threshold_init", "method.threshold_momentum"]:
+        if not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {flat[key]!r}")
+    if cfg.data.num_workers < 0 or cfg.data.diag_images < 0 or cfg.optim.schedule_offset < 0:
+        raise ConfigError("config keys 'data.num_workers', 'data.diag_images' and 'optim.schedule_offset' must be >= 0")
+    data_classes = cfg.data.num_classes if cfg.data.num_classes is not None else dataset_classes({"layout": cfg.data.layout})
+    if cfg.model.num_classes != data_classes:
+        raise ConfigError(
+            f"config key 'model.num_classes' ({cfg.model.num_classes}) must equal the dataset's number of classes "
+            f"({data_classes}); leave model.num_classes out to take it from the data"
+        )
+    if cfg.data.split is None and cfg.data.labeled_list is None:
+        raise ConfigError("config needs 'data.split' (e.g. '92', '1_8') or an explicit 'data.labeled_list'")
+
+
+def dataset_classes(data: Mapping[str, Any]) -> int:
+    """The class count of a ``data`` section (nested dict): its ``num_classes``, else its layout's."""
+    if data.get("num_classes") is not None:
+        return data["num_classes"]
+    name = data.get("layout", DataConfig.layout)
+    check_choice("data.layout", name)
+    return DATASETS[name].num_classes
+
+
+def flatten(nested: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config ``{"section": {"key": v}}`` as ``{"section.key": v}``; top-level values keep their key.
+
+    Takes a :func:`resolved` config, a config file's sections or ``dataclasses.asdict`` of a config.
+    """
+    out: dict[str, Any] = {}
+    for k, v in nested.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}.{sk}": sv for sk, sv in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 def resolved(cfg: TrainConfig) -> dict[str, Any]:

@@ -15,8 +15,6 @@ allowed there; a bad value names the allowed values; a YAML syntax error is
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 import re
 import types
 import typing
@@ -26,8 +24,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from derprop.config import CHOICES, EVAL_MODES, PROFILES, SECTIONS, DataConfig, TrainConfig, resolved
-from derprop.data import DATASETS
+from derprop.config import PROFILES, SECTIONS, TrainConfig, check_choice, dataset_classes, flatten, resolved
 from derprop.errors import ConfigError
 
 
@@ -113,30 +110,31 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, read_yaml(value, f"override {text!r}", col_offset=len(text) - len(value))
 
 
-def _flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested user dict → ``{dotted key: value}``, checking every key exists."""
-    flat: dict[str, Any] = {}
-    top_allowed = [f.name for f in fields(TrainConfig)]
+def _user_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A config file's nested dict → ``{dotted key: value}`` (:func:`~derprop.config.flatten`), every key checked."""
     for k, v in raw.items():
-        if k in SECTIONS:
-            if v is None:
-                continue
-            if not isinstance(v, Mapping):
-                raise ConfigError(f"config section {k!r} must be a mapping of keys, got {v!r}")
-            allowed = [f.name for f in fields(SECTIONS[k])]
-            for sk, sv in v.items():
-                if sk not in allowed:
-                    raise ConfigError(f"unknown config key '{k}.{sk}'; allowed keys in '{k}': {allowed}")
-                flat[f"{k}.{sk}"] = sv
-        elif k in top_allowed:
-            flat[k] = v
-        else:
-            raise ConfigError(f"unknown config key '{k}'; allowed top-level keys: {top_allowed + ['base']}")
+        if k in SECTIONS and v is not None and not isinstance(v, Mapping):
+            raise ConfigError(f"config section {k!r} must be a mapping of keys, got {v!r}")
+    flat = flatten({k: v for k, v in raw.items() if not (k in SECTIONS and v is None)})
+    for key in flat:
+        _check_key(key)
     return flat
 
 
 def _check_key(key: str) -> None:
-    _flatten(_nest({key: None}))
+    """Raise a :class:`ConfigError` naming the allowed keys unless ``key`` (``section.key`` or top-level) exists."""
+    top_allowed = [f.name for f in fields(TrainConfig) if f.name not in SECTIONS]
+    section, dot, name = key.partition(".")
+    if "." in name:
+        raise ConfigError(f"unknown config key '{key}'; keys have at most one dot (section.key)")
+    if not dot and key in top_allowed:
+        return
+    if not dot or section not in SECTIONS:
+        raise ConfigError(f"unknown config key '{section}'; allowed top-level keys: "
+                          f"{[f.name for f in fields(TrainConfig)] + ['base']}")
+    allowed = [f.name for f in fields(SECTIONS[section])]
+    if name not in allowed:
+        raise ConfigError(f"unknown config key '{key}'; allowed keys in '{section}': {allowed}")
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -163,7 +161,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             (named with the allowed values).
     """
     raw = _load_yaml(Path(path)) if path is not None else {}
-    flat = _flatten(raw)
+    flat = _user_keys(raw)
     for text in overrides:
         key, value = parse_override(text)
         if key in SECTIONS:
@@ -182,15 +180,10 @@ def _is_str_key(key: str) -> bool:
     return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
 
 
-def config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from a nested dict (e.g. :func:`resolved` output, a checkpoint's config)."""
-    return config_from_flat(_flatten(d))
-
-
 def config_from_flat(user: Mapping[str, Any]) -> TrainConfig:
-    """Profile values first, then the user's explicit keys, then validation."""
+    """Profile values first, then the user's explicit keys; :class:`TrainConfig` validates them."""
     profile = user.get("profile", TrainConfig.profile)
-    _check_choice("profile", profile)
+    check_choice("profile", profile)
     values = {**PROFILES[profile], **user}
     nested = _nest(values)
     sections = {}
@@ -198,20 +191,10 @@ def config_from_flat(user: Mapping[str, Any]) -> TrainConfig:
         given = nested.get(name, {})
         kwargs = {k: _coerce(f"{name}.{k}", _field_type(cls, k), v) for k, v in given.items()}
         if name == "model" and "num_classes" not in given:
-            kwargs["num_classes"] = _dataset_classes(nested.get("data", {}))
+            kwargs["num_classes"] = dataset_classes(nested.get("data", {}))
         sections[name] = cls(**kwargs)
     top = {k: _coerce(k, _field_type(TrainConfig, k), v) for k, v in nested.items() if k not in SECTIONS}
-    cfg = TrainConfig(**top, **sections)
-    _validate(cfg)
-    return cfg
-
-
-def _dataset_classes(data: Mapping[str, Any]) -> int:
-    if data.get("num_classes") is not None:
-        return data["num_classes"]
-    name = data.get("layout", DataConfig.layout)
-    _check_choice("data.layout", name)
-    return DATASETS[name].num_classes
+    return TrainConfig(**top, **sections)
 
 
 def _field_type(cls: type, name: str) -> Any:
@@ -255,82 +238,6 @@ def _coerce(key: str, tp: Any, v: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a string, got {v!r}")
         return v
     return v
-
-
-def _check_choice(key: str, value: Any) -> None:
-    allowed = CHOICES[key]
-    if isinstance(value, bool) or value not in allowed:
-        raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
-
-
-MAX_CROP_SIZE = 4096
-"""The largest crop (training and evaluation): each crop is padded to ``crop_size²`` pixels per image."""
-
-
-def min_crop_size(output_stride: int) -> int:
-    """The smallest crop whose feature grid is 3×3, what the central and second derivatives (eq. 10–12) need."""
-    return 2 * output_stride + 1
-
-
-def _validate(cfg: TrainConfig) -> None:
-    flat = _flat_values(cfg)
-    for key in CHOICES:
-        _check_choice(key, flat[key])
-    for mode in cfg.eval.final_modes:
-        if mode not in EVAL_MODES:
-            raise ConfigError(f"config key 'eval.final_modes' entries must be in {list(EVAL_MODES)}, got {mode!r}")
-    for key, value in flat.items():
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
-            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
-    positive = ["data.crop_size", "optim.epochs", "optim.batch_size", "optim.lr", "optim.head_lr_mult",
-                "optim.poly_power", "eval.crop_size", "eval.every", "method.region_samples", "method.dlp_temperature"]
-    for key in positive:
-        if not flat[key] > 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
-    if not 0 <= cfg.seed < 2**64:
-        raise ConfigError(f"config key 'seed' must be in [0, 2**64), got {cfg.seed!r}")
-    if not 0 <= cfg.optim.momentum < 1:
-        raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {cfg.optim.momentum!r}")
-    if not cfg.optim.weight_decay >= 0:
-        raise ConfigError(f"config key 'optim.weight_decay' must be >= 0, got {cfg.optim.weight_decay!r}")
-    smallest = min_crop_size(cfg.model.output_stride)
-    for key in ("data.crop_size", "eval.crop_size"):
-        if not smallest <= flat[key] <= MAX_CROP_SIZE:
-            raise ConfigError(f"config key '{key}' must be in [{smallest}, {MAX_CROP_SIZE}], got {flat[key]!r}: the "
-                              f"network needs a 3×3 feature grid (2 × model.output_stride + 1 pixels), and a crop is "
-                              f"padded to crop_size² pixels")
-    for key in ["optim.iters_per_epoch", "optim.ref_batch", "optim.schedule_iters", "method.chunk", "data.labeled_limit",
-                "data.unlabeled_limit", "data.val_limit"]:
-        if flat[key] is not None and not flat[key] > 0:
-            raise ConfigError(f"config key '{key}' must be null or > 0, got {flat[key]!r}")
-    lo, hi = cfg.data.scale_range
-    if not 0 < lo <= hi:
-        raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {[lo, hi]}")
-    for key in ["data.cutmix_p", "method.threshold_value", "method.threshold_init", "method.threshold_momentum"]:
-        if not 0.0 <= flat[key] <= 1.0:
-            raise ConfigError(f"config key '{key}' must be in [0, 1], got {flat[key]!r}")
-    if cfg.data.num_workers < 0 or cfg.data.diag_images < 0 or cfg.optim.schedule_offset < 0:
-        raise ConfigError("config keys 'data.num_workers', 'data.diag_images' and 'optim.schedule_offset' must be >= 0")
-    data_classes = cfg.data.num_classes if cfg.data.num_classes is not None else _dataset_classes({"layout": cfg.data.layout})
-    if cfg.model.num_classes != data_classes:
-        raise ConfigError(
-            f"config key 'model.num_classes' ({cfg.model.num_classes}) must equal the dataset's number of classes "
-            f"({data_classes}); leave model.num_classes out to take it from the data"
-        )
-    if cfg.data.split is None and cfg.data.labeled_list is None:
-        raise ConfigError("config needs 'data.split' (e.g. '92', '1_8') or an explicit 'data.labeled_list'")
-
-
-def _flat_values(cfg: TrainConfig) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for f in fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            for sf in fields(v):
-                flat[f"{f.name}.{sf.name}"] = getattr(v, sf.name)
-        else:
-            flat[f.name] = v
-    return flat
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

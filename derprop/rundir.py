@@ -43,6 +43,7 @@ from typing import Any
 
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
+from derprop.config import flatten
 from derprop.errors import DerPropError
 from derprop.progress import TENSORBOARD, TRAIN_LOG
 
@@ -318,17 +319,6 @@ def non_finite_hint(out: Path, epoch: int) -> str:
 # --------------------------------------------------------------------------- #
 # Resume policy
 # --------------------------------------------------------------------------- #
-def flatten(d: dict[str, Any]) -> dict[str, Any]:
-    """A resolved config as ``{"section.key": value}`` (top-level values keep their key)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update({f"{k}.{sk}": sv for sk, sv in v.items()})
-        else:
-            out[k] = v
-    return out
-
-
 def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, list], dict[str, list]]:
     """``(allowed, refused)``: dotted keys whose values differ between two resolved configs, as ``[saved, now]``."""
     fa, fb = flatten(saved), flatten(now)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from derprop.errors import ConfigError
 
@@ -163,52 +163,70 @@ def overrides_for(*, split: str = "", profile: str = "", ablation: str = "", siz
 
 @dataclass(frozen=True)
 class Divergence:
-    """One switch of :data:`derprop.config.PROFILES`: what the release does, what the paper writes, which equation."""
+    """One switch between the profiles: its value in each (``official``, ``paper``), what the release does,
+    what the paper writes, which equation. :data:`derprop.config.PROFILES` is made from these values."""
 
+    values: tuple[Any, Any]
     release: str
     paper: str
     eq: str
 
 
 DIVERGENCES: dict[str, Divergence] = {
-    "model.two_heads": Divergence("two 1×1 heads f1, f2 with D = C: S = f1ᵀf2 is asymmetric", "one V: S = VᵀV",
-                                  "eq. 1, 3"),
-    "method.dlp_form": Divergence("row softmax of the scaled similarity, L̃ = sg(L)·A",
-                                  "L̃ = L(S + Δ¹S), unnormalised", "eq. 4"),
-    "method.blend_space": Divergence("blend logits: (1−η)L + ηL̃", "blend probabilities", "eq. 5"),
-    "method.feature_norm": Divergence("softmax over channels (called “L1 normalisation”)", "‖v‖₁ = 1",
-                                      "eq. 3, Thm. 1"),
-    "method.label_resize": Divergence("class indices interpolated bilinearly on the feature grid (exact at crops "
-                                      "321/513/801)", "label at the nearest pixel of each grid point", "eq. 8 (S_GT)"),
+    "model.two_heads": Divergence(
+        (True, False), "two 1×1 heads f1, f2 with D = C: S = f1ᵀf2 is asymmetric", "one V: S = VᵀV", "eq. 1, 3"),
+    "method.dlp_form": Divergence(
+        ("softmax", "linear"), "row softmax of the scaled similarity, L̃ = sg(L)·A", "L̃ = L(S + Δ¹S), unnormalised",
+        "eq. 4"),
+    "method.blend_space": Divergence(
+        ("logit", "prob"), "blend logits: (1−η)L + ηL̃", "blend probabilities", "eq. 5"),
+    "method.feature_norm": Divergence(
+        ("softmax", "l1"), "softmax over channels (called “L1 normalisation”)", "‖v‖₁ = 1", "eq. 3, Thm. 1"),
+    "method.label_resize": Divergence(
+        ("bilinear", "nearest"),
+        "class indices interpolated bilinearly on the feature grid (exact at crops 321/513/801)",
+        "label at the nearest pixel of each grid point", "eq. 8 (S_GT)"),
     "method.labeled_der_detached": Divergence(
+        (True, False),
         "labeled prediction similarities detached: no gradient. The term's logged value differs as well (no switch: "
-        "it changes nothing else): the release keeps ignored pixels, label 255 → class 22, in the mean over all "
-        "B·M² pairs, against YᵀY/√(K−2), K = 1 + the largest label in the batch (√21 whenever it holds an ignored "
-        "pixel, on VOC and Cityscapes alike); derprop averages over the valid pairs, against YᵀY/√C",
-        "trained", "eq. 8"),
-    "method.spatial_softmax_sparsity": Divergence("sparsity term takes a softmax over pixels: constant 1/M, "
-                                                  "no gradient", "η‖Δ²V‖₁", "eq. 3, 8"),
-    "method.momentum_timing": Divergence("average at the start of each epoch (lags one epoch)", "after each epoch",
-                                         "eq. 6"),
-    "method.momentum_buffers": Divergence("BN buffers averaged too", "parameters Θ only", "eq. 6"),
-    "method.threshold": Divergence("EMA confidence threshold (start 0.85, momentum 0.999)", "fixed binary map (0.95)",
-                                   "eq. 7"),
-    "method.pseudo_label_source": Divergence("CutMix partner labelled by the momentum net", "by the trained net Θb",
-                                             "eq. 5, 6"),
-    "method.unlabeled_ce": Divergence("soft targets", "hard pseudo-labels", "eq. 7"),
-    "method.cutmix_consistent_targets": Divergence("uncut weak-view targets (quirk)", "targets cut like the images",
-                                                   "eq. 7"),
-    "method.cutmix_partner": Divergence("CutMix partner: another augmentation of the same image", "a different image",
-                                        "eq. 7"),
-    "method.weak_propagated_ce": Divergence("propagated CE on the weak view too", "strong view only", "eq. 7"),
-    "method.fp_branch": Divergence("UniMatch feature-perturbation branch (Dropout2d 0.5), weight loss.lambda_fp = 0.25",
-                                   "absent", "—"),
-    "method.region_propagation": Divergence("CorrMatch region-level label propagation", "absent", "—"),
-    "loss.lambda_der": Divergence("0.25 (its 0.5·(S+ΔS)/2)", "λDer = 0.5", "eq. 7"),
-    "loss.eta": Divergence("1.0 (its 0.25·sparsity against λDer = 0.25)", "η = 0.5", "eq. 3, 8"),
-    "loss.scale": Divergence("whole loss / 2", "1", "eq. 7"),
-    "eval.mode": Divergence("centre crop 321 for every data set", "original size (VOC), sliding window (Cityscapes)",
-                            "Experiments"),
-    "eval.select": Divergence("best of both nets", "momentum net only", "eq. 6"),
+        "it changes nothing else): the release keeps ignored pixels, label 255 → class 22, in the mean over all B·M² "
+        "pairs, against YᵀY/√(K−2), K = 1 + the largest label in the batch (√21 whenever it holds an ignored pixel, "
+        "on VOC and Cityscapes alike); derprop averages over the valid pairs, against YᵀY/√C", "trained", "eq. 8"),
+    "method.spatial_softmax_sparsity": Divergence(
+        (True, False), "sparsity term takes a softmax over pixels: constant 1/M, no gradient", "η‖Δ²V‖₁", "eq. 3, 8"),
+    "method.momentum_timing": Divergence(
+        ("epoch_start", "epoch_end"), "average at the start of each epoch (lags one epoch)", "after each epoch",
+        "eq. 6"),
+    "method.momentum_buffers": Divergence(
+        (True, False), "BN buffers averaged too", "parameters Θ only", "eq. 6"),
+    "method.threshold": Divergence(
+        ("ema", "fixed"), "EMA confidence threshold (start 0.85, momentum 0.999)", "fixed binary map (0.95)", "eq. 7"),
+    "method.pseudo_label_source": Divergence(
+        ("momentum", "backprop"), "CutMix partner labelled by the momentum net", "by the trained net Θb", "eq. 5, 6"),
+    "method.unlabeled_ce": Divergence(
+        ("soft", "hard"), "soft targets", "hard pseudo-labels", "eq. 7"),
+    "method.cutmix_consistent_targets": Divergence(
+        (False, True), "uncut weak-view targets (quirk)", "targets cut like the images", "eq. 7"),
+    "method.cutmix_partner": Divergence(
+        ("same_image", "other_image"), "CutMix partner: another augmentation of the same image", "a different image",
+        "eq. 7"),
+    "method.weak_propagated_ce": Divergence(
+        (True, False), "propagated CE on the weak view too", "strong view only", "eq. 7"),
+    "method.fp_branch": Divergence(
+        (True, False), "UniMatch feature-perturbation branch (Dropout2d 0.5), weight loss.lambda_fp = 0.25", "absent",
+        "—"),
+    "method.region_propagation": Divergence(
+        (True, False), "CorrMatch region-level label propagation", "absent", "—"),
+    "loss.lambda_der": Divergence(
+        (0.25, 0.5), "0.25 (its 0.5·(S+ΔS)/2)", "λDer = 0.5", "eq. 7"),
+    "loss.eta": Divergence(
+        (1.0, 0.5), "1.0 (its 0.25·sparsity against λDer = 0.25)", "η = 0.5", "eq. 3, 8"),
+    "loss.scale": Divergence(
+        (0.5, 1.0), "whole loss / 2", "1", "eq. 7"),
+    "eval.mode": Divergence(
+        ("center_crop", "auto"), "centre crop 321 for every data set",
+        "original size (VOC), sliding window (Cityscapes)", "Experiments"),
+    "eval.select": Divergence(
+        ("best_of_both", "momentum"), "best of both nets", "momentum net only", "eq. 6"),
 }
-"""Every switch that differs between the profiles (the keys of ``derprop.config.PROFILES``, a test checks)."""
+"""Every switch that differs between the profiles, with both values: ``derprop.config.PROFILES`` reads them here."""

@@ -26,9 +26,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "launch", "cli"),
     # the maths of the paper, the first readers and writers, and how the book shows results
     ("losses", "propagation", "reference", "checkpoint", "metrics", "data", "display"),
-    ("backbones", "augment", "rundir"),
+    ("backbones", "augment"),
     ("config",),
-    ("configfile", "model"),
+    ("configfile", "model", "rundir"),
     ("evaluate", "pseudo_labels", "schedule", "loaders", "guards"),
     ("objective", "predict", "examples"),
     ("diagnostics", "report"),

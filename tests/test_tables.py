@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from derprop.config import PROFILES, resolved
+from derprop.config import resolved
 from derprop.configfile import load_config
 from derprop.provenance import source
-from derprop.tables import ABLATIONS, DIVERGENCES, MATRIX, overrides_for, run_name
+from derprop.tables import ABLATIONS, MATRIX, overrides_for, run_name
 
 
 def _script(name: str):
@@ -50,10 +50,6 @@ def test_overrides_load_into_a_valid_config(repo):
         assert cfg.data.split == "183" and cfg.profile == "paper" and cfg.seed == 3 and cfg.optim.epochs == 1
     with pytest.raises(ValueError, match="unknown ablation"):
         overrides_for(ablation="nope")
-
-
-def test_divergences_describe_exactly_the_switches_of_the_profiles():
-    assert set(DIVERGENCES) == set(PROFILES["official"])
 
 
 def test_the_ablation_configs_are_what_the_generator_writes(repo):
