@@ -139,13 +139,29 @@ def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...] = WRAPPER_PR
     return out
 
 
+def load_net(net: torch.nn.Module, state: Mapping[str, Any], which: str, path: str | os.PathLike, fix: str) -> None:
+    """Load the ``which`` weights (``model`` or ``momentum``) of checkpoint ``state``, read from ``path``, into ``net``.
+
+    The one way a network gets a checkpoint's weights (a warm start, :mod:`derprop.evaluate`,
+    :mod:`derprop.predict`): Θm's entry is unwrapped and wrapper prefixes are removed. Raises
+    :class:`CheckpointError` naming the file and ending with ``fix``.
+    """
+    entry = state.get(which)
+    if entry is None:
+        raise CheckpointError(f"checkpoint {path} has no '{which}' weights; {fix}")
+    if isinstance(entry, Mapping) and isinstance(entry.get("model"), Mapping):
+        entry = entry["model"]  # MomentumNetwork.state_dict()
+    try:
+        net.load_state_dict(strip_prefixes(entry))
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())  # load_state_dict's first line names only the class
+        raise CheckpointError(f"checkpoint {path}: its '{which}' weights do not fit this model "
+                              f"({detail[:300]}); {fix}") from err
+
+
 def load_weights(net: torch.nn.Module, path: Path, setting: str) -> None:
     """Initialise ``net`` with the model weights of our checkpoint ``path``, named by the config ``setting``."""
     if not path.is_file():
         raise CheckpointError(f"{setting}: checkpoint {path} does not exist; train that run first or correct the path")
-    state = load(path, fix=f"correct {setting}")
-    try:
-        net.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{setting}: {path} does not fit this model ({type(err).__name__}: {err}); "
-                              "start from a run with the same model section") from err
+    fix = f"correct {setting}: start from a run with the same model section"
+    load_net(net, load(path, fix=fix), "model", path, fix)

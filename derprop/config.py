@@ -58,6 +58,10 @@ from derprop.data import DATASETS
 from derprop.errors import ConfigError
 from derprop.tables import DIVERGENCES
 
+RELEASE_CROP = 321
+"""The release's VOC crop, the default of ``data.crop_size`` and ``eval.crop_size``."""
+
+
 # --------------------------------------------------------------------------- #
 # Sections
 # --------------------------------------------------------------------------- #
@@ -172,7 +176,7 @@ class DataConfig:
     train_list: str | None = None
     val_list: str | None = None
     num_classes: int | None = None
-    crop_size: int = 321
+    crop_size: int = RELEASE_CROP
     scale_range: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
     cutmix_p: float = 0.5
@@ -298,7 +302,7 @@ class EvalConfig:
 
     mode: str = "auto"
     final_modes: tuple[str, ...] = ("auto", "center_crop")
-    crop_size: int = 321
+    crop_size: int = RELEASE_CROP
     every: int = 1
     select: str = "momentum"
 
@@ -330,7 +334,9 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
 }
 
-EVAL_MODES = ("original", "sliding", "center_crop", "auto")
+EVAL_MODES = ("original", "sliding", "center_crop")
+"""How :func:`derprop.evaluate.evaluate` runs a network on an image: whole, by sliding windows, on its centre
+crop. A config's ``eval.mode`` and ``eval.final_modes`` also take ``auto`` (:func:`eval_mode`)."""
 
 CHOICES: dict[str, tuple] = {
     "profile": ("official", "paper"),
@@ -348,7 +354,7 @@ CHOICES: dict[str, tuple] = {
     "method.threshold": ("fixed", "ema"),
     "method.pseudo_label_source": ("momentum", "backprop"),
     "method.unlabeled_ce": ("soft", "hard"),
-    "eval.mode": EVAL_MODES,
+    "eval.mode": (*EVAL_MODES, "auto"),
     "eval.select": ("best_of_both", "momentum"),
 }
 """Allowed values of the string (and small integer) keys."""
@@ -382,8 +388,9 @@ def _validate(cfg: TrainConfig) -> None:
     for key in CHOICES:
         check_choice(key, flat[key])
     for mode in cfg.eval.final_modes:
-        if mode not in EVAL_MODES:
-            raise ConfigError(f"config key 'eval.final_modes' entries must be in {list(EVAL_MODES)}, got {mode!r}")
+        if mode not in CHOICES["eval.mode"]:
+            raise ConfigError(f"config key 'eval.final_modes' entries must be in {list(CHOICES['eval.mode'])}, "
+                              f"got {mode!r}")
     for key, value in flat.items():
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
             raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
@@ -464,6 +471,11 @@ def resolved(cfg: TrainConfig) -> dict[str, Any]:
     out["eval"]["mode"] = eval_mode(cfg, cfg.eval.mode)
     out["eval"]["final_modes"] = [eval_mode(cfg, m) for m in cfg.eval.final_modes]
     return out
+
+
+def eval_crop_size(config: Mapping[str, Any]) -> int:
+    """``eval.crop_size`` of a resolved config (a checkpoint's), :data:`RELEASE_CROP` when it has none."""
+    return int((config.get("eval") or {}).get("crop_size") or RELEASE_CROP)
 
 
 def eval_mode(cfg: TrainConfig, mode: str) -> str:

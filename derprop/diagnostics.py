@@ -27,12 +27,12 @@ from torchvision.transforms.v2 import functional as TF
 from derprop import atomic
 from derprop.config import TrainConfig
 from derprop.data import SegmentationDataset
-from derprop.display import change_masks
+from derprop.display import SNAPSHOT_DLP_KEYS, SNAPSHOT_KEYS, change_masks
 from derprop.evaluate import center_crop
 from derprop.labels import IGNORE_INDEX
 from derprop.metrics import ConfusionMatrix
 from derprop.objective import label_on_grid
-from derprop.propagation import attention_shares, propagation_weights
+from derprop.propagation import MODE_OF_FORM, attention_shares, propagation_weights
 from derprop.pseudo_labels import blend, propagated_logits, similarity_features
 
 SAVED_IMAGES = 8
@@ -57,7 +57,7 @@ def pseudo_label_diagnostics(net: nn.Module, images: SegmentationDataset, cfg: T
     cms = {k: ConfusionMatrix(c) for k in (("before", "after", "prop") if m.dlp else ("before",))}
     fixed = broken = 0
     own, uniform, support = [], [], []
-    keys = ["image", "gt", "pl_before", "confidence", "names"] + (["pl_after", "attn", "attn_pixel"] if m.dlp else [])
+    keys = SNAPSHOT_KEYS + (SNAPSHOT_DLP_KEYS if m.dlp else ())
     arrays: dict[str, list] = {k: [] for k in keys}
     n = len(images)
     for start in range(0, n, 16):
@@ -80,7 +80,7 @@ def pseudo_label_diagnostics(net: nn.Module, images: SegmentationDataset, cfg: T
             h, w = out.f1.shape[-2:]
             f1, f2 = similarity_features(out, m.dlp_temperature)
             weights = propagation_weights(f1.float(), None if f2 is None else f2.float(), op=m.op,
-                                          mode="official" if m.dlp_form == "softmax" else "paper",
+                                          mode=MODE_OF_FORM[m.dlp_form],
                                           paper_norm=m.paper_dlp_norm)
             yg = label_on_grid(gt, (h, w), "nearest").flatten(1)
             o, u, sp = attention_shares(weights, yg, ignore_index=IGNORE_INDEX)

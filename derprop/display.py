@@ -24,6 +24,12 @@ import numpy as np
 
 from derprop.labels import IGNORE_INDEX, voc_palette
 
+SNAPSHOT_KEYS = ("image", "gt", "pl_before", "confidence", "names")
+"""The arrays of every pseudo-label snapshot ``pseudo_labels/epoch_XXX.npz``: written by
+:mod:`derprop.diagnostics`, read by :mod:`derprop.viewer`."""
+SNAPSHOT_DLP_KEYS = ("pl_after", "attn", "attn_pixel")
+"""The arrays a snapshot adds when the run propagates (``method.dlp``)."""
+
 FIXED_RGB = (0, 150, 255)
 """Pixels DLP fixed (wrong before, right after): azure. VOC's classes use only the levels 0, 64, 128 and 192 of
 each channel; azure and yellow stay apart for red-green colour blindness too."""

@@ -46,7 +46,6 @@ import logging
 import math
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -58,16 +57,13 @@ from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop import cli
 from derprop import data as data_io
-from derprop.config import ModelConfig
+from derprop.config import EVAL_MODES, RELEASE_CROP, eval_crop_size
 from derprop.distributed import pick_device
 from derprop.labels import IGNORE_INDEX, default_class_names
 from derprop.metrics import ConfusionMatrix
-from derprop.model import IMAGENET_MEAN_255, SegOutput, build_model
+from derprop.model import IMAGENET_MEAN_255, SegOutput, build_model, model_config_of
 
 log = logging.getLogger(__name__)
-
-MODES = ("original", "sliding", "center_crop")
-
 
 # --------------------------------------------------------------------------- #
 # inference
@@ -191,7 +187,7 @@ def evaluate(
     *,
     num_classes: int,
     mode: str = "original",
-    crop_size: int = 321,
+    crop_size: int = RELEASE_CROP,
     stride: int | None = None,
     device: torch.device | str | None = None,
     ignore_index: int = IGNORE_INDEX,
@@ -217,8 +213,8 @@ def evaluate(
     "mode", "crop_size", "stride", "num_images", "num_classes"}``; values are
     fractions in [0, 1].
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if mode not in EVAL_MODES:
+        raise ValueError(f"mode must be one of {list(EVAL_MODES)}, got {mode!r}")
     if mode != "original" and (not isinstance(crop_size, int) or crop_size < 1):
         raise ValueError(f"crop_size must be a positive integer, got {crop_size!r}")
     if mode == "sliding":
@@ -315,25 +311,6 @@ def format_iou_table(result: Mapping[str, Any], class_names: Sequence[str] | Non
 # --------------------------------------------------------------------------- #
 # CLI helpers
 # --------------------------------------------------------------------------- #
-def model_config_from_checkpoint(ckpt: Mapping[str, Any]) -> ModelConfig:
-    """ModelConfig from ``ckpt["config"]["model"]`` with ``pretrained="none"``: the weights come from the checkpoint."""
-    section = dict((ckpt.get("config") or {}).get("model") or {})
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        log.warning("ignoring unknown model config keys %s", unknown)
-    section = {k: v for k, v in section.items() if k in known}
-    section["pretrained"] = "none"
-    return ModelConfig.from_dict(section)
-
-
-def checkpoint_weights(entry: Any) -> Mapping[str, Tensor]:
-    """The state dict of a checkpoint entry (a net's, or Θm's with its ``model`` key), wrapper prefixes removed."""
-    if isinstance(entry, Mapping) and "model" in entry and isinstance(entry["model"], Mapping):
-        entry = entry["model"]  # MomentumNetwork.state_dict()
-    return ckpt_io.strip_prefixes(entry)
-
-
 def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str | os.PathLike | None = None,
                  list_file: str | os.PathLike | None = None,
                  num_classes: int | None = None) -> data_io.SegmentationDataset:
@@ -393,8 +370,9 @@ def data_root(ckpt: Mapping[str, Any], given: str | os.PathLike | None) -> tuple
 def build_parser() -> cli.Parser:
     ap = cli.parser("derprop.evaluate", __doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="trainer checkpoint (.pt)")
-    ap.add_argument("--mode", choices=MODES, default="original")
-    ap.add_argument("--crop-size", type=cli.at_least(1), default=321)
+    ap.add_argument("--mode", choices=EVAL_MODES, default="original")
+    ap.add_argument("--crop-size", type=cli.at_least(1), default=None,
+                    help="window or crop size of sliding and center_crop (default: the checkpoint's eval.crop_size)")
     ap.add_argument("--stride", type=cli.at_least(1), default=None, help="sliding-window stride (default 2/3 of crop)")
     ap.add_argument("--data-root", default=None, help="dataset root (default: the checkpoint's data.root)")
     ap.add_argument("--split", default="val", help="'val' or a labeled split name of the dataset layout")
@@ -421,7 +399,7 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> None:
     ckpt = ckpt_io.load(args.checkpoint, fix=fix)
     if "model" not in ckpt:
         raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no 'model' weights; {fix}")
-    cfg = model_config_from_checkpoint(ckpt)
+    cfg = model_config_of(ckpt)
     data_cfg = dict((ckpt.get("config") or {}).get("data") or {})
     root, how = data_root(ckpt, args.data_root)
     log.info("dataset root %s (%s)", root, how)
@@ -437,16 +415,12 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> None:
     if not which:
         raise ckpt_io.CheckpointError(f"checkpoint {args.checkpoint} has no '{args.which}' weights; pass --which model")
     model = build_model(cfg).to(device)
+    crop = args.crop_size or eval_crop_size(ckpt.get("config") or {})
     results: dict[str, Any] = {}
     for w in which:
-        try:
-            model.load_state_dict(checkpoint_weights(ckpt[w]))
-        except RuntimeError as exc:
-            raise ckpt_io.CheckpointError(
-                f"checkpoint {args.checkpoint}: its '{w}' weights do not fit the configured model: {exc}"
-            ) from exc
-        res = evaluate(model, dataset, num_classes=dataset.num_classes, mode=args.mode,
-                       crop_size=args.crop_size, stride=args.stride, device=device,
+        ckpt_io.load_net(model, ckpt, w, args.checkpoint, fix)
+        res = evaluate(model, dataset, num_classes=dataset.num_classes, mode=args.mode, crop_size=crop,
+                       stride=args.stride, device=device,
                        window_batch=args.window_batch, limit=args.limit, progress=sys.stderr.isatty(),
                        num_workers=args.workers)
         results[w] = res

@@ -36,7 +36,8 @@ All bilinear resizes use ``align_corners=True``: for crop sizes 8k+1 (321,
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 import torch
@@ -45,6 +46,8 @@ from torch import Tensor, nn
 
 from derprop.backbones import build_backbone
 from derprop.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -233,3 +236,15 @@ def build_model(cfg: ModelConfig | Mapping[str, Any]) -> DerPropNet:
     if not isinstance(cfg, ModelConfig):
         cfg = ModelConfig.from_dict(cfg)
     return DerPropNet(cfg)
+
+
+def model_config_of(ckpt: Mapping[str, Any]) -> ModelConfig:
+    """ModelConfig from ``ckpt["config"]["model"]`` with ``pretrained="none"``: the weights come from the checkpoint."""
+    section = dict((ckpt.get("config") or {}).get("model") or {})
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(section) - known)
+    if unknown:
+        log.warning("ignoring unknown model config keys %s", unknown)
+    section = {k: v for k, v in section.items() if k in known}
+    section["pretrained"] = "none"
+    return ModelConfig.from_dict(section)

@@ -37,16 +37,18 @@ from PIL import Image
 
 from derprop import atomic, cli
 from derprop import checkpoint as ckpt_io
+from derprop.config import EVAL_MODES, RELEASE_CROP, eval_crop_size
 from derprop.data import dataset_tree_of, label_png_bytes, read_image
 from derprop.distributed import pick_device
 from derprop.errors import ConfigError
-from derprop.evaluate import checkpoint_weights, logits_of, model_config_from_checkpoint, sliding_window_logits
+from derprop.evaluate import logits_of, sliding_window_logits
 from derprop.labels import voc_palette
-from derprop.model import DerPropNet, build_model
+from derprop.model import DerPropNet, build_model, model_config_of
 from derprop.rundir import check_writable
 
 WHICH = ("auto", "model", "momentum")
-PREDICT_MODES = ("original", "sliding")
+PREDICT_MODES = tuple(m for m in EVAL_MODES if m != "center_crop")
+"""A prediction labels the whole image: no centre crop."""
 
 
 def load_model(path: str | Path, *, which: str = "auto",
@@ -63,20 +65,13 @@ def load_model(path: str | Path, *, which: str = "auto",
     ckpt = ckpt_io.load(path)
     if which == "auto":
         which = "momentum" if ckpt.get("momentum") is not None else "model"
-    if ckpt.get(which) is None:
-        raise ckpt_io.CheckpointError(f"checkpoint {path} has no '{which}' weights")
-    net = build_model(model_config_from_checkpoint(ckpt))
-    try:
-        net.load_state_dict(checkpoint_weights(ckpt[which]))
-    except RuntimeError as exc:
-        raise ckpt_io.CheckpointError(
-            f"checkpoint {path}: its '{which}' weights do not fit the model in its own config: "
-            f"{str(exc).splitlines()[0]}") from exc
+    net = build_model(model_config_of(ckpt))
+    ckpt_io.load_net(net, ckpt, which, path, "pass another checkpoint, or --which model")
     return net.to(device).eval(), dict(ckpt.get("config") or {})
 
 
 @torch.no_grad()
-def predict(net: DerPropNet, image: np.ndarray, *, mode: str = "original", crop_size: int = 321) -> np.ndarray:
+def predict(net: DerPropNet, image: np.ndarray, *, mode: str = "original", crop_size: int = RELEASE_CROP) -> np.ndarray:
     """Class index per pixel (H×W uint8) of an H×W×3 uint8 RGB ``image``."""
     if mode not in PREDICT_MODES:
         raise ValueError(f"mode must be one of {list(PREDICT_MODES)}, got {mode!r}")
@@ -138,7 +133,7 @@ def _predict(args: argparse.Namespace) -> None:
     check_output(overlay, "--overlay", [*inputs, out])
     net, config = load_model(args.checkpoint, which=args.which, device=pick_device(args.device))
     image = read_image(args.image, fix="pass --image with a readable RGB image")
-    crop = args.crop_size or int((config.get("eval") or {}).get("crop_size") or 321)
+    crop = args.crop_size or eval_crop_size(config)
     label = predict(net, image, mode=args.mode, crop_size=crop)
     atomic.write_bytes(out, label_png_bytes(label))
     atomic.write_bytes(overlay, overlay_png(image, label))

@@ -39,6 +39,9 @@ from derprop.features import normalize_features
 
 MODES = ("official", "paper")
 
+MODE_OF_FORM = {"softmax": "official", "linear": "paper"}
+"""The ``mode`` of :func:`propagate` that each ``method.dlp_form`` of a config names."""
+
 PAPER_NORMS = ("none", "row_sum", "mean")
 """Normalisations of the paper form, ``W = S + Δ¹S``:
 

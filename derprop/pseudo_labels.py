@@ -30,7 +30,7 @@ from derprop.config import MethodConfig
 from derprop.distributed import Dist
 from derprop.labels import IGNORE_INDEX
 from derprop.model import SegOutput
-from derprop.propagation import official_similarity_factors, propagate
+from derprop.propagation import MODE_OF_FORM, official_similarity_factors, propagate
 
 
 class Threshold:
@@ -90,7 +90,7 @@ def propagated_logits(out: SegOutput, size: tuple[int, int], m: MethodConfig) ->
     with record_function("derprop.dlp"):  # the profiler's name for DLP (benchmarks.train_step splits a step by it)
         b, c, h, w = out.logits_grid.shape
         f1, f2 = similarity_features(out, m.dlp_temperature)
-        lt = propagate(out.logits_grid.flatten(2), f1, f2, mode="official" if m.dlp_form == "softmax" else "paper",
+        lt = propagate(out.logits_grid.flatten(2), f1, f2, mode=MODE_OF_FORM[m.dlp_form],
                        op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
         return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
 

@@ -44,13 +44,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from derprop.display import CHANGE_COLOURS, add_legend, change_image, change_masks, class_colours, colorize
+from derprop.display import (CHANGE_COLOURS, SNAPSHOT_KEYS, add_legend, change_image, change_masks, class_colours,
+                             colorize)
 from derprop.labels import IGNORE_INDEX, default_class_names
 
 SNAPSHOT_PATTERN = re.compile(r"epoch_(\d+)\.npz$")
-KEYS = ("image", "gt", "pl_before", "confidence", "names")
-
-
 @dataclass(frozen=True)
 class Comparison:
     """Pixel counts for one image (or a stack) of pseudo-labels before/after DLP."""
@@ -108,7 +106,7 @@ def load_snapshots(run_dir: str | os.PathLike) -> dict[int, dict[str, np.ndarray
     out = {}
     for epoch, path in paths.items():
         with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in KEYS if k not in z.files]
+            missing = [k for k in SNAPSHOT_KEYS if k not in z.files]
             if missing:
                 raise KeyError(f"{path}: missing arrays {missing}; found {z.files}")
             out[epoch] = {k: z[k] for k in z.files}

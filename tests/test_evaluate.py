@@ -197,6 +197,18 @@ def test_cli_evaluates_both_weight_sets(tiny_run, tmp_path, capsys):
         assert res["results"][name]["mode"] == "sliding"
 
 
+def test_cli_crops_as_the_checkpoint_says_unless_told(tiny_run, tmp_path):
+    root, path, _, _ = tiny_run
+    state = checkpoint.load(path)
+    state["config"]["eval"] = {"crop_size": 25}
+    checkpoint.save(tmp_path / "c.pt", state)
+    for given, used in (([], 25), (["--crop-size", "33"], 33)):
+        out = tmp_path / f"r{used}.json"
+        args = ["--checkpoint", str(tmp_path / "c.pt"), "--device", "cpu", "--mode", "center_crop", "--which", "model"]
+        assert main([*args, *given, "--workers", "0", "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["results"]["model"]["crop_size"] == used
+
+
 def test_cli_corrupt_checkpoint(tiny_run, tmp_path, capsys):
     _, path, _, _ = tiny_run
     broken = tmp_path / "broken.pt"
