@@ -59,19 +59,6 @@ class ProgressLog:
         self._tb: Any = summary_writer(self.out / TENSORBOARD) if enabled else None
         self.bar, self._bar = bar and enabled, None
 
-    @classmethod
-    def of(cls, trainer: Any) -> "ProgressLog":
-        """The trainer's log, made on first use (one per trainer, so rates and ETA span epochs)."""
-        if getattr(trainer, "_progress_log", None) is None:
-            cfg = trainer.cfg
-            trainer._progress_log = cls(
-                trainer.out, total_steps=cfg.optim.epochs * trainer.iters_per_epoch,
-                steps_per_epoch=trainer.iters_per_epoch, epochs=cfg.optim.epochs,
-                images_per_step=2 * cfg.optim.batch_size,
-                every=getattr(trainer, "log_every", DEFAULT_EVERY), echo=not trainer.progress,
-                enabled=trainer.d.is_main, bar=trainer.progress)
-        return trainer._progress_log
-
     def start_epoch(self, epoch: int) -> None:
         """Open the tqdm bar of epoch ``epoch`` (counted from 0) when a terminal shows one."""
         if self.bar:

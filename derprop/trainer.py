@@ -22,6 +22,7 @@ The run folder's rules are :mod:`derprop.rundir`'s, the data :mod:`derprop.loade
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -49,10 +50,6 @@ from derprop.momentum import MomentumNetwork
 from derprop.objective import labeled_ce, labeled_derivative_term, unlabeled_derivative_term, unlabeled_terms, weighted_sum
 from derprop.progress import DEFAULT_EVERY, ProgressLog
 from derprop.pseudo_labels import Threshold, blend, cutmix_pseudo_labels, propagated_logits, weak_features
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by a hook to stop training (tests use it to simulate a kill)."""
 
 
 Hook = Callable[..., None]
@@ -262,24 +259,27 @@ class Trainer:
         """Train from ``start_epoch`` to ``optim.epochs``; returns the ``results.json`` content (rank 0)."""
         cfg, d = self.cfg, self.d
         t0 = time.time()
-        lock = rundir.RunLock(self.out) if d.is_main else None
-        try:
-            if lock is not None:
-                lock.acquire()
+        with rundir.RunLock(self.out) if d.is_main else contextlib.nullcontext():
+            if d.is_main:
                 self._prepare_folder()
-            loaders = data_loaders.loaders(self.data, cfg, d)
-            if self.start_epoch == 0 and d.is_main and self.data.diag_set is not None:
-                self._diagnostics(-1)  # the state training starts from: snapshot epoch_000
-            for epoch in range(self.start_epoch, cfg.optim.epochs):
-                self._train_epoch(epoch, loaders)
-            results = self._final_results(time.time() - t0)
-            if d.distributed:
-                dist.barrier()
-        finally:
-            if getattr(self, "_progress_log", None) is not None:
-                self._progress_log.close()
-            if lock is not None:
-                lock.release()
+            # one log per fit, so that its rates and ETA span the epochs; made in the locked, prepared folder
+            self.log = ProgressLog(self.out, total_steps=cfg.optim.epochs * self.iters_per_epoch,
+                                   steps_per_epoch=self.iters_per_epoch, epochs=cfg.optim.epochs,
+                                   images_per_step=2 * cfg.optim.batch_size, every=self.log_every,
+                                   echo=not self.progress, enabled=d.is_main, bar=self.progress)
+            try:
+                loaders = data_loaders.loaders(self.data, cfg, d)
+                if self.start_epoch == 0 and d.is_main and self.data.diag_set is not None:
+                    self._diagnostics(-1)  # the state training starts from: snapshot epoch_000
+                for epoch in range(self.start_epoch, cfg.optim.epochs):
+                    started = time.time()
+                    means, rows = self._train_steps(epoch, loaders)
+                    self._end_epoch(epoch, means, rows, time.time() - started)
+                results = self._final_results(time.time() - t0)
+                if d.distributed:
+                    dist.barrier()
+            finally:
+                self.log.close()
         return results if d.is_main else {}
 
     def _prepare_folder(self) -> None:
@@ -294,7 +294,11 @@ class Trainer:
         if rundir.best_needs_rewrite(self.out, self.best.get("epoch"), self.start_epoch):
             self._save_best(self.start_epoch - 1, self.best["net"], self.best["miou"])
 
-    def _train_epoch(self, epoch: int, loaders) -> None:
+    def _train_steps(self, epoch: int, loaders) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """The steps of epoch ``epoch``: :meth:`train_step`, the loss guard, :meth:`optimize`, a progress line.
+
+        Returns the epoch's mean logged terms (averaged over the processes) and its rows of ``steps.jsonl``.
+        """
         cfg, d = self.cfg, self.d
         torch.manual_seed(epoch_seed(cfg.seed, epoch, d.rank))
         self.data.set_epoch(epoch)
@@ -303,54 +307,55 @@ class Trainer:
         if self.momentum is not None:
             self.momentum.on_epoch_start(self.net, epoch)
         self.model.train()
-        t_epoch = time.time()
         sums: dict[str, float] = {}
-        n_steps = 0
-        progress = ProgressLog.of(self)
-        progress.start_epoch(epoch)
-        steps_log = []
+        rows: list[dict[str, Any]] = []
+        self.log.start_epoch(epoch)
         # a supervised-only run reads no unlabeled images
         for step, batch in enumerate(zip(*(loaders if cfg.method.semi_supervised else loaders[:1]))):
             if step >= self.iters_per_epoch:
                 break
             loss, logs = self.train_step(batch, epoch)
-            loss_all = all_reduce_mean(loss.detach().float(), d)
-            value = float(loss_all)
+            value = float(all_reduce_mean(loss.detach().float(), d))
             guards.check_loss(value, self.out, epoch, step, self.global_step)
             self.optimize(loss, epoch, step)
-            n_steps += 1
             logs["loss"] = value
-            progress.step(self.global_step, logs, self.optimizer.param_groups[0]["lr"])
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.log.step(self.global_step, logs, lr)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
-            steps_log.append({"epoch": epoch, "step": step, "global_step": self.global_step, "loss": value,
-                              "lr": self.optimizer.param_groups[0]["lr"]})
+            rows.append({"epoch": epoch, "step": step, "global_step": self.global_step, "loss": value, "lr": lr})
             if self.hook:
                 self.hook("step_end", epoch=epoch, step=step, loss=value)
-        progress.end_epoch()
-        if self.momentum is not None:
-            self.momentum.on_epoch_end(self.net, epoch)
-        guards.check_weights(self._nets(), self.out, epoch, self.global_step)
-
-        means = {k: v / max(n_steps, 1) for k, v in sums.items()}
+        self.log.end_epoch()
+        means = {k: v / max(len(rows), 1) for k, v in sums.items()}
         if d.distributed:
             keys = sorted(means)
             t = all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64), d)
             means = dict(zip(keys, t.tolist()))
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "global_step": self.global_step, "train_time_s": time.time() - t_epoch,
+        return means, rows
+
+    def _end_epoch(self, epoch: int, means: dict[str, float], rows: list[dict[str, Any]], seconds: float) -> None:
+        """After the steps of ``epoch``: Θm's end-of-epoch update, the weight guard, evaluation when due, the
+        pseudo-label snapshot, and the epoch's commit (``metrics.jsonl``, ``steps.jsonl``, ``last.pt``, ``best.pt``)."""
+        cfg, d = self.cfg, self.d
+        if self.momentum is not None:
+            self.momentum.on_epoch_end(self.net, epoch)
+        guards.check_weights(self._nets(), self.out, epoch, self.global_step)
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "global_step": self.global_step, "train_time_s": seconds,
                                    "lr": self.optimizer.param_groups[0]["lr"], "eta_ep": epoch / cfg.optim.epochs,
                                    **{f"train_{k}": v for k, v in means.items()}}
-        last_epoch = epoch + 1 == cfg.optim.epochs
         self._eval_cache = {}
-        if (epoch + 1) % cfg.eval.every == 0 or last_epoch:
-            metrics.update(self._evaluate_epoch(epoch))  # every rank evaluates its shard
+        candidate = None
+        if (epoch + 1) % cfg.eval.every == 0 or epoch + 1 == cfg.optim.epochs:
+            scores, candidate = self._evaluate_epoch()  # every rank evaluates its shard
+            metrics.update(scores)
             nets, mode = list(self._nets()), cfg.eval.mode
-            progress.validation(self.global_step, {n: metrics[f"miou_{n}"] for n in nets}, metrics["_best_candidate"][1],
+            self.log.validation(self.global_step, {n: metrics[f"miou_{n}"] for n in nets}, candidate[1],
                                 {n: self._eval(n, mode)["iou_per_class"] for n in nets}, self.data.val_set.class_names)
         if d.is_main:
             if self.data.diag_set is not None:
                 metrics.update(self._diagnostics(epoch))
-            self._save_epoch(epoch, metrics, steps_log)
+            self._save_epoch(epoch, metrics, rows, candidate)
         if d.distributed:
             dist.barrier()
         if self.hook:
@@ -376,7 +381,8 @@ class Trainer:
         self._eval_cache[(name, mode)] = res
         return res
 
-    def _evaluate_epoch(self, epoch: int) -> dict[str, Any]:
+    def _evaluate_epoch(self) -> tuple[dict[str, Any], tuple[str, float]]:
+        """Each net's mIoU in ``eval.mode`` and the candidate for ``best.pt``: ``(net, mIoU)`` of ``eval.select``."""
         out: dict[str, Any] = {}
         for name in self._nets():
             out[f"miou_{name}"] = self._eval(name, self.cfg.eval.mode)["miou"]
@@ -384,8 +390,7 @@ class Trainer:
         candidates = nets if self.cfg.eval.select == "best_of_both" else nets[-1:]  # momentum if kept
         best_net = max(candidates, key=lambda n: out[f"miou_{n}"])
         out["eval_mode"] = eval_mode(self.cfg, self.cfg.eval.mode)
-        out["_best_candidate"] = (best_net, out[f"miou_{best_net}"])
-        return out
+        return out, (best_net, out[f"miou_{best_net}"])
 
     def _diagnostics(self, epoch: int) -> dict[str, Any]:
         return pseudo_label_diagnostics(self.net, self.data.diag_set, self.cfg, epoch, self.out, self.d.device,
@@ -412,9 +417,10 @@ class Trainer:
             **self._provenance(),
         }
 
-    def _save_epoch(self, epoch: int, metrics: dict[str, Any], steps_log: list[dict[str, Any]]) -> None:
-        """Log rows and ``last.pt`` (the epoch's commit, :func:`derprop.rundir.commit_epoch`), then ``best.pt``."""
-        cand = metrics.pop("_best_candidate", None)
+    def _save_epoch(self, epoch: int, metrics: dict[str, Any], steps_log: list[dict[str, Any]],
+                    cand: tuple[str, float] | None) -> None:
+        """Log rows and ``last.pt`` (the epoch's commit, :func:`derprop.rundir.commit_epoch`), then ``best.pt``
+        when ``cand`` (the evaluated ``(net, mIoU)``, None without evaluation) beats the best so far."""
         improved = cand is not None and cand[1] > self.best["miou"]
         if improved:
             self.best = {"miou": cand[1], "epoch": epoch + 1, "net": cand[0]}

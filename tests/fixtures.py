@@ -6,6 +6,7 @@
 - :func:`voc_archives`: ``VOCtrainval_11-May-2012.tar`` and ``benchmark.tgz``
   in their real internal layout (SBD labels as real ``GTcls`` ``.mat`` files).
 - :func:`scenes_tree`: a small scenes dataset made by the real generator.
+- :class:`TrainingInterrupted`: what a test's ``Trainer`` hook raises to stop training.
 
 Split lists for ``pascal``/``cityscapes`` are written under ``<tmp>/splits``;
 point ``derprop.data.SPLITS_DIR`` there (``monkeypatch.setattr``) to use them.
@@ -245,3 +246,7 @@ def scenes_tree(root: Path, **kwargs) -> dict:
     options = {"size": 48, "num_train": 32, "num_val": 8, "seed": 0, "workers": 1, "progress": False,
                "classes": None, "clutter": True, "object_size": (0.3, 0.6), "max_objects": 4} | kwargs
     return generate(root, **options)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by a ``Trainer`` hook to stop training: a kill, as a test sees it."""

@@ -22,7 +22,9 @@ from derprop import checkpoint as ck
 from derprop.configfile import load_config
 from derprop.provenance import source
 from derprop.train import main
-from derprop.trainer import Trainer, TrainingInterrupted
+from derprop.trainer import Trainer
+from tests.fixtures import TrainingInterrupted
+
 
 TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 FAST = ["model.backbone=mobilenet_v2", "model.aspp_dilations=[1]", "data.crop_size=24", "optim.iters_per_epoch=1",
@@ -124,11 +126,9 @@ def improving():
     """Every epoch scores best so far (a tiny run's mIoU often ties), so every epoch writes ``best.pt``."""
     real = Trainer._evaluate_epoch
 
-    def evaluate_epoch(self, epoch):
-        out = real(self, epoch)
-        net, miou = out["_best_candidate"]
-        out["_best_candidate"] = (net, miou + epoch)
-        return out
+    def evaluate_epoch(self):
+        scores, (net, miou) = real(self)
+        return scores, (net, miou + self.global_step)  # grows every epoch
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(Trainer, "_evaluate_epoch", evaluate_epoch)
@@ -336,15 +336,15 @@ def test_ctrl_c_keeps_the_last_finished_epoch_and_prints_the_resume_command(runs
                                                                             monkeypatch, capsys):
     ref, _ = runs
     out = tmp_path / "run"
-    real = Trainer._train_epoch
+    real = Trainer._train_steps
 
     def ctrl_c_in_epoch_2(self, epoch, loaders):
         if epoch == 1:
             raise KeyboardInterrupt
-        real(self, epoch, loaders)
+        return real(self, epoch, loaders)
 
     with monkeypatch.context() as m:
-        m.setattr(Trainer, "_train_epoch", ctrl_c_in_epoch_2)
+        m.setattr(Trainer, "_train_steps", ctrl_c_in_epoch_2)
         assert cli(scenes_tiny, out) == 130
     err = capsys.readouterr().err
     assert err.startswith(f"interrupted: epoch 1, the last finished one, is kept in {out / 'last.pt'}; "

@@ -23,7 +23,8 @@ from derprop.objective import ohem_ce
 from derprop.provenance import source
 from derprop.pseudo_labels import Threshold, blend, region_propagation
 from derprop.train import main
-from derprop.trainer import Trainer, TrainingInterrupted
+from derprop.trainer import Trainer
+from tests.fixtures import TrainingInterrupted
 
 TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 
