@@ -34,7 +34,7 @@ import math
 import torch
 from torch import Tensor
 
-from derprop.derivatives import derivative_matrix
+from derprop.derivatives import derivative, derivative_matrix
 from derprop.features import normalize_features
 
 MODES = ("official", "paper")
@@ -145,6 +145,16 @@ def _propagate_paper(logits: Tensor, f1: Tensor, f2: Tensor, op: str, norm: str)
         rows = (v1 * (gram @ v2.sum(2, keepdim=True))).sum(1)  # Σ_j (S + Δ¹S)_ij
         logits = logits / _floored_row_sums(rows).unsqueeze(1)
     return ((logits @ v1.transpose(1, 2)) @ gram) @ v2
+
+
+def propagate_literal(logits: Tensor, f1: Tensor, f2: Tensor | None = None, *, op: str = "forward") -> Tensor:
+    """Eq. 4 as written, for checking the fast paths: ``L̃ = L (S + Δ¹S)`` with the two ``M × M`` matrices formed,
+    as the paper writes the maths and the release computes it (the book times it against :func:`propagate`)."""
+    v1 = normalize_features(f1, "l1")
+    v2 = v1 if f2 is None else normalize_features(f2, "l1")
+    s = v1.transpose(1, 2) @ v2
+    ds = derivative(v1, 1, op).transpose(1, 2) @ derivative(v2, 1, op)
+    return logits @ (s + ds)
 
 
 def official_similarity_factors(f1: Tensor, f2: Tensor, op: str = "forward") -> tuple[Tensor, Tensor]:

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     # starting the processes of a run, the command-line front
     ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "launch", "cli"),
     # the maths of the paper, the first readers and writers, and how the book shows results
-    ("losses", "propagation", "reference", "checkpoint", "metrics", "data", "display"),
+    ("losses", "propagation", "checkpoint", "metrics", "data", "display"),
     ("backbones", "augment"),
     ("config",),
     ("configfile", "model", "rundir"),

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from derprop.derivatives import derivative
-from derprop.propagation import attention_shares, propagate, propagation_weights
-from derprop.reference import propagate_literal
+from derprop.propagation import attention_shares, propagate, propagate_literal, propagation_weights
 
 
 def dense_official(logits, f1, f2, op="forward"):
