@@ -235,8 +235,8 @@ def derprop_block(inp: dict, m, lc, rows: torch.Tensor) -> dict[str, Any]:
     :func:`~derprop.pseudo_labels.propagated_logits`, the derivative terms of :mod:`derprop.objective`,
     :func:`~derprop.pseudo_labels.region_propagation`."""
     from derprop.model import SegOutput
-    from derprop.objective import labeled_derivative_term, unlabeled_derivative_term
-    from derprop.pseudo_labels import propagated_logits, region_propagation, weak_features
+    from derprop.objective import derivative_options, labeled_derivative_term, unlabeled_derivative_term
+    from derprop.pseudo_labels import dlp_options, propagated_logits, region_propagation, weak_features
 
     b, c, crop = inp["batch"], inp["classes"], inp["crop"]
     head1, head2 = _heads(inp, c)
@@ -247,10 +247,13 @@ def derprop_block(inp: dict, m, lc, rows: torch.Tensor) -> dict[str, Any]:
         return SegOutput(logits=grid, f1=head1(proj), f2=head2(proj), logits_fp=None, logits_grid=grid)
 
     out_w, out_s = seg(proj_w, inp["grid_w"]), seg(proj_s, inp["grid_s"])
-    prop_w, prop_s = propagated_logits(out_w, size, m), propagated_logits(out_s, size, m)
+    dlp, der = dlp_options(m), derivative_options(m, lc)
+    prop_w, prop_s = propagated_logits(out_w, size, **dlp), propagated_logits(out_s, size, **dlp)
     ce = F.cross_entropy(prop_w, inp["target_w"], ignore_index=255) + F.cross_entropy(prop_s, inp["target_s"])
-    der_x = labeled_derivative_term(out_w, b, inp["label"], m, lc)
-    der_u = unlabeled_derivative_term(out_w, out_s, out_s, b, inp["box"], m, lc)
+    der_x = labeled_derivative_term(out_w, b, inp["label"], label_resize=m.label_resize,
+                                    detached=m.labeled_der_detached, options=der)
+    der_u = unlabeled_derivative_term(out_w, out_s, out_s, b, inp["box"],
+                                      consistent_targets=m.cutmix_consistent_targets, options=der)
     total = ce + lc.lambda_der * (der_x + der_u)
     total.backward()
     f1, f2, grid = weak_features(out_w, b, m.dlp_temperature)

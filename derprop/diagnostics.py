@@ -33,7 +33,7 @@ from derprop.labels import IGNORE_INDEX
 from derprop.metrics import ConfusionMatrix
 from derprop.objective import label_on_grid
 from derprop.propagation import MODE_OF_FORM, attention_shares, propagation_weights
-from derprop.pseudo_labels import blend, propagated_logits, similarity_features
+from derprop.pseudo_labels import blend, dlp_options, propagated_logits, similarity_features
 
 SAVED_IMAGES = 8
 """Images per snapshot file; the statistics use all diagnostic images."""
@@ -66,7 +66,7 @@ def pseudo_label_diagnostics(net: nn.Module, images: SegmentationDataset, cfg: T
         gt = torch.stack([p[1] for p in pairs]).to(device)
         with autocast():
             out = net(x)
-            prop = propagated_logits(out, x.shape[-2:], m) if m.dlp else None
+            prop = propagated_logits(out, x.shape[-2:], **dlp_options(m)) if m.dlp else None
         probs = blend(out.logits, prop, eta, m.blend_space)  # softmax(L) when there is no L̃
         pl_before = out.logits.float().argmax(1)
         cms["before"].update(pl_before, gt)

@@ -76,36 +76,43 @@ def label_on_grid(label: Tensor, size: tuple[int, int], how: str) -> Tensor:
     return label[:, rows][:, :, cols].long()
 
 
-def _der_options(m: MethodConfig, lc: LossConfig) -> dict[str, Any]:
+def derivative_options(m: MethodConfig, lc: LossConfig) -> dict[str, Any]:
+    """The settings of :func:`~derprop.losses.derivative_loss` that a config gives, read in one place: what
+    :func:`labeled_derivative_term` and :func:`unlabeled_derivative_term` pass on as ``options``."""
     return dict(Q=m.Q, eta=lc.eta, op=m.op, sparsity=m.sparsity, normalize=m.feature_norm, chunk=m.chunk,
                 spatial_softmax_sparsity=m.spatial_softmax_sparsity)
 
 
-def labeled_derivative_term(out: SegOutput, nb: int, y: Tensor, m: MethodConfig, lc: LossConfig) -> Tensor:
-    """Labeled derivative loss (eq. 8/9, S_GT = YᵀY) of the first ``nb`` images of ``out``."""
+def labeled_derivative_term(out: SegOutput, nb: int, y: Tensor, *, label_resize: str, detached: bool,
+                            options: dict[str, Any]) -> Tensor:
+    """Labeled derivative loss (eq. 8/9, S_GT = YᵀY) of the first ``nb`` images of ``out``.
+
+    ``label_resize``: how the label reaches the feature grid (``method.label_resize``); ``detached``: no gradient
+    through the predictions (``method.labeled_der_detached``); ``options``: :func:`derivative_options`.
+    """
     c = out.logits.shape[1]
     h, w = out.f1.shape[-2:]
     # labeled target: the label on the feature grid, one-hot; ignore pixels drop out (mask)
-    yg = label_on_grid(y, (h, w), m.label_resize).flatten(1)
+    yg = label_on_grid(y, (h, w), label_resize).flatten(1)
     keep = yg < c
     onehot = F.one_hot(yg.clamp(0, c), c + 1)[..., :c].transpose(1, 2).float()
     f1x = out.f1[:nb].flatten(2).float()
     f2x = f1x if out.f2 is out.f1 else out.f2[:nb].flatten(2).float()
-    return derivative_loss(f1x, f2x, onehot, onehot, labeled=True, mask=keep, detach_labeled=m.labeled_der_detached,
-                           **_der_options(m, lc))
+    return derivative_loss(f1x, f2x, onehot, onehot, labeled=True, mask=keep, detach_labeled=detached, **options)
 
 
-def unlabeled_derivative_term(out_w: SegOutput, out_s: SegOutput, out_mix: SegOutput, nb: int, box: Tensor,
-                              m: MethodConfig, lc: LossConfig) -> Tensor:
+def unlabeled_derivative_term(out_w: SegOutput, out_s: SegOutput, out_mix: SegOutput, nb: int, box: Tensor, *,
+                              consistent_targets: bool, options: dict[str, Any]) -> Tensor:
     """Unlabeled derivative loss (eq. 8/9): the weak view's features are the target of the CutMixed strong view's.
 
-    With ``cutmix_consistent_targets`` the partner's features are the target inside the box.
+    With ``consistent_targets`` (``method.cutmix_consistent_targets``) the partner's features are the target
+    inside the box; ``options``: :func:`derivative_options`.
     """
     h, w = out_w.f1.shape[-2:]
     one_head = out_w.f2 is out_w.f1
     t1 = out_w.f1[nb:].detach().float()
     t2 = t1 if one_head else out_w.f2[nb:].detach().float()
-    if m.cutmix_consistent_targets:
+    if consistent_targets:
         boxg = F.interpolate(box.unsqueeze(1).float(), size=(h, w), mode="nearest").bool()
         t1 = torch.where(boxg, out_mix.f1.float(), t1)
         t2 = t1 if one_head else torch.where(boxg, out_mix.f2.float(), t2)
@@ -113,26 +120,28 @@ def unlabeled_derivative_term(out_w: SegOutput, out_s: SegOutput, out_mix: SegOu
     f2s = f1s if one_head else out_s.f2.flatten(2).float()
     t1f = t1.flatten(2)
     t2f = t1f if one_head else t2.flatten(2)
-    return derivative_loss(f1s, f2s, t1f, t2f, labeled=False, **_der_options(m, lc))
+    return derivative_loss(f1s, f2s, t1f, t2f, labeled=False, **options)
 
 
 def unlabeled_terms(pred_us: Tensor, prop_s: Tensor | None, prop_uw: Tensor | None, logits_fp: Tensor | None,
-                    pl: PseudoLabels, m: MethodConfig) -> dict[str, Tensor]:
+                    pl: PseudoLabels, *, soft: bool, weak_propagated: bool) -> dict[str, Tensor]:
     """``CE_u``, ``CE_ũ``, ``KL`` and ``CE_fp`` of eq. 7 (the release's terms where its switches are on).
 
     ``pred_us``: logits of the CutMixed strong view; ``prop_s``/``prop_uw``: ``L̃`` of the strong and the
     weak view (None without DLP); ``logits_fp``: the feature-perturbation branch of the weak view.
+    ``soft``: soft targets for ``CE_u`` (``method.unlabeled_ce``); ``weak_propagated``: ``CE_ũ`` on the weak
+    view too (``method.weak_propagated_ce``).
     """
     terms: dict[str, Tensor] = {}
     log_s = F.log_softmax(pred_us, dim=1)
-    if m.unlabeled_ce == "soft":
+    if soft:
         ce_u = -(pl.target * log_s).sum(1)
     else:
         ce_u = F.nll_loss(log_s, pl.mask_c, reduction="none")
     terms["ce_u"] = masked_mean(ce_u, pl.keep_cu, pl.valid_c)
     if prop_s is not None:
         ce_us_prop = masked_mean(F.cross_entropy(prop_s, pl.mask_c, reduction="none"), pl.keep_cu, pl.valid_c)
-        if m.weak_propagated_ce:
+        if weak_propagated:
             ce_uw_prop = masked_mean(F.cross_entropy(prop_uw, pl.mask_w, reduction="none"), pl.keep_w, pl.valid_w)
             terms["ce_u_prop"] = 0.5 * (ce_us_prop + ce_uw_prop)
         else:

@@ -85,13 +85,19 @@ def weak_features(out_w: SegOutput, nb: int, temperature: float) -> tuple[Tensor
     return f1, f2, tuple(out_w.f1.shape[-2:])
 
 
-def propagated_logits(out: SegOutput, size: tuple[int, int], m: MethodConfig) -> Tensor:
-    """``L̃`` (eq. 4) at the feature grid, upsampled bilinearly to ``size``."""
+def dlp_options(m: MethodConfig) -> dict[str, Any]:
+    """The settings of :func:`propagated_logits` that a config's ``method`` section gives, read in one place."""
+    return dict(temperature=m.dlp_temperature, mode=MODE_OF_FORM[m.dlp_form], op=m.op, chunk=m.chunk,
+                paper_norm=m.paper_dlp_norm)
+
+
+def propagated_logits(out: SegOutput, size: tuple[int, int], *, temperature: float, mode: str, op: str,
+                      chunk: int | None, paper_norm: str) -> Tensor:
+    """``L̃`` (eq. 4) at the feature grid, upsampled bilinearly to ``size`` (the settings: :func:`dlp_options`)."""
     with record_function("derprop.dlp"):  # the profiler's name for DLP (benchmarks.train_step splits a step by it)
         b, c, h, w = out.logits_grid.shape
-        f1, f2 = similarity_features(out, m.dlp_temperature)
-        lt = propagate(out.logits_grid.flatten(2), f1, f2, mode=MODE_OF_FORM[m.dlp_form],
-                       op=m.op, chunk=m.chunk, paper_norm=m.paper_dlp_norm)
+        f1, f2 = similarity_features(out, temperature)
+        lt = propagate(out.logits_grid.flatten(2), f1, f2, mode=mode, op=op, chunk=chunk, paper_norm=paper_norm)
         return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
 
 
@@ -128,29 +134,32 @@ class PseudoLabels:
 
 @torch.no_grad()
 def cutmix_pseudo_labels(p_w: Tensor, p_mix: Tensor, box: Tensor, ign: Tensor, ign_mix: Tensor,
-                         threshold: Threshold, m: MethodConfig, d: Dist,
-                         features: tuple[Tensor, Tensor, tuple[int, int]] | None = None) -> PseudoLabels:
+                         threshold: Threshold, d: Dist, *, consistent_targets: bool,
+                         features: tuple[Tensor, Tensor, tuple[int, int]] | None = None, samples: int = 0,
+                         op: str = "forward") -> PseudoLabels:
     """Pseudo-labels of the CutMixed strong view from the weak view's ``p_w`` and the partner's ``p_mix``.
 
     Updates ``threshold`` first (on the weak view; the release counts the uncut ignore mask).
-    ``features``: :func:`weak_features` of the weak view, for region propagation.
+    ``consistent_targets`` (``method.cutmix_consistent_targets``): the soft targets are cut like the images.
+    ``features``: :func:`weak_features` of the weak view, for region propagation (``method.region_propagation``)
+    from ``samples`` rows (``method.region_samples``) with the derivative ``op``; None: no region propagation.
     """
     conf_mix, mask_mix = p_mix.max(1)
     conf_w, mask_w = p_w.max(1)
     mask_c = torch.where(box, mask_mix, mask_w)
     conf_c = torch.where(box, conf_mix, conf_w)
     ign_c = torch.where(box, ign_mix, ign)
-    target = torch.where(box.unsqueeze(1), p_mix, p_w) if m.cutmix_consistent_targets else p_w
-    threshold.update(p_w, ign if m.cutmix_consistent_targets else ign_c, d)
+    target = torch.where(box.unsqueeze(1), p_mix, p_w) if consistent_targets else p_w
+    threshold.update(p_w, ign if consistent_targets else ign_c, d)
     tau = threshold.value
     keep_c = (conf_c >= tau) & (ign_c != IGNORE_INDEX)
     keep_w = (conf_w >= tau) & (ign != IGNORE_INDEX)
     keep_cu = keep_c
-    if m.region_propagation:
+    if features is not None:
         f1, f2, grid = features
-        rows = torch.randint(0, f1.shape[-1], (m.region_samples,), device=f1.device)
+        rows = torch.randint(0, f1.shape[-1], (samples,), device=f1.device)
         with record_function("derprop.region_propagation"):
-            mask_c, keep_cu = region_propagation(f1, f2, grid, rows, mask_c, keep_c, box, ign_c, tau, m.op,
+            mask_c, keep_cu = region_propagation(f1, f2, grid, rows, mask_c, keep_c, box, ign_c, tau, op,
                                                  p_w.shape[1])
     return PseudoLabels(target, mask_c, keep_c, keep_cu, ign_c != IGNORE_INDEX, mask_w, keep_w, ign != IGNORE_INDEX, tau)
 

@@ -178,16 +178,13 @@ DIVERGENCES: dict[str, Divergence] = {
     "method.dlp_form": Divergence(
         ("softmax", "linear"), "row softmax of the scaled similarity, L̃ = sg(L)·A", "L̃ = L(S + Δ¹S), unnormalised",
         "eq. 4"),
-    "method.blend_space": Divergence(
-        ("logit", "prob"), "blend logits: (1−η)L + ηL̃", "blend probabilities", "eq. 5"),
+    "method.blend_space": Divergence(("logit", "prob"), "blend logits: (1−η)L + ηL̃", "blend probabilities", "eq. 5"),
     "method.feature_norm": Divergence(
         ("softmax", "l1"), "softmax over channels (called “L1 normalisation”)", "‖v‖₁ = 1", "eq. 3, Thm. 1"),
-    "method.label_resize": Divergence(
-        ("bilinear", "nearest"),
+    "method.label_resize": Divergence(("bilinear", "nearest"),
         "class indices interpolated bilinearly on the feature grid (exact at crops 321/513/801)",
         "label at the nearest pixel of each grid point", "eq. 8 (S_GT)"),
-    "method.labeled_der_detached": Divergence(
-        (True, False),
+    "method.labeled_der_detached": Divergence((True, False),
         "labeled prediction similarities detached: no gradient. The term's logged value differs as well (no switch: "
         "it changes nothing else): the release keeps ignored pixels, label 255 → class 22, in the mean over all B·M² "
         "pairs, against YᵀY/√(K−2), K = 1 + the largest label in the batch (√21 whenever it holds an ignored pixel, "
@@ -197,14 +194,12 @@ DIVERGENCES: dict[str, Divergence] = {
     "method.momentum_timing": Divergence(
         ("epoch_start", "epoch_end"), "average at the start of each epoch (lags one epoch)", "after each epoch",
         "eq. 6"),
-    "method.momentum_buffers": Divergence(
-        (True, False), "BN buffers averaged too", "parameters Θ only", "eq. 6"),
+    "method.momentum_buffers": Divergence((True, False), "BN buffers averaged too", "parameters Θ only", "eq. 6"),
     "method.threshold": Divergence(
         ("ema", "fixed"), "EMA confidence threshold (start 0.85, momentum 0.999)", "fixed binary map (0.95)", "eq. 7"),
     "method.pseudo_label_source": Divergence(
         ("momentum", "backprop"), "CutMix partner labelled by the momentum net", "by the trained net Θb", "eq. 5, 6"),
-    "method.unlabeled_ce": Divergence(
-        ("soft", "hard"), "soft targets", "hard pseudo-labels", "eq. 7"),
+    "method.unlabeled_ce": Divergence(("soft", "hard"), "soft targets", "hard pseudo-labels", "eq. 7"),
     "method.cutmix_consistent_targets": Divergence(
         (False, True), "uncut weak-view targets (quirk)", "targets cut like the images", "eq. 7"),
     "method.cutmix_partner": Divergence(
@@ -215,18 +210,13 @@ DIVERGENCES: dict[str, Divergence] = {
     "method.fp_branch": Divergence(
         (True, False), "UniMatch feature-perturbation branch (Dropout2d 0.5), weight loss.lambda_fp = 0.25", "absent",
         "—"),
-    "method.region_propagation": Divergence(
-        (True, False), "CorrMatch region-level label propagation", "absent", "—"),
-    "loss.lambda_der": Divergence(
-        (0.25, 0.5), "0.25 (its 0.5·(S+ΔS)/2)", "λDer = 0.5", "eq. 7"),
-    "loss.eta": Divergence(
-        (1.0, 0.5), "1.0 (its 0.25·sparsity against λDer = 0.25)", "η = 0.5", "eq. 3, 8"),
-    "loss.scale": Divergence(
-        (0.5, 1.0), "whole loss / 2", "1", "eq. 7"),
+    "method.region_propagation": Divergence((True, False), "CorrMatch region-level label propagation", "absent", "—"),
+    "loss.lambda_der": Divergence((0.25, 0.5), "0.25 (its 0.5·(S+ΔS)/2)", "λDer = 0.5", "eq. 7"),
+    "loss.eta": Divergence((1.0, 0.5), "1.0 (its 0.25·sparsity against λDer = 0.25)", "η = 0.5", "eq. 3, 8"),
+    "loss.scale": Divergence((0.5, 1.0), "whole loss / 2", "1", "eq. 7"),
     "eval.mode": Divergence(
         ("center_crop", "auto"), "centre crop 321 for every data set",
         "original size (VOC), sliding window (Cityscapes)", "Experiments"),
-    "eval.select": Divergence(
-        ("best_of_both", "momentum"), "best of both nets", "momentum net only", "eq. 6"),
+    "eval.select": Divergence(("best_of_both", "momentum"), "best of both nets", "momentum net only", "eq. 6"),
 }
 """Every switch that differs between the profiles, with both values: ``derprop.config.PROFILES`` reads them here."""

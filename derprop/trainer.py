@@ -47,9 +47,11 @@ from derprop.errors import ConfigError
 from derprop.evaluate import evaluate
 from derprop.model import DerPropNet, build_model
 from derprop.momentum import MomentumNetwork
-from derprop.objective import labeled_ce, labeled_derivative_term, unlabeled_derivative_term, unlabeled_terms, weighted_sum
+from derprop.objective import (derivative_options, labeled_ce, labeled_derivative_term, unlabeled_derivative_term,
+                               unlabeled_terms, weighted_sum)
 from derprop.progress import DEFAULT_EVERY, ProgressLog
-from derprop.pseudo_labels import Threshold, blend, cutmix_pseudo_labels, propagated_logits, weak_features
+from derprop.pseudo_labels import (Threshold, blend, cutmix_pseudo_labels, dlp_options, propagated_logits,
+                                   weak_features)
 
 
 Hook = Callable[..., None]
@@ -110,6 +112,8 @@ class Trainer:
         self._build_model()
         self.threshold = Threshold(cfg.method.threshold, cfg.method.threshold_value, cfg.method.threshold_init,
                                    cfg.method.threshold_momentum)
+        self.dlp = dlp_options(cfg.method)  # the config read once; the step's helpers take values
+        self.der = derivative_options(cfg.method, cfg.loss)
         self.start_epoch = 0
         self.global_step = 0
         self.best: dict[str, Any] = {"miou": -1.0, "epoch": None, "net": None}
@@ -175,7 +179,7 @@ class Trainer:
                 self.net.eval()
                 out_mix = self.net(uw2, heads=box_targets or m.dlp)
                 self.net.train()
-                p_mix = blend(out_mix.logits, propagated_logits(out_mix, size, m) if m.dlp else None, eta,
+                p_mix = blend(out_mix.logits, propagated_logits(out_mix, size, **self.dlp) if m.dlp else None, eta,
                               m.blend_space)
 
         # 2. CutMix the strong view
@@ -190,8 +194,8 @@ class Trainer:
             with record_function("derprop.forward"):
                 out_w = self.model(inp_w, perturb=m.fp_branch)
                 out_s = self.model(us_mixed)
-            prop_w = propagated_logits(out_w, size, m) if m.dlp else None
-            prop_s = propagated_logits(out_s, size, m) if (m.dlp and m.propagated_ce) else None
+            prop_w = propagated_logits(out_w, size, **self.dlp) if m.dlp else None
+            prop_s = propagated_logits(out_s, size, **self.dlp) if (m.dlp and m.propagated_ce) else None
         logits_w = out_w.logits.float()
         pred_x, pred_uw = logits_w[:nb], logits_w[nb:]
         prop_uw = prop_w[nb:] if prop_w is not None else None
@@ -199,20 +203,25 @@ class Trainer:
         # 4.–5. pseudo-labels of the weak view (eq. 5), confident pixels, region propagation
         with torch.no_grad():
             p_w = blend(pred_uw.detach(), prop_uw.detach() if prop_uw is not None else None, eta, m.blend_space)
-            pl = cutmix_pseudo_labels(p_w, p_mix, box, ign, ign2, self.threshold, m, self.d,
-                                      weak_features(out_w, nb, m.dlp_temperature) if m.region_propagation else None)
+            feats = weak_features(out_w, nb, m.dlp_temperature) if m.region_propagation else None
+            pl = cutmix_pseudo_labels(p_w, p_mix, box, ign, ign2, self.threshold, self.d, features=feats,
+                                      consistent_targets=m.cutmix_consistent_targets, samples=m.region_samples, op=m.op)
 
         # 6. losses (eq. 7/8)
         ce = labeled_ce(lc)
         terms = {"ce_x": ce(pred_x, y)}
         if prop_s is not None:
             terms["ce_x_prop"] = ce(prop_w[:nb], y)
-        terms |= unlabeled_terms(out_s.logits.float(), prop_s, prop_uw, out_w.logits_fp[nb:].float() if m.fp_branch else None,
-                                 pl, m)
+        logits_fp = out_w.logits_fp[nb:].float() if m.fp_branch else None
+        terms |= unlabeled_terms(out_s.logits.float(), prop_s, prop_uw, logits_fp, pl, soft=m.unlabeled_ce == "soft",
+                                 weak_propagated=m.weak_propagated_ce)
         if m.derivative_loss:
             with record_function("derprop.derivative_loss"):
-                terms["der_x"] = labeled_derivative_term(out_w, nb, y, m, lc)
-                terms["der_u"] = unlabeled_derivative_term(out_w, out_s, out_mix, nb, box, m, lc)
+                terms["der_x"] = labeled_derivative_term(out_w, nb, y, label_resize=m.label_resize,
+                                                         detached=m.labeled_der_detached, options=self.der)
+                terms["der_u"] = unlabeled_derivative_term(out_w, out_s, out_mix, nb, box,
+                                                           consistent_targets=m.cutmix_consistent_targets,
+                                                           options=self.der)
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["threshold"] = pl.tau
         logs["mask_ratio"] = float(pl.keep_w.sum() / pl.valid_w.sum().clamp_min(1))
@@ -242,14 +251,15 @@ class Trainer:
         with self._autocast():
             with record_function("derprop.forward"):
                 out = self.model(x)
-            prop = propagated_logits(out, x.shape[-2:], m) if m.dlp and m.propagated_ce else None
+            prop = propagated_logits(out, x.shape[-2:], **self.dlp) if m.dlp and m.propagated_ce else None
         ce = labeled_ce(lc)
         terms = {"ce_x": ce(out.logits.float(), y)}
         if prop is not None:
             terms["ce_x_prop"] = ce(prop, y)
         if m.derivative_loss:
             with record_function("derprop.derivative_loss"):
-                terms["der_x"] = labeled_derivative_term(out, x.shape[0], y, m, lc)
+                terms["der_x"] = labeled_derivative_term(out, x.shape[0], y, label_resize=m.label_resize,
+                                                         detached=m.labeled_der_detached, options=self.der)
         logs = {k: float(v.detach()) for k, v in terms.items()}
         logs["threshold"] = self.threshold.value
         logs["mask_ratio"] = 0.0
