@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from derprop.config import CHOICES, PROFILES, SECTIONS, TrainConfig, resolved
+from derprop.config import CHOICES, PROFILES, SECTIONS, TrainConfig, flatten, resolved
 from derprop.configfile import dump_yaml, load_config
 from derprop.errors import ConfigError
 from derprop.provenance import source
@@ -50,7 +50,7 @@ def test_table_rows_have_the_right_switches():
 
 def test_profile_sets_every_switch_and_user_keys_win():
     for name, values in PROFILES.items():
-        flat = _flat(load_config(None, [f"profile={name}"]))
+        flat = flatten(dataclasses.asdict(load_config(None, [f"profile={name}"])))
         for key, v in values.items():
             assert flat[key] == v, (name, key)
     cfg = load_config(None, ["profile=official", "method.blend_space=prob"])
@@ -112,16 +112,6 @@ def test_choices_cover_enums():
     cfg = TrainConfig()
     assert set(CHOICES) >= {"profile", "method.op", "method.dlp_form", "method.blend_space", "eval.mode"}
     assert cfg.model.num_classes == 21
-
-
-def _flat(cfg):
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            for sf in dataclasses.fields(v):
-                out[f"{f.name}.{sf.name}"] = getattr(v, sf.name)
-    return out
 
 
 @pytest.mark.parametrize("text, message", [
@@ -200,3 +190,17 @@ def test_a_config_that_is_a_folder_or_not_utf8_names_the_file(tmp_path):
         load_config(p)
     p.write_bytes(b"\xef\xbb\xbfname: bom\n")  # a byte-order mark is fine
     assert load_config(p).name == "bom"
+
+
+def test_a_config_built_in_code_is_checked_like_one_read_from_yaml():
+    with pytest.raises(ConfigError, match="'seed' must be in"):
+        TrainConfig(seed=-1)
+    with pytest.raises(ConfigError, match="'eval.crop_size' must be in"):
+        dataclasses.replace(TrainConfig(), eval=dataclasses.replace(TrainConfig().eval, crop_size=5))
+
+
+def test_flatten_is_the_inverse_of_the_sections():
+    r = resolved(TrainConfig())
+    flat = flatten(r)
+    assert flat["optim.lr"] == r["optim"]["lr"] and flat["seed"] == r["seed"]
+    assert len(flat) == sum(len(v) if isinstance(v, dict) else 1 for v in r.values())
