@@ -132,7 +132,8 @@ def test_results_and_checkpoints_carry_the_provenance(recorded_run):
     results = json.loads((out / "results.json").read_text())
     commit, dirty = provenance.git_state()
     expected = {"derprop_version": provenance.version(), "git_commit": commit, "git_dirty": dirty,
-                "world_size": 1, "global_batch": 2, "per_process_batch": 2, "device_count": 1}
+                "world_size": 1, "global_batch": 2, "per_process_batch": 2, "device_count": 1,
+                "threads": torch.get_num_threads()}  # a CPU run's numbers depend on it
     assert {k: results[k] for k in expected} == expected
     assert results["devices"] == [results["device"]] and results["device"].startswith("cpu")
     assert results["torch_version"] and results["python"] and "cudnn_version" in results and "cuda_version" in results
