@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import ROOT, portable, repo_path
+from benchmarks.common import portable, repo_path
+from derprop.provenance import source
 
 ABSOLUTE = re.compile(r"""(?:^|[\s="'(\[{,])(/[A-Za-z0-9_.~-][^\s"',]*)""")
 """A string that holds an absolute path: one at its start or after a space, ``=``, a quote or a bracket."""
 
-BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
+BENCHMARKS = sorted((source() / "benchmarks").glob("*.py"))
 
 
 def strings(obj, where=""):
@@ -31,18 +32,18 @@ def strings(obj, where=""):
         yield where, obj
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "results").rglob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((source() / "results").rglob("*.json")), ids=lambda p: p.name)
 def test_results_files_name_no_absolute_paths(path):
     bad = [f"{where}: {m.group(1)}" for where, s in strings(json.loads(path.read_text()))
            for m in ABSOLUTE.finditer(s)]
-    assert not bad, f"{path.relative_to(ROOT)} names absolute paths (write it with benchmarks.common.write_results):\n" \
+    assert not bad, f"{path.relative_to(source())} names absolute paths (write it with benchmarks.common.write_results):\n" \
         + "\n".join(bad[:20])
 
 
 def test_repo_path_writes_paths_from_the_repository_root():
     tmp = Path(tempfile.gettempdir())
-    assert repo_path(ROOT / "configs" / "cpu_scenes.yaml") == "configs/cpu_scenes.yaml"
-    assert repo_path(ROOT) == "."
+    assert repo_path(source() / "configs" / "cpu_scenes.yaml") == "configs/cpu_scenes.yaml"
+    assert repo_path(source()) == "."
     assert repo_path(tmp / "r101" / "run") == "<tmp>/r101/run"
     assert repo_path(sys.executable) == "python"
     assert not repo_path("/no/such/machine/folder").startswith("/")
@@ -52,9 +53,9 @@ def test_portable_rewrites_paths_inside_strings_and_nothing_else():
     tmp = Path(tempfile.gettempdir())
     payload = {
         "command": f"python -m benchmarks.cpu_evidence --resnet101-smoke --runs-dir {tmp}/r101",
-        "overrides": [f"data.root={tmp}/bench_scenes_x/scenes", f"optim.warm_start={ROOT}/runs/w/last.pt"],
+        "overrides": [f"data.root={tmp}/bench_scenes_x/scenes", f"optim.warm_start={source()}/runs/w/last.pt"],
         "argv": (sys.executable, "-m", "pytest"),
-        "traceback": f'File "{ROOT}/derprop/trainer.py", line 3',
+        "traceback": f'File "{source()}/derprop/trainer.py", line 3',
         "text": "1/4 labeled, tiled/dense memory, https://example.org/a, images / s, (a + b)/2",
         "n": 3,
     }
@@ -81,7 +82,7 @@ def test_built_book_prints_no_machine_paths():
 
     rc, _, _ = build_smoke_book()
     assert rc == 0
-    machine = {str(ROOT), str(ROOT.resolve()), sys.prefix, str(Path(sys.prefix).resolve())}
+    machine = {str(source()), str(source().resolve()), sys.prefix, str(Path(sys.prefix).resolve())}
     bad = [f"{page.name}: {folder}" for page in sorted((SMOKE_HTML / "book").glob("*.html"))
            for folder in machine if folder in page.read_text(errors="replace")]
     assert not bad, "the rendered book names this machine's folders (print paths from the repository root):\n" + \
