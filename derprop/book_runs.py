@@ -184,11 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--jobs", type=cli.at_least(1), default=2, help="runs trained at once, one thread each (default 2)")
     ap.add_argument("--only", choices=[r for r, _ in TRAINING_RUNS.values()], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.root:  # the runs' processes inherit it
-        os.environ[provenance.ROOT_VARIABLE] = str(Path(args.root).resolve())
-    return cli.run(lambda: _train_runs(args), interrupted=lambda: (
-        f"every finished epoch is kept under {project_root() / 'runs' / 'book' / args.size}; "
-        f"run the same command again to go on"))
+    with provenance.at_root(args.root):  # the runs' processes inherit it
+        return cli.run(lambda: _train_runs(args), interrupted=lambda: (
+            f"every finished epoch is kept under {project_root() / 'runs' / 'book' / args.size}; "
+            f"run the same command again to go on"))
 
 
 def _train_runs(args: argparse.Namespace) -> int:

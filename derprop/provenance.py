@@ -10,12 +10,13 @@ software and the hardware that produced it and to the batch it was actually trai
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import subprocess
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 NOT_INSTALLED = "unknown (derprop is not installed)"
 NOT_A_CHECKOUT = "not a git checkout"
@@ -48,13 +49,32 @@ def source() -> Path:
 def project_root() -> Path:
     """The project folder, where ``runs/``, ``data/`` and ``results/`` go.
 
-    ``$DERPROP_ROOT`` when set (``python -m derprop.book_runs --root DIR`` sets it for its own processes),
+    ``$DERPROP_ROOT`` when set (``python -m derprop.book_runs --root DIR`` sets it while it runs: :func:`at_root`),
     else the checkout (:func:`source`, when it holds ``configs/``: an editable install or ``PYTHONPATH``),
     else the current folder: an installed package lives in site-packages.
     """
     if os.environ.get(ROOT_VARIABLE):
         return Path(os.environ[ROOT_VARIABLE]).resolve()
     return source() if (source() / "configs").is_dir() else Path.cwd()
+
+
+@contextlib.contextmanager
+def at_root(root: str | os.PathLike | None) -> Iterator[None]:
+    """:func:`project_root` is ``root`` (with the processes started meanwhile) until the block ends; None: as it was.
+
+    What a command's ``--root`` does: the environment is restored afterwards, so a caller in the same process
+    (a test, a notebook) keeps its own project folder.
+    """
+    before = os.environ.get(ROOT_VARIABLE)
+    if root is not None:
+        os.environ[ROOT_VARIABLE] = str(Path(root).resolve())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ROOT_VARIABLE, None)
+        else:
+            os.environ[ROOT_VARIABLE] = before
 
 
 def git_state(root: Path | None = None) -> tuple[str, bool | None]:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from derprop import book_runs, provenance
+from derprop import book_runs
 from derprop.provenance import source
 
 DOCS = [source() / "README.md", *sorted((source() / "book").glob("*.md"))]
@@ -245,7 +245,6 @@ def demo(tmp_path_factory) -> Path:
             "warm": [*small["warm"], *TINY_RUN]}
     with pytest.MonkeyPatch.context() as m:
         m.setitem(book_runs.BOOK_RUNS, "small", tiny)
-        m.delenv(provenance.ROOT_VARIABLE, raising=False)  # main sets it; restored after
         m.chdir(root)
         assert book_runs.main(["small", "--root", str(root), "--jobs", "1"]) == 0
     shutil.copy(root / "data" / "scenes" / "JPEGImages" / "val_00000.jpg", root / "a.jpg")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -183,3 +184,12 @@ def test_project_root_is_the_variable_else_the_checkout_else_the_current_folder(
     monkeypatch.setattr(provenance, "source", lambda: tmp_path / "site-packages")  # an installed package
     monkeypatch.chdir(tmp_path)
     assert provenance.project_root() == tmp_path
+
+
+def test_at_root_sets_the_project_folder_for_the_block_only(monkeypatch, tmp_path):
+    monkeypatch.delenv(provenance.ROOT_VARIABLE, raising=False)
+    with provenance.at_root(tmp_path):
+        assert provenance.project_root() == tmp_path.resolve()
+        with provenance.at_root(None):
+            assert provenance.project_root() == tmp_path.resolve()
+    assert provenance.ROOT_VARIABLE not in os.environ and provenance.project_root() == provenance.source()
