@@ -12,7 +12,9 @@ every way a file can be broken (truncated, not a zip, not ours) into one
 :class:`CheckpointError` that names the file.
 
 Random-number-generator states are stored as tensors and lists
-(:func:`rng_state` / :func:`set_rng_state`) for the same reason.
+(:func:`rng_state` / :func:`set_rng_state`) for the same reason. What a
+``last.pt`` holds to resume from is written by :func:`training_state` and read
+back by :func:`restore_training_state`, so its parts are named in one place.
 """
 
 from __future__ import annotations
@@ -123,6 +125,30 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def training_state(parts: Mapping[str, Any]) -> dict[str, Any]:
+    """The training state of a ``last.pt``: each part's ``state_dict()`` by name (None where a run has no such
+    part: Θm without ``method.momentum``, the GradScaler without fp16) and the RNG states."""
+    return {**{name: part.state_dict() if part is not None else None for name, part in parts.items()},
+            "rng": rng_state()}
+
+
+def restore_training_state(state: Mapping[str, Any], parts: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Load what :func:`training_state` saved into ``parts`` (those that are not None) and restore the RNG states.
+
+    Raises :class:`CheckpointError` naming ``path`` when a part is missing or does not fit.
+    """
+    try:
+        for name, part in parts.items():
+            if part is not None:
+                if state.get(name) is None:
+                    raise KeyError(name)
+                part.load_state_dict(state[name])
+        set_rng_state(state["rng"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this config ({type(err).__name__}: {err}); "
+                              "resume with the config it was written with") from err
 
 
 def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, Any]:

@@ -202,17 +202,17 @@ class OptimConfig:
     """
 
     epochs: int = 80
+    iters_per_epoch: int | None = None
     batch_size: int = 4
+    ref_batch: int | None = None
     lr: float = 0.001
+    head_lr_mult: float = 10.0
     momentum: float = 0.9
     weight_decay: float = 0.0001
-    head_lr_mult: float = 10.0
     poly_power: float = 0.9
-    ref_batch: int | None = None
-    iters_per_epoch: int | None = None
-    warm_start: str | None = None
     schedule_iters: int | None = None
     schedule_offset: int = 0
+    warm_start: str | None = None
     amp: str = "none"
     channels_last: bool = False
 

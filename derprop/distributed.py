@@ -85,6 +85,20 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def deterministic_kernels(device: torch.device) -> None:
+    """On CPU, deterministic kernels where an op has a choice, so that a resumed run replays the uninterrupted
+    one bit for bit; they cost nothing measurable there (``benchmarks.train_step``, config tiled-fp32-nondet).
+
+    The NaN fill of every ``torch.empty`` that the same switch turns on is a debugging aid for code that reads
+    memory it never wrote; it cost a few % of a step, so it stays off. On CUDA the switch stays off, unmeasured:
+    cuDNN and atomic-add backward kernels may then differ in the last bits from run to run, and a resumed GPU
+    run follows the uninterrupted one only statistically.
+    """
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of torch's global RNG in epoch ``epoch`` on rank ``rank``: a resumed run replays it exactly."""
     return (seed * 7919 + epoch * 104729 + rank * 15485863) % (2**31 - 1)

@@ -42,7 +42,8 @@ from derprop import guards, provenance, rundir, schedule
 from derprop.config import TrainConfig, eval_mode, resolved
 from derprop.configfile import dump_yaml
 from derprop.diagnostics import pseudo_label_diagnostics
-from derprop.distributed import CpuSyncBatchNorm, all_reduce_mean, epoch_seed, gather_devices, seed_all, setup_distributed
+from derprop.distributed import (CpuSyncBatchNorm, all_reduce_mean, deterministic_kernels, epoch_seed, gather_devices,
+                                 seed_all, setup_distributed)
 from derprop.errors import ConfigError
 from derprop.evaluate import evaluate
 from derprop.model import DerPropNet, build_model
@@ -88,15 +89,7 @@ class Trainer:
             rundir.check_unlocked(self.out)
             if self.fresh:
                 rundir.check_fresh(self.out, overwrite)
-        if self.d.device.type == "cpu":
-            # Deterministic kernels where an op has a choice, so that a resumed run replays the uninterrupted one
-            # bit for bit; on CPU they cost nothing measurable (benchmarks.train_step, config tiled-fp32-nondet).
-            # The NaN fill of every torch.empty that the same switch turns on is a debugging aid for code that
-            # reads memory it never wrote; it cost a few % of a step, so it stays off.
-            # On CUDA the switch stays off, unmeasured: cuDNN and atomic-add backward kernels may then differ in
-            # the last bits from run to run, and a resumed GPU run follows the uninterrupted one only statistically.
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.utils.deterministic.fill_uninitialized_memory = False
+        deterministic_kernels(self.d.device)
         if cfg.optim.amp == "fp16" and self.d.device.type != "cuda":
             raise ConfigError("optim.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
         self.progress = (self.d.is_main and sys.stderr.isatty()) if progress is None else (progress and self.d.is_main)
@@ -293,15 +286,11 @@ class Trainer:
         return results if d.is_main else {}
 
     def _prepare_folder(self) -> None:
-        """With the lock held: a clean folder, or one reconciled with the last commit (:func:`derprop.rundir.prepare`)."""
+        """With the lock held: a clean folder, or one reconciled with the last commit (:func:`derprop.rundir.prepare`)
+        and ``best.pt`` rebuilt from the nets after a kill between the commit (``last.pt``) and its write."""
         self.history = rundir.prepare(self.out, None if self.fresh else self.resume_path, self.start_epoch,
                                       self.cfg.optim.epochs, dump_yaml(self.cfg))
-        if not self.fresh:
-            self._reconcile_best()
-
-    def _reconcile_best(self) -> None:
-        """``best.pt`` after a kill between the commit (``last.pt``) and its write: rebuilt from the nets."""
-        if rundir.best_needs_rewrite(self.out, self.best.get("epoch"), self.start_epoch):
+        if not self.fresh and rundir.best_needs_rewrite(self.out, self.best.get("epoch"), self.start_epoch):
             self._save_best(self.start_epoch - 1, self.best["net"], self.best["miou"])
 
     def _train_steps(self, epoch: int, loaders) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -411,21 +400,14 @@ class Trainer:
         :func:`derprop.provenance.record`."""
         return {"config": resolved(self.cfg), "data_root": str(Path(self.cfg.data.root).resolve()), **self.record}
 
+    def _parts(self) -> dict[str, Any]:
+        """What a ``last.pt`` holds a state dict of (:func:`derprop.checkpoint.training_state`); None: not in this run."""
+        return {"model": self.net, "momentum": self.momentum, "optimizer": self.optimizer,
+                "scheduler": self.scheduler, "scaler": self.scaler, "threshold": self.threshold}
+
     def _state(self, epoch: int) -> dict[str, Any]:
-        return {
-            "epoch": epoch + 1,
-            "global_step": self.global_step,
-            "model": self.net.state_dict(),
-            "momentum": self.momentum.state_dict() if self.momentum is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "threshold": self.threshold.state_dict(),
-            "rng": ckpt_io.rng_state(),
-            "best": dict(self.best),
-            "resumes": list(self.resumes),
-            **self._provenance(),
-        }
+        return {"epoch": epoch + 1, "global_step": self.global_step, **ckpt_io.training_state(self._parts()),
+                "best": dict(self.best), "resumes": list(self.resumes), **self._provenance()}
 
     def _save_epoch(self, epoch: int, metrics: dict[str, Any], steps_log: list[dict[str, Any]],
                     cand: tuple[str, float] | None) -> None:
@@ -447,23 +429,7 @@ class Trainer:
         changed = self._changes
         fresh_groups = [dict(g) for g in self.optimizer.param_groups]  # the new config's, before loading
         fresh_schedule = (self.scheduler.total_iters, self.scheduler.power)
-        try:
-            self.net.load_state_dict(state["model"])
-            if self.momentum is not None:
-                if state.get("momentum") is None:
-                    raise KeyError("momentum")
-                self.momentum.load_state_dict(state["momentum"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
-            self.threshold.load_state_dict(state["threshold"])
-            ckpt_io.set_rng_state(state["rng"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise ckpt_io.CheckpointError(
-                f"checkpoint {self.resume_path} does not fit this config ({type(err).__name__}: {err}); "
-                "resume with the config it was written with"
-            ) from err
+        ckpt_io.restore_training_state(state, self._parts(), self.resume_path)
         self.start_epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.best = dict(state["best"])

@@ -23,6 +23,25 @@ def test_round_trip_with_rng_state(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp files left
 
 
+def test_training_state_round_trip_and_a_missing_part(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    ck.save(tmp_path / "last.pt", ck.training_state({"model": net, "optimizer": opt, "scaler": None}))
+    draw = float(torch.rand(()))
+    back = ck.load(tmp_path / "last.pt")
+    assert back["scaler"] is None  # a part this run does not have
+    net2 = torch.nn.Linear(2, 2)
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.1, momentum=0.9)
+    ck.restore_training_state(back, {"model": net2, "optimizer": opt2, "scaler": None}, tmp_path / "last.pt")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), net2.state_dict().values()))
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    assert float(torch.rand(())) == draw
+    with pytest.raises(ck.CheckpointError, match=r"last\.pt does not fit this config \(KeyError: 'momentum'\)"):
+        ck.restore_training_state(back, {"model": net2, "momentum": net2}, tmp_path / "last.pt")
+
+
 def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     ck.save(path, {"epoch": 1})

@@ -39,27 +39,18 @@ def test_exact_averaging_rule():
     assert all(torch.equal(p, torch.full_like(p, -3.0)) for p in model.parameters())
 
 
-def test_buffers_included():
+@pytest.mark.parametrize("include, mean, var", [(True, 2.0, 3.0), (False, 4.0, 5.0)])
+def test_buffers_averaged_when_included_else_copied(include, mean, var):
+    """Θm starts with running mean 0 and var 1; Θb has 4 and 5: included, (0 + 4)/2 and (1 + 5)/2."""
     model = net(0.0)
-    mom = MomentumNetwork(model, include_buffers=True)
+    mom = MomentumNetwork(model, include_buffers=include)
     fill(model, 1.0, mean=4.0, tracked=7)
     mom.update(model)
     bn = mom.module[1]
-    assert torch.equal(bn.running_mean, torch.full((3,), 2.0))
-    assert torch.equal(bn.running_var, torch.full((3,), 3.0))  # (1 + 5)/2
-    assert int(bn.num_batches_tracked) == 7  # integer buffer: the source's
-
-
-def test_buffers_excluded_are_copied():
-    model = net(0.0)
-    mom = MomentumNetwork(model, include_buffers=False)
-    fill(model, 1.0, mean=4.0, tracked=7)
-    mom.update(model)
-    bn = mom.module[1]
-    assert torch.equal(bn.weight, torch.full((3,), 0.5))  # parameters still averaged
-    assert torch.equal(bn.running_mean, torch.full((3,), 4.0))
-    assert torch.equal(bn.running_var, torch.full((3,), 5.0))
-    assert int(bn.num_batches_tracked) == 7
+    assert torch.equal(bn.weight, torch.full((3,), 0.5))  # parameters are averaged either way
+    assert torch.equal(bn.running_mean, torch.full((3,), mean))
+    assert torch.equal(bn.running_var, torch.full((3,), var))
+    assert int(bn.num_batches_tracked) == 7  # the integer counter is always the source's
 
 
 @pytest.mark.parametrize("when", ["epoch_end", "epoch_start"])
