@@ -19,12 +19,14 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from derprop.errors import DerPropError
+
 RESUME_MODES = ("auto", "yes", "no", "overwrite")
 ERROR_LINE = re.compile(r"^(error: |[\w.]*(Error|Exception)\b.*: )")
 """A line that reports why a run stopped: ``derprop.train``'s ``error:`` line or a Python exception's last line."""
 
 
-class RunFailed(RuntimeError):
+class RunFailed(DerPropError, RuntimeError):
     """The training processes exited with an error; the message is the run's last error line."""
 
 

@@ -10,22 +10,17 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import pkgutil
 import subprocess
 import sys
 import tomllib
 
 import pytest
 
-from data_prep.weights import WeightsError
 from derprop import cli
-from derprop.atomic import WriteError
-from derprop.backbones import PretrainedWeightsError
-from derprop.checkpoint import CheckpointError
 from derprop.data import DatasetError
 from derprop.errors import ConfigError, DerPropError
-from derprop.guards import NonFiniteLossError
 from derprop.provenance import source
-from derprop.rundir import RunDirError
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source()), os.environ.get("PYTHONPATH", "")])}  # this checkout
 
@@ -41,15 +36,30 @@ ENTRY_POINTS = {
     "data_prep.weights": ("_place", []),
     "pipelines.run_matrix": ("_run", ["list"]),
 }
-KINDS = [DatasetError, CheckpointError, ConfigError, RunDirError, WriteError, NonFiniteLossError,
-         PretrainedWeightsError, WeightsError]
+
+
+def project_errors() -> list[type[BaseException]]:
+    """Every exception class that a module of derprop, data_prep or pipelines defines: a new kind is in the
+    matrix below without being listed."""
+    kinds = []
+    for package in ("derprop", "data_prep", "pipelines"):
+        for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+            module = importlib.import_module(f"{package}.{info.name}")
+            kinds += [c for c in vars(module).values()
+                      if isinstance(c, type) and issubclass(c, BaseException) and c.__module__ == module.__name__]
+    return sorted(set(kinds) - {DerPropError}, key=lambda k: k.__name__)
+
+
+KINDS = project_errors()
 WORKER = ("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
           '  File "x.py", line 1, in f\nderprop.data.DatasetError: missing image data/x.jpg')
 
 
 def test_every_error_kind_is_a_derprop_error():
+    assert {k.__name__ for k in KINDS} >= {"DatasetError", "CheckpointError", "ConfigError", "RunDirError", "WriteError",
+                                          "NonFiniteLossError", "PretrainedWeightsError", "WeightsError", "RunFailed"}
     for kind in KINDS:
-        assert issubclass(kind, DerPropError), kind
+        assert issubclass(kind, DerPropError), f"{kind.__module__}.{kind.__name__} must derive from DerPropError"
     assert issubclass(ConfigError, ValueError) and issubclass(DatasetError, ValueError)
 
 
