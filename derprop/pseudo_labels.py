@@ -135,8 +135,8 @@ class PseudoLabels:
 @torch.no_grad()
 def cutmix_pseudo_labels(p_w: Tensor, p_mix: Tensor, box: Tensor, ign: Tensor, ign_mix: Tensor,
                          threshold: Threshold, d: Dist, *, consistent_targets: bool,
-                         features: tuple[Tensor, Tensor, tuple[int, int]] | None = None, samples: int = 0,
-                         op: str = "forward") -> PseudoLabels:
+                         features: tuple[Tensor, Tensor, tuple[int, int]] | None, samples: int,
+                         op: str) -> PseudoLabels:
     """Pseudo-labels of the CutMixed strong view from the weak view's ``p_w`` and the partner's ``p_mix``.
 
     Updates ``threshold`` first (on the weak view; the release counts the uncut ignore mask).

@@ -49,6 +49,8 @@ from derprop.display import (CHANGE_COLOURS, SNAPSHOT_KEYS, add_legend, change_i
 from derprop.labels import IGNORE_INDEX, default_class_names
 
 SNAPSHOT_PATTERN = re.compile(r"epoch_(\d+)\.npz$")
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Pixel counts for one image (or a stack) of pseudo-labels before/after DLP."""

@@ -66,7 +66,7 @@ def resolve_config(config: str, ablation: str) -> tuple[str, str]:
 
 
 def _in_repo(path: str | Path) -> Path:
-    """A relative ``--runs-root``/``--results-root`` is relative to the repository, like the notebook's paths."""
+    """A relative ``--runs-root``/``--results-root`` is relative to the project folder, like the notebook's paths."""
     return Path(path) if Path(path).is_absolute() else project_root() / path
 
 
@@ -89,8 +89,9 @@ def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = 
     """
     name = run_name(config, ablation)
     cfg_file, abl = resolve_config(config, ablation)
-    if not (project_root() / cfg_file).is_file():  # the notebook runs from project_root()
-        raise ConfigError(f"config {project_root() / cfg_file} does not exist; name one of the files under {project_root() / 'configs'}")
+    root = project_root()  # where the notebook runs
+    if not (root / cfg_file).is_file():
+        raise ConfigError(f"config {root / cfg_file} does not exist; name one of the files under {root / 'configs'}")
     run_dir = run_path(config, ablation, size, _in_repo(runs_root))
     if state(run_dir) == "done" and not force:
         print(f"[skip] {size}/{name}: {run_dir / 'results.json'} exists (--force trains it again)")
