@@ -52,7 +52,7 @@ def test_other_dims():
 
 
 def test_intro_example_first_derivative_is_zero():
-    """SPEC §4: Δ¹ of a constant vector such as [1, 1, 1] vanishes."""
+    """Δ¹ of a constant vector such as the paper's [1, 1, 1] vanishes (chapter *The ill-posed problem*)."""
     assert torch.count_nonzero(derivative(torch.ones(1, 3, 1), 1)) == 0
 
 

@@ -1,4 +1,7 @@
-"""derprop.losses against dense float64 references (eq. 3, 8, 9; SPEC §2, §4)."""
+"""derprop.losses against dense float64 references (eq. 3, 8, 9).
+
+Chapter *Paper vs released code* explains the release's form of the loss.
+"""
 
 
 import pytest
@@ -63,7 +66,7 @@ def test_similarity_l1_chunked_gradients_equal_dense(chunk):
 
 
 def test_similarity_l1_exact_gradient_formula():
-    """SPEC §4: d/dV ‖VᵀV − G‖₁ = V(E + Eᵀ) with E = sign(VᵀV − G)."""
+    """d/dV ‖VᵀV − G‖₁ = V(E + Eᵀ), E = sign(VᵀV − G): the tiled gradient of :func:`similarity_l1`."""
     v = rand(1, 4, 12, seed=5)
     g = rand(1, 2, 12, seed=6, grad=False)
     (grad,) = torch.autograd.grad(similarity_l1(v, v, g, g, reduction="sum", chunk=5), (v,))

@@ -1,4 +1,4 @@
-"""derprop.model: DeepLabV3+ with projection head J (Fig. 2; SPEC §2)."""
+"""derprop.model: DeepLabV3+ with projection head J (Fig. 2; the release's two heads: *Paper vs released code*)."""
 
 import dataclasses
 

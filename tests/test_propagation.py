@@ -10,7 +10,8 @@ from derprop.propagation import attention_shares, propagate, propagate_literal, 
 
 
 def dense_official(logits, f1, f2, op="forward"):
-    """SPEC §2 element by element: s_ij, softmax over j, L̃_j = Σ_i L_i A_ij."""
+    """The release's ``Corr.forward`` (``model/semseg/segmentation.py``) element by element: s_ij, softmax over j,
+    L̃_j = Σ_i L_i A_ij."""
     d = f1.shape[1]
     d1f1, d1f2 = derivative(f1, 1, op), derivative(f2, 1, op)
     s = torch.einsum("bdi,bdj->bij", f1, f2) / math.sqrt(d) + torch.einsum(
@@ -96,7 +97,7 @@ def test_official_rows_are_a_convex_combination():
 
 
 def test_literal_eq4_grows_with_m():
-    """SPEC §4: unnormalised eq. 4 scales like M for constant features."""
+    """Unnormalised eq. 4 scales like M for constant features (chapter *Derivative label propagation*)."""
     pixel = torch.rand(1, 5, 1, dtype=torch.float64)
     norms = []
     for m in [16, 64, 256]:

@@ -1,4 +1,4 @@
-"""The `official` profile against the released code's formulas, stated here from SPEC §2 and issue 12.
+"""The `official` profile against the released code's formulas, stated here from the release's files and issue 12.
 
 Each reference below is written out with plain tensor ops (forward differences as slices, softmax,
 matmul), independently of :mod:`derprop.losses` and :mod:`derprop.propagation`, so a misreading in
@@ -195,7 +195,7 @@ def _batch():
 
 
 def release_step_loss(o, batch, epoch, epochs, tau0):
-    """SPEC §2 "Total", term by term, from the prepared outputs (region propagation off)."""
+    """The release's total loss (its ``main.py``), term by term, from the prepared outputs (region propagation off)."""
     (_, y), (_, _, ign, box), (_, _, ign2, _) = batch
     w, s, mix = o["w"], o["s"], o["mix"]
     alpha = epoch / epochs
