@@ -95,7 +95,7 @@ def test_kappa_snapshots_agree_with_the_scores():
 def test_detail_preserving_upsampling_keeps_the_logits_where_nothing_propagates():
     inp = inputs(seed=4)
     identity = torch.eye(inp.weights.shape[-1]).expand_as(inp.weights)
-    _, full = dlp_map.propagate_with(inp, identity, tuple(inp.labels.shape[-2:]), detail=True)
+    _, full = dlp_map.propagate_with(inp, identity, upsample="detail")
     assert torch.allclose(full, inp.logits)
-    s = dlp_map.score(inp, identity, etas=(1.0,), detail=True)
+    s = dlp_map.score(inp, identity, etas=(1.0,), upsample="detail")
     assert s["full"]["1"]["fixed"] == s["full"]["1"]["broken"] == 0

