@@ -228,3 +228,99 @@ def paired_columns(nets: tuple[str, ...] = ("backprop", "momentum"), reference: 
     for net in nets:
         cols += [f"{net}={NET_NAMES[net]}: mIoU %", f"d_{net}=Δ vs {reference}, per seed (pp)"]
     return cols
+
+
+REGIME_LINES = {("oracle", "bilinear"): ("k", "-", "*"), ("oracle", "detail"): ("k", "--", "*"),
+                ("learned", "bilinear"): ("C0", "-", "o"), ("learned", "detail"): ("C0", "--", "o")}
+"""The regime figure's lines: (weights, upsampling) → colour, line style, marker."""
+
+CHECKPOINTS = {"warm": "supervised warm start", "derprop": "after the DerProp phase"}
+"""The two checkpoints of every geometry of ``results/dlp_regime.json``, as the book names them."""
+
+
+def regime_points(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The geometries of ``results/dlp_regime.json`` (``python -m benchmarks.dlp_regime``), by objects' extent."""
+    return sorted(data["points"], key=lambda p: p["extent"]["median"])
+
+
+def regime_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
+    """The regime map (chapter *Where DLP can help*): net pseudo-label pixels fixed − broken per 1,000 at full
+    resolution and blend weight ``eta`` against the objects' median extent in grid cells, for the learned and the
+    oracle weights with the release's bilinear and the detail-preserving upsampling; one panel per checkpoint
+    (:data:`CHECKPOINTS`); the CPU default (``data["default"]``) and the paper's setting (``data["paper"]``: from
+    its objects' median extent to the extent of the median object pixel) marked."""
+    import matplotlib.pyplot as plt
+
+    from derprop.dlp_map import net_per_thousand
+
+    points = regime_points(data)
+    x = [p["extent"]["median"] for p in points]
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 7.6), sharex=True, layout="constrained")
+    paper = data.get("paper")
+    default = next((p for p in points if p["name"] == data.get("default")), None)
+    for ax, (ck, title) in zip(axes, CHECKPOINTS.items()):
+        for (weights, up), (colour, style, marker) in REGIME_LINES.items():
+            y = [net_per_thousand(p[ck]["map"], up, weights, eta=float(eta)) for p in points]
+            ax.plot(x, y, marker=marker, ls=style, color=colour, ms=8 if marker == "*" else 5,
+                    mfc="white" if up == "detail" else colour,
+                    label=f"{weights} weights, {'bilinear (release)' if up == 'bilinear' else 'detail-preserving'}")
+        ax.axhline(0, color="0.5", lw=0.8)
+        if default is not None:
+            ax.axvline(default["extent"]["median"], color="C3", lw=1, ls=":", label="CPU default")
+        if paper is not None:
+            ax.axvspan(paper["extent"]["median"], paper["extent"]["pixel_median"], color="C2", alpha=0.15,
+                       label=f"paper: VOC at a {paper['grid']}×{paper['grid']} grid")
+        ax.set(ylabel="fixed − broken per 1,000", title=f"{title}, η = {eta}, full resolution")
+    axes[-1].set(xscale="log", xlabel="objects' median extent (grid cells, √ of the area)")
+    ticks = sorted({round(v, 1) for v in x} | ({round(paper["extent"]["pixel_median"])} if paper else set()))
+    axes[-1].set_xticks(ticks, [f"{t:g}" for t in ticks])
+    axes[-1].minorticks_off()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False)
+    return fig
+
+
+def headroom_figure(data: Mapping[str, Any], threshold_pp: float = 8.0) -> Any:
+    """Per geometry of ``results/dlp_regime.json``: val mIoU of the 400 supervised steps with 62 and with every label,
+    and of DerProp's trained network after its phase (left); the headroom, all labels minus 62 (right), against
+    ``threshold_pp`` (the miniature's condition; chapter *Where DLP can help*)."""
+    import matplotlib.pyplot as plt
+
+    points = regime_points(data)
+    x = [p["extent"]["median"] for p in points]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.5, 3.6), layout="constrained")
+    for key, label, style in (("all_labels", "all 2,000 labels", "s-"), ("warm", "62 labels", "o-")):
+        ax.plot(x, [100 * p[key]["miou"] for p in points], style, label=label)
+    ax.plot(x, [100 * p["derprop"]["miou_backprop"] for p in points], "D--", label="62 + DerProp")
+    ax.set(xscale="log", xlabel="objects' extent (cells)", ylabel="val mIoU (%)", title="supervised, same steps")
+    ax.legend(fontsize=10)
+    bx.plot(x, [100 * p["headroom"] for p in points], "o-", color="C4")
+    bx.axhline(threshold_pp, color="0.4", ls="--", lw=1)
+    bx.set(xscale="log", xlabel="objects' extent (cells)", ylabel="headroom (pp)", title="all labels − 62 labels")
+    for a in (ax, bx):
+        a.set_xticks([round(v, 1) for v in x], [f"{v:.1f}" for v in x], fontsize=9)
+        a.minorticks_off()
+    return fig
+
+
+def regime_records(data: Mapping[str, Any], eta: str = "0.5") -> list[dict[str, Any]]:
+    """One table record per geometry of ``results/dlp_regime.json``: its settings, extent, mIoU, headroom, and per
+    checkpoint the nets per 1,000 pseudo-label pixels (full resolution, ``eta``), the learned weights' own-class
+    share as a multiple of uniform, the κ family's break-even share and the ceiling's whole-region part."""
+    from derprop.dlp_map import net_per_thousand
+
+    out = []
+    for p in regime_points(data):
+        rec = {"geometry": f"{p['size']} px, OS {p['output_stride']}{', one large object' if 'big' in p['name'] else ''}",
+               "grid": p["derprop"]["map"]["grid"][0], "extent": p["extent"]["median"],
+               "warm": p["warm"]["miou"], "all": p["all_labels"]["miou"], "headroom": 100 * p["headroom"],
+               "dlp": p["derprop"]["miou_backprop"], "dlp_m": p["derprop"]["miou_momentum"]}
+        for ck in CHECKPOINTS:
+            m = p[ck]["map"]
+            for up in ("bilinear", "detail"):
+                for weights in ("oracle", "learned"):
+                    rec[f"{ck}_{weights}_{up}"] = net_per_thousand(m, up, weights, eta=float(eta))
+            rec[f"{ck}_ratio"] = m["bilinear"]["learned"]["share_ratio"]
+            rec[f"{ck}_break_even"] = m["bilinear"]["break_even_share"]
+            rec[f"{ck}_whole"] = m["ceiling"]["whole_region"] / max(m["ceiling"]["wrong"], 1)
+        out.append(rec)
+    return out
