@@ -282,6 +282,7 @@ def evidence(args: argparse.Namespace) -> dict[str, Any]:
         "seeds": {"selection": chosen, "held_out": held_out},
         "summary": summary,
         "summary_held_out": summarise([r for r in runs if r["seed"] in held_out], BASELINE),
+        "summary_vs_full": summarise(runs, "full"),
         "claim": claim(summary, held_out),
         "runs": runs,
         "warm_start": {"overrides": plan.warm, "shared": str(args.warm_start) if args.warm_start else None,

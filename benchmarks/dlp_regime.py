@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.cpu_evidence import Plan, Row, measure, read_run, train_all
+from benchmarks.cpu_evidence import BASELINE, MARGIN, Plan, Row, measure, read_run, train_all
 from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
 from benchmarks.dlp_map import inputs_of
 from derprop import atomic, dlp_map
@@ -85,6 +85,12 @@ class Geometry:
         return -(-self.size // self.stride)
 
     @property
+    def cost(self) -> float:
+        """A training step's cost relative to the CPU default's: the crop's pixels, × 4 at output stride 4 (measured
+        on this machine: ≈ 4× per supervised and per DerProp step at side 64)."""
+        return (self.size / 64) ** 2 * (4 if self.stride == 4 else 1)
+
+    @property
     def images(self) -> int:
         """Map images: 200 (the book's map), 100 where ``M² `` weights per image grow large."""
         return 200 if self.grid**2 <= 256 else 100
@@ -114,6 +120,34 @@ changes what is trained (the per-epoch seeds do not depend on them)."""
 SEED = 0
 PAPER = {"crop": 321, "stride": 8}
 """The paper's training crop and output stride on VOC (*Implementation Details*)."""
+
+
+HEADROOM_PP = 8.0
+"""The miniature's second condition: all labels beat 62 labels by at least this much (pp) at the same budget."""
+
+HELD_OUT = (6, 7, 8)
+"""Seeds of the miniature and of the upsampling comparison, never used before this choice (the sweep used seed 0,
+the CPU evidence seeds 0–5)."""
+
+
+RULE = ("the cheapest geometry (a step's cost relative to the CPU default's) whose oracle weights, with the release's "
+        "bilinear upsampling, fix more pseudo-label pixels than they break at full resolution (eta = 0.5) on both "
+        "checkpoints, the supervised warm start and the one after the DerProp phase (the semi-supervised phase runs "
+        f"between them), and whose headroom (all labels minus 62 at the same 400 steps) is at least {HEADROOM_PP:g} pp")
+"""How the miniature's geometry is chosen from the sweep (:func:`choose`)."""
+
+
+def choose(points: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every finished point's two conditions of :data:`RULE` and the geometry it chooses (``None``: none meets both)."""
+    rows = []
+    for p in sorted(points, key=lambda p: GEOMETRIES[p["name"]].cost):
+        nets = {ck: p[ck]["map"]["bilinear"]["oracle"]["full"]["0.5"]["net"] for ck in ("warm", "derprop")}
+        rows.append({"name": p["name"], "cost": GEOMETRIES[p["name"]].cost, "extent": p["extent"]["median"],
+                     "oracle_net_full": nets, "headroom_pp": 100 * p["headroom"],
+                     "oracle_positive": all(n > 0 for n in nets.values()),
+                     "headroom_enough": 100 * p["headroom"] >= HEADROOM_PP})
+    chosen = next((r["name"] for r in rows if r["oracle_positive"] and r["headroom_enough"]), None)
+    return {"rule": RULE, "points": rows, "chosen": chosen}
 
 
 def all_labels(root: Path) -> tuple[str, ...]:
@@ -199,6 +233,35 @@ COLUMNS = [("name", "geometry", "s"), ("extent", "extent", ".1f"), ("grid", "gri
            ("derprop_detail_learned", "detail", "+.1f")]
 
 
+def plan(points: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Write down, before any of its runs, the miniature's geometry (:func:`choose`), its held-out seeds, the
+    headline and the commands that train it and the upsampling comparison; ``out`` (``results/dlp_regime_plan.json``)."""
+    choice = choose(points)
+    seeds = " ".join(map(str, HELD_OUT))
+    runs = "python -m benchmarks.cpu_evidence --seeds {s} --held-out {s} --variants {v} --runs-dir {d} --out {o}"
+    commands = {"upsample_default": runs.format(s=seeds, v="full detail_upsample", d=f"runs/regime_upsample/{DEFAULT}",
+                                                o="results/dlp_upsample_default.json")}
+    if choice["chosen"]:
+        g = GEOMETRIES[choice["chosen"]]
+        geometry = " ".join([f"data.root={repo_path(g.data)}", *g.overrides()[1:]])
+        commands["miniature"] = runs.format(s=seeds, v=f"full wo_dlp {BASELINE} detail_upsample",
+                                            d=f"runs/regime_mini/{choice['chosen']}",
+                                            o="results/dlp_regime_miniature.json") + f" {geometry}"
+        commands["data"] = "python -m data_prep.scenes --root " + " ".join([repo_path(g.data), *g.data_args])
+    payload = {"what": "the miniature's plan, written from the finished sweep points before any of its runs", **choice,
+               "held_out_seeds": list(HELD_OUT),
+               "headline": f"per held-out seed, DerProp minus supervised + momentum ({BASELINE}), the trained network "
+                           "and the momentum network each against the same network of the baseline; the claim is met "
+                           f"when every seed's difference is at least {100 * MARGIN:g} pp for both networks "
+                           "(benchmarks.cpu_evidence.claim)",
+               "upsampling": "DerProp with method.dlp_upsample=detail against the same seeds' DerProp (bilinear), "
+                             "paired per seed, at the CPU default and at the chosen geometry; kept only if it wins "
+                             "on both networks on average",
+               "commands": commands, "command": "python -m benchmarks.dlp_regime --plan",
+               "machine": machine_info("cpu")}
+    return write_results(out, payload)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dlp_regime", description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", nargs="+", choices=list(GEOMETRIES), default=list(GEOMETRIES))
@@ -206,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--images", type=int, default=None, help="map images (default: per geometry, module doc)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--collect-only", action="store_true", help="train nothing: write the finished points")
+    ap.add_argument("--plan", action="store_true", help="train nothing: choose the miniature's geometry from the "
+                                                        "finished points and write results/dlp_regime_plan.json")
     ap.add_argument("--out", type=Path, default=RESULTS / "dlp_regime.json")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
@@ -213,13 +278,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     points = []
     for name in args.points:
-        if args.collect_only:
+        if args.collect_only or args.plan:
             done = args.runs_dir / name / "point.json"
             if done.is_file():
                 points.append(json.loads(done.read_text()))
             continue
         points.append(point(name, args.runs_dir, args.overrides, args.threads, args.images))
     points.sort(key=lambda p: p["extent"]["median"])
+    if args.plan:
+        return plan(points, RESULTS / "dlp_regime_plan.json")
     payload = {
         "what": "per geometry (scene side, objects' scale, output stride): the objects' median extent in feature-grid "
                 "cells; the supervised warm start (62 labels, 400 steps) and the DerProp checkpoint after 300 more "
@@ -237,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    "shrunk": "evaluation after the last epoch only, no per-epoch diagnostics (training unchanged)"},
         "default": DEFAULT,
         "paper": paper_setting(),
+        "choice": choose(points),
         "points": points,
         "threads": args.threads,
         "machine": machine_info("cpu"),
