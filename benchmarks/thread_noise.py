@@ -31,9 +31,7 @@ from derprop.provenance import project_root
 
 
 def train(out: Path, threads: int, seed: int) -> None:
-    """The warm start of the CPU default with ``seed`` at ``threads`` threads into ``out``, unless finished."""
-    if (out / "results.json").is_file():
-        return
+    """The warm start of the CPU default with ``seed`` at ``threads`` threads into ``out`` (resumed if begun)."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "derprop.train", "--config", str(project_root() / BOOK_RUNS["small"]["config"]),
            "--out", str(out), "--threads", str(threads), *(["--resume"] if (out / "last.pt").is_file() else []),
@@ -67,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for repeat in range(args.repeats):  # interleaved: a slow spell of the machine does not fall on one count
         for threads in args.threads:
             out = args.runs_dir / f"t{threads}_r{repeat}"
-            train(out, threads, args.seed)
+            if not (out / "results.json").is_file():
+                train(out, threads, args.seed)
             r = read_run(out)
             runs.append({"threads": threads, "repeat": repeat, "miou": r["miou"], "wall_time_s": r["wall_time_s"],
                          "run_dir": r["run_dir"]})

@@ -324,3 +324,13 @@ def regime_records(data: Mapping[str, Any], eta: str = "0.5") -> list[dict[str, 
             rec[f"{ck}_whole"] = m["ceiling"]["whole_region"] / max(m["ceiling"]["wrong"], 1)
         out.append(rec)
     return out
+
+
+def cited(name: str, data: Mapping[str, Any]) -> str:
+    """Where a book number comes from (Markdown): ``results/<name>``, the date, cores and threads it records."""
+    m = data.get("machine") or {}
+    threads = data.get("threads", m.get("torch_threads"))
+    when = (m.get("date") or "")[:10]
+    parts = [when, f"{m['cpu_count']} cores" if m.get("cpu_count") else "",
+             f"{threads} thread{'s' if threads != 1 else ''}" if threads else ""]
+    return f"`results/{name}` ({', '.join(p for p in parts if p)})"
