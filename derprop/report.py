@@ -114,8 +114,8 @@ def gpu_hours(config: str | os.PathLike, rows: list[dict[str, Any]], data_root: 
 
 def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
     """What the CPU-scale runs found, in sentences with their numbers (Markdown), from ``cpu_evidence.json``
-    (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``); a sentence
-    saying which file is missing where one is."""
+    (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``), a sentence
+    saying which file is missing where one is; then, where ``dlp_regime.json`` exists, :func:`regime_findings`."""
     folder = Path(results_dir)
     out = []
     evidence = folder / "cpu_evidence.json"
@@ -152,6 +152,11 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
                    + (f"; the learned weights give {learned:.2f}." if learned is not None else "."))
     else:
         out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
+    regime = folder / "dlp_regime.json"
+    if regime.is_file():
+        load = lambda name: json.loads((folder / name).read_text()) if (folder / name).is_file() else None  # noqa: E731
+        out += regime_findings(json.loads(regime.read_text()), load("dlp_regime_plan.json"),
+                               load("dlp_regime_miniature.json"), load("dlp_upsample_default.json"))
     return out
 
 
@@ -334,3 +339,53 @@ def cited(name: str, data: Mapping[str, Any]) -> str:
     parts = [when, f"{m['cpu_count']} cores" if m.get("cpu_count") else "",
              f"{threads} thread{'s' if threads != 1 else ''}" if threads else ""]
     return f"`results/{name}` ({', '.join(p for p in parts if p)})"
+
+
+def _first(points: list[dict[str, Any]], test) -> dict[str, Any] | None:
+    return next((p for p in points if test(p)), None)
+
+
+def regime_findings(regime: Mapping[str, Any], plan: Mapping[str, Any] | None = None,
+                    miniature: Mapping[str, Any] | None = None,
+                    upsample: Mapping[str, Any] | None = None) -> list[str]:
+    """What chapter *Where DLP can help* found, in sentences with their numbers and sources (Markdown), from
+    ``results/dlp_regime.json`` and, where they exist, ``dlp_regime_plan.json``, ``dlp_regime_miniature.json`` and
+    ``dlp_upsample_default.json``; the chapter's verdict and the start page's finding."""
+    from derprop.dlp_map import net_per_thousand
+
+    points = regime_points(regime)
+    lo, hi = points[0], points[-1]
+    oracle = lambda p, ck, up="bilinear": p[ck]["map"][up]["oracle"]["full"]["0.5"]["net"]  # noqa: E731
+    inside = _first(points, lambda p: oracle(p, "warm") > 0 and oracle(p, "derprop") > 0)
+    out = [f"From {lo['extent']['median']:.1f} to {hi['extent']['median']:.1f} grid cells across "
+           f"({len(points)} geometries, `results/dlp_regime.json`), oracle weights with the release's upsampling "
+           f"net {net_per_thousand(lo['derprop']['map'], 'bilinear', 'oracle'):+.1f} and "
+           f"{net_per_thousand(hi['derprop']['map'], 'bilinear', 'oracle'):+.1f} pseudo-label pixels per 1,000 after "
+           "the DerProp phase; "
+           + (f"they fix more than they break on both checkpoints from {inside['extent']['median']:.1f} cells on"
+              if inside else "they never fix more than they break on both checkpoints")
+           + f". The learned weights net {net_per_thousand(lo['derprop']['map'], 'bilinear', 'learned'):+.1f} and "
+           f"{net_per_thousand(hi['derprop']['map'], 'bilinear', 'learned'):+.1f}."]
+    enough = [p for p in points if 100 * p["headroom"] >= 8]
+    out.append(f"The headroom (all labels − 62 at the same 400 steps) is {100 * lo['headroom']:+.1f} pp at the CPU "
+               f"default and {100 * hi['headroom']:+.1f} pp at the largest extent; "
+               + ("8 pp or more at " + ", ".join(f"{p['extent']['median']:.1f}" for p in enough) + " cells."
+                  if enough else "never 8 pp."))
+    if plan is not None and plan.get("chosen") and miniature is not None:
+        c = miniature["claim"]
+        per = {net: " / ".join(f"{100 * v:+.1f}" for v in c["diff_per_seed"][net].values()) for net in c["diff_per_seed"]}
+        out.append(f"At the chosen geometry ({plan['chosen']}, `results/dlp_regime_miniature.json`) DerProp − supervised "
+                   f"+ momentum on held-out seeds {', '.join(map(str, c['seeds']))}: trained network "
+                   f"{per.get('backprop', '–')} pp, momentum network {per.get('momentum', '–')} pp; the claim "
+                   f"(≥ {100 * c['margin']:g} pp on every seed) is **{'met' if c['met'] else 'not met'}**.")
+    elif plan is not None and not plan.get("chosen"):
+        out.append("No geometry of the sweep meets both conditions of the miniature (`results/dlp_regime_plan.json`).")
+    for name, data in (("dlp_upsample_default.json", upsample), ("dlp_regime_miniature.json", miniature)):
+        detail = ((data or {}).get("summary_vs_full") or {}).get("detail_upsample")
+        if detail:
+            d = {net: 100 * detail["nets"][net]["diff"]["mean"] for net in ("backprop", "momentum")
+                 if "diff" in detail["nets"].get(net, {})}
+            out.append(f"Detail-preserving against bilinear upsampling, trained (`results/{name}`, seeds "
+                       f"{', '.join(map(str, detail['seeds']))}): trained network {d.get('backprop', float('nan')):+.2f} "
+                       f"pp, momentum network {d.get('momentum', float('nan')):+.2f} pp on average.")
+    return out
