@@ -35,7 +35,9 @@ def test_a_tiny_sweep_writes_every_field_and_resumes(scenes_32, tmp_path, monkey
     assert [p["name"] for p in payload["points"]] == ["t8", "t4"]  # sorted by extent: stride 4 doubles it
     p4 = payload["points"][1]
     assert p4["derprop"]["map"]["grid"] == [8, 8] and p4["warm"]["map"]["grid"] == [8, 8]
-    assert p4["headroom"] == pytest.approx(p4["all_labels"]["miou"] - p4["warm"]["miou"])
+    assert p4["headroom"]["warm"] == pytest.approx(p4["all_labels"]["miou"] - p4["warm"]["miou"])
+    assert p4["headroom"]["full"] == pytest.approx(p4["all_labels_supervised"]["miou_backprop"]
+                                                   - p4["supervised"]["miou_backprop"])
     for ck in ("warm", "derprop"):
         m = p4[ck]["map"]
         assert {"bilinear", "detail", "ceiling", "extent", "pixels"} <= set(m)
@@ -43,8 +45,10 @@ def test_a_tiny_sweep_writes_every_field_and_resumes(scenes_32, tmp_path, monkey
     assert p4["command"].startswith("python -m benchmarks.dlp_regime --points t4")
     assert p4["threads"] == 1 and p4["wall_time_s"]["runs"] > 0 and "machine" in p4
     assert payload["paper"]["grid"] == 41 and payload["paper"]["extent"]["objects"] == 19
-    config = json.loads((tmp_path / "runs" / "t4" / "all_labels_s0" / "results.json").read_text())["config"]
+    config = json.loads((tmp_path / "runs" / "t4" / "all_labels_sup_s0" / "results.json").read_text())["config"]
     assert config["data"]["labeled_list"].endswith("splits/train.txt") and config["model"]["output_stride"] == 4
+    assert not config["method"]["semi_supervised"] and config["method"]["momentum"]
+    assert config["optim"]["warm_start"].endswith("all_labels_s0/last.pt")
     # a second call trains nothing: the points are reused
     stamp = (tmp_path / "runs" / "t4" / "point.json").stat().st_mtime
     assert dlp_regime.main(argv)["points"][1] == p4
@@ -53,7 +57,8 @@ def test_a_tiny_sweep_writes_every_field_and_resumes(scenes_32, tmp_path, monkey
 
 def point(name: str, warm: int, derprop: int, headroom: float) -> dict:
     net = lambda n: {"map": {"bilinear": {"oracle": {"full": {"0.5": {"net": n}}}}}}  # noqa: E731
-    return {"name": name, "extent": {"median": 1.0}, "warm": net(warm), "derprop": net(derprop), "headroom": headroom}
+    return {"name": name, "extent": {"median": 1.0}, "warm": net(warm), "derprop": net(derprop),
+            "headroom": {"full": headroom, "warm": 0.0}}
 
 
 def test_choose_takes_the_cheapest_point_that_meets_both_conditions():

@@ -68,9 +68,10 @@ def regime_payload() -> dict:
     points = []
     for k, (name, extent) in enumerate((("s64_os4", 5.0), ("s64_os8", 2.7), ("s128_os4_big", 16.5))):
         maps = {ck: dlp_map.regime_point(inputs(seed=k + 10 * j)) for j, ck in enumerate(("warm", "derprop"))}
+        nets = {"miou_backprop": 0.45, "miou_momentum": 0.46}
         points.append({"name": name, "size": 64, "output_stride": 8, "extent": {"median": extent},
-                       "headroom": 0.05 * (k + 1), "all_labels": {"miou": 0.5}, "warm": {"miou": 0.4, "map": maps["warm"]},
-                       "derprop": {"miou_backprop": 0.45, "miou_momentum": 0.46, "map": maps["derprop"]}})
+                       "headroom": {"full": 0.05 * (k + 1), "warm": 0.01}, "warm": {"miou": 0.4, "map": maps["warm"]},
+                       "supervised": nets, "all_labels_supervised": nets, "derprop": {**nets, "map": maps["derprop"]}})
     paper = {"grid": 41, "extent": {"median": 4.9, "pixel_median": 18.8}}
     return {"points": points, "default": "s64_os8", "paper": paper}
 
