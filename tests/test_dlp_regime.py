@@ -62,13 +62,16 @@ def point(name: str, warm: int, derprop: int, headroom: float) -> dict:
 
 
 def test_choose_takes_the_cheapest_point_that_meets_both_conditions():
-    points = [point("s64_os8", 10, -5, 0.20), point("s64_os4", 30, 20, 0.09), point("s64_os8_big", 5, 5, 0.05),
-              point("s96_os4_big", 40, 40, 0.30)]
+    points = [point("s64_os8", 10, -5, 0.20), point("s64_os4", 30, 20, 0.09), point("s128_os8_big", 5, 5, 0.09),
+              point("s128_os4_big", 40, 40, 0.30)]
     choice = dlp_regime.choose(points)
-    assert [r["name"] for r in choice["points"]] == ["s64_os8", "s64_os8_big", "s64_os4", "s96_os4_big"]  # by cost
-    assert choice["chosen"] == "s64_os4"
+    assert [r["name"] for r in choice["points"]] == ["s64_os8", "s128_os8_big", "s64_os4", "s128_os4_big"]  # by price
+    assert choice["chosen"] == "s128_os8_big"
     assert [r["oracle_positive"] for r in choice["points"]] == [False, True, True, True]
-    assert dlp_regime.choose(points[:1] + points[2:3])["chosen"] is None
+    assert not choice["final"] and choice["unfinished"] == {"s64_os8_big": 1.0}  # as cheap a step, a smaller scene
+    assert dlp_regime.choose(points[:1])["chosen"] is None
+    points.append(point("s64_os8_big", 1, 1, 0.01))  # finished, and failing the headroom
+    assert dlp_regime.choose(points)["final"]
 
 
 def test_thread_noise_pairs_runs_by_thread_count(tmp_path, monkeypatch):
