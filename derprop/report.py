@@ -294,8 +294,8 @@ def headroom_figure(data: Mapping[str, Any], threshold_pp: float = 8.0) -> Any:
     points = regime_points(data)
     x = [p["extent"]["median"] for p in points]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.5, 3.6), layout="constrained")
-    for key, label, style in (("all_labels_supervised", "all 2,000 labels", "s-"), ("supervised", "62 labels", "o-"),
-                              ("derprop", "62 + DerProp", "D--")):
+    for key, label, style in (("all_labels_supervised", "all 2,000 labels", "s-"),
+                              ("supervised", "62 labels (+ momentum)", "o-"), ("derprop", "62 + DerProp", "D--")):
         ax.plot(x, [100 * p[key]["miou_backprop"] for p in points], style, label=label)
     ax.set(xscale="log", xlabel="objects' extent (cells)", ylabel="val mIoU (%)", title="after 700 steps")
     ax.legend(fontsize=10)
