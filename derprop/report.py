@@ -318,7 +318,9 @@ def regime_records(data: Mapping[str, Any], eta: str = "0.5") -> list[dict[str, 
 
     out = []
     for p in regime_points(data):
-        rec = {"geometry": f"{p['size']} px, OS {p['output_stride']}{', one large object' if 'big' in p['name'] else ''}",
+        crop = p.get("crop_size", p["size"])
+        rec = {"geometry": f"{p['size']} px{f' (crop {crop})' if crop != p['size'] else ''}, OS {p['output_stride']}"
+                           f"{', one large object' if 'big' in p['name'] else ''}",
                "grid": p["derprop"]["map"]["grid"][0], "extent": p["extent"]["median"],
                "warm": p["warm"]["miou"], "sup": p["supervised"]["miou_backprop"],
                "all": p["all_labels_supervised"]["miou_backprop"], "headroom": 100 * p["headroom"]["full"],
