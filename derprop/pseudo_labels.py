@@ -103,7 +103,8 @@ def upsample_propagated(lt: Tensor, logits_grid: Tensor, logits: Tensor, upsampl
     if upsample == "bilinear":
         return F.interpolate(lt.float(), size=logits.shape[-2:], mode="bilinear", align_corners=True)
     if upsample == "detail":
-        change = F.interpolate((lt - logits_grid).float(), size=logits.shape[-2:], mode="bilinear", align_corners=True)
+        change = F.interpolate(lt.float() - logits_grid.float(), size=logits.shape[-2:], mode="bilinear",
+                               align_corners=True)
         return logits.float() + change
     raise ValueError(f"upsample must be 'bilinear' or 'detail', got {upsample!r}")
 
