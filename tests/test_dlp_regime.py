@@ -26,7 +26,7 @@ def test_a_tiny_sweep_writes_every_field_and_resumes(scenes_32, tmp_path, monkey
     class Tiny(dlp_regime.Geometry):
         data = property(lambda self: scenes_32)
 
-    monkeypatch.setattr(dlp_regime, "GEOMETRIES", {"t8": Tiny(32, 8), "t4": Tiny(32, 4)})
+    monkeypatch.setattr(dlp_regime, "GEOMETRIES", {"t8": Tiny(32, 8, crop=32), "t4": Tiny(32, 4, crop=32)})
     monkeypatch.setattr(dlp_regime, "DEFAULT", "t8")
     monkeypatch.setattr(dlp_regime, "make_scenes", lambda root, args: root)
     argv = ["--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "regime.json"), "--images", "2",
