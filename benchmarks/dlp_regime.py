@@ -339,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "ceiling); supervised + momentum from the same warm start, the same 300 steps; the headroom: trained "
                 "network's mIoU after the same two supervised phases (400 + 300 steps) with all 2,000 labels minus "
                 "with 62 (headroom.full; .full_momentum: momentum networks; .warm: after the first 400 steps only)",
-        "command": "python -m benchmarks.dlp_regime " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m benchmarks.dlp_regime --points", *(p["name"] for p in points), *args.overrides]),
+        "this_call": "python -m benchmarks.dlp_regime " + " ".join(sys.argv[1:] if argv is None else argv),
         "knobs": "model.output_stride (8 or 4), the objects' scale (data_prep.scenes --object-size/--max-objects) and "
                  "the scene side (64 or 128, evaluated and mapped whole); training steps at the CPU default's 64-pixel "
                  "crop but for the largest extent (96: its objects need a training grid larger than 16 x 16)",
