@@ -124,7 +124,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # a box with fewer GPUs than the saving one restores those it has; the others' states are of no use here
+        # (and the trainer re-seeds every device at the start of each epoch, distributed.epoch_seed)
+        for index, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), index)
 
 
 def training_state(parts: Mapping[str, Any]) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from derprop import checkpoint as ckpt_io
 from derprop import cli
 from derprop import data as data_io
 from derprop.config import EVAL_MODES, RELEASE_CROP, eval_crop_size
+from derprop import distributed
 from derprop.distributed import pick_device
 from derprop.labels import IGNORE_INDEX, default_class_names
 from derprop.metrics import ConfusionMatrix
@@ -249,7 +250,7 @@ def evaluate(
             model.train()
     if all_reduce:
         cm.reduce_()
-        n = _sum_over_ranks(n, device)
+        n = int(distributed.all_reduce(torch.tensor([n]), "sum"))
     iou = cm.iou_per_class().tolist()
     return {
         "miou": cm.miou(),
@@ -261,17 +262,6 @@ def evaluate(
         "num_images": n,
         "num_classes": num_classes,
     }
-
-
-def _sum_over_ranks(n: int, device: torch.device) -> int:
-    """``n`` summed over the DDP ranks (``n`` itself without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return n
-    total = torch.tensor([n], device=device)
-    dist.all_reduce(total)
-    return int(total.item())
 
 
 def _safe_len(data: Any, limit: int | None) -> int | None:

@@ -87,10 +87,7 @@ class ProgressLog:
         rate = self._n / max(now - self._t, 1e-9)
         means = {k: v / self._n for k, v in self._sums.items()}
         line = self.format(global_step, means, lr, rate)
-        with open(self.out / TRAIN_LOG, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-        if self.echo:
-            print(line, flush=True)
+        self.note(line)
         if self._tb is not None:
             for k, v in means.items():
                 self._tb.add_scalar(f"train/{k}", v, global_step)
@@ -99,6 +96,15 @@ class ProgressLog:
             self._tb.flush()
         self._sums, self._n, self._t = {}, 0, now
         return line
+
+    def note(self, text: str) -> None:
+        """A line to ``train.log``, and to stdout when no bar is drawn: a progress line, an epoch's peak memory."""
+        if not self.enabled:
+            return
+        with open(self.out / TRAIN_LOG, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+        if self.echo:
+            print(text, flush=True)
 
     def validation(self, global_step: int, miou: Mapping[str, float], headline: float,
                    iou_per_class: Mapping[str, Sequence[float]], class_names: Sequence[str]) -> None:

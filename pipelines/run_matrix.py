@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Sequence
 
 from derprop import atomic, cli
+from derprop.configfile import load_config
+from derprop.distributed import GPU_LAYOUTS, check_gpu_run
 from derprop.errors import ConfigError, DerPropError
 from derprop.provenance import KEYS, project_root, source
 from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, run_name, run_path
@@ -92,6 +94,8 @@ def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = 
     root = project_root()  # where the notebook runs
     if not (root / cfg_file).is_file():
         raise ConfigError(f"config {root / cfg_file} does not exist; name one of the files under {root / 'configs'}")
+    # before papermill starts: a VOC/Cityscapes run without a GPU is one line, not a notebook's traceback
+    check_gpu_run(load_config(root / cfg_file, list(extra)).data.layout, device or None)
     run_dir = run_path(config, ablation, size, _in_repo(runs_root))
     if state(run_dir) == "done" and not force:
         print(f"[skip] {size}/{name}: {run_dir / 'results.json'} exists (--force trains it again)")
@@ -201,6 +205,8 @@ def _run(args: argparse.Namespace) -> None:
     if args.cmd == "one":
         run_one(args.config_opt or args.config, ablation=args.ablation, **options)
         return
+    if not args.dry_run:  # every entry of the matrix is a VOC or Cityscapes run
+        check_gpu_run(GPU_LAYOUTS[0], args.device or None)
     failed = []
     for e in _unique_runs([e for e in MATRIX if e.table in args.tables]):
         if args.dry_run:

@@ -203,7 +203,6 @@ NOT_RUN = {
     "benchmarks.": "benchmarks and the GPU check (test_benchmarks, test_gpu_check, test_bench_train_step)",
     "scripts.ablation_configs": "rewrites configs/ (test_tables checks what it writes)",
     "pipelines/run_matrix.py one": "trains a paper config through papermill (test_notebooks runs one)",
-    "venv .venv": "the V100 install route makes a second virtual environment (make setup makes the project's)",
 }
 """Shown commands that the walk does not run (by their start), and why."""
 

@@ -16,7 +16,6 @@ from PIL import Image
 from derprop import checkpoint as ck
 from derprop.configfile import load_config
 from derprop.data import DatasetError
-from derprop.distributed import Dist
 from derprop.guards import NonFiniteLossError
 from derprop.loaders import loaders
 from derprop.objective import ohem_ce
@@ -286,18 +285,17 @@ def test_cli_reports_bad_config_keys(capsys):
 
 
 def test_threshold_ema_and_fixed():
-    d = Dist()
     probs = torch.zeros(1, 3, 2, 2)
     probs[0, 0] = torch.tensor([[0.9, 0.6], [0.2, 0.2]])
     probs[0, 1] = torch.tensor([[0.1, 0.4], [0.7, 0.5]])
     probs[0, 2] = 1 - probs[0, 0] - probs[0, 1]
     ignore = torch.zeros(1, 2, 2, dtype=torch.long)
     t = Threshold("ema", 0.95, 0.85, 0.999)
-    t.update(probs, ignore, d)
+    t.update(probs, ignore)
     # classes predicted: 0 (max conf 0.9) and 1 (max 0.7) → mean 0.8
     assert t.value == pytest.approx(0.999 * 0.85 + 0.001 * 0.8)
     fixed = Threshold("fixed", 0.95, 0.85, 0.999)
-    fixed.update(probs, ignore, d)
+    fixed.update(probs, ignore)
     assert fixed.value == 0.95
 
 
@@ -406,3 +404,23 @@ def test_resume_with_a_different_config_is_refused(reference_run, scenes_tiny):
         Trainer(tiny(scenes_tiny, "loss.lambda_kl=0.5", "optim.lr=0.5"), reference_run, resume=True)
     with pytest.raises(ck.CheckpointError, match=r"finished epoch 2, more than optim.epochs=1"):
         Trainer(tiny(scenes_tiny, "optim.epochs=1"), reference_run, resume=True)
+
+
+def test_evaluation_runs_in_fp32_with_the_configs_loader_workers(scenes_tiny, tmp_path, monkeypatch):
+    """A bf16 run's mIoU is an fp32 evaluation (comparable with an fp32 run's), loaded by data.num_workers workers;
+    a CPU run records no CUDA memory."""
+    import derprop.trainer as trainer_module
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), kwargs["num_workers"]))
+        return real(*args, **kwargs)
+
+    real = trainer_module.evaluate
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
+    res = Trainer(tiny(scenes_tiny, "optim.amp=bf16", "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2",
+                       "data.diag_images=0", "data.num_workers=1"), tmp_path).fit()
+    assert seen and all(s == (False, 1) for s in seen)
+    assert "peak_cuda_mib" not in res
+    assert "peak CUDA memory" not in (tmp_path / "train.log").read_text()
