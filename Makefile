@@ -47,11 +47,12 @@ endif
 endif
 
 # Re-runs only when a requirements file changes, so a second `make setup` is a no-op; TORCH=... always installs the
-# torch it names (later runs without it keep that torch). constraints.txt pins the transitive set the tests ran
+# torch it names (later runs without it keep that torch). The editable install builds with the venv's setuptools,
+# which must read pyproject.toml's SPDX license (its build-system requires). constraints.txt pins the transitive set the tests ran
 # with, so the same packages install a year later.
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml $(if $(TORCH),torch-choice)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip 'setuptools>=77'
 ifeq ($(TORCH),)
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
 else

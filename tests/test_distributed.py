@@ -192,3 +192,7 @@ def test_bf16_is_native_on_a_cpu_and_on_ampere_not_on_a_v100(monkeypatch):
 
 def test_peak_memory_is_a_gpu_figure():
     assert distributed.peak_memory_mib(torch.device("cpu")) is None
+
+
+def test_the_readme_shows_the_same_cuda_check(repo):
+    assert CUDA_CHECK in (repo / "README.md").read_text()
