@@ -308,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, part in parts.items():
             plan = {k: v for k, v in part.items() if k in ("command", "args", "overrides", "cases", "iterations", "plan")}
             print(f"  {name}: {json.dumps(plan)}")
-        print(f"dry run: plan of {', '.join(parts)} checked" + (f"; broken: {failed}" if failed else ""))
+        print(f"dry run: plan of {', '.join(parts)} checked" + (f"; broken: {failed}" if failed else "")
+              + "; on a GPU each part records its peak memory (peak_cuda_mib)")
     else:
         write_results(out, report)
         print(f"wrote {out}")

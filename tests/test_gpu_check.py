@@ -21,6 +21,7 @@ def test_dry_run_checks_the_whole_plan(capsys):
     assert "2 processes (torchrun) when two GPUs are visible" in out and "--resume" in out  # the DDP and resume part
     assert "fp16 (GradScaler); bf16 where the GPU has it natively" in out
     assert "data.crop_size=321" in out and "tests/test_cuda.py" in out
+    assert "peak memory (peak_cuda_mib)" in out
 
 
 def test_a_broken_plan_is_reported(monkeypatch, capsys):
