@@ -452,6 +452,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grad-rtol", type=float, default=1e-4, help="heads' and features' gradients (relative norm)")
     parser.add_argument("--region-agree", type=float, default=0.999,
                         help="least fraction of pixels whose region-propagated label and confidence agree")
+    parser.add_argument("--parts", nargs="+", choices=("block", "step", "memory"), default=["block", "step"],
+                        help="block: the similarity block; step: the whole official step timed (benchmarks.release_step); "
+                             "memory: one step's peak memory at --memory-crops (default: block step)")
+    parser.add_argument("--step-crops", type=int, nargs="+", default=[321], help="crops of the timed whole step")
+    parser.add_argument("--step-batch", type=int, default=2, help="B of the whole step: B labeled + B unlabeled")
+    parser.add_argument("--step-check-crop", type=int, default=321, help="crop of the whole step's value check")
+    parser.add_argument("--step-rtol", type=float, default=1e-4, help="the whole step's loss terms")
+    parser.add_argument("--step-grad-rtol", type=float, default=1e-4, help="the whole step's gradient (relative norm)")
+    parser.add_argument("--memory-sizes", nargs="+", default=["321x2", "321x4", "513x2", "801x2"], metavar="CROPxB",
+                        help="crop x B of the memory part; B >= 2 (the batch norm after the ASPP pooling branch "
+                             "needs two images); the smaller sizes fit the scaling to larger ones")
+    parser.add_argument("--limit-gib", type=float, default=14.0,
+                        help="data memory one whole-step process may take; beyond it the row says it does not fit")
     parser.add_argument("--out", default=str(RESULTS / "vs_release_cpu.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -470,6 +483,28 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     base = {"release": str(Path(args.release).resolve()), "batch": args.batch, "classes": args.classes,
             "chunk": args.chunk, "threads": args.threads}
+    out = Path(args.out)
+    payload = json.loads(out.read_text()) if out.is_file() else {}  # the sections of parts not run are kept
+    payload |= {"benchmark": "vs_release",
+                "release": {"dir": repo_path(args.release), "imported": "model/semseg/segmentation.py (Corr, "
+                            "SegmentationNet), at run time"}}
+    if "block" in args.parts:
+        payload |= block_part(args, base)
+    if {"step", "memory"} & set(args.parts):
+        from benchmarks import release_step
+
+        steps = {k: base[k] for k in ("release", "classes", "threads")}
+        if "step" in args.parts:
+            payload["step"] = release_step.steps_part(args, steps)
+        if "memory" in args.parts:
+            payload["step_memory"] = release_step.memory_part(args, steps)
+    payload = write_results(out, payload)
+    print(f"\nwrote {out}")
+    return payload
+
+
+def block_part(args: argparse.Namespace, base: dict) -> dict:
+    """The similarity block (module doc): checks, interleaved timing, goals; the results file's top-level keys."""
     started = time.time()
     checks = []
     for crop in args.crops:
@@ -507,18 +542,15 @@ def main(argv: list[str] | None = None) -> dict:
         state = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
         value = "-" if g["value"] is None else f"{g['value']:.3g}"
         print(f"  [{state:12s}] {g['goal']}: {value}")
-    payload = {
-        "benchmark": "vs_release",
+    return {
         "machine": machine_info("cpu"),
-        "release": {"dir": repo_path(args.release), "imported": "model/semseg/segmentation.py (Corr), at run time"},
         "memory": "rise of the resident-size high-water mark over one call, a fresh process per measurement",
-        "config": {k: v for k, v in vars(args).items() if k not in ("case", "out", "release")}
+        "config": {k: v for k, v in vars(args).items() if k in ("crops", "batch", "classes", "chunk", "impls", "rounds",
+                                                                   "repeats", "threads", "rtol", "grad_rtol",
+                                                                   "region_agree")}
                   | {"wall_s": time.time() - started},
         "check": checks, "rows": rows, "goals": judged,
     }
-    payload = write_results(args.out, payload)
-    print(f"\nwrote {args.out}")
-    return payload
 
 
 if __name__ == "__main__":
