@@ -173,7 +173,7 @@ def run_isolated(module: str, case: dict, limit_gib: float | None = None) -> dic
         check=False,
         preexec_fn=limit if limit_gib else None,
     )
-    if proc.returncode != 0 and limit_gib and "can't allocate memory" in proc.stderr:
+    if proc.returncode != 0 and limit_gib and ("can't allocate memory" in proc.stderr or "MemoryError" in proc.stderr):
         return {"error": f"does not fit in {limit_gib:g} GiB", "limit_gib": limit_gib}
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark case {case} failed:\n{proc.stderr[-2000:]}")

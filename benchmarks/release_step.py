@@ -366,48 +366,51 @@ def measure_steps(args, base: dict, sizes: list[tuple[int, int]], repeats: int, 
 
 TARGET_CROP, TARGET_BATCHES = 801, (2, 4, 8)
 GPU_GIB = 80 * 10**9 / 2**30  # an "80 GB" card, about 74.5 GiB, of which the CUDA context takes about 1
+BLOCK_OF = {"release-step": "release", "derprop-step-fp32": "derprop-dense", "derprop-step-fast": "derprop-tiled"}
+"""Each side's similarity block in the block part's rows (fp32 DLP is dense, the fast recipe's tiled; both fp32)."""
 
 
-def scaling(rows: list[dict]) -> list[dict]:
-    """Per side, the step's peak above the state fitted as ``f + B · (a · crop² + b · crop⁴)`` to the measured
-    sizes (least squares; ``f``: per-step buffers such as autocast's bf16 weight copies; ``a``: activations, per image
-    and pixel; ``b``: the ``M × M`` matrices, ``M ∝ crop²``), then the per-GPU peak ``state + fit`` at crop
-    :data:`TARGET_CROP` for each of :data:`TARGET_BATCHES`, beside the measurement there when it fitted."""
-    import numpy as np
-
+def scaling(rows: list[dict], block_rows: list[dict]) -> list[dict]:
+    """Per side, the per-GPU peak at crop :data:`TARGET_CROP` for each of :data:`TARGET_BATCHES`, from its step
+    measured at a smaller crop ``c0`` with ``B0`` and the similarity block measured at both crops (``block_rows``:
+    the block part's medians, per ``B = 1``). The step's peak above the state splits into the block (DLP, the
+    derivative loss, region propagation: measured at the target crop) and the rest, the network's activations, which
+    grow with the pixels: ``rise(c, B) = B / B0 · [(rise(c0, B0) − B0 · block(c0)) · (c / c0)² + B0 · block(c)]``;
+    the peak is ``state + rise``. Beside it, the measurement at the target crop, or why there is none."""
+    blocks = {(r["impl"], r["crop"]): r["peak_mib"] for r in block_rows}
     out = []
-    for impl in IMPLS:
-        ok = [r for r in rows if r["impl"] == impl and "error" not in r]
-        if len({(r["crop"], r["batch"]) for r in ok}) < 3:
+    for r in rows:
+        if "error" in r or r["crop"] == TARGET_CROP:
             continue
-        design = np.array([[1.0, r["batch"] * r["crop"] ** 2, r["batch"] * float(r["crop"]) ** 4] for r in ok])
-        coef = np.linalg.lstsq(design, np.array([r["peak_mib"] for r in ok]), rcond=None)[0]
-        state = statistics.median(r["state_mib"] for r in ok)
-        measured = {r["batch"]: r for r in rows if r["impl"] == impl and r["crop"] == TARGET_CROP}
+        impl, c0, b0 = r["impl"], r["crop"], r["batch"]
+        blk0, blk = blocks.get((BLOCK_OF[impl], c0)), blocks.get((BLOCK_OF[impl], TARGET_CROP))
+        if blk0 is None or blk is None:
+            continue
+        network = (r["peak_mib"] - b0 * blk0) * (TARGET_CROP / c0) ** 2
+        measured = {m["batch"]: m for m in rows if m["impl"] == impl and m["crop"] == TARGET_CROP}
         for b in TARGET_BATCHES:
-            rise = coef[0] + b * (coef[1] * TARGET_CROP ** 2 + coef[2] * TARGET_CROP ** 4)
+            peak = (r["state_mib"] + b / b0 * (network + b0 * blk)) / 1024
             m = measured.get(b)
-            out.append({"impl": impl, "crop": TARGET_CROP, "batch": b, "fit_from": sorted({(r["crop"], r["batch"])
-                                                                                          for r in ok}),
-                        "fit_mib": {"fixed": float(coef[0]), "per_image_per_pixel": float(coef[1]),
-                                    "per_image_per_pixel2": float(coef[2])},
-                        "estimated_peak_gib": float(state + rise) / 1024,
-                        "fits_80gb_card": bool((state + rise) / 1024 <= GPU_GIB - 1),
+            out.append({"impl": impl, "crop": TARGET_CROP, "batch": b, "from_crop": c0, "from_batch": b0,
+                        "network_mib_per_image": network / b0, "block_mib_per_image": blk,
+                        "state_mib": r["state_mib"], "estimated_peak_gib": peak, "fits_80gb_card": peak <= GPU_GIB - 1,
                         "measured_peak_gib": None if m is None or "error" in m else m["peak_total_mib"] / 1024,
-                        "measured": None if m is None else m.get("error", "measured")})
+                        "measured": "not tried" if m is None else m.get("error", "measured")})
     return out
 
 
 SCALING_NOTE = (
     "Per-GPU peak = the state held between steps (both networks' weights, gradients, SGD momentum; it does not grow "
-    "with the batch) + the step's peak above it, fitted per side as f + B (a crop^2 + b crop^4) to the measured sizes "
-    "(B labeled + B unlabeled images: every activation is per image and per pixel, the M x M matrices per image with "
-    "M = (crop/8)^2). CPU resident memory stands in for CUDA's allocated memory: the same tensors, without the CUDA "
-    "context (~1 GiB) and cuDNN workspaces; CPU bf16 autocast keeps activations in bf16 as CUDA's does, but which ops "
-    "it casts can differ. The paper trains at crop 321 with a global batch of 8 + 8 (4 + 4 on each of two GPUs, the "
-    "release's configs and tools/train.sh); crop 801 is the earlier methods' Cityscapes crop. The release's own "
-    "main.py resizes the labeled target to 41 x 41 (crop 321) and cannot run at another crop; its step here takes "
-    "the crop's grid. Estimates from CPU, not GPU measurements."
+    "with the batch) + the step's peak above it, which is split into the similarity block (DLP, the derivative loss, "
+    "region propagation; the block part measured it per image at both crops) and the network's activations, scaled "
+    "from the measured crop by the pixel count; both grow with the images per step (B labeled + B unlabeled). The "
+    "per-step buffers that do not grow with B (autocast's bf16 weight copies, ~0.1 GiB) are counted per image, so the "
+    "estimate errs high. CPU resident memory stands in for CUDA's allocated memory: the same tensors, without the "
+    "CUDA context (~1 GiB) and cuDNN workspaces; CPU bf16 autocast keeps activations in bf16 as CUDA's does, but "
+    "which ops it casts can differ. The paper trains at crop 321 with a global batch of 8 + 8 (4 + 4 on each of two "
+    "GPUs, the release's configs and tools/train.sh); crop 801 is the earlier methods' Cityscapes crop. The "
+    "release's own main.py resizes the labeled target to 41 x 41 (crop 321) and cannot run at another crop; its step "
+    "here takes the crop's grid. Estimates from CPU measurements, not GPU measurements."
 )
 
 
@@ -433,15 +436,17 @@ def steps_part(args, base: dict) -> dict:
                        "wall_s": time.time() - started}}
 
 
-def memory_part(args, base: dict) -> dict:
-    """``--parts memory``: one step's peak memory of every side at ``--memory-sizes`` (no timing), the scaling."""
+def memory_part(args, base: dict, block_rows: list[dict]) -> dict:
+    """``--parts memory``: one step's peak memory of every side at ``--memory-sizes`` (no timing), and
+    :func:`scaling` with the block part's rows (``block_rows``)."""
     started = time.time()
     sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.memory_sizes]
     rows = measure_steps(args, base, sizes, 0, 1)
-    scaled = scaling(rows)
+    scaled = scaling(rows, block_rows)
     for r in scaled:
         print(f"  {r['impl']:18s} crop {r['crop']} B {r['batch']}: estimated {r['estimated_peak_gib']:6.1f} GiB per GPU"
-              f" ({'fits' if r['fits_80gb_card'] else 'does not fit'} an 80 GB card); measured: {r['measured']}",
+              f" from crop {r['from_crop']} ({'fits' if r['fits_80gb_card'] else 'does not fit'} an 80 GB card); "
+              f"measured: {r['measured']}",
               flush=True)
     return {"machine": machine_info("cpu"), "what": "peak memory of one whole official step after a warm-up step "
             "(the state held between steps, the rise over it, the absolute peak), each side in a fresh process "

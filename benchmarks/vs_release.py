@@ -1,8 +1,15 @@
-"""DerProp's similarity block against the released code's, side by side on this machine.
+"""DerProp against the released code, side by side on this machine: the similarity block and the whole step.
 
     python -m benchmarks.vs_release --release DIR     # DIR: a checkout of the authors' release (GitHub
                                                       # ForawardStar/DerProp) that you fetched; needs einops
+    python -m benchmarks.vs_release --release DIR --parts memory   # one step's memory at crops up to 801
     python -m benchmarks.vs_release                   # no release given: says so in one line and stops
+
+Parts (``--parts``, default ``block step``): ``block``, the similarity block below; ``step``, the whole official
+training step of derprop in fp32 (``configs/voc_92.yaml``) and with the fast recipe (``configs/voc_92_fast.yaml``)
+against the release's, after a value check, timed at ``--step-crops`` (:mod:`benchmarks.release_step`); ``memory``,
+one step's peak memory of each side at ``--memory-sizes`` (up to crop 801, each process limited to ``--limit-gib``)
+and its scaling to one GPU. Each part replaces its own section of the results file and keeps the others.
 
 The release is **imported at run time** from ``DIR`` (its ``model/semseg/segmentation.py``, class ``Corr``:
 the two similarity heads, L̃, the similarity matrices of its loss and the region maps); nothing of it is
@@ -33,7 +40,7 @@ medians over the rounds. ``*-region`` rows time region propagation alone (the re
 similarity matrix, its region maps and its relabelling loop; derprop: :func:`~derprop.pseudo_labels.region_propagation`),
 per image.
 
-Goals (issue 20, on an idle CPU): derprop's block at least 1.5× the release's speed at crop 321 and at most 1/3
+Block goals (issue 20, on an idle CPU): derprop's block at least 1.5× the release's speed at crop 321 and at most 1/3
 of its peak memory at crop 801; region propagation per image no slower than the release's at 321.
 ``results/vs_release_<device>.json`` says met / not met.
 """
@@ -460,9 +467,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-check-crop", type=int, default=321, help="crop of the whole step's value check")
     parser.add_argument("--step-rtol", type=float, default=1e-4, help="the whole step's loss terms")
     parser.add_argument("--step-grad-rtol", type=float, default=1e-4, help="the whole step's gradient (relative norm)")
-    parser.add_argument("--memory-sizes", nargs="+", default=["321x2", "321x4", "513x2", "801x2"], metavar="CROPxB",
+    parser.add_argument("--memory-sizes", nargs="+", default=["801x2", "321x2"], metavar="CROPxB",
                         help="crop x B of the memory part; B >= 2 (the batch norm after the ASPP pooling branch "
-                             "needs two images); the smaller sizes fit the scaling to larger ones")
+                             "needs two images); a smaller crop is scaled to 801 with the block part's rows")
     parser.add_argument("--limit-gib", type=float, default=14.0,
                         help="data memory one whole-step process may take; beyond it the row says it does not fit")
     parser.add_argument("--out", default=str(RESULTS / "vs_release_cpu.json"))
@@ -497,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "step" in args.parts:
             payload["step"] = release_step.steps_part(args, steps)
         if "memory" in args.parts:
-            payload["step_memory"] = release_step.memory_part(args, steps)
+            payload["step_memory"] = release_step.memory_part(args, steps, payload.get("rows", []))
     payload = write_results(out, payload)
     print(f"\nwrote {out}")
     return payload
