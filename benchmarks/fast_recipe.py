@@ -144,7 +144,7 @@ def fast_recipe(args: argparse.Namespace) -> dict[str, Any]:
         "wall_time_note": "wall times were taken on a shared machine loaded by other work (2 cores, several runs at "
                           "once): they are not speed figures; benchmarks.train_step and benchmarks.vs_release time "
                           "the step on an idle machine",
-        "machine": machine_info("cpu"), "threads": args.threads, "jobs": 1,
+        "note": args.note, "machine": machine_info("cpu"), "threads": args.threads, "jobs": 1,
         "torch_version": str(torch.__version__), "total_wall_time_s": time.time() - t0,
     }
     payload = write_results(Path(args.out), payload)
@@ -167,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=None, help="default runs/fast_recipe/small")
     ap.add_argument("--out", default=str(RESULTS / "fast_recipe_cpu.json"))
     ap.add_argument("--collect-only", action="store_true", help="train nothing: report the runs that finished")
+    ap.add_argument("--note", default="", help="said about these runs in the results file (e.g. a run paused)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
     args = ap.parse_args(argv)
     args.runs_dir = args.runs_dir or str(project_root() / "runs" / "fast_recipe" / "small")

@@ -122,7 +122,7 @@ def release_step(s: ReleaseState, batch, alpha: float, *, region: bool = True, b
 
     (x, y), (uw, us, ign, box), (uw2, us2, ign2, _) = batch
     x, uw, us, uw2, us2 = (normalize(t) for t in (x, uw, us, uw2, us2))  # its data pipeline's normalisation
-    ign, ign2, c = ign.long(), ign2.long(), s.classes
+    ign, ign2 = ign.long(), ign2.long()
     with torch.no_grad():  # lines 195–205: Θm on the partner; CutMix of the strong view
         s.momentum.eval()
         pred_mix = s.momentum(uw2, need_fp=False, use_corr=False)["out"].detach()
