@@ -51,6 +51,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -492,9 +493,10 @@ def main(argv: list[str] | None = None) -> dict:
             "chunk": args.chunk, "threads": args.threads}
     out = Path(args.out)
     payload = json.loads(out.read_text()) if out.is_file() else {}  # the sections of parts not run are kept
+    commit = subprocess.run(["git", "-C", args.release, "rev-parse", "HEAD"], capture_output=True, text=True)
     payload |= {"benchmark": "vs_release",
-                "release": {"dir": repo_path(args.release), "imported": "model/semseg/segmentation.py (Corr, "
-                            "SegmentationNet), at run time"}}
+                "release": {"dir": repo_path(args.release), "commit": commit.stdout.strip() or None,
+                            "imported": "model/semseg/segmentation.py (Corr, SegmentationNet), at run time"}}
     if "block" in args.parts:
         payload |= block_part(args, base)
     if {"step", "memory"} & set(args.parts):
