@@ -13,7 +13,8 @@ step. derprop's step is :meth:`derprop.trainer.Trainer.train_step` + :meth:`~der
 ``benchmarks.train_step`` times) under a reproduction config: ``configs/voc_92.yaml`` (fp32) or
 ``configs/voc_92_fast.yaml`` (the fast recipe), with the network from scratch (no ImageNet file needed) and synthetic
 batches (:func:`benchmarks.train_step.synthetic_batch`; the release gets the same images normalised as its data
-pipeline does).
+pipeline does). derprop's Trainer keeps its deterministic kernels on a CPU, as in training (``benchmarks.train_step``
+measured no cost for them there); the release never asks for them.
 
 **Value check** (:func:`run_check`, before any timing): the release's network gets derprop's fp32 weights (the module
 names differ, the tensors are the same: :data:`RENAMES`), both sides take one step's loss on the same batch at the
