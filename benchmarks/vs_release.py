@@ -462,7 +462,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="least fraction of pixels whose region-propagated label and confidence agree")
     parser.add_argument("--parts", nargs="+", choices=("block", "step", "memory"), default=["block", "step"],
                         help="block: the similarity block; step: the whole official step timed (benchmarks.release_step); "
-                             "memory: one step's peak memory at --memory-crops (default: block step)")
+                             "memory: one step's peak memory at --memory-sizes (default: block step)")
     parser.add_argument("--step-crops", type=int, nargs="+", default=[321], help="crops of the timed whole step")
     parser.add_argument("--step-batch", type=int, default=2, help="B of the whole step: B labeled + B unlabeled")
     parser.add_argument("--step-check-crop", type=int, default=321, help="crop of the whole step's value check")
@@ -497,16 +497,18 @@ def main(argv: list[str] | None = None) -> dict:
     payload |= {"benchmark": "vs_release",
                 "release": {"dir": repo_path(args.release), "commit": commit.stdout.strip() or None,
                             "imported": "model/semseg/segmentation.py (Corr, SegmentationNet), at run time"}}
+    command = "python -m benchmarks.vs_release " + " ".join(sys.argv[1:] if argv is None else argv)
     if "block" in args.parts:
-        payload |= block_part(args, base)
+        payload |= block_part(args, base) | {"command": command}
     if {"step", "memory"} & set(args.parts):
         from benchmarks import release_step
 
         steps = {k: base[k] for k in ("release", "classes", "threads")}
         if "step" in args.parts:
-            payload["step"] = release_step.steps_part(args, steps)
+            payload["step"] = release_step.steps_part(args, steps) | {"command": command}
         if "memory" in args.parts:
-            payload["step_memory"] = release_step.memory_part(args, steps, payload.get("rows", []))
+            payload["step_memory"] = (release_step.memory_part(args, steps, payload.get("rows", []))
+                                      | {"command": command})
     payload = write_results(out, payload)
     print(f"\nwrote {out}")
     return payload
