@@ -5,7 +5,7 @@ Explained in the book chapter *Full reproduction on a GPU*: ``pipelines/train.ip
 :func:`learning_curves` and the headline's :func:`iou_table`; ``python -m derprop.train`` prints
 :func:`iou_table` for every network and evaluation mode. That chapter's table reads the published summaries
 of matrix runs (:func:`matrix_results`) and estimates each run's GPU-hours from the train-step benchmark
-(:func:`train_step_rows`, :func:`gpu_hours`); the start page (*Start here*) states :func:`cpu_findings`.
+(:func:`train_step_rows`, :func:`gpu_hours`), for fp32 and the fast recipe (:func:`recipe_costs`); the start page (*Start here*) states :func:`cpu_findings`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from derprop.atomic import read_jsonl
+from derprop.config import TrainConfig
 from derprop.configfile import load_config
 from derprop.data import split_items
 from derprop.evaluate import format_iou_table
@@ -90,26 +91,59 @@ def train_step_rows(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """How a config runs its step, in the train-step benchmark's terms (``benchmarks.train_step`` rows):
+    ``amp``, ``channels_last`` and ``impl`` (``dense`` without ``method.chunk``, else ``tiled``)."""
+    return {"amp": cfg.optim.amp, "channels_last": cfg.optim.channels_last,
+            "impl": "dense" if cfg.method.chunk is None else "tiled"}
+
+
 def gpu_hours(config: str | os.PathLike, rows: list[dict[str, Any]], data_root: str | os.PathLike | None = None
               ) -> tuple[float, dict[str, Any]] | None:
-    """GPU-hours of one full run of ``config`` on one GPU, from the fastest measured step of its backbone at its
-    crop on a CUDA device (``rows`` of :func:`train_step_rows`), with that row; ``None`` without such a row.
+    """GPU-hours of one full run of ``config`` on one GPU, from the fastest step measured on a CUDA device for its
+    backbone at its crop with the config's own :func:`recipe` (fp32 or the fast recipe; a compiled step does not
+    count, training does not compile), with that row; ``None`` without such a row (``rows``: :func:`train_step_rows`).
 
     A step trains on one batch of labeled and one of unlabeled images (``images_per_s`` counts both), an epoch
     takes ``N_u // batch`` steps, so a run takes ``epochs · N_u · 2 / images_per_s`` seconds (data loading and
-    evaluation not counted). On ``n`` GPUs divide by about ``n``.
+    evaluation not counted): an estimate. On ``n`` GPUs divide by about ``n``.
     """
     on_gpu = [r for r in rows if r["device"] != "cpu"]
     if not on_gpu:
         return None
     cfg = load_config(config)
+    want = recipe(cfg)
     fits = [r for r in on_gpu if r.get("crop") == cfg.data.crop_size
-            and r.get("backbone", cfg.model.backbone) == cfg.model.backbone]
+            and r.get("backbone", cfg.model.backbone) == cfg.model.backbone and not r.get("compile")
+            and all(r.get(k) == v for k, v in want.items())]
     if not fits:
         return None
     best = max(fits, key=lambda r: r["images_per_s"])
     n_u = len(split_items(cfg.data.layout, cfg.data.split, "unlabeled", data_root))
     return cfg.optim.epochs * n_u * 2 / best["images_per_s"] / 3600, best
+
+
+RECIPE_PAIRS = (("configs/voc_92.yaml", "configs/voc_92_fast.yaml"),
+                ("configs/cityscapes_186.yaml", "configs/cityscapes_186_fast.yaml"))
+"""Reproduction configs in fp32 and with the fast recipe (bf16 autocast, channels-last, tiled DLP)."""
+
+
+def recipe_costs(root: str | os.PathLike, rows: list[dict[str, Any]], data_root: str | os.PathLike | None = None
+                 ) -> list[dict[str, Any]]:
+    """Per config of :data:`RECIPE_PAIRS`: its :func:`recipe` and the estimated GPU-hours of one full run
+    (:func:`gpu_hours`; ``None`` where no CUDA step of that recipe was measured), with the step it came from."""
+    out = []
+    for pair in RECIPE_PAIRS:
+        for config in pair:
+            cfg = load_config(Path(root) / config)
+            cost = gpu_hours(Path(root) / config, rows, data_root)
+            used = cost[1] if cost else None
+            out.append({"config": config, **recipe(cfg), "chunk": cfg.method.chunk,
+                        "hours": cost[0] if cost else None,
+                        "source": None if used is None else
+                        f"{used['file']} ({used['device_name']}, {used['config']}, crop {used['crop']}: "
+                        f"{used['images_per_s']:.1f} images/s)"})
+    return out
 
 
 def cpu_findings(results_dir: str | os.PathLike) -> list[str]:

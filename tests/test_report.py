@@ -16,17 +16,24 @@ def test_a_full_run_replaces_a_check_run(tmp_path):
     assert matrix_results(tmp_path) == {"voc_92": {"size": "full", "miou": 0.77}}
 
 
-def test_gpu_hours_from_the_fastest_matching_gpu_step(repo, tmp_path):
-    rows = [{"profile": "official", "config": c, "crop": 321, "backbone": "resnet101", "images_per_s": ips}
-            for c, ips in (("dense", 10.0), ("tiled-cl", 20.0))]
+def test_gpu_hours_from_the_fastest_gpu_step_of_the_configs_own_recipe(repo, tmp_path):
+    def row(config, ips, amp="none", cl=False, impl="dense", compile=False):
+        return {"profile": "official", "config": config, "crop": 321, "backbone": "resnet101", "images_per_s": ips,
+                "amp": amp, "channels_last": cl, "impl": impl, "compile": compile}
+
+    rows = [row("dense-fp32", 10.0), row("tiled-fp32", 11.0, impl="tiled"),
+            row("tiled-amp-cl", 20.0, "bf16", True, "tiled"), row("tiled-amp-cl-compile", 30.0, "bf16", True, "tiled", True)]
     (tmp_path / "gpu_check_h100.json").write_text(json.dumps(
         {"train_step": {"machine": {"device": "cuda", "device_name": "H100"}, "rows": rows}}))
     (tmp_path / "bench_train_step_cpu.json").write_text(json.dumps(
         {"machine": {"device": "cpu"}, "rows": [{**rows[0], "images_per_s": 99.0}]}))
     steps = train_step_rows(tmp_path)
-    assert len(steps) == 3
-    hours, row = gpu_hours(repo / "configs" / "voc_92.yaml", steps)
-    assert row["config"] == "tiled-cl" and row["device_name"] == "H100"  # CPU rows never count
+    assert len(steps) == 5
+    hours, used = gpu_hours(repo / "configs" / "voc_92.yaml", steps)
+    assert used["config"] == "dense-fp32" and used["device_name"] == "H100"  # its own recipe; CPU rows never count
+    assert hours == pytest.approx(80 * (10582 - 92) * 2 / 10.0 / 3600)
+    hours, used = gpu_hours(repo / "configs" / "voc_92_fast.yaml", steps)
+    assert used["config"] == "tiled-amp-cl"  # the fast recipe, not compiled: training does not compile
     assert hours == pytest.approx(80 * (10582 - 92) * 2 / 20.0 / 3600)
     assert gpu_hours(repo / "configs" / "voc_92.yaml", [r for r in steps if r["device"] == "cpu"]) is None
 
