@@ -32,8 +32,9 @@ what ran: processes, global and per-process batch, derprop version and commit.
 Exit status 2 with one ``error:`` line for a bad config (file:line:col for
 YAML syntax), dataset or checkpoint, an output folder that is in use, not
 writable or full, or a loss, gradient or weight that became NaN/inf
-(:mod:`derprop.cli`). Ctrl-C (exit status 130) keeps the last finished epoch
-and prints the command that resumes it.
+(:mod:`derprop.cli`). Ctrl-C (exit status 130), SIGTERM (143) and SIGHUP (129)
+keep the last finished epoch, release the folder's lock and print the command
+that resumes it, with every option the run was started with.
 """
 
 from __future__ import annotations
@@ -125,9 +126,20 @@ def _interrupted(args: argparse.Namespace, overrides: list[str], out: list[Path]
         epoch = ckpt_io.load(out[0] / "last.pt").get("epoch")
     except ckpt_io.CheckpointError:
         return f"no epoch has finished in {out[0]}, so it holds nothing to resume; run the same command again"
-    again = shlex.join(["--config", args.config, "--out", str(out[0]), "--resume", *overrides])
+    again = shlex.join(resume_arguments(args, overrides, out[0]))
     return (f"epoch {epoch}, the last finished one, is kept in {out[0] / 'last.pt'}; continue it with "
             f"`{cli.prog_name('derprop.train')} {again}`")
+
+
+def resume_arguments(args: argparse.Namespace, overrides: list[str], out: Path) -> list[str]:
+    """The arguments that continue the run in ``out`` as it was started: every option given (the device, the
+    threads, which change the sums a CPU run makes, and how often it logs) and every override."""
+    options = ["--config", args.config, "--out", str(out), "--resume"]
+    for flag, value, default in (("--device", args.device, None), ("--threads", args.threads, None),
+                                 ("--log-every", args.log_every, DEFAULT_EVERY)):
+        if value != default:
+            options += [flag, str(value)]
+    return options + overrides
 
 
 if __name__ == "__main__":

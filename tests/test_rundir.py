@@ -8,6 +8,7 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -343,17 +344,43 @@ def test_ctrl_c_keeps_the_last_finished_epoch_and_prints_the_resume_command(runs
             raise KeyboardInterrupt
         return real(self, epoch, loaders)
 
+    options = ["--threads", str(torch.get_num_threads()), "--device", "cpu", "--log-every", "3"]
     with monkeypatch.context() as m:
         m.setattr(Trainer, "_train_steps", ctrl_c_in_epoch_2)
-        assert cli(scenes_tiny, out) == 130
+        assert cli(scenes_tiny, out, *options) == 130
     err = capsys.readouterr().err
     assert err.startswith(f"interrupted: epoch 1, the last finished one, is kept in {out / 'last.pt'}; "
                           "continue it with `python -m derprop.train --config ") and err.count("\n") == 1
     assert not (out / rundir.LOCK).exists()
     command = shlex.split(err.split("`")[1])
     assert command[:3] == ["python", "-m", "derprop.train"] and "--resume" in command
+    for flag, value in zip(options[::2], options[1::2]):  # run as it was started: a thread count changes the sums
+        assert command[command.index(flag) + 1] == value, flag
     assert main(command[3:]) == 0
     assert_same_run(out, ref)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_in_training_is_handled_like_ctrl_c(name, runs, scenes_tiny, tmp_path, monkeypatch, capsys):
+    ref, _ = runs
+    out = tmp_path / "run"
+    signum = getattr(signal, name)
+    real = Trainer.__init__
+
+    def signalled_in_epoch_2(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.hook = lambda event, epoch=None, **_: epoch == 1 and os.kill(os.getpid(), signum)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "__init__", signalled_in_epoch_2)
+        assert cli(scenes_tiny, out) == 128 + signum
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted by {name}: epoch 1, the last finished one, is kept in {out / 'last.pt'}; "
+                          "continue it with `python -m derprop.train --config ") and err.count("\n") == 1
+    assert not (out / rundir.LOCK).exists() and not list(out.rglob(f".*{atomic.TMP_SUFFIX}"))
+    if name == "SIGTERM":  # the command it printed goes on as after Ctrl-C
+        assert main(shlex.split(err.split("`")[1])[3:]) == 0
+        assert_same_run(out, ref)
 
 
 def test_a_book_run_trained_with_other_settings_is_refused_not_shown(tmp_path):
