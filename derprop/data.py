@@ -274,6 +274,8 @@ def split_items(
 
 def _decoded(path: Path, what: str, fix: str) -> Image.Image:
     """``path`` opened and fully decoded, so that a truncated file fails here and not later."""
+    if path.is_dir():
+        raise DatasetError(f"{what} {path} is a folder; name a file in it. {fix}".strip())
     if not path.is_file():
         raise DatasetError(f"missing {what} {path}. {fix}".strip())
     try:

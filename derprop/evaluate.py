@@ -34,7 +34,11 @@ or a bare state dict) and ``"config"`` whose ``"model"`` section holds
 Both weight sets are evaluated when present. A relative ``data.root`` is
 resolved as training resolved it (the checkpoint's ``data_root``), else
 against the current folder; the CLI says which root it used. A checkpoint
-whose ``num_classes`` differs from the dataset's is refused. The CLI exits
+whose ``num_classes`` differs from the dataset's is refused. ``--out`` is checked
+before the checkpoint is read (:func:`derprop.paths.check_output`, the guard
+``derprop.predict`` shares): a ``.json`` file that is no input, lies in no dataset
+tree, replaces only an earlier ``--out`` of evaluate (never a checkpoint or a run's
+``results.json``) and can be written. The CLI exits
 with status 2 and a one-line ``error:`` message on a bad checkpoint, dataset
 or config, or an output file it cannot write.
 """
@@ -42,6 +46,7 @@ or config, or an output file it cannot write.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -55,7 +60,7 @@ from torch import Tensor, nn
 
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
-from derprop import cli
+from derprop import cli, paths
 from derprop import data as data_io
 from derprop.config import EVAL_MODES, RELEASE_CROP, eval_crop_size
 from derprop.distributed import pick_device
@@ -393,8 +398,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.run(lambda: _evaluate_checkpoint(args))
 
 
+RESULTS_KEYS = ("checkpoint", "data_root", "epoch", "num_images", "results")
+"""The keys of the JSON that ``--out`` writes (:func:`is_results`)."""
+MAX_RESULTS_BYTES = 10_000_000
+"""An evaluation's JSON is a few kB; a larger file is something else."""
+
+
+def is_results(path: Path) -> bool:
+    """Whether ``path`` holds what ``--out`` writes: an earlier evaluation, which a new one may replace."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_RESULTS_BYTES))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == set(RESULTS_KEYS)
+
+
 def _evaluate_checkpoint(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    if args.out:  # before the (slow) evaluation: never a checkpoint, a run's results.json or a dataset's file
+        inputs = {flag: Path(p) for flag, p in (("--checkpoint", args.checkpoint), ("--val-list", args.val_list)) if p}
+        paths.check_output(Path(args.out), "--out", command="evaluate", kind="evaluation results", suffix=".json",
+                           inputs=inputs, replaces=is_results)
     fix = "pass another file with --checkpoint"
     ckpt = ckpt_io.load(args.checkpoint, fix=fix)
     if "model" not in ckpt:
@@ -427,13 +452,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> None:
         print(f"== {w} weights of {args.checkpoint} on {root} ==")
         print(format_iou_table(res, dataset.class_names))
     if args.out:
-        atomic.write_json(args.out, {
-            "checkpoint": os.fspath(args.checkpoint),
-            "data_root": str(root),
-            "epoch": ckpt.get("epoch"),
-            "num_images": next(iter(results.values()))["num_images"],
-            "results": results,
-        })
+        atomic.write_json(args.out, dict(zip(RESULTS_KEYS, (os.fspath(args.checkpoint), str(root), ckpt.get("epoch"),
+                                                            next(iter(results.values()))["num_images"], results))))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop.config import flatten
 from derprop.errors import DerPropError
+from derprop.paths import resolve
 from derprop.progress import TENSORBOARD, TRAIN_LOG
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,11 @@ def resume_path(out: Path, resume: str | os.PathLike | bool | None) -> Path | No
     return path
 def check_writable(out: Path, flag: str = "--out") -> None:
     """Refuse an output folder (given by ``flag``) that cannot be written (probed in it, or its nearest existing
-    parent)."""
+    parent), or that is a link to nothing (a loop, or a target that is gone)."""
+    resolve(out, flag)
+    if out.is_symlink() and not out.exists():
+        raise RunDirError(f"cannot use output folder {out}: it is a symbolic link to {os.readlink(out)}, which does "
+                          f"not exist; choose another {flag} or remove the link")
     probe_dir = out
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent

@@ -262,6 +262,24 @@ def test_an_unwritable_output_folder_fails_before_anything_is_built(scenes_tiny,
     assert "\n" not in err and not (tmp_path / "ro").exists()
 
 
+def test_an_output_folder_that_is_a_link_loop_or_a_dangling_link_fails_before_anything_is_built(
+        scenes_tiny, tmp_path, monkeypatch, capsys):
+    def never(*a, **k):
+        raise AssertionError("data built before the output folder was checked")
+
+    monkeypatch.setattr(loaders, "build_training_data", never)
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere" / "run")
+    assert cli(scenes_tiny, tmp_path / "loop") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'loop'} is a symbolic link that leads back to itself") \
+        and err.count("\n") == 1, err
+    assert cli(scenes_tiny, tmp_path / "gone") == 2
+    assert capsys.readouterr().err == (f"error: cannot use output folder {tmp_path / 'gone'}: it is a symbolic link to "
+                                       f"{tmp_path / 'nowhere' / 'run'}, which does not exist; choose another --out "
+                                       "or remove the link\n")
+
+
 def test_a_full_disk_is_one_line_naming_the_file_and_the_space(runs, scenes_tiny, tmp_path, monkeypatch, capsys):
     _, after1 = runs
     out = tmp_path / "run"
