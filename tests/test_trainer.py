@@ -179,6 +179,22 @@ def test_a_huge_lr_stops_with_finite_checkpoints_and_resumes_with_a_lower_one(sc
     assert _all_finite(tmp_path / "last.pt") and _all_finite(tmp_path / "best.pt")
 
 
+def test_every_seed_the_config_takes_trains(scenes_tiny, tmp_path, capsys):
+    from derprop.augment import sample_seed
+
+    # the seeds that trained before are as they were (a run resumed across versions replays its augmentations)
+    g = torch.Generator().manual_seed((7 * 1_000_003 + 2) * 1_000_033 + 1)
+    assert sample_seed(7, 2, 5, 1) == (int(torch.randint(0, 2**62, (1,), generator=g)) + 5 * 0x9E3779B97F4A7C15) \
+        % (2**63 - 1)
+    args = ["--config", str(TINY), f"data.root={scenes_tiny}", "optim.epochs=1", "optim.iters_per_epoch=1",
+            "data.val_limit=1", "data.diag_images=0", "eval.final_modes=[original]"]
+    for seed in (20240101, 2**63 - 1):
+        assert main([*args, "--out", str(tmp_path / str(seed)), "--seed", str(seed)]) == 0
+    assert main([*args, "--out", str(tmp_path / "too_big"), "--seed", str(2**63)]) == 2
+    assert capsys.readouterr().err.endswith("error: config key 'seed' must be in [0, 2**63 - 1], got "
+                                            "9223372036854775808\n")
+
+
 def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
     """Every release extra runs; each ablation switch removes exactly its terms."""
     cfg = tiny(scenes_tiny, "profile=official", "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2",
