@@ -22,6 +22,7 @@ indices, never their colours), with 255 = ignore. Every bad input raises
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -147,6 +148,15 @@ def scenes_manifest(root: str | Path) -> dict:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest.get("class_names"):
         raise DatasetError(f"{path} is not a manifest of python -m data_prep.scenes. {fix}")
     return manifest
+
+
+def manifest_sha256(name: str, root: str | Path) -> str | None:
+    """The sha256 of a scenes tree's manifest (which holds the hash of every file: the data a run trained on),
+    recorded in every checkpoint and ``results.json``; None for a tree without one (VOC, Cityscapes)."""
+    path = Path(root) / SCENES_MANIFEST
+    if name != "scenes" or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def class_names(name: str, root: str | Path | None = None, items: Sequence[tuple[str, str]] = ()) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ Explained in the book chapters *Training on a CPU* and *Full reproduction on a G
 ::
 
     python -m derprop.train --config configs/cpu_scenes.yaml [--out runs/NAME]
-        [--resume | --resume-from PATH | --overwrite] [--amp bf16|fp16]
+        [--resume | --resume-from PATH | --overwrite] [--new-data] [--amp bf16|fp16]
         [--channels-last] [--seed N] [--device cpu|cuda] [--threads N]
         [--log-every N] [key.sub=value ...]
 
@@ -17,7 +17,10 @@ file's stem). ``--resume`` continues from ``runs/NAME/last.pt``,
 ``--resume-from PATH`` from another checkpoint (into ``--out``); a resumed
 run may change the learning rate and schedule (``--resume optim.lr=1e-4``;
 the changes are printed). A fresh run refuses a folder that already holds a
-run; ``--overwrite`` deletes that run's files first. One process at a time
+run, or files that no derprop run wrote; ``--overwrite`` deletes the files a
+run writes first, and nothing else. ``--resume-from`` starts in a folder of
+its own. A resume refuses a dataset whose manifest changed since the
+checkpoint (both hashes named) unless ``--new-data``. One process at a time
 writes a run folder (its ``run.lock`` names the pid and host).
 ``--amp``, ``--channels-last`` and ``--seed`` are shorthands for the
 overrides ``optim.amp=…``, ``optim.channels_last=true`` and ``seed=…``.
@@ -62,6 +65,8 @@ def build_parser() -> cli.Parser:
     start.add_argument("--resume-from", default=None, metavar="PATH", help="continue from the checkpoint PATH")
     start.add_argument("--overwrite", action="store_true",
                        help="start again in a folder that holds a run (deletes that run's files)")
+    ap.add_argument("--new-data", action="store_true",
+                    help="resume although the dataset's manifest changed since the checkpoint (a regenerated tree)")
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast dtype (CUDA)")
     ap.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     ap.add_argument("--seed", type=int, default=None)
@@ -106,7 +111,7 @@ def _train(args: argparse.Namespace, overrides: list[str], out: list[Path]) -> N
     out.append(Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem))
     resume = args.resume_from or args.resume or None
     trainer = Trainer(cfg, out[0], resume=resume, device=args.device, log_every=args.log_every,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, new_data=args.new_data)
     results = trainer.fit()
     if trainer.d.is_main:
         for net, by_mode in results["final"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -245,6 +246,95 @@ def test_a_fresh_run_into_a_finished_folder_refuses_or_overwrites(runs, scenes_t
     assert "older run" not in (out / "train.log").read_text()
     assert not (out / "tensorboard" / "events.out.tfevents.older").exists()
     assert_same_run(out, ref)
+
+
+def test_resume_from_into_a_folder_that_holds_another_run_is_refused(runs, scenes_tiny, tmp_path, capsys):
+    ref, after1 = runs
+    out = tmp_path / "runC"
+    clone(ref, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli(scenes_tiny, out, "--resume-from", str(after1 / "last.pt")) == 2
+    assert capsys.readouterr().err == (
+        f"error: output folder {out} already holds a finished run (results.json); --resume-from starts a run from "
+        f"{after1 / 'last.pt'} in a folder of its own: choose an empty --out, or continue the run there with "
+        "--resume\n")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_that_no_run_wrote_is_refused_and_overwrite_removes_only_run_files(scenes_tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "tensorboard" / "other_run").mkdir(parents=True)
+    mine = {"config.yaml": "lr: 3\n", "train.log": "my notes\n", "best.pt": "my model",
+            "tensorboard/other_run/events.out.tfevents.1": "their scalars"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    assert cli(scenes_tiny, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output folder {out} is not a derprop run folder and holds 4 entries (best.pt, "
+                          "config.yaml, tensorboard, …); choose an empty --out, or start there with --overwrite "
+                          "(deletes only the files a run writes: ") and err.count("\n") == 1, err
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert cli(scenes_tiny, out, "--overwrite") == 0
+    assert (out / "tensorboard" / "other_run" / "events.out.tfevents.1").read_text() == "their scalars"
+    assert (out / "results.json").is_file() and "my notes" not in (out / "train.log").read_text()
+    # the leftovers of a run that never finished an epoch are a run's: cleared without --overwrite
+    leftovers = tmp_path / "leftovers"
+    leftovers.mkdir()
+    shutil.copy(out / "config.yaml", leftovers / "config.yaml")
+    (leftovers / "train.log").write_text("epoch 1/2 it 1/2 ...\n")
+    assert cli(scenes_tiny, leftovers) == 0
+
+
+def test_resume_refuses_a_regenerated_dataset_naming_both_hashes(runs, scenes_tiny, tmp_path, capsys):
+    from data_prep import scenes
+    from tests.conftest import TINY_SCENES
+
+    _, after1 = runs
+    out, root = tmp_path / "run", tmp_path / "scenes"
+    clone(after1, out)
+    shutil.copytree(scenes_tiny, root)
+    old = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    assert ck.load(out / "last.pt")["data_sha256"] == old
+    assert scenes.main(["--root", str(root), *TINY_SCENES, "--seed", "1", "--force", "--quiet", "--workers", "1"]) == 0
+    new = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    assert cli(root, out, "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {out / 'last.pt'} was trained on another dataset: its manifest had sha256 {old[:16]}…, "
+        f"the one of data.root has {new[:16]}… (the tree was regenerated or changed); resume with the tree it was "
+        "trained on, or pass --new-data to go on with this one\n")
+    assert cli(root, out, "--resume", "--new-data") == 0
+    assert json.loads((out / "results.json").read_text())["data_sha256"] == new
+
+
+def _broken(state: dict, fault: str) -> dict:
+    """A last.pt that loads but cannot be resumed."""
+    if fault == "nan weights":
+        name = next(k for k, v in state["model"].items() if v.is_floating_point())
+        state["model"][name] = state["model"][name] * float("nan")
+    elif fault == "optimizer buffer":
+        first = next(iter(state["optimizer"]["state"]))
+        state["optimizer"]["state"][first]["momentum_buffer"] = torch.zeros(3)
+    else:
+        state["model"][next(iter(state["model"]))] = torch.zeros(5)
+    return {k: v for k, v in state.items() if k not in ("format", "version")}
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("nan weights", "holds non-finite weights (model tensor "),
+    ("optimizer buffer", "does not fit this config (ValueError: the optimizer's momentum_buffer of parameter 0 of "
+                         "group 0 has shape (3,), the parameter ("),
+    ("model shape", "does not fit this config (RuntimeError: Error(s) in loading state_dict for DerPropNet: size "
+                    "mismatch for "),
+])
+def test_a_checkpoint_that_cannot_be_resumed_is_one_line_before_any_step(fault, words, runs, scenes_tiny, tmp_path,
+                                                                          monkeypatch, capsys):
+    _, after1 = runs
+    path = ck.save(tmp_path / "last.pt", _broken(ck.load(after1 / "last.pt"), fault))
+    monkeypatch.setattr(Trainer, "train_step", lambda *a: pytest.fail("a step ran"))
+    assert cli(scenes_tiny, tmp_path / "run", "--resume-from", str(path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {path} {words}") and err.count("\n") == 1, err
+    assert "last finite checkpoint" not in err and ("is nan): no run can go on from it" in err) == (fault == "nan weights")
 
 
 def test_an_unwritable_output_folder_fails_before_anything_is_built(scenes_tiny, tmp_path, monkeypatch, capsys):
