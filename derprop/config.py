@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS, RESNET_OUTPUT_STRIDES
-from derprop.data import DATASETS
+from derprop.data import DATASETS, manifest_classes
 from derprop.errors import ConfigError, shown
 from derprop.tables import DIVERGENCES
 
@@ -428,7 +428,8 @@ def _validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' must be in [0, 1], got {shown(flat[key])}")
     if cfg.data.num_workers < 0 or cfg.data.diag_images < 0 or cfg.optim.schedule_offset < 0:
         raise ConfigError("config keys 'data.num_workers', 'data.diag_images' and 'optim.schedule_offset' must be >= 0")
-    data_classes = cfg.data.num_classes if cfg.data.num_classes is not None else dataset_classes({"layout": cfg.data.layout})
+    data_classes = dataset_classes({"layout": cfg.data.layout, "root": cfg.data.root,
+                                    "num_classes": cfg.data.num_classes})
     if cfg.model.num_classes != data_classes:
         raise ConfigError(
             f"config key 'model.num_classes' ({cfg.model.num_classes}) must equal the dataset's number of classes "
@@ -439,12 +440,14 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def dataset_classes(data: Mapping[str, Any]) -> int:
-    """The class count of a ``data`` section (nested dict): its ``num_classes``, else its layout's."""
+    """The class count of a ``data`` section (nested dict): its ``num_classes``, else the manifest's of the scenes
+    tree at its ``root`` (a tree made with fewer than the layout's eleven classes), else its layout's."""
     if data.get("num_classes") is not None:
         return data["num_classes"]
     name = data.get("layout", DataConfig.layout)
     check_choice("data.layout", name)
-    return DATASETS[name].num_classes
+    manifest = manifest_classes(data.get("root", DataConfig.root)) if name == "scenes" else None
+    return manifest or DATASETS[name].num_classes
 
 
 def flatten(nested: Mapping[str, Any]) -> dict[str, Any]:

@@ -159,6 +159,16 @@ def manifest_sha256(name: str, root: str | Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def manifest_classes(root: str | Path) -> int | None:
+    """How many classes the scenes tree at ``root`` has, by its manifest; None without a readable one (the tree is
+    not made yet: training and evaluation then refuse it with :func:`scenes_manifest`'s message)."""
+    try:
+        names = json.loads((Path(root) / SCENES_MANIFEST).read_text(encoding="utf-8")).get("class_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return len(names) if isinstance(names, list) and len(names) >= 2 else None
+
+
 def class_names(name: str, root: str | Path | None = None, items: Sequence[tuple[str, str]] = ()) -> tuple[str, ...]:
     """Class names of a dataset; for a scenes tree, those its manifest records (:func:`scenes_manifest`), after
     checking that the manifest lists every file of ``items`` (else it is stale: the tree changed after it)."""
@@ -213,7 +223,8 @@ def read_split(path: str | Path) -> list[tuple[str, str]]:
     """Read a split list: one ``<image path> <label path>`` pair a line, relative paths.
 
     Blank lines and a leading byte-order mark are skipped; any other line that is not exactly two
-    relative paths raises :class:`DatasetError` naming the file and line.
+    relative paths, or that lists an image a line above lists already (it would count twice), raises
+    :class:`DatasetError` naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -224,6 +235,7 @@ def read_split(path: str | Path) -> list[tuple[str, str]]:
         raise DatasetError(f"split list {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                            "save it as UTF-8") from None
     items = []
+    seen: dict[str, int] = {}  # image → the line that lists it
     for n, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -238,6 +250,10 @@ def read_split(path: str | Path) -> list[tuple[str, str]]:
                 raise DatasetError(
                     f"{path}, line {n}: {field!r} must be a path relative to the dataset root, without '..'"
                 )
+        if fields[0] in seen:
+            raise DatasetError(f"{path}, line {n}: {fields[0]!r} is listed again (first on line {seen[fields[0]]}); "
+                               "an image is listed once: remove the repeated line")
+        seen[fields[0]] = n
         items.append((fields[0], fields[1]))
     if not items:
         raise DatasetError(f"split list {path} is empty")

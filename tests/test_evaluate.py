@@ -298,6 +298,15 @@ def test_cli_resolves_a_relative_root_as_training_did_and_says_so(scenes_tiny, t
         in capsys.readouterr().err
 
 
+def test_cli_refuses_a_val_list_that_lists_an_image_twice(scenes_tiny, tmp_path, capsys):
+    path = _scenes_checkpoint(tmp_path / "c11.pt", 11, str(scenes_tiny))
+    line = (scenes_tiny / "splits" / "val.txt").read_text().splitlines()[0]
+    (tmp_path / "val.txt").write_text("\n".join([line] * 9) + "\n")  # one image nine times: it would count nine
+    assert main(["--checkpoint", str(path), "--val-list", str(tmp_path / "val.txt"), "--workers", "0"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'val.txt'}, line 2: {line.split()[0]!r} is listed again "
+                                       "(first on line 1); an image is listed once: remove the repeated line\n")
+
+
 def test_cli_out_replaces_only_an_earlier_evaluation_and_is_checked_before_the_work(scenes_tiny, tmp_path,
                                                                                     monkeypatch, capsys):
     from derprop import rundir
