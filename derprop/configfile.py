@@ -176,6 +176,13 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def given_keys(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys that a config file (its ``base:`` chain included) and ``overrides`` set themselves: what
+    makes a run that config, as opposed to the profile's and the defaults' values."""
+    keys = set(_user_keys(_load_yaml(Path(path)))) if path is not None else set()
+    return keys | {parse_override(text)[0] for text in overrides}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (following ``base:``), apply dotted ``overrides``, expand the profile.
 
