@@ -76,7 +76,7 @@ from derprop import atomic, cli
 from derprop.data import SCENES_IN_PROGRESS as IN_PROGRESS
 from derprop.data import SCENES_MANIFEST as MANIFEST
 from derprop.data import DatasetError, derive_unlabeled, read_split, scenes_manifest
-from derprop.rundir import check_writable
+from derprop.paths import check_writable
 
 FORMAT = 3  # bump when the generator's output changes for the same settings
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

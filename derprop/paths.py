@@ -6,16 +6,24 @@ the one guard of every file a command writes beside its inputs (``derprop.evalua
 command's suffix; it is no folder, no input of the command (by path or by inode) and no file inside a dataset
 tree; it replaces only an earlier output of the same command (a checkpoint, a run's ``results.json`` or a
 dataset's ``manifest.json`` is never overwritten); and its folder can be written, with space left
-(:func:`derprop.rundir.check_writable`).
+(:func:`check_writable`, which a training run's folder and a generated dataset's pass as well).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
 
-from derprop.errors import ConfigError
+from derprop.atomic import TMP_SUFFIX
+from derprop.data import dataset_tree_of
+from derprop.errors import ConfigError, DerPropError
+
+
+class OutputError(DerPropError, RuntimeError):
+    """An output folder that cannot be written; the message names it, the reason and the space left."""
 
 
 def resolve(path: str | os.PathLike, what: str) -> Path:
@@ -35,9 +43,6 @@ def check_output(path: Path, flag: str, *, command: str, kind: str, suffix: str,
     (``.json``); ``inputs``: the files the command reads, by the option that names them; ``replaces(path)``: whether an existing file is an
     earlier output of the command, which it may replace.
     """
-    from derprop.data import dataset_tree_of
-    from derprop.rundir import check_writable
-
     if path.suffix.lower() != suffix:
         raise ConfigError(f"{flag} {path}: {kind} are {suffix[1:].upper()} files; give the file a {suffix} name")
     target = resolve(path, flag)
@@ -55,3 +60,31 @@ def check_output(path: Path, flag: str, *, command: str, kind: str, suffix: str,
         raise ConfigError(f"{flag} {path} already exists and is not an earlier output of {command} ({kind}), "
                           "so it is left as it is: choose another file name")
     check_writable(path.parent, flag)
+
+
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """Refuse an output folder (given by ``flag``) that cannot be written (probed in it, or its nearest existing
+    parent), or that is a link to nothing (a loop, or a target that is gone)."""
+    resolve(out, flag)
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"cannot use output folder {out}: it is a symbolic link to {os.readlink(out)}, which does "
+                          f"not exist; choose another {flag} or remove the link")
+    probe_dir = out
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OutputError(f"cannot use output folder {out}: {probe_dir} is not a folder; choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=TMP_SUFFIX, dir=probe_dir)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        free = shutil.disk_usage(probe_dir).free / 1e6 if probe_dir.exists() else 0.0
+        raise OutputError(
+            f"cannot write to output folder {out}: {err.strerror or err} in {probe_dir} ({free:.1f} MB free); "
+            f"choose another {flag} or fix its permissions"
+        ) from err

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -47,9 +48,7 @@ from typing import Any
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop.config import SECTIONS, flatten
-from derprop.configfile import MAX_CONFIG_BYTES, read_yaml
-from derprop.errors import ConfigError, DerPropError
-from derprop.paths import resolve
+from derprop.errors import DerPropError
 from derprop.progress import TENSORBOARD, TRAIN_LOG
 
 log = logging.getLogger(__name__)
@@ -88,34 +87,6 @@ def resume_path(out: Path, resume: str | os.PathLike | bool | None) -> Path | No
                 if resume is True else "pass the last.pt of a run with --resume-from")
         raise ckpt_io.CheckpointError(f"cannot resume: checkpoint {path} does not exist; {hint}")
     return path
-def check_writable(out: Path, flag: str = "--out") -> None:
-    """Refuse an output folder (given by ``flag``) that cannot be written (probed in it, or its nearest existing
-    parent), or that is a link to nothing (a loop, or a target that is gone)."""
-    resolve(out, flag)
-    if out.is_symlink() and not out.exists():
-        raise RunDirError(f"cannot use output folder {out}: it is a symbolic link to {os.readlink(out)}, which does "
-                          f"not exist; choose another {flag} or remove the link")
-    probe_dir = out
-    while not probe_dir.exists() and probe_dir != probe_dir.parent:
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise RunDirError(f"cannot use output folder {out}: {probe_dir} is not a folder; choose another {flag}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=atomic.TMP_SUFFIX, dir=probe_dir)
-        try:
-            os.write(fd, b"\0" * 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as err:
-        free = shutil.disk_usage(probe_dir).free / 1e6 if probe_dir.exists() else 0.0
-        raise RunDirError(
-            f"cannot write to output folder {out}: {err.strerror or err} in {probe_dir} ({free:.1f} MB free); "
-            f"choose another {flag} or fix its permissions"
-        ) from err
-
-
 def check_start(out: Path, resume: str | os.PathLike | bool | None, overwrite: bool) -> None:
     """Refuse to start in ``out`` where that would replace what another run, or another program, keeps there.
 
@@ -162,14 +133,16 @@ def foreign_files(out: Path) -> list[str]:
 
 
 def is_run_config(path: Path) -> bool:
-    """Whether ``path`` is the ``config.yaml`` a derprop run writes (a resolved config: every section)."""
-    if not path.is_file() or path.stat().st_size > MAX_CONFIG_BYTES:
+    """Whether ``path`` is the ``config.yaml`` a derprop run writes: a resolved config, whose top-level keys are
+    every section (read as text, not parsed: its first megabyte at most)."""
+    if not path.is_file():
         return False
     try:
-        raw = read_yaml(path.read_text(encoding="utf-8"), str(path))
-    except (ConfigError, OSError, ValueError):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1_000_000)
+    except OSError:
         return False
-    return isinstance(raw, dict) and set(SECTIONS) <= set(raw)
+    return set(SECTIONS) <= set(re.findall(r"^(\w+):", text, flags=re.M))
 
 
 def check_unlocked(out: Path) -> None:

@@ -38,7 +38,7 @@ from torch.utils.data import Subset
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop import loaders as data_loaders
-from derprop import guards, provenance, rundir, schedule
+from derprop import guards, paths, provenance, rundir, schedule
 from derprop.config import TrainConfig, eval_mode, resolved
 from derprop.configfile import dump_yaml
 from derprop.data import manifest_sha256
@@ -88,7 +88,7 @@ class Trainer:
         self.record["data_sha256"] = manifest_sha256(cfg.data.layout, cfg.data.root)  # a resume checks it
         self.fresh = resume is None or resume is False
         if self.d.is_main:  # folder problems come before the (slow) data and model
-            rundir.check_writable(self.out)
+            paths.check_writable(self.out)
             rundir.check_unlocked(self.out)
             rundir.check_start(self.out, resume, overwrite)
         deterministic_kernels(self.d.device)

@@ -491,7 +491,7 @@ def test_sigterm_stops_the_generator_in_one_line_and_its_workers_without_a_trace
 
 
 def test_scenes_checks_the_size_and_the_folder_before_making_anything(tmp_path, monkeypatch, capsys):
-    from derprop import rundir
+    from derprop import paths
 
     assert scenes.main(["--root", str(tmp_path / "s"), "--size", "100000"]) == 2
     assert capsys.readouterr().err == "error: --size must be 32 to 1024 pixels, got 100000\n"
@@ -502,7 +502,7 @@ def test_scenes_checks_the_size_and_the_folder_before_making_anything(tmp_path, 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(rundir.tempfile, "mkstemp", denied)  # a read-only folder, also when the tests run as root
+    monkeypatch.setattr(paths.tempfile, "mkstemp", denied)  # a read-only folder, also when the tests run as root
     assert scenes.main(["--root", str(tmp_path / "s"), "--num-train", "32", "--num-val", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot write to output folder {tmp_path / 's'}: Permission denied") \

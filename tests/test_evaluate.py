@@ -309,7 +309,7 @@ def test_cli_refuses_a_val_list_that_lists_an_image_twice(scenes_tiny, tmp_path,
 
 def test_cli_out_replaces_only_an_earlier_evaluation_and_is_checked_before_the_work(scenes_tiny, tmp_path,
                                                                                     monkeypatch, capsys):
-    from derprop import rundir
+    from derprop import paths
 
     path = _scenes_checkpoint(tmp_path / "c11.pt", 11, str(scenes_tiny))
     args = ["--checkpoint", str(path), "--device", "cpu", "--workers", "0", "--limit", "1", "--which", "model"]
@@ -342,7 +342,7 @@ def test_cli_out_replaces_only_an_earlier_evaluation_and_is_checked_before_the_w
         m.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the checkpoint was read before --out was checked"))
         for out, words in refusals.items():
             if out.parent.name == "full":
-                m.setattr(rundir.tempfile, "mkstemp", full)
+                m.setattr(paths.tempfile, "mkstemp", full)
             assert main([*args, "--out", str(out)]) == 2
             err = capsys.readouterr().err
             assert err.startswith(f"error: ") and words in err and err.count("\n") == 1, err

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from derprop import atomic, loaders, rundir
+from derprop import atomic, loaders, paths, rundir
 from derprop import checkpoint as ck
 from derprop.configfile import load_config
 from derprop.provenance import source
@@ -344,7 +344,7 @@ def test_an_unwritable_output_folder_fails_before_anything_is_built(scenes_tiny,
     def never(*a, **k):
         raise AssertionError("data built before the output folder was checked")
 
-    monkeypatch.setattr(rundir.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(paths.tempfile, "mkstemp", denied)
     monkeypatch.setattr(loaders, "build_training_data", never)
     assert cli(scenes_tiny, tmp_path / "ro" / "run") == 2
     err = capsys.readouterr().err.strip()
