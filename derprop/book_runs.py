@@ -221,7 +221,8 @@ def _train_runs(args: argparse.Namespace) -> int:
                     run_id = waiting.pop(0)
                     running[run_id] = subprocess.Popen(
                         [sys.executable, "-m", "derprop.book_runs", args.size, "--only", run_id],
-                        cwd=project_root(), env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=cli.end_with_parent)
+                        cwd=project_root(), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                        preexec_fn=cli.ends_with_parent())
                 time.sleep(0.5)
                 for run_id, proc in list(running.items()):
                     if proc.poll() is not None:

@@ -137,13 +137,22 @@ def stop_signals() -> Iterator[None]:
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def end_with_parent() -> None:
-    """For ``subprocess.Popen(preexec_fn=...)``: the child gets SIGTERM when its parent dies, also by kill -9
-    (Linux; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def ends_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets SIGTERM when this process dies, also by kill -9
+    (Linux's ``PR_SET_PDEATHSIG``; None elsewhere). libc's ``prctl`` is looked up here, in the parent, so that
+    the forked child only calls it; a parent that died before the call is noticed too."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 def stop_children(children: Iterable[subprocess.Popen], grace: float = 60.0) -> None:

@@ -274,8 +274,9 @@ def test_book_runs_children_end_with_it(monkeypatch, capsys):
 def test_a_child_started_to_end_with_its_parent_ends_when_the_parent_is_killed(tmp_path):
     parent = subprocess.Popen(
         [sys.executable, "-c", "import subprocess, sys, time; from derprop import cli; "
-         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=cli.end_with_parent); "
-         "print(c.pid, flush=True); time.sleep(60)"], env=ENV, stdout=subprocess.PIPE, text=True)
+         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+         "preexec_fn=cli.ends_with_parent()); print(c.pid, flush=True); time.sleep(60)"],
+        env=ENV, stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     parent.kill()  # kill -9: no handler of the parent runs
     parent.wait()
