@@ -124,12 +124,19 @@ def check_start(out: Path, resume: str | os.PathLike | bool | None, overwrite: b
         )
 
 
+BEFORE_THE_RUN = (LOCK, TRAIN_LOG, "train.ipynb")
+"""What a run folder may hold before its run writes ``config.yaml``: the lock, the log a launcher sends the run's
+output to (``benchmarks.cpu_evidence``), the notebook that papermill executes there (``pipelines/train.ipynb``)."""
+
+
 def foreign_files(out: Path) -> list[str]:
     """The entries of ``out`` that show it is not a derprop run folder: none when it holds a derprop
-    ``config.yaml`` (every run writes one before its first step), else every entry but a lock and temporaries."""
+    ``config.yaml`` (every run writes one before its first step), else every entry but temporaries and
+    :data:`BEFORE_THE_RUN`."""
     if not out.is_dir() or is_run_config(out / "config.yaml"):
         return []
-    return sorted(p.name for p in out.iterdir() if p.name != LOCK and not p.name.endswith(atomic.TMP_SUFFIX))
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in BEFORE_THE_RUN and not p.name.endswith(atomic.TMP_SUFFIX))
 
 
 def is_run_config(path: Path) -> bool:

@@ -270,19 +270,26 @@ def test_a_folder_that_no_run_wrote_is_refused_and_overwrite_removes_only_run_fi
         (out / name).write_text(text)
     assert cli(scenes_tiny, out) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: output folder {out} is not a derprop run folder and holds 4 entries (best.pt, "
-                          "config.yaml, tensorboard, …); choose an empty --out, or start there with --overwrite "
+    assert err.startswith(f"error: output folder {out} is not a derprop run folder and holds 3 entries (best.pt, "
+                          "config.yaml, tensorboard); choose an empty --out, or start there with --overwrite "
                           "(deletes only the files a run writes: ") and err.count("\n") == 1, err
     assert {name: (out / name).read_text() for name in mine} == mine
     assert cli(scenes_tiny, out, "--overwrite") == 0
     assert (out / "tensorboard" / "other_run" / "events.out.tfevents.1").read_text() == "their scalars"
     assert (out / "results.json").is_file() and "my notes" not in (out / "train.log").read_text()
-    # the leftovers of a run that never finished an epoch are a run's: cleared without --overwrite
-    leftovers = tmp_path / "leftovers"
+    # the leftovers of a run that never finished an epoch are a run's: cleared without --overwrite; and a folder
+    # holding only what a launcher puts there first (papermill's notebook, a redirected log) is a new run's
+    leftovers, launched = tmp_path / "leftovers", tmp_path / "launched"
     leftovers.mkdir()
     shutil.copy(out / "config.yaml", leftovers / "config.yaml")
     (leftovers / "train.log").write_text("epoch 1/2 it 1/2 ...\n")
     assert cli(scenes_tiny, leftovers) == 0
+    launched.mkdir()
+    (launched / "train.ipynb").write_text("{}")
+    (launched / "train.log").write_text("")
+    assert rundir.foreign_files(launched) == [] and rundir.foreign_files(tmp_path / "mine") == []
+    (launched / "notes.txt").write_text("mine")
+    assert rundir.foreign_files(launched) == ["notes.txt"]
 
 
 def test_resume_refuses_a_regenerated_dataset_naming_both_hashes(runs, scenes_tiny, tmp_path, capsys):
