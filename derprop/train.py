@@ -138,8 +138,9 @@ def _interrupted(args: argparse.Namespace, overrides: list[str], out: list[Path]
 
 def resume_arguments(args: argparse.Namespace, overrides: list[str], out: Path) -> list[str]:
     """The arguments that continue the run in ``out`` as it was started: every option given (the device, the
-    threads, which change the sums a CPU run makes, and how often it logs) and every override."""
-    options = ["--config", args.config, "--out", str(out), "--resume"]
+    threads, which change the sums a CPU run makes, how often it logs, a dataset accepted as new) and every
+    override."""
+    options = ["--config", args.config, "--out", str(out), "--resume", *(["--new-data"] if args.new_data else [])]
     for flag, value, default in (("--device", args.device, None), ("--threads", args.threads, None),
                                  ("--log-every", args.log_every, DEFAULT_EVERY)):
         if value != default:
