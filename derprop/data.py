@@ -169,6 +169,14 @@ def manifest_classes(root: str | Path) -> int | None:
     return len(names) if isinstance(names, list) and len(names) >= 2 else None
 
 
+def fits_tree(tree_classes: int, model_classes: int, set_in_config: bool) -> bool:
+    """Whether a model of ``model_classes`` classes trains, or is evaluated, on a tree of ``tree_classes``: one
+    rule for both. The counts are equal, or the model has more because the config sets ``data.num_classes``
+    itself (a benchmark sizes the head as VOC's); the extra classes stay unused, and a label above the tree's
+    classes is still an error."""
+    return tree_classes == model_classes or (set_in_config and tree_classes < model_classes)
+
+
 def class_names(name: str, root: str | Path | None = None, items: Sequence[tuple[str, str]] = ()) -> tuple[str, ...]:
     """Class names of a dataset; for a scenes tree, those its manifest records (:func:`scenes_manifest`), after
     checking that the manifest lists every file of ``items`` (else it is stale: the tree changed after it)."""
@@ -377,7 +385,9 @@ class SegmentationDataset(Dataset):
     through ``transforms(image, mask)``; the mask is int64 with 255 = ignore
     and has the image's size (checked). ``labeled=False``: items are a
     ``tv_tensors.Image``, passed through ``transforms(image)``; label paths
-    are not read. Images are uint8, ``3×H×W``.
+    are not read. Images are uint8, ``3×H×W``. A label's values must be below
+    ``label_classes`` (default ``num_classes``): a tree of fewer classes than
+    the model (:func:`fits_tree`) keeps its labels to its own classes.
     """
 
     def __init__(
@@ -390,6 +400,7 @@ class SegmentationDataset(Dataset):
         transforms: Callable | None = None,
         class_names: Sequence[str] | None = None,
         fix: str = "",
+        label_classes: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.items = list(items)
@@ -397,6 +408,7 @@ class SegmentationDataset(Dataset):
         self.labeled = labeled
         self.transforms = transforms
         self.class_names = tuple(class_names) if class_names else default_class_names(num_classes)
+        self.label_classes = label_classes or num_classes
         self.fix = fix
         if not self.root.is_dir():
             raise DatasetError(f"dataset root {self.root} does not exist. {fix}".strip())
@@ -434,7 +446,7 @@ class SegmentationDataset(Dataset):
         image = read_image(self.root / image_rel, self.fix)
         if not self.labeled:
             return image, None
-        label = read_label(self.root / label_rel, self.num_classes, self.fix)
+        label = read_label(self.root / label_rel, self.label_classes, self.fix)
         if label.shape != image.shape[:2]:
             raise DatasetError(
                 f"label {self.root / label_rel} is {label.shape[1]}×{label.shape[0]} but its image "

@@ -326,8 +326,10 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
     comes from the dataset named by ``data_cfg["layout"]`` via
     :meth:`derprop.data.SegmentationDataset.from_split` (``split="val"``: its
     val list; another split name: that labeled subset). The classes are the
-    tree's (:func:`derprop.data.class_names`: a scenes tree's manifest), else
-    ``data_cfg["num_classes"]``, else the argument (the model's), else the layout's.
+    tree's (:func:`derprop.data.class_names`: a scenes tree's manifest; more when
+    ``data_cfg["num_classes"]`` says so, :func:`derprop.data.fits_tree`, with the labels
+    still kept to the tree's), else ``data_cfg["num_classes"]``, else the argument (the
+    model's), else the layout's.
     """
     root = Path(root if root is not None else data_cfg.get("root") or ".")
     layout = data_cfg.get("layout")
@@ -340,18 +342,27 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
                 f"no list file for split {split!r}: the data config has no val_list and layout {layout!r} is not "
                 f"one of {sorted(data_io.DATASETS)}; pass --val-list FILE"
             )
-        return data_io.SegmentationDataset.from_split(
-            layout, root, None if split == "val" else split, "val" if split == "val" else "labeled")
-    p = Path(list_file)
-    if not p.is_file() and (root / p).is_file():
-        p = root / p
-    items = data_io.read_split(p)
+        items = data_io.split_items(layout, None if split == "val" else split, "val" if split == "val" else "labeled",
+                                    root)
+    else:
+        p = Path(list_file)
+        if not p.is_file() and (root / p).is_file():
+            p = root / p
+        items = data_io.read_split(p)
     names = data_io.class_names(layout, root, items) if spec is not None else None
-    n = len(names) if layout == "scenes" else int(data_cfg.get("num_classes") or num_classes or len(names or ()))
+    configured = int(data_cfg.get("num_classes") or 0)
+    if layout == "scenes":  # the tree's count, or a larger one its config set (training's rule, data.fits_tree)
+        n = configured if configured and data_io.fits_tree(len(names), configured, True) else len(names)
+    elif list_file is None:
+        n = len(names)
+    else:
+        n = configured or int(num_classes or len(names or ()))
     if n < 2:
         raise data_io.DatasetError("the number of classes is unknown: set data.num_classes")
     return data_io.SegmentationDataset(root, items, num_classes=n, labeled=True,
-                                       class_names=names if names and len(names) == n else None)
+                                       class_names=names if names and len(names) == n else None,
+                                       fix=data_io.fix_hint(layout, root) if spec is not None else "",
+                                       label_classes=len(names) if layout == "scenes" else None)
 
 
 def data_root(ckpt: Mapping[str, Any], given: str | os.PathLike | None) -> tuple[Path, str]:
