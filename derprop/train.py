@@ -64,7 +64,7 @@ def build_parser() -> cli.Parser:
     start.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     start.add_argument("--resume-from", default=None, metavar="PATH", help="continue from the checkpoint PATH")
     start.add_argument("--overwrite", action="store_true",
-                       help="start again in a folder that holds a run (deletes that run's files)")
+                       help="start again in a folder that holds a run (deletes only the files a run writes)")
     ap.add_argument("--new-data", action="store_true",
                     help="resume although the dataset's manifest changed since the checkpoint (a regenerated tree)")
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast dtype (CUDA)")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from derprop.viewer import Axis, Viewer, frames_html, load_snapshots, make_viewer, status
-from tests.fixtures import PAYLOAD, poisoned_results
+from tests.fixtures import poisoned_results
 
 
 def snapshot(epoch: int, n: int = 2, size: int = 8) -> dict[str, np.ndarray]:
