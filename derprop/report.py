@@ -19,6 +19,7 @@ from derprop.atomic import read_jsonl
 from derprop.config import TrainConfig
 from derprop.configfile import load_config
 from derprop.data import split_items
+from derprop.display import escape_markdown
 from derprop.evaluate import format_iou_table
 
 NOT_LOSS_TERMS = ("threshold", "mask_ratio", "time_s")
@@ -149,7 +150,7 @@ def recipe_costs(root: str | os.PathLike, rows: list[dict[str, Any]], data_root:
 def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
     """What the CPU-scale runs found, in sentences with their numbers (Markdown), from ``cpu_evidence.json``
     (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``); a sentence
-    saying which file is missing where one is."""
+    saying which file is missing where one is. Every value read from the files shows as text (:func:`_quote`)."""
     folder = Path(results_dir)
     out = []
     evidence = folder / "cpu_evidence.json"
@@ -157,18 +158,20 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         data = json.loads(evidence.read_text())
         claim = data.get("claim")
         if claim and claim.get("measured"):
-            per_net = {net: " / ".join(f"{100 * d:+.1f}" for d in per.values())
+            per_net = {net: " / ".join(_quote(100 * d if _is_number(d) else d, "+.1f") for d in per.values())
                        for net, per in claim["diff_per_seed"].items()}
+            margin = claim["margin"]
             out.append("DerProp against supervised training with the same momentum network, on held-out seeds "
-                       f"{', '.join(map(str, claim['seeds']))}: trained network {per_net.get('backprop', '–')} pp, "
+                       f"{', '.join(map(_quote, claim['seeds']))}: trained network {per_net.get('backprop', '–')} pp, "
                        f"momentum network {per_net.get('momentum', '–')} pp; the claim of at least "
-                       f"{100 * claim['margin']:.0f} pp on every seed is **{'met' if claim['met'] else 'not met'}**.")
+                       f"{_quote(100 * margin if _is_number(margin) else margin, '.0f')} pp on every seed is "
+                       f"**{'met' if claim['met'] is True else 'not met'}**.")
         full = data.get("summary", {}).get("full", {})
         if "pl_fixed_mean" in full:
-            out.append(f"At the last epoch DLP fixed {full['pl_fixed_mean']:,.0f} pseudo-label pixels and broke "
-                       f"{full['pl_broken_mean']:,.0f} (mean of {len(full.get('seeds', []))} seeds); a foreground "
-                       f"pixel took {full['attn_share_ratio_mean']:.2f}× the uniform share of its propagation "
-                       "weights from its own class.")
+            out.append(f"At the last epoch DLP fixed {_quote(full['pl_fixed_mean'], ',.0f')} pseudo-label pixels and "
+                       f"broke {_quote(full['pl_broken_mean'], ',.0f')} (mean of {len(full.get('seeds', []))} seeds); "
+                       f"a foreground pixel took {_quote(full['attn_share_ratio_mean'], '.2f')}× the uniform share of "
+                       "its propagation weights from its own class.")
     else:
         out.append("No CPU evidence yet: `python -m benchmarks.cpu_evidence` writes `results/cpu_evidence.json`.")
     dlp_map = folder / "dlp_map.json"
@@ -178,15 +181,25 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         share = (data.get("break_even_share") or {}).get("kappa")
         detail = (data.get("detail") or {}).get("break_even_share", {}).get("kappa")
         learned = data["families"]["kappa"][0]["own_share"] if data.get("families", {}).get("kappa") else None
-        out.append(f"With perfect (oracle) propagation weights DLP would fix {oracle['fixed']:,} and break "
-                   f"{oracle['broken']:,} pixels at η = 0.5; "
-                   + (f"it breaks even at an own-class share of {share:.2f}" if share is not None
+        out.append(f"With perfect (oracle) propagation weights DLP would fix {_quote(oracle['fixed'], ',')} and break "
+                   f"{_quote(oracle['broken'], ',')} pixels at η = 0.5; "
+                   + (f"it breaks even at an own-class share of {_quote(share, '.2f')}" if share is not None
                       else "no point of the κ family breaks even with the release's upsampling")
-                   + (f", and at {detail:.2f} with a detail-preserving one" if detail is not None else "")
-                   + (f"; the learned weights give {learned:.2f}." if learned is not None else "."))
+                   + (f", and at {_quote(detail, '.2f')} with a detail-preserving one" if detail is not None else "")
+                   + (f"; the learned weights give {_quote(learned, '.2f')}." if learned is not None else "."))
     else:
         out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _quote(value: Any, spec: str = "") -> str:
+    """A value read from a results file, for a Markdown sentence: a number formatted with ``spec``, anything
+    else as text that shows its characters (:func:`derprop.display.escape_markdown`)."""
+    return format(value, spec) if _is_number(value) else escape_markdown(value)
 
 
 MAP_FAMILIES = {"kappa": "κ bonus on the similarity logits", "alpha": "α mix with the oracle",

@@ -38,9 +38,10 @@ from torch.utils.data import Subset
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop import loaders as data_loaders
-from derprop import guards, provenance, rundir, schedule
+from derprop import guards, paths, provenance, rundir, schedule
 from derprop.config import TrainConfig, eval_mode, resolved
 from derprop.configfile import dump_yaml
+from derprop.data import manifest_sha256
 from derprop.diagnostics import pseudo_label_diagnostics
 from derprop.distributed import (CpuSyncBatchNorm, all_reduce, barrier, check_gpu_run, configure_kernels, device_name,
                                  epoch_seed, gather_devices, native_bf16, peak_memory_mib, seed_all, setup_distributed)
@@ -69,7 +70,8 @@ class Trainer:
     ``best.pt``, ``pseudo_labels/`` and ``results.json`` into ``out_dir``.
 
     ``resume``: a checkpoint path (or ``True`` for ``out_dir/last.pt``); a
-    fresh run refuses a folder that holds a run unless ``overwrite``. The
+    fresh run refuses a folder that holds a run unless ``overwrite``, and a
+    resume a dataset that changed since the checkpoint unless ``new_data``. The
     folder's rules (lock, commit point, clean-up) are :mod:`derprop.rundir`'s.
     ``log_every``: iterations per progress line in ``out_dir/train.log`` (and on
     stdout when no tqdm bar is drawn; :mod:`derprop.progress`).
@@ -79,7 +81,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: str | os.PathLike | bool | None = None,
                  device: str | None = None, hook: Hook | None = None, progress: bool | None = None,
-                 log_every: int = DEFAULT_EVERY, overwrite: bool = False):
+                 log_every: int = DEFAULT_EVERY, overwrite: bool = False, new_data: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.hook = hook
@@ -90,12 +92,12 @@ class Trainer:
         devices, count = gather_devices(self.d)
         self.record = provenance.record(devices=devices, device_count=count, world_size=self.d.world_size,
                                         global_batch=cfg.optim.batch_size, per_process_batch=batch)
+        self.record["data_sha256"] = manifest_sha256(cfg.data.layout, cfg.data.root)  # a resume checks it
         self.fresh = resume is None or resume is False
         if self.d.is_main:  # folder problems come before the (slow) data and model
-            rundir.check_writable(self.out)
+            paths.check_writable(self.out)
             rundir.check_unlocked(self.out)
-            if self.fresh:
-                rundir.check_fresh(self.out, overwrite)
+            rundir.check_start(self.out, resume, overwrite)
         configure_kernels(self.d.device)
         if cfg.optim.amp == "fp16" and self.d.device.type != "cuda":
             raise ConfigError("optim.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
@@ -109,6 +111,8 @@ class Trainer:
                               if self.resume_path else None)
         self._changes = (rundir.resume_changes(self.resume_path, self._resume_state, resolved(cfg))
                          if self._resume_state is not None else {})
+        if self._resume_state is not None:
+            rundir.check_same_data(self.resume_path, self._resume_state, self.record["data_sha256"], new_data)
 
         seed_all(cfg.seed)
         self.data = data_loaders.build_training_data(cfg, self.d)

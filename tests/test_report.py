@@ -7,6 +7,7 @@ import json
 import pytest
 
 from derprop.report import cpu_findings, gpu_hours, matrix_results, train_step_rows
+from tests.fixtures import PAYLOAD, poisoned_results, render_myst, shows_as_text
 
 
 def test_a_full_run_replaces_a_check_run(tmp_path):
@@ -65,3 +66,13 @@ def test_paired_records_pair_each_network_seed_by_seed():
     assert full["row"] == "DerProp" and full["backprop"] == "42.00 ± 2.00"
     assert full["d_backprop"] == "+5.0 / -1.0 (mean +2.00)"  # seeds in order, not in the file's order
     assert paired_columns()[2].startswith("backprop=")
+
+
+def test_cpu_findings_show_what_the_files_hold_as_text(tmp_path):
+    findings = cpu_findings(poisoned_results(tmp_path) / "results")
+    for sentence in findings:
+        rendered = render_myst(sentence)
+        assert "<img" not in rendered and "<script" not in rendered and 'class="math' not in rendered, rendered
+    assert shows_as_text(render_myst(findings[0]).replace("<strong>not met</strong>", "not met"),
+                         PAYLOAD.replace("|", "").strip())
+    assert "the claim of at least 2 pp on every seed is **not met**" in findings[0]
