@@ -117,8 +117,9 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
-    """Peak extra memory of one call of ``step``, then (after a warm-up call) its median wall time."""
+def peak_mib(step: Callable[[], None], device: str) -> float:
+    """Peak memory of one call of ``step`` above what was held before it, MiB (CUDA: allocated; CPU: the rise
+    of the resident-size high-water mark)."""
     if device == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -133,6 +134,12 @@ def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
         base = psutil.Process().memory_info().rss
         step()
         peak = _peak_rss() - base
+    return max(peak, 0) / 2**20
+
+
+def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
+    """Peak extra memory of one call of ``step`` (:func:`peak_mib`), then (after a warm-up call) its median wall time."""
+    peak = peak_mib(step, device)
     step()
     times = []
     for _ in range(repeats):
@@ -141,11 +148,20 @@ def measure(step: Callable[[], None], device: str, repeats: int) -> dict:
         step()
         sync(device)
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_mib": max(peak, 0) / 2**20, "repeats": repeats}
+    return {"seconds": statistics.median(times), "peak_mib": peak, "repeats": repeats}
 
 
-def run_isolated(module: str, case: dict) -> dict:
-    """Run one case as ``python -m module --case JSON`` and return the JSON it prints last."""
+def run_isolated(module: str, case: dict, limit_gib: float | None = None) -> dict:
+    """Run one case as ``python -m module --case JSON`` and return the JSON it prints last.
+
+    ``limit_gib``: the process may hold at most this much data memory (``RLIMIT_DATA``: its allocations fail
+    beyond it, so a case too large for the machine cannot push other work out of memory); a case that hits
+    it returns ``{"error": "does not fit in N GiB", "limit_gib": N}``.
+    """
+    def limit() -> None:
+        cap = int(limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
     proc = subprocess.run(
         [sys.executable, "-m", module, "--case", json.dumps(case)],
         cwd=project_root(),
@@ -155,7 +171,10 @@ def run_isolated(module: str, case: dict) -> dict:
         capture_output=True,
         text=True,
         check=False,
+        preexec_fn=limit if limit_gib else None,
     )
+    if proc.returncode != 0 and limit_gib and ("can't allocate memory" in proc.stderr or "MemoryError" in proc.stderr):
+        return {"error": f"does not fit in {limit_gib:g} GiB", "limit_gib": limit_gib}
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark case {case} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

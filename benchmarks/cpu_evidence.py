@@ -162,13 +162,11 @@ def slug(name: str) -> str:
 def train_all(config: str, jobs: list[tuple[Path, list[str]]], n_jobs: int, threads: int | None) -> None:
     """Train every ``(run dir, overrides)`` without a ``results.json``; ``n_jobs`` processes at a time.
 
+    Each run is its own ``python -m derprop.train`` process (``--threads``): a benchmark's run is what that
+    command gives a user, and an unfinished one resumes from its ``last.pt``.
+
     A run that fails does not stop the others; RuntimeError names every failed run's log at the end."""
     todo = list(dict((d, o) for d, o in jobs if not (d / "results.json").is_file()).items())
-    if n_jobs <= 1:
-        for out, overrides in todo:
-            print(f"== {out.name}", file=sys.stderr, flush=True)
-            Trainer(load_config(config, overrides), out, resume=(out / "last.pt").is_file()).fit()
-        return
     running: list[tuple[Path, subprocess.Popen]] = []
     failed: list[Path] = []
     while todo or running:

@@ -68,12 +68,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
 from benchmarks.common import (RESULTS, device_slug, machine_info, measure, print_table, run_isolated, sync,
                                write_results)
+from derprop.distributed import native_bf16
 
 MODULE = "benchmarks.train_step"
 PROFILES = ("official", "paper")
@@ -127,10 +128,8 @@ GPU_BUDGET_GIB = 79.0        # an "80 GB" card has 80 GiB; about 1 GiB goes to t
 
 
 def amp_mode(device: str) -> str:
-    """The AMP the issue asks for: bf16 where the device supports it, else fp16 (CUDA, with GradScaler)."""
-    if device == "cuda" and not torch.cuda.is_bf16_supported():
-        return "fp16"
-    return "bf16"
+    """The AMP the issue asks for: bf16 where the device computes it natively, else fp16 (CUDA, with GradScaler)."""
+    return "bf16" if native_bf16(torch.device(device)) else "fp16"
 
 
 def overrides(case: dict) -> list[str]:
@@ -292,13 +291,8 @@ BACKWARD_NODE = "autograd::engine::evaluate_function: "
 
 
 def split_step(step: Callable[[], float], device: str) -> dict[str, Any]:
-    """One profiled step, its time split into :data:`SPLIT` by the package's ``record_function`` ranges.
-
-    Forward: each range's own time (nested ranges counted where they are, e.g. DLP inside the CutMix partner's
-    forward). Backward: each autograd node is charged to the range around the forward op that made it (the
-    profiler's sequence numbers link the two). ``other`` is the rest: CE/KL terms, pseudo-labels, the autograd
-    engine's bookkeeping. Shares are of the profiled step (eager code; a compiled model's backward is one node).
-    """
+    """One profiled step, its time split into :data:`SPLIT` by the package's ``record_function`` ranges
+    (:func:`split_events`)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -308,7 +302,20 @@ def split_step(step: Callable[[], float], device: str) -> dict[str, Any]:
         step()
         sync(device)
         wall_us = (time.perf_counter() - start) * 1e6
-    events = prof.events()
+    return split_events(prof.events(), wall_us, device)
+
+
+def split_events(events: Sequence[Any], wall_us: float, device: str) -> dict[str, Any]:
+    """The time of a profiled step split into :data:`SPLIT` by the package's ``record_function`` ranges.
+
+    Only the CPU-side events count: on CUDA the profiler also reports each range as a GPU user annotation of the
+    same name, which would count it twice; a CPU-side event's device time covers the kernels launched under it.
+    Forward: each range's own time (nested ranges counted where they are, e.g. DLP inside the CutMix partner's
+    forward). Backward: each autograd node is charged to the range around the forward op that made it (the
+    profiler's sequence numbers link the two). ``other`` is the rest: CE/KL terms, pseudo-labels, the autograd
+    engine's bookkeeping. Shares are of the profiled step (eager code; a compiled model's backward is one node).
+    """
+    events = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
 
     def took(e) -> float:
         return e.device_time_total if device == "cuda" else e.cpu_time_total

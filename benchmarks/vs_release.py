@@ -1,8 +1,15 @@
-"""DerProp's similarity block against the released code's, side by side on this machine.
+"""DerProp against the released code, side by side on this machine: the similarity block and the whole step.
 
     python -m benchmarks.vs_release --release DIR     # DIR: a checkout of the authors' release (GitHub
                                                       # ForawardStar/DerProp) that you fetched; needs einops
+    python -m benchmarks.vs_release --release DIR --parts memory   # one step's memory at crops up to 801
     python -m benchmarks.vs_release                   # no release given: says so in one line and stops
+
+Parts (``--parts``, default ``block step``): ``block``, the similarity block below; ``step``, the whole official
+training step of derprop in fp32 (``configs/voc_92.yaml``) and with the fast recipe (``configs/voc_92_fast.yaml``)
+against the release's, after a value check, timed at ``--step-crops`` (:mod:`benchmarks.release_step`); ``memory``,
+one step's peak memory of each side at ``--memory-sizes`` (up to crop 801, each process limited to ``--limit-gib``)
+and its scaling to one GPU. Each part replaces its own section of the results file and keeps the others.
 
 The release is **imported at run time** from ``DIR`` (its ``model/semseg/segmentation.py``, class ``Corr``:
 the two similarity heads, L̃, the similarity matrices of its loss and the region maps); nothing of it is
@@ -33,7 +40,7 @@ medians over the rounds. ``*-region`` rows time region propagation alone (the re
 similarity matrix, its region maps and its relabelling loop; derprop: :func:`~derprop.pseudo_labels.region_propagation`),
 per image.
 
-Goals (issue 20, on an idle CPU): derprop's block at least 1.5× the release's speed at crop 321 and at most 1/3
+Block goals (issue 20, on an idle CPU): derprop's block at least 1.5× the release's speed at crop 321 and at most 1/3
 of its peak memory at crop 801; region propagation per image no slower than the release's at 321.
 ``results/vs_release_<device>.json`` says met / not met.
 """
@@ -44,6 +51,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -452,6 +460,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grad-rtol", type=float, default=1e-4, help="heads' and features' gradients (relative norm)")
     parser.add_argument("--region-agree", type=float, default=0.999,
                         help="least fraction of pixels whose region-propagated label and confidence agree")
+    parser.add_argument("--parts", nargs="+", choices=("block", "step", "memory"), default=["block", "step"],
+                        help="block: the similarity block; step: the whole official step timed (benchmarks.release_step); "
+                             "memory: one step's peak memory at --memory-sizes (default: block step)")
+    parser.add_argument("--step-crops", type=int, nargs="+", default=[321], help="crops of the timed whole step")
+    parser.add_argument("--step-batch", type=int, default=2, help="B of the whole step: B labeled + B unlabeled")
+    parser.add_argument("--step-check-crop", type=int, default=321, help="crop of the whole step's value check")
+    parser.add_argument("--step-rtol", type=float, default=1e-4, help="the whole step's loss terms")
+    parser.add_argument("--step-grad-rtol", type=float, default=1e-4, help="the whole step's gradient (relative norm)")
+    parser.add_argument("--memory-sizes", nargs="+", default=["801x2", "321x2"], metavar="CROPxB",
+                        help="crop x B of the memory part; B >= 2 (the batch norm after the ASPP pooling branch "
+                             "needs two images); a smaller crop is scaled to 801 with the block part's rows")
+    parser.add_argument("--limit-gib", type=float, default=14.0,
+                        help="data memory one whole-step process may take; beyond it the row says it does not fit")
     parser.add_argument("--out", default=str(RESULTS / "vs_release_cpu.json"))
     parser.add_argument("--case", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -470,6 +491,31 @@ def main(argv: list[str] | None = None) -> dict:
           flush=True)
     base = {"release": str(Path(args.release).resolve()), "batch": args.batch, "classes": args.classes,
             "chunk": args.chunk, "threads": args.threads}
+    out = Path(args.out)
+    payload = json.loads(out.read_text()) if out.is_file() else {}  # the sections of parts not run are kept
+    commit = subprocess.run(["git", "-C", args.release, "rev-parse", "HEAD"], capture_output=True, text=True)
+    payload |= {"benchmark": "vs_release",
+                "release": {"dir": repo_path(args.release), "commit": commit.stdout.strip() or None,
+                            "imported": "model/semseg/segmentation.py (Corr, SegmentationNet), at run time"}}
+    command = "python -m benchmarks.vs_release " + " ".join(sys.argv[1:] if argv is None else argv)
+    if "block" in args.parts:
+        payload |= block_part(args, base) | {"command": command}
+    if {"step", "memory"} & set(args.parts):
+        from benchmarks import release_step
+
+        steps = {k: base[k] for k in ("release", "classes", "threads")}
+        if "step" in args.parts:
+            payload["step"] = release_step.steps_part(args, steps) | {"command": command}
+        if "memory" in args.parts:
+            payload["step_memory"] = (release_step.memory_part(args, steps, payload.get("rows", []))
+                                      | {"command": command})
+    payload = write_results(out, payload)
+    print(f"\nwrote {out}")
+    return payload
+
+
+def block_part(args: argparse.Namespace, base: dict) -> dict:
+    """The similarity block (module doc): checks, interleaved timing, goals; the results file's top-level keys."""
     started = time.time()
     checks = []
     for crop in args.crops:
@@ -507,18 +553,15 @@ def main(argv: list[str] | None = None) -> dict:
         state = {True: "met", False: "NOT met", None: "not measured"}[g["met"]]
         value = "-" if g["value"] is None else f"{g['value']:.3g}"
         print(f"  [{state:12s}] {g['goal']}: {value}")
-    payload = {
-        "benchmark": "vs_release",
+    return {
         "machine": machine_info("cpu"),
-        "release": {"dir": repo_path(args.release), "imported": "model/semseg/segmentation.py (Corr), at run time"},
         "memory": "rise of the resident-size high-water mark over one call, a fresh process per measurement",
-        "config": {k: v for k, v in vars(args).items() if k not in ("case", "out", "release")}
+        "config": {k: v for k, v in vars(args).items() if k in ("crops", "batch", "classes", "chunk", "impls", "rounds",
+                                                                   "repeats", "threads", "rtol", "grad_rtol",
+                                                                   "region_agree")}
                   | {"wall_s": time.time() - started},
         "check": checks, "rows": rows, "goals": judged,
     }
-    payload = write_results(args.out, payload)
-    print(f"\nwrote {args.out}")
-    return payload
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ from derprop import atomic, cli
 from derprop.data import SCENES_IN_PROGRESS as IN_PROGRESS
 from derprop.data import SCENES_MANIFEST as MANIFEST
 from derprop.data import DatasetError, derive_unlabeled, read_split, scenes_manifest
+from derprop.paths import check_writable
 
 FORMAT = 3  # bump when the generator's output changes for the same settings
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -90,6 +91,10 @@ DEFAULT_MAX_OBJECTS = 2
 FRACTIONS = ("1_32", "1_16", "1_8", "1_4")
 """Labeled fractions written by default (``--splits``): ``1_N`` labels the first ``num_train // N`` scenes;
 by default only those that label at least one scene (1_32 needs 32 training scenes)."""
+MIN_SIZE, MAX_SIZE = 32, 1024
+"""The scene sides allowed: a scene is rendered in memory as float arrays of ``size²`` pixels."""
+BYTES_PER_PIXEL, BYTES_PER_SCENE = 1, 8192
+"""A generous estimate of a scene's size on disk: its JPEG and PNG, and the blocks two small files take."""
 NEW_TREE = ".scenes-new"  # under the root: the tree being generated, swapped in once complete
 OLD_TREE = ".scenes-old"  # under the root: the previous tree while the new one is swapped in
 TREE = ("JPEGImages", "SegmentationClass", "ImageSets", "splits")  # what the generator owns in a root, with the manifest
@@ -419,8 +424,10 @@ def generate(
         splits = tuple(f for f in FRACTIONS if num_train >= split_denominator(f))
     splits = tuple(sorted(dict.fromkeys(splits), key=split_denominator, reverse=True))
     largest = max(map(split_denominator, splits), default=0)
-    if size < 32 or num_val < 1 or not splits or num_train < largest:
-        raise DatasetError(f"need --size >= 32, --num-val >= 1, at least one split, and --num-train >= {largest} "
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise DatasetError(f"--size must be {MIN_SIZE} to {MAX_SIZE} pixels, got {size}")
+    if num_val < 1 or not splits or num_train < largest:
+        raise DatasetError(f"need --num-val >= 1, at least one split, and --num-train >= {largest} "
                            "(so that the smallest labeled fraction is at least one image)")
     if not 0 < object_size[0] <= object_size[1] <= 1:
         raise DatasetError(f"--object-size needs 0 < LO <= HI <= 1, got {list(object_size)}")
@@ -445,12 +452,42 @@ def generate(
             f"{root} already holds a JPEGImages/ that this generator did not make (no {MANIFEST}); "
             "choose an empty --root for the scenes"
         )
+    check_writable(root, "--root")
+    check_space(root, num_train + num_val, size)
     # The new tree is made beside the old one, which stays usable until the swap at the end.
     new = root / NEW_TREE
     shutil.rmtree(new, ignore_errors=True)  # what an interrupted run left
     new.mkdir(parents=True)
+    try:
+        manifest = _make_tree(new, glyphs, wanted, splits, workers or min(4, os.cpu_count() or 1), progress)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # a failed or interrupted run leaves the root as it was
+        raise
+    swap_in(root, new)
+    if progress:
+        print(f"wrote {num_train} + {num_val} scenes of {size}×{size} from {glyphs.name} to {root} "
+              f"in {manifest['seconds']} s")  # fmt: skip
+    return manifest
+
+
+def check_space(root: Path, scenes: int, size: int) -> None:
+    """Refuse, before any scene is made, a tree that would not fit on the disk of ``root``
+    (:data:`BYTES_PER_PIXEL` per pixel and :data:`BYTES_PER_SCENE` per scene, the old tree kept until the swap)."""
+    need = scenes * (size * size * BYTES_PER_PIXEL + BYTES_PER_SCENE)
+    folder = next(p for p in (root, *root.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise DatasetError(f"{scenes} scenes of {size}×{size} need about {need / 1e6:,.0f} MB under {root}, and "
+                           f"{free / 1e6:,.0f} MB are free there; lower --num-train/--num-val/--size or choose "
+                           "another --root")
+
+
+def _make_tree(new: Path, glyphs: Glyphs, wanted: dict, splits: tuple[str, ...], workers: int,
+               progress: bool) -> dict:
+    """Every file of the tree ``wanted`` in ``new``, the manifest last; returns the manifest."""
+    seed, num_train, num_val = wanted["seed"], wanted["num_train"], wanted["num_val"]
     start = time.perf_counter()
-    files = _render_all(new, glyphs, wanted, workers or min(4, os.cpu_count() or 1), progress)
+    files = _render_all(new, glyphs, wanted, workers, progress)
     train = [(f"JPEGImages/train_{i:05d}.jpg", f"SegmentationClass/train_{i:05d}.png") for i in range(num_train)]
     val = [(f"JPEGImages/val_{i:05d}.jpg", f"SegmentationClass/val_{i:05d}.png") for i in range(num_val)]
     order = np.random.default_rng([seed, 2]).permutation(num_train)  # nested labeled subsets: 1/32 ⊂ 1/16 ⊂ 1/8 ⊂ 1/4
@@ -474,10 +511,6 @@ def generate(
         "files": dict(sorted(files.items())),
     }
     atomic.write_text(new / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    swap_in(root, new)
-    if progress:
-        print(f"wrote {num_train} + {num_val} scenes of {size}×{size} from {glyphs.name} to {root} "
-              f"in {manifest['seconds']} s")  # fmt: skip
     return manifest
 
 
@@ -568,7 +601,7 @@ def _int_list(values: list[str]) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = cli.parser("data_prep.scenes", __doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, required=True, help="output folder (VOC layout)")
-    parser.add_argument("--size", type=int, default=64, help="scene side in pixels (default 64)")
+    parser.add_argument("--size", type=int, default=64, help=f"scene side in pixels, {MIN_SIZE} to {MAX_SIZE} (default 64)")
     parser.add_argument("--num-train", type=int, default=2000, help="training scenes (default 2000)")
     parser.add_argument("--num-val", type=int, default=300, help="validation scenes (default 300)")
     parser.add_argument("--seed", type=int, default=0)

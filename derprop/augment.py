@@ -126,8 +126,9 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def sample_seed(seed: int, epoch: int, index: int, stream: int) -> int:
-    """A 63-bit seed for one sample of one epoch (``stream`` separates labeled/unlabeled/mix)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + stream)
+    """A 63-bit seed for one sample of one epoch (``stream`` separates labeled/unlabeled/mix); any run seed of
+    the config (up to 2**63 - 1) fits the generator's 64 bits."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + stream) % 2**64)
     return (int(torch.randint(0, 2**62, (1,), generator=g)) + index * 0x9E3779B97F4A7C15) % (2**63 - 1)
 
 

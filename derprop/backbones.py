@@ -64,7 +64,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from derprop.checkpoint import WRAPPER_PREFIXES, strip_prefixes
+from derprop.checkpoint import WRAPPER_PREFIXES, refused_code, strip_prefixes
 from derprop.errors import DerPropError
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,8 @@ def read_checkpoint_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's message is many lines about loading unsafely: not a way out here
-        raise PretrainedWeightsError(f"not a checkpoint that loads safely ({type(exc).__name__})") from exc
+        raise PretrainedWeightsError(refused_code(exc) or f"not a checkpoint that loads safely ({type(exc).__name__})"
+                                     ) from exc
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]

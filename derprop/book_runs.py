@@ -180,7 +180,8 @@ def book_run(size: str, name: str, extra: Sequence[str] = (), *, progress: bool 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m derprop.book_runs [SIZE]``: train (or load) the warm start, then the runs of :data:`TRAINING_RUNS`
-    at ``SIZE``, side by side in ``--jobs`` processes of one thread each."""
+    at ``SIZE``, side by side in ``--jobs`` processes of one thread each, which end with it (Ctrl-C, a stop
+    signal, or a kill -9)."""
 
     ap = cli.parser("derprop.book_runs", main.__doc__)
     ap.add_argument("size", nargs="?", default="small", choices=list(BOOK_RUNS))
@@ -195,7 +196,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"run the same command again to go on"))
 
 
+def check_project(size: str) -> Path:
+    """The project folder (:func:`derprop.provenance.project_root`), checked before anything is written: a folder
+    holding the config of ``size``."""
+    root = project_root()
+    config = root / BOOK_RUNS[size]["config"]
+    if not root.is_dir():
+        raise DerPropError(f"project folder {root} {'is not a folder' if root.exists() else 'does not exist'}; "
+                           "pass --root with a checkout of derprop (the folder that holds configs/)")
+    if not config.is_file():
+        raise DerPropError(f"project folder {root} holds no {config.relative_to(root)}; pass --root with a checkout "
+                           "of derprop (the folder that holds configs/), where runs/ and data/ will go")
+    return root
+
+
 def _train_runs(args: argparse.Namespace) -> int:
+    check_project(args.size)
     runs = {label: run for label, run in TRAINING_RUNS.items() if args.only in (None, run[0])}
     if args.only is None:
         warm_start(args.size, progress=True)
@@ -204,16 +220,20 @@ def _train_runs(args: argparse.Namespace) -> int:
         codes: dict[str, int] = {}
         waiting = [run_id for run_id, _ in runs.values()]  # longest first: DerProp, then the cheaper runs
         running: dict[str, subprocess.Popen] = {}
-        while waiting or running:
-            while waiting and len(running) < args.jobs:
-                run_id = waiting.pop(0)
-                running[run_id] = subprocess.Popen(
-                    [sys.executable, "-m", "derprop.book_runs", args.size, "--only", run_id],
-                    cwd=project_root(), env={**os.environ, "OMP_NUM_THREADS": "1"})
-            time.sleep(0.5)
-            for run_id, proc in list(running.items()):
-                if proc.poll() is not None:
-                    codes[run_id] = running.pop(run_id).returncode
+        try:
+            while waiting or running:
+                while waiting and len(running) < args.jobs:
+                    run_id = waiting.pop(0)
+                    running[run_id] = subprocess.Popen(
+                        [sys.executable, "-m", "derprop.book_runs", args.size, "--only", run_id],
+                        cwd=project_root(), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                        preexec_fn=cli.ends_with_parent())
+                time.sleep(0.5)
+                for run_id, proc in list(running.items()):
+                    if proc.poll() is not None:
+                        codes[run_id] = running.pop(run_id).returncode
+        finally:
+            cli.stop_children(running.values())  # Ctrl-C or a stop signal: each keeps its finished epochs
         failed = {run_id: rc for run_id, rc in codes.items() if rc != 0}
         if failed and set(failed.values()) == {cli.EXIT_ERROR}:
             return cli.EXIT_ERROR  # each printed its own error line

@@ -20,6 +20,7 @@ back by :func:`restore_training_state`, so its parts are named in one place.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any, Mapping
@@ -77,15 +78,36 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # zip/pickle/EOF errors all mean the same to the user
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or not a DerProp checkpoint ({type(err).__name__}: "
-            f"{_first_line(err)}); {fix}"
-        ) from err
+        reason = refused_code(err) or f"is truncated or not a DerProp checkpoint ({load_error(err)})"
+        raise CheckpointError(f"checkpoint {path} {reason}; {fix}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a DerProp checkpoint (no '{FORMAT}' tag); {fix}")
     if state.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {path} has version {state.get('version')}, this code reads version {VERSION}")
     return state
+
+
+WEIGHTS_ONLY_FAILED = "Weights only load failed"
+"""How ``torch.load(weights_only=True)`` starts the message of a file it refused: a hint about loading it unsafely,
+which is no way out here, so the messages of derprop say what happened in their own words."""
+
+
+def refused_code(err: BaseException) -> str | None:
+    """Our words for a ``torch.load(weights_only=True)`` that refused a file because its pickle names a class or a
+    function (code that loading would run); None for any other failure."""
+    if isinstance(err, pickle.UnpicklingError) and str(err).startswith(WEIGHTS_ONLY_FAILED) \
+            and "unsupported global" in str(err).lower():  # "Unsupported global: GLOBAL print", "unsupported GLOBAL posix.mkdir"
+        return ("holds pickled Python objects besides tensors and plain values (a class or a function: code that "
+                "loading would run), so it is not a DerProp checkpoint or state dict, and it was not loaded")
+    return None
+
+
+def load_error(err: BaseException) -> str:
+    """A failed ``torch.load`` in a few words: the exception's kind, and its first line unless that is torch's
+    hint about loading unsafely."""
+    if str(err).startswith(WEIGHTS_ONLY_FAILED):
+        return type(err).__name__
+    return f"{type(err).__name__}: {_first_line(err)}"
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> tuple[str, float] | None:
@@ -124,7 +146,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        # a box with fewer GPUs than the saving one restores those it has; the others' states are of no use here
+        # (and the trainer re-seeds every device at the start of each epoch, distributed.epoch_seed)
+        for index, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), index)
 
 
 def training_state(parts: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,10 +170,24 @@ def restore_training_state(state: Mapping[str, Any], parts: Mapping[str, Any], p
                 if state.get(name) is None:
                     raise KeyError(name)
                 part.load_state_dict(state[name])
+                if isinstance(part, torch.optim.Optimizer):
+                    check_optimizer_state(part)
         set_rng_state(state["rng"])
     except (KeyError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this config ({type(err).__name__}: {err}); "
+        detail = " ".join(str(err).split())  # load_state_dict's text spans lines
+        raise CheckpointError(f"checkpoint {path} does not fit this config ({type(err).__name__}: {detail[:300]}); "
                               "resume with the config it was written with") from err
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError when a loaded per-parameter state tensor (SGD's momentum buffer) has another shape than
+    its parameter: ``load_state_dict`` does not check, and the first step would fail inside SGD."""
+    for g, group in enumerate(optimizer.param_groups):
+        for n, param in enumerate(group["params"]):
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise ValueError(f"the optimizer's {key} of parameter {n} of group {g} has shape "
+                                     f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
 
 
 def strip_prefixes(sd: Mapping[str, Any], prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, Any]:

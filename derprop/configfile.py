@@ -9,7 +9,9 @@ values are parsed as YAML too. Every float notation reads as a number
 (``1e-3``, ``5E-3``, ``.5``; plain YAML 1.1 would read ``1e-3`` as a string).
 An unknown key raises :class:`~derprop.errors.ConfigError` naming the full dotted key and the keys
 allowed there; a bad value names the allowed values; a YAML syntax error is
-``<file>:<line>:<col>: <problem>`` (``override 'k=v'`` for an override).
+``<file>:<line>:<col>: <problem>`` (``override 'k=v'`` for an override). YAML aliases (``*name``) are
+refused, and so are a file above :data:`MAX_CONFIG_BYTES` and a ``base:`` chain deeper than :data:`MAX_BASE_DEPTH`
+bases: no config can grow past its text, and a value named in a message is cut (:func:`derprop.errors.shown`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,26 @@ from typing import Any, Mapping
 import yaml
 
 from derprop.config import PROFILES, SECTIONS, TrainConfig, check_choice, dataset_classes, flatten, resolved
-from derprop.errors import ConfigError
+from derprop.errors import ConfigError, shown
+from derprop.paths import resolve
+
+
+MAX_CONFIG_BYTES = 1_000_000
+"""The largest config file read (the project's are about 1 kB)."""
+MAX_BASE_DEPTH = 16
+"""The most bases a config's ``base:`` chain follows (the project's follow one)."""
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads every float notation (``1e-3`` too) as a float, as YAML 1.2 does."""
+    """SafeLoader that reads every float notation (``1e-3`` too) as a float, as YAML 1.2 does, and refuses aliases
+    (``*name``): each one copies a whole value, so a few nested ones make a file of a kilobyte gigabytes big."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"an alias (*{event.anchor}) repeats a value; configs "
+                                              "take no aliases: write the value out", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -57,15 +74,21 @@ def read_yaml(text: str, source: str, col_offset: int = 0) -> Any:
 
 def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML file merged over its ``base:`` chain (bases are relative to the file)."""
-    path = path.resolve()
+    path = resolve(path, "config")
     what = f"config {path}" + (f" (the base of {seen[-1]})" if seen else "")
     if path in seen:
         raise ConfigError(f"config {path} inherits from itself (base chain {[str(p) for p in seen]})")
+    if len(seen) > MAX_BASE_DEPTH:
+        raise ConfigError(f"config {seen[0]}: its base: chain goes more than {MAX_BASE_DEPTH} bases deep (to {path}); "
+                          "inherit from fewer files")
     if path.is_dir():
         example = next((p.name for p in sorted(path.glob("*.yaml"))), "cpu_scenes.yaml")
         raise ConfigError(f"{what} is a folder; name a YAML file, e.g. {path / example}")
     if not path.is_file():
         raise ConfigError(f"{what} does not exist")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} is {path.stat().st_size:,} bytes, more than a config's {MAX_CONFIG_BYTES:,}; "
+                          "name a YAML config file")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -81,7 +104,7 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         return raw
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"config {path}: 'base' must name another config file (relative to this one), "
-                          f"e.g. base: voc.yaml; got {base!r}")
+                          f"e.g. base: voc.yaml; got {shown(base)}")
     parent = _load_yaml((path.parent / base), seen + (path,))
     return _merge(parent, raw)
 
@@ -114,7 +137,7 @@ def _user_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A config file's nested dict → ``{dotted key: value}`` (:func:`~derprop.config.flatten`), every key checked."""
     for k, v in raw.items():
         if k in SECTIONS and v is not None and not isinstance(v, Mapping):
-            raise ConfigError(f"config section {k!r} must be a mapping of keys, got {v!r}")
+            raise ConfigError(f"config section {k!r} must be a mapping of keys, got {shown(v)}")
     flat = flatten({k: v for k, v in raw.items() if not (k in SECTIONS and v is None)})
     for key in flat:
         _check_key(key)
@@ -151,6 +174,13 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def given_keys(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys that a config file (its ``base:`` chain included) and ``overrides`` set themselves: what
+    makes a run that config, as opposed to the profile's and the defaults' values."""
+    keys = set(_user_keys(_load_yaml(Path(path)))) if path is not None else set()
+    return keys | {parse_override(text)[0] for text in overrides}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -213,29 +243,29 @@ def _coerce(key: str, tp: Any, v: Any) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(v, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be a list, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be a list, got {shown(v)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(key, args[0], x) for x in v)
         if len(v) != len(args):
-            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, got {shown(v)}")
         return tuple(_coerce(key, a, x) for a, x in zip(args, v))
     if tp is bool:
         if not isinstance(v, bool):
-            raise ConfigError(f"config key '{key}' must be true or false, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be true or false, got {shown(v)}")
         return v
     if tp is int:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ConfigError(f"config key '{key}' must be an integer, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be an integer, got {shown(v)}")
         return v
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ConfigError(f"config key '{key}' must be a number, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be a number, got {shown(v)}")
         return float(v)
     if tp is str:
         if isinstance(v, int) and not isinstance(v, bool):
             return str(v)  # split: 92 (write '1_8' in quotes: YAML reads 1_8 as 18)
         if not isinstance(v, str):
-            raise ConfigError(f"config key '{key}' must be a string, got {v!r}")
+            raise ConfigError(f"config key '{key}' must be a string, got {shown(v)}")
         return v
     return v
 

@@ -22,6 +22,7 @@ indices, never their colours), with 255 = ignore. Every bad input raises
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Callable, Sequence
@@ -149,6 +150,33 @@ def scenes_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def manifest_sha256(name: str, root: str | Path) -> str | None:
+    """The sha256 of a scenes tree's manifest (which holds the hash of every file: the data a run trained on),
+    recorded in every checkpoint and ``results.json``; None for a tree without one (VOC, Cityscapes)."""
+    path = Path(root) / SCENES_MANIFEST
+    if name != "scenes" or not path.is_file():
+        return None
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def manifest_classes(root: str | Path) -> int | None:
+    """How many classes the scenes tree at ``root`` has, by its manifest; None without a readable one (the tree is
+    not made yet: training and evaluation then refuse it with :func:`scenes_manifest`'s message)."""
+    try:
+        names = json.loads((Path(root) / SCENES_MANIFEST).read_text(encoding="utf-8")).get("class_names")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return len(names) if isinstance(names, list) and len(names) >= 2 else None
+
+
+def fits_tree(tree_classes: int, model_classes: int, set_in_config: bool) -> bool:
+    """Whether a model of ``model_classes`` classes trains, or is evaluated, on a tree of ``tree_classes``: one
+    rule for both. The counts are equal, or the model has more because the config sets ``data.num_classes``
+    itself (a benchmark sizes the head as VOC's); the extra classes stay unused, and a label above the tree's
+    classes is still an error."""
+    return tree_classes == model_classes or (set_in_config and tree_classes < model_classes)
+
+
 def class_names(name: str, root: str | Path | None = None, items: Sequence[tuple[str, str]] = ()) -> tuple[str, ...]:
     """Class names of a dataset; for a scenes tree, those its manifest records (:func:`scenes_manifest`), after
     checking that the manifest lists every file of ``items`` (else it is stale: the tree changed after it)."""
@@ -203,7 +231,8 @@ def read_split(path: str | Path) -> list[tuple[str, str]]:
     """Read a split list: one ``<image path> <label path>`` pair a line, relative paths.
 
     Blank lines and a leading byte-order mark are skipped; any other line that is not exactly two
-    relative paths raises :class:`DatasetError` naming the file and line.
+    relative paths, or that lists an image a line above lists already (it would count twice), raises
+    :class:`DatasetError` naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
@@ -214,6 +243,7 @@ def read_split(path: str | Path) -> list[tuple[str, str]]:
         raise DatasetError(f"split list {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
                            "save it as UTF-8") from None
     items = []
+    seen: dict[str, int] = {}  # image → the line that lists it
     for n, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -228,6 +258,10 @@ def read_split(path: str | Path) -> list[tuple[str, str]]:
                 raise DatasetError(
                     f"{path}, line {n}: {field!r} must be a path relative to the dataset root, without '..'"
                 )
+        if fields[0] in seen:
+            raise DatasetError(f"{path}, line {n}: {fields[0]!r} is listed again (first on line {seen[fields[0]]}); "
+                               "an image is listed once: remove the repeated line")
+        seen[fields[0]] = n
         items.append((fields[0], fields[1]))
     if not items:
         raise DatasetError(f"split list {path} is empty")
@@ -274,6 +308,8 @@ def split_items(
 
 def _decoded(path: Path, what: str, fix: str) -> Image.Image:
     """``path`` opened and fully decoded, so that a truncated file fails here and not later."""
+    if path.is_dir():
+        raise DatasetError(f"{what} {path} is a folder; name a file in it. {fix}".strip())
     if not path.is_file():
         raise DatasetError(f"missing {what} {path}. {fix}".strip())
     try:
@@ -349,7 +385,9 @@ class SegmentationDataset(Dataset):
     through ``transforms(image, mask)``; the mask is int64 with 255 = ignore
     and has the image's size (checked). ``labeled=False``: items are a
     ``tv_tensors.Image``, passed through ``transforms(image)``; label paths
-    are not read. Images are uint8, ``3×H×W``.
+    are not read. Images are uint8, ``3×H×W``. A label's values must be below
+    ``label_classes`` (default ``num_classes``): a tree of fewer classes than
+    the model (:func:`fits_tree`) keeps its labels to its own classes.
     """
 
     def __init__(
@@ -362,6 +400,7 @@ class SegmentationDataset(Dataset):
         transforms: Callable | None = None,
         class_names: Sequence[str] | None = None,
         fix: str = "",
+        label_classes: int | None = None,
     ) -> None:
         self.root = Path(root)
         self.items = list(items)
@@ -369,6 +408,7 @@ class SegmentationDataset(Dataset):
         self.labeled = labeled
         self.transforms = transforms
         self.class_names = tuple(class_names) if class_names else default_class_names(num_classes)
+        self.label_classes = label_classes or num_classes
         self.fix = fix
         if not self.root.is_dir():
             raise DatasetError(f"dataset root {self.root} does not exist. {fix}".strip())
@@ -406,7 +446,7 @@ class SegmentationDataset(Dataset):
         image = read_image(self.root / image_rel, self.fix)
         if not self.labeled:
             return image, None
-        label = read_label(self.root / label_rel, self.num_classes, self.fix)
+        label = read_label(self.root / label_rel, self.label_classes, self.fix)
         if label.shape != image.shape[:2]:
             raise DatasetError(
                 f"label {self.root / label_rel} is {label.shape[1]}×{label.shape[0]} but its image "

@@ -5,10 +5,15 @@ are made with it; every chapter uses it. Plain Python and numpy (matplotlib only
 that draw), so that :mod:`derprop.viewer` can use it without loading torch.
 
 * :func:`table` turns records into a Markdown table. A notebook displays it as Markdown: in the built book
-  it is a real table (MyST parses it, so ``$...$`` maths and ``{eq}`` references work in cells), never
-  padded text that a narrow column clips.
+  it is a real table (MyST parses it, so ``$...$`` maths and ``{eq}`` references work in its headers and in
+  the cells a chapter marks as :class:`Markdown`), never padded text that a narrow column clips.
 * :func:`box` is an admonition of Markdown lines: the "What you saw" summary that ends a chapter, the
   findings on the start page.
+* Everything read from a file is shown as text, never as markup: a cell of :func:`table` is escaped
+  (:func:`escape_markdown`) unless the chapter wrote it as :class:`Markdown` or :func:`code`, and the
+  sentences of :func:`derprop.report.cpu_findings` and the captions of :func:`derprop.viewer.status`
+  escape the values they quote (:func:`escape_markdown`, :func:`escape_html`). A class name or a device name
+  such as ``<img src=x onerror=…>`` in a results file shows as those characters, and runs nothing.
 * :func:`book_style` sets matplotlib's fonts and sizes for figures that stay legible when a 1280 px wide
   browser scales them to the text column; :func:`colorize`, :func:`add_legend` and :data:`FIXED_RGB` /
   :data:`BROKEN_RGB` draw label maps with a class legend, and fixed / broken pixels in colours that no VOC
@@ -17,6 +22,8 @@ that draw), so that :mod:`derprop.viewer` can use it without loading torch.
 
 from __future__ import annotations
 
+import html
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -71,6 +78,33 @@ class Markdown:
         return self.text
 
 
+MARKDOWN_SPECIAL = frozenset("\\`*_{}[]<>$|~&!")
+"""The characters that start Markdown (and MyST) markup inside a line: emphasis, code, links and images,
+roles and substitutions, maths, table cells, raw HTML and entities."""
+
+
+def escape_markdown(value: Any) -> str:
+    """``str(value)`` as Markdown that shows exactly these characters (each of :data:`MARKDOWN_SPECIAL`
+    backslash-escaped, line breaks made spaces): for text read from a file."""
+    return "".join(f"\\{c}" if c in MARKDOWN_SPECIAL else " " if c in "\r\n" else c for c in str(value))
+
+
+def escape_html(value: Any) -> str:
+    """``str(value)`` as HTML text (``& < > " '`` as entities): for text read from a file."""
+    return html.escape(str(value), quote=True)
+
+
+def code(*values: Any, sep: str = " ") -> Markdown:
+    """Each value as inline code (a config key, a setting), whatever characters it holds, joined by ``sep``."""
+    spans = []
+    for value in values:
+        text = str(value).replace("\r", " ").replace("\n", " ")
+        fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+        pad = " " if text.startswith("`") or text.endswith("`") else ""
+        spans.append(f"{fence}{pad}{text}{pad}{fence}")
+    return Markdown(sep.join(spans))
+
+
 def _cell(value: Any, fmt: str | None) -> str:
     if value is None:
         return "–"
@@ -78,7 +112,9 @@ def _cell(value: Any, fmt: str | None) -> str:
         return format(value, fmt)
     if isinstance(value, (float, np.floating)):
         return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    if isinstance(value, Markdown):
+        return value.text.replace("|", "\\|").replace("\n", " ")
+    return escape_markdown(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -90,7 +126,9 @@ def table(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], column
     """A Markdown table of ``records`` (dicts, or sequences in the order of ``columns``).
 
     ``columns`` picks and orders the keys of dict records (all keys, in first-seen order, by default) and
-    names the columns; a header may differ from its key as ``"key=header"``. ``fmt`` is a format spec for
+    names the columns; a header may differ from its key as ``"key=header"`` (Markdown: ``$...$`` works). A
+    text cell shows its characters as they are (:func:`escape_markdown`); a :class:`Markdown` cell (or
+    :func:`code`) is the chapter's own Markdown. ``fmt`` is a format spec for
     numbers, one for all or per key (``{"miou": ".1%"}``); ``None`` cells show "–". Numeric columns are
     right-aligned. ``transpose`` turns columns into rows, for records with many fields (one column per
     record). With a ``caption`` the table is a numbered MyST ``{table}``.
@@ -99,7 +137,7 @@ def table(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], column
         columns = list(dict.fromkeys(k for r in records for k in r)) if records and isinstance(records[0], Mapping) \
             else []
     keys = [c.split("=", 1)[0] for c in columns]
-    heads = [_cell(c.split("=", 1)[-1], None) for c in columns]
+    heads = [_cell(Markdown(c.split("=", 1)[-1]), None) for c in columns]
     rows = [[r.get(k) for k in keys] if isinstance(r, Mapping) else list(r) for r in records]
     fmts = [fmt.get(k) if isinstance(fmt, Mapping) else fmt for k in keys]
     cells = [heads] + [[_cell(v, f) for v, f in zip(row, fmts)] for row in rows]
@@ -147,7 +185,8 @@ def add_legend(fig: Any, colours: Mapping[str, Sequence[int]], *, ncol: int | No
     """
     from matplotlib.patches import Patch
 
-    handles = [Patch(facecolor=np.asarray(rgb) / 255, edgecolor="0.4", label=name) for name, rgb in colours.items()]
+    handles = [Patch(facecolor=np.asarray(rgb) / 255, edgecolor="0.4", label=str(name).replace("$", r"\$"))
+               for name, rgb in colours.items()]  # a class name is text, never maths
     return fig.legend(handles=handles, loc="outside lower center", ncol=ncol or min(len(handles), 6), title=title,
                       frameon=False, fontsize=fontsize)
 

@@ -16,3 +16,13 @@ class DerPropError(Exception):
 
 class ConfigError(DerPropError, ValueError):
     """A config file, key, value or command-line setting that cannot be used; the message names it."""
+
+
+SHOWN = 120
+"""The most characters of a value that a message shows (:func:`shown`)."""
+
+
+def shown(value: object, limit: int = SHOWN) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters: a value read from a file may be huge."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text):,} characters)"

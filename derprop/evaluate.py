@@ -34,7 +34,11 @@ or a bare state dict) and ``"config"`` whose ``"model"`` section holds
 Both weight sets are evaluated when present. A relative ``data.root`` is
 resolved as training resolved it (the checkpoint's ``data_root``), else
 against the current folder; the CLI says which root it used. A checkpoint
-whose ``num_classes`` differs from the dataset's is refused. The CLI exits
+whose ``num_classes`` differs from the dataset's is refused. ``--out`` is checked
+before the checkpoint is read (:func:`derprop.paths.check_output`, the guard
+``derprop.predict`` shares): a ``.json`` file that is no input, lies in no dataset
+tree, replaces only an earlier ``--out`` of evaluate (never a checkpoint or a run's
+``results.json``) and can be written. The CLI exits
 with status 2 and a one-line ``error:`` message on a bad checkpoint, dataset
 or config, or an output file it cannot write.
 """
@@ -42,6 +46,7 @@ or config, or an output file it cannot write.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -55,9 +60,10 @@ from torch import Tensor, nn
 
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
-from derprop import cli
+from derprop import cli, paths
 from derprop import data as data_io
 from derprop.config import EVAL_MODES, RELEASE_CROP, eval_crop_size
+from derprop import distributed
 from derprop.distributed import pick_device
 from derprop.labels import IGNORE_INDEX, default_class_names
 from derprop.metrics import ConfusionMatrix
@@ -249,7 +255,7 @@ def evaluate(
             model.train()
     if all_reduce:
         cm.reduce_()
-        n = _sum_over_ranks(n, device)
+        n = int(distributed.all_reduce(torch.tensor([n]), "sum"))
     iou = cm.iou_per_class().tolist()
     return {
         "miou": cm.miou(),
@@ -261,17 +267,6 @@ def evaluate(
         "num_images": n,
         "num_classes": num_classes,
     }
-
-
-def _sum_over_ranks(n: int, device: torch.device) -> int:
-    """``n`` summed over the DDP ranks (``n`` itself without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return n
-    total = torch.tensor([n], device=device)
-    dist.all_reduce(total)
-    return int(total.item())
 
 
 def _safe_len(data: Any, limit: int | None) -> int | None:
@@ -321,8 +316,10 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
     comes from the dataset named by ``data_cfg["layout"]`` via
     :meth:`derprop.data.SegmentationDataset.from_split` (``split="val"``: its
     val list; another split name: that labeled subset). The classes are the
-    tree's (:func:`derprop.data.class_names`: a scenes tree's manifest), else
-    ``data_cfg["num_classes"]``, else the argument (the model's), else the layout's.
+    tree's (:func:`derprop.data.class_names`: a scenes tree's manifest; more when
+    ``data_cfg["num_classes"]`` says so, :func:`derprop.data.fits_tree`, with the labels
+    still kept to the tree's), else ``data_cfg["num_classes"]``, else the argument (the
+    model's), else the layout's.
     """
     root = Path(root if root is not None else data_cfg.get("root") or ".")
     layout = data_cfg.get("layout")
@@ -335,18 +332,27 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
                 f"no list file for split {split!r}: the data config has no val_list and layout {layout!r} is not "
                 f"one of {sorted(data_io.DATASETS)}; pass --val-list FILE"
             )
-        return data_io.SegmentationDataset.from_split(
-            layout, root, None if split == "val" else split, "val" if split == "val" else "labeled")
-    p = Path(list_file)
-    if not p.is_file() and (root / p).is_file():
-        p = root / p
-    items = data_io.read_split(p)
+        items = data_io.split_items(layout, None if split == "val" else split, "val" if split == "val" else "labeled",
+                                    root)
+    else:
+        p = Path(list_file)
+        if not p.is_file() and (root / p).is_file():
+            p = root / p
+        items = data_io.read_split(p)
     names = data_io.class_names(layout, root, items) if spec is not None else None
-    n = len(names) if layout == "scenes" else int(data_cfg.get("num_classes") or num_classes or len(names or ()))
+    configured = int(data_cfg.get("num_classes") or 0)
+    if layout == "scenes":  # the tree's count, or a larger one its config set (training's rule, data.fits_tree)
+        n = configured if configured and data_io.fits_tree(len(names), configured, True) else len(names)
+    elif list_file is None:
+        n = len(names)
+    else:
+        n = configured or int(num_classes or len(names or ()))
     if n < 2:
         raise data_io.DatasetError("the number of classes is unknown: set data.num_classes")
     return data_io.SegmentationDataset(root, items, num_classes=n, labeled=True,
-                                       class_names=names if names and len(names) == n else None)
+                                       class_names=names if names and len(names) == n else None,
+                                       fix=data_io.fix_hint(layout, root) if spec is not None else "",
+                                       label_classes=len(names) if layout == "scenes" else None)
 
 
 def data_root(ckpt: Mapping[str, Any], given: str | os.PathLike | None) -> tuple[Path, str]:
@@ -393,8 +399,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.run(lambda: _evaluate_checkpoint(args))
 
 
+RESULTS_KEYS = ("checkpoint", "data_root", "epoch", "num_images", "results")
+"""The keys of the JSON that ``--out`` writes (:func:`is_results`)."""
+MAX_RESULTS_BYTES = 10_000_000
+"""An evaluation's JSON is a few kB; a larger file is something else."""
+
+
+def is_results(path: Path) -> bool:
+    """Whether ``path`` holds what ``--out`` writes: an earlier evaluation, which a new one may replace."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_RESULTS_BYTES))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and set(data) == set(RESULTS_KEYS)
+
+
 def _evaluate_checkpoint(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    if args.out:  # before the (slow) evaluation: never a checkpoint, a run's results.json or a dataset's file
+        inputs = {flag: Path(p) for flag, p in (("--checkpoint", args.checkpoint), ("--val-list", args.val_list)) if p}
+        paths.check_output(Path(args.out), "--out", command="evaluate", kind="evaluation results", suffix=".json",
+                           inputs=inputs, replaces=is_results)
     fix = "pass another file with --checkpoint"
     ckpt = ckpt_io.load(args.checkpoint, fix=fix)
     if "model" not in ckpt:
@@ -427,13 +453,8 @@ def _evaluate_checkpoint(args: argparse.Namespace) -> None:
         print(f"== {w} weights of {args.checkpoint} on {root} ==")
         print(format_iou_table(res, dataset.class_names))
     if args.out:
-        atomic.write_json(args.out, {
-            "checkpoint": os.fspath(args.checkpoint),
-            "data_root": str(root),
-            "epoch": ckpt.get("epoch"),
-            "num_images": next(iter(results.values()))["num_images"],
-            "results": results,
-        })
+        atomic.write_json(args.out, dict(zip(RESULTS_KEYS, (os.fspath(args.checkpoint), str(root), ckpt.get("epoch"),
+                                                            next(iter(results.values()))["num_images"], results))))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def diagnostic_set(cfg: TrainConfig, unlabeled: SegmentationDataset | None = Non
     n = min(cfg.data.diag_images, len(unlabeled))
     if not n:
         return None
-    diag = SegmentationDataset(cfg.data.root, unlabeled.items[:n], num_classes=cfg.model.num_classes, labeled=True)
+    diag = SegmentationDataset(cfg.data.root, unlabeled.items[:n], num_classes=cfg.model.num_classes, labeled=True,
+                               label_classes=unlabeled.label_classes)
     return None if diag.missing_files() else diag
 
 
@@ -125,12 +126,12 @@ def _dataset(cfg: TrainConfig, kind: str, labeled: bool, limit: int | None) -> S
     fix = data_io.fix_hint(c.layout, root)
     names = data_io.class_names(c.layout, root, items)  # a scenes tree: checked finished, its classes its own
     n = cfg.model.num_classes
-    if c.layout == "scenes" and len(names) > n:  # its labels would be out of range (fewer classes are only unused)
+    if c.layout == "scenes" and not data_io.fits_tree(len(names), n, c.num_classes is not None):  # evaluate's rule
         raise DatasetError(f"the scenes tree {root} has {len(names)} classes ({root / data_io.SCENES_MANIFEST}) but "
-                           f"the config trains {n} (data.num_classes); point data.root at a tree generated for this "
-                           f"config, or set data.num_classes={len(names)}")
+                           f"the config trains {n}; leave data.num_classes and model.num_classes out (a scenes tree's "
+                           "manifest gives the count), or point data.root at a tree generated for this config")
     ds = SegmentationDataset(root, items, num_classes=n, labeled=labeled,
-                             class_names=names if len(names) == n else None, fix=fix)
+                             class_names=names if len(names) == n else None, fix=fix, label_classes=len(names))
     missing = ds.missing_files()
     if missing:
         raise DatasetError(f"{len(missing)} file(s) named in the {kind} list are missing, first: {missing[0]}. {fix}")

@@ -21,11 +21,10 @@ The state is one int64 tensor, so the counts of several workers add up:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
+from derprop.distributed import all_reduce
 from derprop.labels import IGNORE_INDEX
 
 
@@ -86,15 +85,10 @@ class ConfusionMatrix:
         return float(self.mat.diag().sum().double() / total) if int(total) else float("nan")
 
     # ------------------------------------------------------------------ #
-    def reduce_(self, dist: Any = None) -> "ConfusionMatrix":
-        """Sum the counts over all DDP ranks (in place); no-op without an initialised process group.
-
-        ``dist`` defaults to :mod:`torch.distributed`. Under NCCL the matrix must be on the GPU.
-        """
-        if dist is None:
-            import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.mat)
+    def reduce_(self) -> "ConfusionMatrix":
+        """Sum the counts over all DDP ranks (in place; :func:`derprop.distributed.all_reduce`); no-op without an
+        initialised process group."""
+        self.mat = all_reduce(self.mat, "sum")
         return self
 
     def __repr__(self) -> str:

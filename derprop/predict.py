@@ -20,7 +20,8 @@ atomically.
 ``net, config = derprop.load_model("runs/x/best.pt")``.
 
 ``--out`` and ``--overlay`` must be ``.png`` files, neither an input (by path or inode) nor inside a
-dataset tree; they are checked before any work. Exit status 2 with one ``error:`` line for an unreadable
+dataset tree, and replace only a PNG; they are checked before any work (:func:`derprop.paths.check_output`, the
+guard ``derprop.evaluate --out`` shares). Exit status 2 with one ``error:`` line for an unreadable
 checkpoint or image, or such an output (:mod:`derprop.cli`).
 """
 
@@ -29,22 +30,20 @@ from __future__ import annotations
 import argparse
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from derprop import atomic, cli
+from derprop import atomic, cli, paths
 from derprop import checkpoint as ckpt_io
 from derprop.config import EVAL_MODES, RELEASE_CROP, eval_crop_size
-from derprop.data import dataset_tree_of, label_png_bytes, read_image
+from derprop.data import label_png_bytes, read_image
 from derprop.distributed import pick_device
-from derprop.errors import ConfigError
 from derprop.evaluate import logits_of, sliding_window_logits
 from derprop.labels import voc_palette
 from derprop.model import DerPropNet, build_model, model_config_of
-from derprop.rundir import check_writable
 
 WHICH = ("auto", "model", "momentum")
 PREDICT_MODES = tuple(m for m in EVAL_MODES if m != "center_crop")
@@ -104,21 +103,17 @@ def build_parser() -> cli.Parser:
     return ap
 
 
-def check_output(path: Path, flag: str, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is not a ``.png``, is a folder or an input, or lies in a dataset tree, before any work."""
-    if path.suffix.lower() != ".png":
-        raise ConfigError(f"{flag} {path}: predictions are PNG images; give the file a .png name")
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder; name a file in it, e.g. {path / 'a.png'}")
-    for given in inputs:
-        if path.resolve() == given.resolve() or (path.exists() and given.exists() and path.samefile(given)):
-            raise ConfigError(f"{flag} {path} is the input {given}; predict never overwrites its input: "
-                              "choose another file name")
-    tree = dataset_tree_of(path)
-    if tree is not None:
-        raise ConfigError(f"{flag} {path} lies in the dataset tree {tree}; predictions are never written into a "
-                          "dataset: choose a folder outside it")
-    check_writable(path.parent, flag)
+def is_png(path: Path) -> bool:
+    """Whether ``path`` starts like a PNG file: predict's own earlier output, which it may replace."""
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def check_output(path: Path, flag: str, inputs: Mapping[str, Path]) -> None:
+    """Refuse an output that is not a ``.png``, is a folder, an input or a file of another kind, or lies in a
+    dataset tree, before any work (:func:`derprop.paths.check_output`)."""
+    paths.check_output(path, flag, command="predict", kind="predictions", suffix=".png", inputs=inputs,
+                       replaces=is_png)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,9 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _predict(args: argparse.Namespace) -> None:
     out = Path(args.out)
     overlay = Path(args.overlay) if args.overlay else out.with_name(f"{out.stem}_overlay.png")
-    inputs = [Path(args.image), Path(args.checkpoint)]
+    inputs = {"--image": Path(args.image), "--checkpoint": Path(args.checkpoint)}
     check_output(out, "--out", inputs)
-    check_output(overlay, "--overlay", [*inputs, out])
+    check_output(overlay, "--overlay", {**inputs, "--out": out})
     net, config = load_model(args.checkpoint, which=args.which, device=pick_device(args.device))
     image = read_image(args.image, fix="pass --image with a readable RGB image")
     crop = args.crop_size or eval_crop_size(config)

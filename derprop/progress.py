@@ -31,6 +31,15 @@ from typing import Any, Mapping, Sequence
 DEFAULT_EVERY = 50
 TRAIN_LOG = "train.log"
 TENSORBOARD = "tensorboard"
+YEAR = 365 * 24 * 3600
+
+
+def eta_text(seconds: float) -> str:
+    """A remaining time as ``H:MM:SS`` (``N days, H:MM:SS``), or in years from 100 years on (a config with
+    ``optim.epochs=10**20`` has an ETA, too)."""
+    if seconds < 100 * YEAR:
+        return str(_dt.timedelta(seconds=round(seconds)))
+    return f"{seconds / YEAR:.3g} years"
 
 
 def summary_writer(log_dir: Path) -> Any:
@@ -87,10 +96,7 @@ class ProgressLog:
         rate = self._n / max(now - self._t, 1e-9)
         means = {k: v / self._n for k, v in self._sums.items()}
         line = self.format(global_step, means, lr, rate)
-        with open(self.out / TRAIN_LOG, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-        if self.echo:
-            print(line, flush=True)
+        self.note(line)
         if self._tb is not None:
             for k, v in means.items():
                 self._tb.add_scalar(f"train/{k}", v, global_step)
@@ -99,6 +105,15 @@ class ProgressLog:
             self._tb.flush()
         self._sums, self._n, self._t = {}, 0, now
         return line
+
+    def note(self, text: str) -> None:
+        """A line to ``train.log``, and to stdout when no bar is drawn: a progress line, an epoch's peak memory."""
+        if not self.enabled:
+            return
+        with open(self.out / TRAIN_LOG, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+        if self.echo:
+            print(text, flush=True)
 
     def validation(self, global_step: int, miou: Mapping[str, float], headline: float,
                    iou_per_class: Mapping[str, Sequence[float]], class_names: Sequence[str]) -> None:
@@ -125,7 +140,7 @@ class ProgressLog:
     def format(self, global_step: int, means: dict[str, float], lr: float, steps_per_s: float) -> str:
         """One progress line (see module doc)."""
         epoch = min((global_step - 1) // max(self.per_epoch, 1) + 1, self.epochs)
-        eta = _dt.timedelta(seconds=round((self.total - global_step) / max(steps_per_s, 1e-9)))
+        eta = eta_text((self.total - global_step) / max(steps_per_s, 1e-9))
         names = sorted(means, key=lambda k: k != "loss")  # the total first, then the terms as logged
         terms = " ".join(f"{k} {means[k]:.4g}" for k in names if k not in ("threshold", "mask_ratio"))
         return (f"epoch {epoch}/{self.epochs} it {global_step}/{self.total} "

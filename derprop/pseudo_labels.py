@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
 from derprop.config import MethodConfig
-from derprop.distributed import Dist
+from derprop.distributed import all_reduce
 from derprop.labels import IGNORE_INDEX
 from derprop.model import SegOutput
 from derprop.propagation import MODE_OF_FORM, official_similarity_factors, propagate
@@ -46,7 +45,7 @@ class Threshold:
         self.value = float(value if kind == "fixed" else init)
 
     @torch.no_grad()
-    def update(self, probs: Tensor, ignore: Tensor, d: Dist) -> None:
+    def update(self, probs: Tensor, ignore: Tensor) -> None:
         if self.kind != "ema":
             return
         conf, pred = probs.float().max(dim=1)
@@ -55,8 +54,7 @@ class Threshold:
         best = torch.full((c,), -1.0, device=probs.device)
         if bool(valid.any()):
             best.scatter_reduce_(0, pred[valid], conf[valid], reduce="amax", include_self=True)
-        if d.distributed:
-            dist.all_reduce(best, op=dist.ReduceOp.MAX)
+        best = all_reduce(best, "max")
         present = best >= 0
         if bool(present.any()):
             self.value = self.momentum * self.value + (1 - self.momentum) * float(best[present].mean())
@@ -155,7 +153,7 @@ class PseudoLabels:
 
 @torch.no_grad()
 def cutmix_pseudo_labels(p_w: Tensor, p_mix: Tensor, box: Tensor, ign: Tensor, ign_mix: Tensor,
-                         threshold: Threshold, d: Dist, *, consistent_targets: bool,
+                         threshold: Threshold, *, consistent_targets: bool,
                          features: tuple[Tensor, Tensor, tuple[int, int]] | None, samples: int,
                          op: str) -> PseudoLabels:
     """Pseudo-labels of the CutMixed strong view from the weak view's ``p_w`` and the partner's ``p_mix``.
@@ -171,7 +169,7 @@ def cutmix_pseudo_labels(p_w: Tensor, p_mix: Tensor, box: Tensor, ign: Tensor, i
     conf_c = torch.where(box, conf_mix, conf_w)
     ign_c = torch.where(box, ign_mix, ign)
     target = torch.where(box.unsqueeze(1), p_mix, p_w) if consistent_targets else p_w
-    threshold.update(p_w, ign if consistent_targets else ign_c, d)
+    threshold.update(p_w, ign if consistent_targets else ign_c)
     tau = threshold.value
     keep_c = (conf_c >= tau) & (ign_c != IGNORE_INDEX)
     keep_w = (conf_w >= tau) & (ign != IGNORE_INDEX)
@@ -261,7 +259,9 @@ def _half_range_threshold(maps: Tensor) -> Tensor:
 
     ``(m − lo) / r`` rounded is non-decreasing in ``m``, so ``maps ≥ t`` is bit for bit the thresholded
     min-max normalisation of CorrMatch without its two full-size passes (``+inf`` where no value passes).
-    Bisection over the bit patterns, which order non-negative floats as their values.
+    Bisection over the bit patterns, which order non-negative floats as their values; the number of halvings
+    that the widest row needs is read once, so the loop does not ask the device after every halving (on a GPU
+    each question is a host sync).
     """
     lo, hi = maps.amin(-1, keepdim=True), maps.amax(-1, keepdim=True)  # two passes: aminmax is 10× slower here
     span = (hi - lo).clamp_min(1e-12)
@@ -271,7 +271,7 @@ def _half_range_threshold(maps: Tensor) -> Tensor:
 
     below, above = lo.view(torch.int32).clone(), hi.view(torch.int32).clone()  # passes(lo) is False
     none = ~passes(hi)
-    while bool((above - below > 1).any()):
+    for _ in range(int((above - below).max()).bit_length()):  # a gap of g needs ⌈log2 g⌉ ≤ bit_length(g) halvings
         mid = below + (above - below) // 2
         up = passes(mid.view(torch.float32))
         above = torch.where(up, mid, above)

@@ -5,7 +5,7 @@ Explained in the book chapter *Full reproduction on a GPU*: ``pipelines/train.ip
 :func:`learning_curves` and the headline's :func:`iou_table`; ``python -m derprop.train`` prints
 :func:`iou_table` for every network and evaluation mode. That chapter's table reads the published summaries
 of matrix runs (:func:`matrix_results`) and estimates each run's GPU-hours from the train-step benchmark
-(:func:`train_step_rows`, :func:`gpu_hours`); the start page (*Start here*) states :func:`cpu_findings`.
+(:func:`train_step_rows`, :func:`gpu_hours`), for fp32 and the fast recipe (:func:`recipe_costs`); the start page (*Start here*) states :func:`cpu_findings`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from derprop.atomic import read_jsonl
+from derprop.config import TrainConfig
 from derprop.configfile import load_config
 from derprop.data import split_items
+from derprop.display import escape_markdown
 from derprop.evaluate import format_iou_table
 
 NOT_LOSS_TERMS = ("threshold", "mask_ratio", "time_s")
@@ -90,21 +92,31 @@ def train_step_rows(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """How a config runs its step, in the train-step benchmark's terms (``benchmarks.train_step`` rows):
+    ``amp``, ``channels_last`` and ``impl`` (``dense`` without ``method.chunk``, else ``tiled``)."""
+    return {"amp": cfg.optim.amp, "channels_last": cfg.optim.channels_last,
+            "impl": "dense" if cfg.method.chunk is None else "tiled"}
+
+
 def gpu_hours(config: str | os.PathLike, rows: list[dict[str, Any]], data_root: str | os.PathLike | None = None
               ) -> tuple[float, dict[str, Any]] | None:
-    """GPU-hours of one full run of ``config`` on one GPU, from the fastest measured step of its backbone at its
-    crop on a CUDA device (``rows`` of :func:`train_step_rows`), with that row; ``None`` without such a row.
+    """GPU-hours of one full run of ``config`` on one GPU, from the fastest step measured on a CUDA device for its
+    backbone at its crop with the config's own :func:`recipe` (fp32 or the fast recipe; a compiled step does not
+    count, training does not compile), with that row; ``None`` without such a row (``rows``: :func:`train_step_rows`).
 
     A step trains on one batch of labeled and one of unlabeled images (``images_per_s`` counts both), an epoch
     takes ``N_u // batch`` steps, so a run takes ``epochs · N_u · 2 / images_per_s`` seconds (data loading and
-    evaluation not counted). On ``n`` GPUs divide by about ``n``.
+    evaluation not counted): an estimate. On ``n`` GPUs divide by about ``n``.
     """
     on_gpu = [r for r in rows if r["device"] != "cpu"]
     if not on_gpu:
         return None
     cfg = load_config(config)
+    want = recipe(cfg)
     fits = [r for r in on_gpu if r.get("crop") == cfg.data.crop_size
-            and r.get("backbone", cfg.model.backbone) == cfg.model.backbone]
+            and r.get("backbone", cfg.model.backbone) == cfg.model.backbone and not r.get("compile")
+            and all(r.get(k) == v for k, v in want.items())]
     if not fits:
         return None
     best = max(fits, key=lambda r: r["images_per_s"])
@@ -112,10 +124,34 @@ def gpu_hours(config: str | os.PathLike, rows: list[dict[str, Any]], data_root: 
     return cfg.optim.epochs * n_u * 2 / best["images_per_s"] / 3600, best
 
 
+RECIPE_PAIRS = (("configs/voc_92.yaml", "configs/voc_92_fast.yaml"),
+                ("configs/cityscapes_186.yaml", "configs/cityscapes_186_fast.yaml"))
+"""Reproduction configs in fp32 and with the fast recipe (bf16 autocast, channels-last, tiled DLP)."""
+
+
+def recipe_costs(root: str | os.PathLike, rows: list[dict[str, Any]], data_root: str | os.PathLike | None = None
+                 ) -> list[dict[str, Any]]:
+    """Per config of :data:`RECIPE_PAIRS`: its :func:`recipe` and the estimated GPU-hours of one full run
+    (:func:`gpu_hours`; ``None`` where no CUDA step of that recipe was measured), with the step it came from."""
+    out = []
+    for pair in RECIPE_PAIRS:
+        for config in pair:
+            cfg = load_config(Path(root) / config)
+            cost = gpu_hours(Path(root) / config, rows, data_root)
+            used = cost[1] if cost else None
+            out.append({"config": config, **recipe(cfg), "chunk": cfg.method.chunk,
+                        "hours": cost[0] if cost else None,
+                        "source": None if used is None else
+                        f"{used['file']} ({used['device_name']}, {used['config']}, crop {used['crop']}: "
+                        f"{used['images_per_s']:.1f} images/s)"})
+    return out
+
+
 def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
     """What the CPU-scale runs found, in sentences with their numbers (Markdown), from ``cpu_evidence.json``
-    (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``), a sentence
-    saying which file is missing where one is; then, where ``dlp_regime.json`` exists, :func:`regime_findings`."""
+    (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``); a sentence
+    saying which file is missing where one is; then, where ``dlp_regime.json`` exists, :func:`regime_findings`.
+    Every value read from the files shows as text (:func:`_quote`)."""
     folder = Path(results_dir)
     out = []
     evidence = folder / "cpu_evidence.json"
@@ -123,18 +159,20 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         data = json.loads(evidence.read_text())
         claim = data.get("claim")
         if claim and claim.get("measured"):
-            per_net = {net: " / ".join(f"{100 * d:+.1f}" for d in per.values())
+            per_net = {net: " / ".join(_quote(100 * d if _is_number(d) else d, "+.1f") for d in per.values())
                        for net, per in claim["diff_per_seed"].items()}
+            margin = claim["margin"]
             out.append("DerProp against supervised training with the same momentum network, on held-out seeds "
-                       f"{', '.join(map(str, claim['seeds']))}: trained network {per_net.get('backprop', '–')} pp, "
+                       f"{', '.join(map(_quote, claim['seeds']))}: trained network {per_net.get('backprop', '–')} pp, "
                        f"momentum network {per_net.get('momentum', '–')} pp; the claim of at least "
-                       f"{100 * claim['margin']:.0f} pp on every seed is **{'met' if claim['met'] else 'not met'}**.")
+                       f"{_quote(100 * margin if _is_number(margin) else margin, '.0f')} pp on every seed is "
+                       f"**{'met' if claim['met'] is True else 'not met'}**.")
         full = data.get("summary", {}).get("full", {})
         if "pl_fixed_mean" in full:
-            out.append(f"At the last epoch DLP fixed {full['pl_fixed_mean']:,.0f} pseudo-label pixels and broke "
-                       f"{full['pl_broken_mean']:,.0f} (mean of {len(full.get('seeds', []))} seeds); a foreground "
-                       f"pixel took {full['attn_share_ratio_mean']:.2f}× the uniform share of its propagation "
-                       "weights from its own class.")
+            out.append(f"At the last epoch DLP fixed {_quote(full['pl_fixed_mean'], ',.0f')} pseudo-label pixels and "
+                       f"broke {_quote(full['pl_broken_mean'], ',.0f')} (mean of {len(full.get('seeds', []))} seeds); "
+                       f"a foreground pixel took {_quote(full['attn_share_ratio_mean'], '.2f')}× the uniform share of "
+                       "its propagation weights from its own class.")
     else:
         out.append("No CPU evidence yet: `python -m benchmarks.cpu_evidence` writes `results/cpu_evidence.json`.")
     dlp_map = folder / "dlp_map.json"
@@ -144,12 +182,12 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         share = (data.get("break_even_share") or {}).get("kappa")
         detail = (data.get("detail") or {}).get("break_even_share", {}).get("kappa")
         learned = data["families"]["kappa"][0]["own_share"] if data.get("families", {}).get("kappa") else None
-        out.append(f"With perfect (oracle) propagation weights DLP would fix {oracle['fixed']:,} and break "
-                   f"{oracle['broken']:,} pixels at η = 0.5; "
-                   + (f"it breaks even at an own-class share of {share:.2f}" if share is not None
+        out.append(f"With perfect (oracle) propagation weights DLP would fix {_quote(oracle['fixed'], ',')} and break "
+                   f"{_quote(oracle['broken'], ',')} pixels at η = 0.5; "
+                   + (f"it breaks even at an own-class share of {_quote(share, '.2f')}" if share is not None
                       else "no point of the κ family breaks even with the release's upsampling")
-                   + (f", and at {detail:.2f} with a detail-preserving one" if detail is not None else "")
-                   + (f"; the learned weights give {learned:.2f}." if learned is not None else "."))
+                   + (f", and at {_quote(detail, '.2f')} with a detail-preserving one" if detail is not None else "")
+                   + (f"; the learned weights give {_quote(learned, '.2f')}." if learned is not None else "."))
     else:
         out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
     regime = folder / "dlp_regime.json"
@@ -158,6 +196,16 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         out += regime_findings(json.loads(regime.read_text()), load("dlp_regime_plan.json"),
                                load("dlp_regime_miniature.json"), load("dlp_upsample_default.json"))
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _quote(value: Any, spec: str = "") -> str:
+    """A value read from a results file, for a Markdown sentence: a number formatted with ``spec``, anything
+    else as text that shows its characters (:func:`derprop.display.escape_markdown`)."""
+    return format(value, spec) if _is_number(value) else escape_markdown(value)
 
 
 MAP_FAMILIES = {"kappa": "κ bonus on the similarity logits", "alpha": "α mix with the oracle",

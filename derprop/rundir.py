@@ -17,15 +17,18 @@ has finished, ``results.json``. The rules that keep it consistent:
   :func:`truncate_logs` drops the rows of epochs after ``last.pt``'s, so a
   kill at any write leaves a folder that ``--resume`` completes exactly.
 - **Fresh start.** A new run refuses a folder that holds a checkpoint or
-  results (:func:`check_fresh`) unless told to overwrite it; then, and for
-  the leftovers of a run that never finished an epoch, every run file is
-  removed, ``train.log`` and ``tensorboard/`` too (:func:`clear_run_files`).
+  results, or files that no derprop run wrote (:func:`check_start`), unless
+  told to overwrite it; then, and for the leftovers of a run that never
+  finished an epoch, every file a run writes is removed, ``train.log`` and the
+  event files in ``tensorboard/`` too, and nothing else (:func:`clear_run_files`).
+  A run resumed from another folder's checkpoint starts in a folder of its own.
 - **Temporaries.** ``.<name>.*.tmp`` files left by a kill are removed on
   start and on resume (:func:`remove_stale_temporaries`).
 - **Resume.** A resumed run may change the settings of
   :data:`RESUME_MAY_CHANGE` (learning rate and schedule, where the data
   lives, how often to evaluate); :func:`config_changes` lists them, every other
-  difference is refused.
+  difference is refused, and so are a checkpoint with non-finite weights and
+  a dataset whose manifest changed since (:func:`check_same_data`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -43,7 +47,7 @@ from typing import Any
 
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
-from derprop.config import flatten
+from derprop.config import SECTIONS, flatten
 from derprop.errors import DerPropError
 from derprop.progress import TENSORBOARD, TRAIN_LOG
 
@@ -83,39 +87,69 @@ def resume_path(out: Path, resume: str | os.PathLike | bool | None) -> Path | No
                 if resume is True else "pass the last.pt of a run with --resume-from")
         raise ckpt_io.CheckpointError(f"cannot resume: checkpoint {path} does not exist; {hint}")
     return path
-def check_writable(out: Path, flag: str = "--out") -> None:
-    """Refuse an output folder (given by ``flag``) that cannot be written (probed in it, or its nearest existing
-    parent)."""
-    probe_dir = out
-    while not probe_dir.exists() and probe_dir != probe_dir.parent:
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise RunDirError(f"cannot use output folder {out}: {probe_dir} is not a folder; choose another {flag}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=atomic.TMP_SUFFIX, dir=probe_dir)
-        try:
-            os.write(fd, b"\0" * 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as err:
-        free = shutil.disk_usage(probe_dir).free / 1e6 if probe_dir.exists() else 0.0
-        raise RunDirError(
-            f"cannot write to output folder {out}: {err.strerror or err} in {probe_dir} ({free:.1f} MB free); "
-            f"choose another {flag} or fix its permissions"
-        ) from err
+def check_start(out: Path, resume: str | os.PathLike | bool | None, overwrite: bool) -> None:
+    """Refuse to start in ``out`` where that would replace what another run, or another program, keeps there.
 
-
-def check_fresh(out: Path, overwrite: bool) -> None:
-    """A new run refuses a folder holding a run's checkpoint or results, unless ``overwrite``."""
+    A fresh run (``resume`` None) refuses a folder holding a run's checkpoint or results, or files that no derprop
+    run wrote (:func:`foreign_files`), unless ``overwrite``. A run resumed from a checkpoint of another folder
+    refuses a folder holding a run, or such files, at all: it starts a run of its own."""
+    if resume is True:
+        return
     held = [name for name in ("results.json", "last.pt") if (out / name).is_file()]
-    if held and not overwrite:
-        what = "a finished run" if "results.json" in held else "an unfinished run"
+    what = "a finished run" if "results.json" in held else "an unfinished run"
+    if resume:
+        source = Path(resume)
+        if source.parent.resolve() == out.resolve():
+            return
+        if held or foreign_files(out):
+            kept = f"{what} ({held[0]})" if held else f"files of another program ({', '.join(foreign_files(out)[:3])})"
+            raise RunDirError(
+                f"output folder {out} already holds {kept}; --resume-from starts a run from {source} in a folder of "
+                f"its own: choose an empty --out{', or continue the run there with --resume' if held else ''}")
+        return
+    if overwrite:
+        return
+    if held:
         raise RunDirError(
             f"output folder {out} already holds {what} ({held[0]}); continue it with --resume, "
             "or start again with --overwrite (deletes its run files)"
         )
+    foreign = foreign_files(out)
+    if foreign:
+        raise RunDirError(
+            f"output folder {out} is not a derprop run folder and holds {len(foreign)} entries "
+            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}); choose an empty --out, or start there "
+            f"with --overwrite (deletes only the files a run writes: {', '.join(RUN_FILES)}, its {SNAPSHOTS}/ "
+            f"snapshots and {TENSORBOARD}/ event files)"
+        )
+
+
+BEFORE_THE_RUN = (LOCK, TRAIN_LOG, "train.ipynb")
+"""What a run folder may hold before its run writes ``config.yaml``: the lock, the log a launcher sends the run's
+output to (``benchmarks.cpu_evidence``), the notebook that papermill executes there (``pipelines/train.ipynb``)."""
+
+
+def foreign_files(out: Path) -> list[str]:
+    """The entries of ``out`` that show it is not a derprop run folder: none when it holds a derprop
+    ``config.yaml`` (every run writes one before its first step), else every entry but temporaries and
+    :data:`BEFORE_THE_RUN`."""
+    if not out.is_dir() or is_run_config(out / "config.yaml"):
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in BEFORE_THE_RUN and not p.name.endswith(atomic.TMP_SUFFIX))
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is the ``config.yaml`` a derprop run writes: a resolved config, whose top-level keys are
+    every section (read as text, not parsed: its first megabyte at most)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1_000_000)
+    except OSError:
+        return False
+    return set(SECTIONS) <= set(re.findall(r"^(\w+):", text, flags=re.M))
 
 
 def check_unlocked(out: Path) -> None:
@@ -242,14 +276,17 @@ def remove_stale_temporaries(out: Path) -> int:
 
 
 def clear_run_files(out: Path) -> None:
-    """Delete the files a run writes (not other files a user may keep there)."""
+    """Delete the files a run writes, and nothing else: other files a user keeps there stay, and so do the
+    folders of other runs under ``tensorboard/`` (a run writes its event files into ``tensorboard/`` itself)."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / TENSORBOARD, ignore_errors=True)
-    snaps = out / SNAPSHOTS
-    if snaps.is_dir():
-        for p in snaps.glob("epoch_*.npz"):
-            p.unlink()
+    for folder, pattern in ((out / TENSORBOARD, "events.out.tfevents.*"), (out / SNAPSHOTS, "epoch_*.npz")):
+        if folder.is_dir():
+            for p in folder.glob(pattern):
+                if p.is_file():
+                    p.unlink()
+    if (out / TENSORBOARD).is_dir() and not any((out / TENSORBOARD).iterdir()):
+        (out / TENSORBOARD).rmdir()
 
 
 def adopt(source: Path, out: Path) -> None:
@@ -345,6 +382,15 @@ def resume_changes(path: Path | None, state: dict[str, Any], now: dict[str, Any]
             f"checkpoint {path} holds a network's weights only (a best.pt), not the training state a resume needs; "
             f"resume from the run's last.pt (--resume-from {path.parent / 'last.pt'}), or start a new run from these "
             f"weights with optim.warm_start={path}")
+    for net in ("model", "momentum"):
+        weights = state.get(net)
+        weights = weights.get("model") if net == "momentum" and isinstance(weights, dict) else weights
+        bad = ckpt_io.first_non_finite(weights) if isinstance(weights, dict) else None
+        if bad is not None:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint {path} holds non-finite weights ({net} tensor {bad[0]} is {bad[1]}): no run can go on "
+                "from it; start again (--overwrite, with a lower optim.lr), or resume from a copy of an earlier "
+                "epoch")
     changed, refused = config_changes(state.get("config") or {}, now)
     if refused:
         raise ckpt_io.CheckpointError(
@@ -360,6 +406,18 @@ def resume_changes(path: Path | None, state: dict[str, Any], now: dict[str, Any]
     if changed:
         log.warning("resuming %s (epoch %d) with changed settings: %s", path, done, describe_changes(changed))
     return changed
+
+
+def check_same_data(path: Path, state: dict[str, Any], data_sha256: str | None, allow: bool) -> None:
+    """Refuse to resume checkpoint ``state`` (read from ``path``) on a dataset whose manifest differs from the
+    one it was trained on (``data_sha256``: the manifest's hash now), unless ``allow``."""
+    then = state.get("data_sha256")
+    if allow or then is None or data_sha256 is None or then == data_sha256:
+        return
+    raise ckpt_io.CheckpointError(
+        f"checkpoint {path} was trained on another dataset: its manifest had sha256 {then[:16]}…, the one of "
+        f"data.root has {data_sha256[:16]}… (the tree was regenerated or changed); resume with the tree it was "
+        "trained on, or pass --new-data to go on with this one")
 
 
 def best_needs_rewrite(out: Path, best_epoch: int | None, committed: int) -> bool:

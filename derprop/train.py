@@ -5,7 +5,7 @@ Explained in the book chapters *Training on a CPU* and *Full reproduction on a G
 ::
 
     python -m derprop.train --config configs/cpu_scenes.yaml [--out runs/NAME]
-        [--resume | --resume-from PATH | --overwrite] [--amp bf16|fp16]
+        [--resume | --resume-from PATH | --overwrite] [--new-data] [--amp bf16|fp16]
         [--channels-last] [--seed N] [--device cpu|cuda] [--threads N]
         [--log-every N] [key.sub=value ...]
 
@@ -17,7 +17,10 @@ file's stem). ``--resume`` continues from ``runs/NAME/last.pt``,
 ``--resume-from PATH`` from another checkpoint (into ``--out``); a resumed
 run may change the learning rate and schedule (``--resume optim.lr=1e-4``;
 the changes are printed). A fresh run refuses a folder that already holds a
-run; ``--overwrite`` deletes that run's files first. One process at a time
+run, or files that no derprop run wrote; ``--overwrite`` deletes the files a
+run writes first, and nothing else. ``--resume-from`` starts in a folder of
+its own. A resume refuses a dataset whose manifest changed since the
+checkpoint (both hashes named) unless ``--new-data``. One process at a time
 writes a run folder (its ``run.lock`` names the pid and host).
 ``--amp``, ``--channels-last`` and ``--seed`` are shorthands for the
 overrides ``optim.amp=…``, ``optim.channels_last=true`` and ``seed=…``.
@@ -32,8 +35,9 @@ what ran: processes, global and per-process batch, derprop version and commit.
 Exit status 2 with one ``error:`` line for a bad config (file:line:col for
 YAML syntax), dataset or checkpoint, an output folder that is in use, not
 writable or full, or a loss, gradient or weight that became NaN/inf
-(:mod:`derprop.cli`). Ctrl-C (exit status 130) keeps the last finished epoch
-and prints the command that resumes it.
+(:mod:`derprop.cli`). Ctrl-C (exit status 130), SIGTERM (143) and SIGHUP (129)
+keep the last finished epoch, release the folder's lock and print the command
+that resumes it, with every option the run was started with.
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ def build_parser() -> cli.Parser:
     start.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     start.add_argument("--resume-from", default=None, metavar="PATH", help="continue from the checkpoint PATH")
     start.add_argument("--overwrite", action="store_true",
-                       help="start again in a folder that holds a run (deletes that run's files)")
+                       help="start again in a folder that holds a run (deletes only the files a run writes)")
+    ap.add_argument("--new-data", action="store_true",
+                    help="resume although the dataset's manifest changed since the checkpoint (a regenerated tree)")
     ap.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="autocast dtype (CUDA)")
     ap.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
     ap.add_argument("--seed", type=int, default=None)
@@ -105,7 +111,7 @@ def _train(args: argparse.Namespace, overrides: list[str], out: list[Path]) -> N
     out.append(Path(args.out) if args.out else Path("runs") / (cfg.name or Path(args.config).stem))
     resume = args.resume_from or args.resume or None
     trainer = Trainer(cfg, out[0], resume=resume, device=args.device, log_every=args.log_every,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, new_data=args.new_data)
     results = trainer.fit()
     if trainer.d.is_main:
         for net, by_mode in results["final"].items():
@@ -125,9 +131,21 @@ def _interrupted(args: argparse.Namespace, overrides: list[str], out: list[Path]
         epoch = ckpt_io.load(out[0] / "last.pt").get("epoch")
     except ckpt_io.CheckpointError:
         return f"no epoch has finished in {out[0]}, so it holds nothing to resume; run the same command again"
-    again = shlex.join(["--config", args.config, "--out", str(out[0]), "--resume", *overrides])
+    again = shlex.join(resume_arguments(args, overrides, out[0]))
     return (f"epoch {epoch}, the last finished one, is kept in {out[0] / 'last.pt'}; continue it with "
             f"`{cli.prog_name('derprop.train')} {again}`")
+
+
+def resume_arguments(args: argparse.Namespace, overrides: list[str], out: Path) -> list[str]:
+    """The arguments that continue the run in ``out`` as it was started: every option given (the device, the
+    threads, which change the sums a CPU run makes, how often it logs, a dataset accepted as new) and every
+    override."""
+    options = ["--config", args.config, "--out", str(out), "--resume", *(["--new-data"] if args.new_data else [])]
+    for flag, value, default in (("--device", args.device, None), ("--threads", args.threads, None),
+                                 ("--log-every", args.log_every, DEFAULT_EVERY)):
+        if value != default:
+            options += [flag, str(value)]
+    return options + overrides
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ The run folder's rules are :mod:`derprop.rundir`'s, the data :mod:`derprop.loade
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.profiler import record_function
 from torch.utils.data import Subset
@@ -38,12 +38,13 @@ from torch.utils.data import Subset
 from derprop import atomic
 from derprop import checkpoint as ckpt_io
 from derprop import loaders as data_loaders
-from derprop import guards, provenance, rundir, schedule
+from derprop import guards, paths, provenance, rundir, schedule
 from derprop.config import TrainConfig, eval_mode, resolved
 from derprop.configfile import dump_yaml
+from derprop.data import manifest_sha256
 from derprop.diagnostics import pseudo_label_diagnostics
-from derprop.distributed import (CpuSyncBatchNorm, all_reduce_mean, deterministic_kernels, epoch_seed, gather_devices,
-                                 seed_all, setup_distributed)
+from derprop.distributed import (CpuSyncBatchNorm, all_reduce, barrier, check_gpu_run, configure_kernels, device_name,
+                                 epoch_seed, gather_devices, native_bf16, peak_memory_mib, seed_all, setup_distributed)
 from derprop.errors import ConfigError
 from derprop.evaluate import evaluate
 from derprop.model import DerPropNet, build_model
@@ -56,6 +57,12 @@ from derprop.pseudo_labels import (Threshold, blend, cutmix_pseudo_labels, dlp_o
 
 
 Hook = Callable[..., None]
+log = logging.getLogger(__name__)
+
+
+def host_values(values: dict[str, Tensor]) -> dict[str, float]:
+    """The step's logged tensors as floats, copied to the host in one go: one device sync per step, not one each."""
+    return dict(zip(values, torch.stack([v.detach().float() for v in values.values()]).tolist()))
 
 
 class Trainer:
@@ -63,7 +70,8 @@ class Trainer:
     ``best.pt``, ``pseudo_labels/`` and ``results.json`` into ``out_dir``.
 
     ``resume``: a checkpoint path (or ``True`` for ``out_dir/last.pt``); a
-    fresh run refuses a folder that holds a run unless ``overwrite``. The
+    fresh run refuses a folder that holds a run unless ``overwrite``, and a
+    resume a dataset that changed since the checkpoint unless ``new_data``. The
     folder's rules (lock, commit point, clean-up) are :mod:`derprop.rundir`'s.
     ``log_every``: iterations per progress line in ``out_dir/train.log`` (and on
     stdout when no tqdm bar is drawn; :mod:`derprop.progress`).
@@ -73,25 +81,29 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, out_dir: str | os.PathLike, *, resume: str | os.PathLike | bool | None = None,
                  device: str | None = None, hook: Hook | None = None, progress: bool | None = None,
-                 log_every: int = DEFAULT_EVERY, overwrite: bool = False):
+                 log_every: int = DEFAULT_EVERY, overwrite: bool = False, new_data: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.hook = hook
         self.log_every = log_every
+        check_gpu_run(cfg.data.layout, device)
         self.d = setup_distributed(device)
         batch = cfg.optim.per_process_batch(self.d.world_size)  # a batch that does not divide fails first
         devices, count = gather_devices(self.d)
         self.record = provenance.record(devices=devices, device_count=count, world_size=self.d.world_size,
                                         global_batch=cfg.optim.batch_size, per_process_batch=batch)
+        self.record["data_sha256"] = manifest_sha256(cfg.data.layout, cfg.data.root)  # a resume checks it
         self.fresh = resume is None or resume is False
         if self.d.is_main:  # folder problems come before the (slow) data and model
-            rundir.check_writable(self.out)
+            paths.check_writable(self.out)
             rundir.check_unlocked(self.out)
-            if self.fresh:
-                rundir.check_fresh(self.out, overwrite)
-        deterministic_kernels(self.d.device)
+            rundir.check_start(self.out, resume, overwrite)
+        configure_kernels(self.d.device)
         if cfg.optim.amp == "fp16" and self.d.device.type != "cuda":
             raise ConfigError("optim.amp=fp16 needs a CUDA device; use bf16 or none on CPU")
+        if cfg.optim.amp == "bf16" and not native_bf16(self.d.device):
+            log.warning("optim.amp=bf16 on %s, which has no native bf16: torch emulates it, slower than fp32; "
+                        "use optim.amp=fp16 or none", device_name(self.d.device))
         self.progress = (self.d.is_main and sys.stderr.isatty()) if progress is None else (progress and self.d.is_main)
         self.resume_path = rundir.resume_path(self.out, resume)
         # Reading a checkpoint comes first: a broken one must fail before anything is written.
@@ -99,6 +111,8 @@ class Trainer:
                               if self.resume_path else None)
         self._changes = (rundir.resume_changes(self.resume_path, self._resume_state, resolved(cfg))
                          if self._resume_state is not None else {})
+        if self._resume_state is not None:
+            rundir.check_same_data(self.resume_path, self._resume_state, self.record["data_sha256"], new_data)
 
         seed_all(cfg.seed)
         self.data = data_loaders.build_training_data(cfg, self.d)
@@ -197,7 +211,7 @@ class Trainer:
         with torch.no_grad():
             p_w = blend(pred_uw.detach(), prop_uw.detach() if prop_uw is not None else None, eta, m.blend_space)
             feats = weak_features(out_w, nb, m.dlp_temperature) if m.region_propagation else None
-            pl = cutmix_pseudo_labels(p_w, p_mix, box, ign, ign2, self.threshold, self.d, features=feats,
+            pl = cutmix_pseudo_labels(p_w, p_mix, box, ign, ign2, self.threshold, features=feats,
                                       consistent_targets=m.cutmix_consistent_targets, samples=m.region_samples, op=m.op)
 
         # 6. losses (eq. 7/8)
@@ -215,9 +229,8 @@ class Trainer:
                 terms["der_u"] = unlabeled_derivative_term(out_w, out_s, out_mix, nb, box,
                                                            consistent_targets=m.cutmix_consistent_targets,
                                                            options=self.der)
-        logs = {k: float(v.detach()) for k, v in terms.items()}
+        logs = host_values({**terms, "mask_ratio": pl.keep_w.sum() / pl.valid_w.sum().clamp_min(1)})
         logs["threshold"] = pl.tau
-        logs["mask_ratio"] = float(pl.keep_w.sum() / pl.valid_w.sum().clamp_min(1))
         return weighted_sum(terms, lc), logs
 
     def optimize(self, loss: Tensor, epoch: int, step: int) -> None:
@@ -253,7 +266,7 @@ class Trainer:
             with record_function("derprop.derivative_loss"):
                 terms["der_x"] = labeled_derivative_term(out, x.shape[0], y, label_resize=m.label_resize,
                                                          detached=m.labeled_der_detached, options=self.der)
-        logs = {k: float(v.detach()) for k, v in terms.items()}
+        logs = host_values(terms)
         logs["threshold"] = self.threshold.value
         logs["mask_ratio"] = 0.0
         return weighted_sum(terms, lc), logs
@@ -274,13 +287,13 @@ class Trainer:
                 loaders = data_loaders.loaders(self.data, cfg, d)
                 if self.start_epoch == 0 and d.is_main and self.data.diag_set is not None:
                     self._diagnostics(-1)  # the state training starts from: snapshot epoch_000
+                peak_memory_mib(d.device)  # each epoch's peak starts here
                 for epoch in range(self.start_epoch, cfg.optim.epochs):
                     started = time.time()
                     means, rows = self._train_steps(epoch, loaders)
                     self._end_epoch(epoch, means, rows, time.time() - started)
                 results = self._final_results(time.time() - t0)
-                if d.distributed:
-                    dist.barrier()
+                barrier()
             finally:
                 self.log.close()
         return results if d.is_main else {}
@@ -314,7 +327,7 @@ class Trainer:
             if step >= self.iters_per_epoch:
                 break
             loss, logs = self.train_step(batch, epoch)
-            value = float(all_reduce_mean(loss.detach().float(), d))
+            value = float(all_reduce(loss.detach().float(), "mean"))
             guards.check_loss(value, self.out, epoch, step, self.global_step)
             self.optimize(loss, epoch, step)
             logs["loss"] = value
@@ -329,7 +342,7 @@ class Trainer:
         means = {k: v / max(len(rows), 1) for k, v in sums.items()}
         if d.distributed:
             keys = sorted(means)
-            t = all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64), d)
+            t = all_reduce(torch.tensor([means[k] for k in keys], dtype=torch.float64), "mean")
             means = dict(zip(keys, t.tolist()))
         return means, rows
 
@@ -351,12 +364,15 @@ class Trainer:
             nets, mode = list(self._nets()), cfg.eval.mode
             self.log.validation(self.global_step, {n: metrics[f"miou_{n}"] for n in nets}, candidate[1],
                                 {n: self._eval(n, mode)["iou_per_class"] for n in nets}, self.data.val_set.class_names)
+        peak = peak_memory_mib(d.device)
+        if peak is not None:
+            metrics["peak_cuda_mib"] = peak
+            self.log.note(f"epoch {epoch + 1}/{cfg.optim.epochs}: peak CUDA memory {peak:.0f} MiB (the most of any process)")
         if d.is_main:
             if self.data.diag_set is not None:
                 metrics.update(self._diagnostics(epoch))
             self._save_epoch(epoch, metrics, rows, candidate)
-        if d.distributed:
-            dist.barrier()
+        barrier()
         if self.hook:
             self.hook("epoch_end", epoch=epoch, metrics=metrics)
 
@@ -374,9 +390,10 @@ class Trainer:
         d = self.d
         val = self.data.val_set
         data = val if not d.distributed else Subset(val, range(d.rank, len(val), d.world_size))
-        with self._autocast():
-            res = evaluate(self._nets()[name], data, num_classes=self.cfg.model.num_classes, mode=mode,
-                           crop_size=self.cfg.eval.crop_size, device=d.device, all_reduce=d.distributed)
+        # fp32 whatever optim.amp says, so that a bf16 run's mIoU is comparable with an fp32 run's
+        res = evaluate(self._nets()[name], data, num_classes=self.cfg.model.num_classes, mode=mode,
+                       crop_size=self.cfg.eval.crop_size, device=d.device, all_reduce=d.distributed,
+                       num_workers=self.cfg.data.num_workers)
         self._eval_cache[(name, mode)] = res
         return res
 
@@ -457,6 +474,9 @@ class Trainer:
             "final": nets, "best": self.best, "resumes": self.resumes, "epochs": cfg.optim.epochs,
             "iters_per_epoch": self.iters_per_epoch, "wall_time_s": wall, **self.record,
         }
+        peaks = [m["peak_cuda_mib"] for m in self.history if m.get("peak_cuda_mib") is not None]
+        if peaks:
+            results["peak_cuda_mib"] = max(peaks)
         if self.d.is_main:
             atomic.write_json(self.out / "results.json", results)
         return results

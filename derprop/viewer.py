@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from derprop.display import (CHANGE_COLOURS, SNAPSHOT_KEYS, add_legend, change_image, change_masks, class_colours,
-                             colorize)
+                             colorize, escape_html)
 from derprop.labels import IGNORE_INDEX, default_class_names
 
 SNAPSHOT_PATTERN = re.compile(r"epoch_(\d+)\.npz$")
@@ -236,28 +236,29 @@ def frames_html(axes: Sequence[Axis], frames: Mapping[tuple[int, ...], Frame]) -
     start = tuple(a.start for a in axes)
     controls = []
     for n, a in enumerate(axes):
-        name = html.escape(a.name)
+        name = escape_html(a.name)
         if a.slider:
-            labels = html.escape(json.dumps(list(a.labels)))
+            labels = escape_html(json.dumps(list(a.labels)))
             controls.append(f'<label>{name} <input type="range" min="0" max="{len(a.labels) - 1}" value="{a.start}" '
                             f'data-axis="{n}" data-labels="{labels}" disabled> '
-                            f'<output>{html.escape(a.labels[a.start])}</output></label>')
+                            f'<output>{escape_html(a.labels[a.start])}</output></label>')
         else:
-            options = "".join(f'<option value="{k}"{" selected" if k == a.start else ""}>{html.escape(label)}</option>'
+            options = "".join(f'<option value="{k}"{" selected" if k == a.start else ""}>{escape_html(label)}</option>'
                               for k, label in enumerate(a.labels))
             controls.append(f'<label>{name} <select data-axis="{n}" disabled>{options}</select></label>')
     figures = []
     for key, (png, caption) in frames.items():
         src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         figures.append(f'<figure data-key="{",".join(map(str, key))}"{"" if key == start else " hidden"}>'
-                       f'<figcaption>{caption}</figcaption><img src="{src}" alt="{html.escape(_plain(caption))}">'
+                       f'<figcaption>{caption}</figcaption><img src="{src}" alt="{escape_html(_plain(caption))}">'
                        f'</figure>')
     return (f'<div class="derprop-frames"><div class="derprop-frames-controls">{" ".join(controls)}</div>'
             f'{"".join(figures)}</div>')
 
 
 def _plain(caption: str) -> str:
-    return re.sub(r"<[^>]+>", "", caption)
+    """The text of an HTML caption."""
+    return html.unescape(re.sub(r"<[^>]+>", "", caption))
 
 
 class Viewer:
@@ -296,9 +297,10 @@ def heading(snap: Mapping[str, Any]) -> str:
 
 
 def status(snap: dict[str, np.ndarray], i: int) -> str:
-    """One line of HTML on image ``i`` of a snapshot: :func:`heading`, accuracy before → after, fixed and broken."""
+    """One line of HTML on image ``i`` of a snapshot: :func:`heading`, accuracy before → after, fixed and broken;
+    the texts a snapshot holds (its heading, the image's name) show as text (:func:`derprop.display.escape_html`)."""
     c = compare(snap["gt"][i], snap["pl_before"][i], snap["pl_after"][i])
-    return (f"<b>{html.escape(heading(snap))}</b>, <b>{snap['names'][i]}</b>: "
+    return (f"<b>{escape_html(heading(snap))}</b>, <b>{escape_html(snap['names'][i])}</b>: "
             f"accuracy {c.acc_before:.1%} → {c.acc_after:.1%}; DLP fixed {c.fixed} pixels and broke {c.broken}")
 
 

@@ -15,8 +15,10 @@ training processes (``--gpus N``, default one per visible GPU; ``torchrun`` for 
 than one) and streams their log into itself, and the trainer writes its run files
 (``results.json``, ``last.pt``, ``metrics.jsonl`` …) next to it. Each size has its own
 folder, so a ``small`` check run never stands in for the ``full`` run. A finished
-run (its ``results.json`` exists) is skipped, an interrupted one resumes from its
-``last.pt``; ``--force`` trains it again from scratch (its run files deleted first).
+run (a ``results.json`` whose recorded config has the entry's settings) is skipped,
+an interrupted one resumes from its ``last.pt``; a folder whose ``results.json``
+came from another config is refused (``list`` shows it as ``other``); ``--force``
+trains it again from scratch (its run files deleted first).
 ``all`` does that for every entry of :data:`derprop.tables.MATRIX`; interrupted, it
 can simply be started again. After each finished run a summary with the run's
 provenance (:data:`derprop.provenance.KEYS`) is copied to
@@ -36,6 +38,7 @@ from :func:`derprop.tables.overrides_for`), never this script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -44,9 +47,13 @@ from pathlib import Path
 from typing import Sequence
 
 from derprop import atomic, cli
+from derprop.config import flatten, resolved
+from derprop.configfile import given_keys, load_config
+from derprop.distributed import GPU_LAYOUTS, check_gpu_run
 from derprop.errors import ConfigError, DerPropError
 from derprop.provenance import KEYS, project_root, source
-from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, run_name, run_path
+from derprop.rundir import describe_changes
+from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, overrides_for, run_name, run_path
 
 PIPELINE = source() / "pipelines" / "train.ipynb"
 RUNS_DIR = Path("runs") / "matrix"
@@ -70,10 +77,29 @@ def _in_repo(path: str | Path) -> Path:
     return Path(path) if Path(path).is_absolute() else project_root() / path
 
 
-def state(run_dir: Path) -> str:
-    """``done`` (``results.json``), ``partial`` (``last.pt``) or ``todo``."""
+MAY_DIFFER = ("data.root", "data.num_workers")
+"""Settings of a finished run that may differ from its entry's: where the data was, how it was loaded."""
+
+
+def differences(run_dir: Path, config: str, overrides: Sequence[str]) -> dict[str, list]:
+    """The settings that ``config`` with ``overrides`` sets (:func:`derprop.configfile.given_keys`) whose values
+    differ in the run's ``results.json``, as ``{key: [recorded, expected]}``; an unreadable file differs in all."""
+    path = project_root() / config
+    with contextlib.chdir(project_root()):  # where the notebook reads the config (a scenes tree's classes)
+        expected = flatten(resolved(load_config(path, list(overrides))))
+    try:
+        recorded = flatten(json.loads((run_dir / "results.json").read_text()).get("config") or {})
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    return {k: [recorded.get(k), expected[k]] for k in sorted(given_keys(path, list(overrides)) - set(MAY_DIFFER))
+            if k in expected and recorded.get(k) != expected[k]}
+
+
+def state(run_dir: Path, config: str, overrides: Sequence[str]) -> str:
+    """``done`` (a ``results.json`` of ``config`` with ``overrides``), ``other`` (a ``results.json`` of another
+    config), ``partial`` (``last.pt``) or ``todo``."""
     if (run_dir / "results.json").is_file():
-        return "done"
+        return "other" if differences(run_dir, config, overrides) else "done"
     if (run_dir / "last.pt").is_file():
         return "partial"
     return "todo"
@@ -92,16 +118,24 @@ def run_one(config: str, *, ablation: str = "", size: str = "full", gpus: int = 
     root = project_root()  # where the notebook runs
     if not (root / cfg_file).is_file():
         raise ConfigError(f"config {root / cfg_file} does not exist; name one of the files under {root / 'configs'}")
+    # before papermill starts: a VOC/Cityscapes run without a GPU is one line, not a notebook's traceback
+    check_gpu_run(load_config(root / cfg_file, list(extra)).data.layout, device or None)
     run_dir = run_path(config, ablation, size, _in_repo(runs_root))
-    if state(run_dir) == "done" and not force:
+    overrides = overrides_for(profile=profile, ablation=abl, size=size, extra=extra)  # what the notebook trains
+    now = state(run_dir, cfg_file, overrides)
+    if now == "done" and not force:
         print(f"[skip] {size}/{name}: {run_dir / 'results.json'} exists (--force trains it again)")
         return run_dir
+    if now == "other" and not force:
+        changed = describe_changes(dict(list(differences(run_dir, cfg_file, overrides).items())[:4]))
+        raise RunError(f"{run_dir} holds a finished run of another config (recorded → this entry: {changed}); "
+                       f"--force trains {size}/{name} there anew (deleting that run's files), or choose another "
+                       "--runs-root")
     run_dir.mkdir(parents=True, exist_ok=True)
     params = {"CONFIG": cfg_file, "OUT_DIR": str(run_dir), "ABLATION": abl, "SIZE": size, "GPUS": gpus,
               "RESUME": "overwrite" if force else "auto", "DEVICE": device, "PROFILE": profile,
               "OVERRIDES": list(extra)}
-    print(f"[run] {size}/{name}: {cfg_file} {('+ ' + abl) if abl else ''} ({'forced' if force else state(run_dir)})",
-          flush=True)
+    print(f"[run] {size}/{name}: {cfg_file} {('+ ' + abl) if abl else ''} ({'forced' if force else now})", flush=True)
     execute(run_dir / "train.ipynb", params, f"{size}/{name}")
     if results_root is not None:
         publish(run_dir, name, config=cfg_file, ablation=abl, size=size, results_dir=_in_repo(results_root) / size)
@@ -137,6 +171,12 @@ def publish(run_dir: Path, name: str, *, config: str, ablation: str, size: str, 
     path = results_dir / f"{name}.json"
     atomic.write_json(path, summary)
     return path
+
+
+def entry(e: Entry, size: str) -> tuple[str, list[str]]:
+    """The config file and overrides of matrix entry ``e`` at ``size`` (without a command's --profile or extras)."""
+    cfg_file, abl = resolve_config(e.config, e.ablation)
+    return cfg_file, overrides_for(ablation=abl, size=size)
 
 
 def _unique_runs(entries: Sequence[Entry]) -> list[Entry]:
@@ -193,7 +233,8 @@ def _run(args: argparse.Namespace) -> None:
         width = max(len(e.name) for e in entries)
         print(f"{'entry':{width}s}  " + "  ".join(f"{size:8s}" for size in SIZES))
         for e in entries:
-            states = [state(run_path(e.config, e.ablation, size, _in_repo(runs_root))) for size in SIZES]
+            states = [state(run_path(e.config, e.ablation, size, _in_repo(runs_root)), *entry(e, size))
+                      for size in SIZES]
             print(f"{e.name:{width}s}  " + "  ".join(f"{s:8s}" for s in states))
         return
     options = dict(size=args.size, gpus=args.gpus, runs_root=runs_root, device=args.device, profile=args.profile,
@@ -201,12 +242,15 @@ def _run(args: argparse.Namespace) -> None:
     if args.cmd == "one":
         run_one(args.config_opt or args.config, ablation=args.ablation, **options)
         return
+    if not args.dry_run:  # every entry of the matrix is a VOC or Cityscapes run
+        check_gpu_run(GPU_LAYOUTS[0], args.device or None)
     failed = []
     for e in _unique_runs([e for e in MATRIX if e.table in args.tables]):
         if args.dry_run:
             cfg_file, abl = resolve_config(e.config, e.ablation)
             where = run_path(e.config, e.ablation, args.size, _in_repo(runs_root))
-            print(f"{state(where):8s} {args.size}/{e.name}: {cfg_file}{' + ' + abl if abl else ''}")
+            print(f"{state(where, *entry(e, args.size)):8s} {args.size}/{e.name}: {cfg_file}"
+                  f"{' + ' + abl if abl else ''}")
             continue
         try:
             run_one(e.config, ablation=e.ablation, **options)

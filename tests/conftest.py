@@ -1,6 +1,16 @@
-"""Shared fixtures: a tiny scenes tree, built once per test session."""
+"""Shared fixtures: a tiny scenes tree, built once per test session.
+
+The suite runs on the CPU also on a GPU box: it hides the GPUs from itself and from every process it starts
+(``CUDA_VISIBLE_DEVICES`` is empty before torch can look), because its bit-exact tests assume CPU kernels and its
+fixtures CPU tensors. ``make gpu-check`` runs ``tests/test_cuda.py`` with ``DERPROP_TEST_CUDA=1``, which keeps them.
+"""
 
 from __future__ import annotations
+
+import os
+
+if os.environ.get("DERPROP_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import subprocess
 import sys

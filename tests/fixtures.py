@@ -7,6 +7,8 @@
   in their real internal layout (SBD labels as real ``GTcls`` ``.mat`` files).
 - :func:`scenes_tree`: a small scenes dataset made by the real generator.
 - :class:`TrainingInterrupted`: what a test's ``Trainer`` hook raises to stop training.
+- :func:`poisoned_results`: results files, a run's ``results.json`` and pseudo-label snapshots whose texts
+  are HTML and Markdown (:data:`PAYLOAD`), for the tests that the book shows them as text.
 
 Split lists for ``pascal``/``cityscapes`` are written under ``<tmp>/splits``;
 point ``derprop.data.SPLITS_DIR`` there (``monkeypatch.setattr``) to use them.
@@ -250,3 +252,67 @@ def scenes_tree(root: Path, **kwargs) -> dict:
 
 class TrainingInterrupted(RuntimeError):
     """Raised by a ``Trainer`` hook to stop training: a kill, as a test sees it."""
+
+
+# ---------------------------------------------------------------------------
+# Poisoned results
+# ---------------------------------------------------------------------------
+
+PAYLOAD = ('<img src=x onerror="window.pwned=1"><script>window.pwned=2</script> *em* _u_ $x^2$ {{ s }} '
+           '[l](javascript:window.pwned=3) `c` {sub}`s` \\ &amp; ~~d~~ | ')
+"""Text in a results file that is HTML (an image whose error handler and a script set ``window.pwned``) and
+Markdown (emphasis, maths, a substitution, a javascript: link, code, a role, an entity, a pipe)."""
+
+
+def poisoned_results(folder: Path) -> Path:
+    """``results/`` with :data:`PAYLOAD` where the files hold text (a matrix run's device, the seeds of
+    ``cpu_evidence.json``, a DLP-map row's name) and ``run/`` whose image names and class names are
+    :data:`PAYLOAD`: two pseudo-label snapshots and a ``results.json``. Returns ``folder``."""
+    results = folder / "results"
+    (results / "matrix" / "smoke").mkdir(parents=True)
+    (results / "matrix" / "smoke" / "voc_92.json").write_text(json.dumps(
+        {"name": "voc_92", "miou": 0.5, "size": "smoke", "device": PAYLOAD, "date": PAYLOAD}))
+    claim = {"margin": 0.02, "seeds": [PAYLOAD, 4], "measured": True, "met": PAYLOAD,
+             "diff_per_seed": {"backprop": {"3": PAYLOAD}, "momentum": {"3": 0.01}}}
+    (results / "cpu_evidence.json").write_text(json.dumps({"claim": claim}))
+    oracle = {"full": {"0.5": {"fixed": PAYLOAD, "broken": 3, "net": 1}}}
+    (results / "dlp_map.json").write_text(json.dumps({"oracle": oracle, "break_even_share": {"kappa": PAYLOAD}}))
+    run = folder / "run"
+    (run / "pseudo_labels").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 3, (2, 16, 16)).astype(np.uint8)
+    for epoch in (0, 1):
+        np.savez_compressed(run / "pseudo_labels" / f"epoch_{epoch:03d}.npz",
+                            image=rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8), gt=gt, pl_before=gt,
+                            pl_after=np.roll(gt, 1, axis=2), confidence=rng.random((2, 16, 16)).astype(np.float32),
+                            names=np.array([PAYLOAD, f"2nd {PAYLOAD}"]), eta_ep=np.float32(epoch / 2),
+                            epoch=np.int32(epoch))
+    names = {"background": 0.5, PAYLOAD: 0.25, f"$\\href{{javascript:window.pwned=4}}{{x}}$ {PAYLOAD}": None}
+    per_class = {"miou": 0.5, "iou_per_class": names}
+    (run / "results.json").write_text(json.dumps({"miou_net": "momentum", "miou_mode": "original",
+                                                  "final": {"momentum": {"original": per_class}}}))
+    return folder
+
+
+def render_myst(markdown: str) -> str:
+    """The HTML of ``markdown`` as the book parses it: MyST with the extensions of ``_config.yml``."""
+    import yaml
+    from markdown_it.renderer import RendererHTML
+    from myst_parser.config.main import MdParserConfig
+    from myst_parser.parsers.mdit import create_md_parser
+
+    from derprop.provenance import source
+
+    config = yaml.safe_load((source() / "_config.yml").read_text())
+    extensions = set(config["parse"]["myst_enable_extensions"])
+    return create_md_parser(MdParserConfig(enable_extensions=extensions), RendererHTML).render(markdown)
+
+
+def shows_as_text(rendered: str, text: str) -> bool:
+    """Whether the HTML ``rendered`` shows ``text`` character for character, and holds no markup made from it."""
+    import html
+    import re
+
+    markup = ("<img", "<script", "<em>", "<strong>", "<code>", "<del>", "<s>", "<a ", 'class="math', "substitution")
+    shown = html.unescape(re.sub(r"<[^>]+>", "", rendered))
+    return " ".join(text.split()) in " ".join(shown.split()) and not any(m in rendered for m in markup)

@@ -111,3 +111,24 @@ def test_goals_are_judged_from_the_ratios():
     goals = train_step.evaluate_goals(rows, train_step.compute_ratios(rows, ["official"], [321, 801]),
                                       "cuda", "full", [321, 801])
     assert goals[0]["met"] is True and "out of memory" in goals[0]["note"]
+
+
+def _event(name, parent=None, device="CPU", cpu_us=0.0, device_us=0.0, seq=-1):
+    from types import SimpleNamespace
+
+    import torch
+
+    return SimpleNamespace(name=name, cpu_parent=parent, device_type=getattr(torch.autograd.DeviceType, device),
+                           cpu_time_total=cpu_us, device_time_total=device_us, sequence_nr=seq)
+
+
+def test_the_split_counts_cuda_side_annotations_once():
+    """On CUDA the profiler reports each record_function range twice: the CPU-side range (whose device time covers
+    its kernels) and a GPU user annotation of the same name. Only the first may count."""
+    dlp = _event("derprop.dlp", device_us=300.0)
+    gpu_twin = _event("derprop.dlp", device="CUDA", device_us=300.0)
+    region = _event("derprop.region_propagation", device_us=100.0)
+    split = train_step.split_events([dlp, gpu_twin, region], wall_us=1000.0, device="cuda")
+    assert split["shares"]["dlp_derivative_loss"] == pytest.approx(0.3)
+    assert split["shares"]["region_propagation"] == pytest.approx(0.1)
+    assert split["dlp_loss_calls"] == 1 and split["region_propagation_calls"] == 1

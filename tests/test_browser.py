@@ -14,6 +14,11 @@
 * JupyterLab runs that chapter (converted to .ipynb with jupytext) cell by
   cell; moving the epoch slider and picking another image changes the
   displayed picture, and no cell errors.
+* A one-page book built with the book's settings from poisoned results files
+  (``tests.fixtures.poisoned_results``: HTML and Markdown where the files hold
+  text) runs no injected script, and shows those texts character for
+  character, through ``derprop.display.table``, ``derprop.report.cpu_findings``
+  and the rectification viewer.
 
 Skipped, with a message, when no chromium is installed
 (``apt-get install -y chromium``). ``DERPROP_BOOK_HTML=_build/html`` tests an
@@ -208,6 +213,95 @@ def test_rectification_viewer_works_without_a_kernel(server, browser):
     assert last_key != first_key and caption.startswith("κ = 20"), "moving the κ slider did nothing"
     assert not watch.errors and not watch.remote, watch.errors + watch.remote
     page.close()
+
+
+# --------------------------------------------------------------------------- #
+# A page built from poisoned results files
+# --------------------------------------------------------------------------- #
+POISONED_PAGE = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+    format_version: 0.13
+kernelspec:
+  display_name: Python 3 (ipykernel)
+  language: python
+  name: python3
+---
+
+# Results files of another hand
+
+```{code-cell} ipython3
+from pathlib import Path
+
+from derprop.display import box, table
+from derprop.report import cpu_findings, matrix_results
+from derprop.viewer import make_viewer
+
+ROOT = Path("ROOT_DIR")
+table([{"run": name, "device": m["device"], "date": m["date"]} for name, m in matrix_results(ROOT / "results").items()])
+```
+
+```{code-cell} ipython3
+box("Findings", cpu_findings(ROOT / "results"))
+```
+
+```{code-cell} ipython3
+make_viewer(ROOT / "run")
+```
+"""
+
+
+@pytest.fixture(scope="module")
+def poisoned_book(tmp_path_factory):
+    """The one-page book of :data:`POISONED_PAGE`, built as the book is (its ``_config.yml``, extensions and
+    static files) from :func:`tests.fixtures.poisoned_results`; returns its html folder."""
+    from tests.fixtures import poisoned_results
+
+    work = poisoned_results(tmp_path_factory.mktemp("poisoned"))
+    (work / "book").mkdir()
+    for name in ("_ext", "_static"):
+        (work / "book" / name).symlink_to(source() / "book" / name)
+    shutil.copy(source() / "_config.yml", work / "_config.yml")
+    (work / "_toc.yml").write_text("format: jb-book\nroot: book/poisoned\n")
+    (work / "book" / "poisoned.md").write_text(POISONED_PAGE.replace("ROOT_DIR", str(work)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source()), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([str(Path(sys.executable).with_name("jupyter-book")), "build", ".", "-W", "-n",
+                           "--keep-going"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return work / "_build" / "html"
+
+
+@pytest.mark.timeout(1000)
+def test_a_page_built_from_poisoned_results_runs_no_injected_script(poisoned_book, browser):
+    from tests.fixtures import PAYLOAD
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(poisoned_book)))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    try:
+        page.goto(f"http://127.0.0.1:{srv.server_address[1]}/book/poisoned.html", wait_until="networkidle")
+        page.wait_for_timeout(500)
+        assert page.evaluate("window.pwned") is None and not dialogs, "an injected script ran"
+        injected = page.evaluate("""() => [...document.querySelectorAll('img[src="x"], [onerror], script')]
+                                   .filter(e => e.tagName !== 'SCRIPT' || (/javascript|^$/.test(e.type)
+                                                                           && e.textContent.includes('pwned')))
+                                   .map(e => e.outerHTML.slice(0, 80))""")  # widget state is JSON, not code
+        assert not injected, injected
+        text = " ".join(page.locator("article").inner_text().split())
+        visible = " ".join(PAYLOAD.replace("|", "").split())  # a table cell's pipe is its border
+        assert text.count(visible) >= 3, "the table, the findings and the viewer show the files' text as it is"
+        assert page.locator("article table").count() >= 1 and page.locator(".derprop-frames figcaption").count() == 4
+    finally:
+        page.close()
+        srv.shutdown()
 
 
 # --------------------------------------------------------------------------- #

@@ -113,3 +113,41 @@ def test_a_failed_write_is_one_line_naming_the_file_and_the_space(tmp_path, monk
     assert msg.startswith(f"cannot write {path}: No space left on device (needs about 1.0 MB; ")
     assert " MB free in " in msg and "\n" not in msg
     assert list(tmp_path.iterdir()) == []
+
+
+class Payload:
+    """What a crafted pickle holds: loading it would call ``os.mkdir(marker)``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("path", ["evaluate", "predict", "resume-from", "warm_start", "pretrained", "weights"])
+def test_a_pickle_with_code_is_refused_in_our_words_on_every_load_path(path, scenes_tiny, tmp_path, capsys):
+    from data_prep import weights
+    from derprop import evaluate, predict, train
+    from derprop.provenance import source
+
+    marker = tmp_path / "the_code_ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "hook": Payload(marker)}, evil)
+    tiny = ["--config", str(source() / "configs" / "cpu_scenes_tiny.yaml"), "--out", str(tmp_path / "run"),
+            f"data.root={scenes_tiny}"]
+    main, argv = {
+        "evaluate": (evaluate.main, ["--checkpoint", str(evil)]),
+        "predict": (predict.main, ["--checkpoint", str(evil), "--image", str(scenes_tiny / "JPEGImages" /
+                                   "val_00000.jpg"), "--out", str(tmp_path / "a.png")]),
+        "resume-from": (train.main, [*tiny, "--resume-from", str(evil)]),
+        "warm_start": (train.main, [*tiny, f"optim.warm_start={evil}"]),
+        "pretrained": (train.main, [*tiny, f"model.pretrained={evil}"]),
+        "weights": (weights.main, ["--from", str(evil), "--root", str(tmp_path)]),
+    }[path]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert f"{evil}" in err and "holds pickled Python objects" in err and "it was not loaded" in err
+    assert "Weights only load failed" not in err and "\x1b[" not in err  # torch's hint, with its terminal escapes
+    assert not marker.exists()

@@ -1,8 +1,9 @@
 """One command-line front for every entry point (derprop.cli): its error line, its Ctrl-C line, --version, --help.
 
 Every error kind of the package, raised inside every command, must reach the user as one ``error:`` line with
-exit status 2; Ctrl-C as one ``interrupted:`` line with exit status 130. The matrix runs in this process (each
-command's body replaced by one that raises), then real bad inputs run as subprocesses, whose whole stderr is seen.
+exit status 2; Ctrl-C as one ``interrupted:`` line with exit status 130, SIGTERM and SIGHUP alike (143, 129); a
+closed pipe on stdout ends a command quietly. The matrix runs in this process (each command's body replaced by
+one that raises, or signals itself), then real bad inputs run as subprocesses, whose whole stderr is seen.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ import importlib
 import importlib.metadata
 import os
 import pkgutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -45,8 +50,8 @@ def project_errors() -> list[type[BaseException]]:
     for package in ("derprop", "data_prep", "pipelines"):
         for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
             module = importlib.import_module(f"{package}.{info.name}")
-            kinds += [c for c in vars(module).values()
-                      if isinstance(c, type) and issubclass(c, BaseException) and c.__module__ == module.__name__]
+            kinds += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, BaseException)
+                      and not issubclass(c, KeyboardInterrupt) and c.__module__ == module.__name__]
     return sorted(set(kinds) - {DerPropError}, key=lambda k: k.__name__)
 
 
@@ -97,6 +102,50 @@ def test_ctrl_c_is_one_line_with_status_130(module, monkeypatch, capsys):
     assert mod.main(argv) == 130
     err = capsys.readouterr().err
     assert err.startswith("interrupted: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_is_one_line_like_ctrl_c(module, name, monkeypatch, capsys):
+    target, argv = ENTRY_POINTS[module]
+    mod = importlib.import_module(module)
+    signum = getattr(signal, name)
+    monkeypatch.setattr(mod, target, lambda *a, **k: os.kill(os.getpid(), signum) or time.sleep(5))
+    before = signal.getsignal(signum)
+    assert mod.main(argv) == 128 + signum
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted by {name}: ") and err.count("\n") == 1, err
+    assert signal.getsignal(signum) == before  # the command's handler does not outlive it
+
+
+def test_a_forked_child_dies_of_the_signal_without_a_traceback():
+    def body():
+        pid = os.fork()
+        if pid == 0:  # the child inherits the handler, not the role: SIGTERM ends it as it would without one
+            time.sleep(10)
+            os._exit(0)
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGTERM)
+        assert os.waitpid(pid, 0)[1] == signal.SIGTERM
+
+    assert cli.run(body) == 0
+
+
+def test_an_error_line_is_cut_to_a_readable_length(capsys):
+    def body():
+        raise ConfigError("config key 'name' must be a string, got " + repr(["lol"] * 100_000))
+
+    assert cli.run(body) == 2
+    err = capsys.readouterr().err
+    assert len(err) <= cli.MAX_LINE + len("error: \n") and err.endswith("…\n") and err.count("\n") == 1
+
+
+def test_a_closed_pipe_ends_a_command_quietly(repo):
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.run_matrix", "list"], cwd=repo, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head -0`: the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait() == cli.EXIT_CLOSED_PIPE and err == "", err
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
@@ -201,3 +250,51 @@ def test_evaluate_and_predict_check_the_device_before_the_checkpoint(module, tmp
     argv = [a.replace("a.png", str(tmp_path / "a.png")) for a in ENTRY_POINTS[module][1]]  # x.pt does not exist
     assert importlib.import_module(module).main([*argv, "--device", "cuda"]) == 2
     assert capsys.readouterr().err.startswith("error: --device cuda: no CUDA device is available here")
+
+
+def test_book_runs_children_end_with_it(monkeypatch, capsys):
+    from derprop import book_runs
+
+    children: list[subprocess.Popen] = []
+    real = subprocess.Popen
+
+    def sleeper(cmd, **kwargs):  # a training child, as the signal sees it: it runs until stopped
+        children.append(real([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return children[-1]
+
+    monkeypatch.setattr(book_runs, "warm_start", lambda *a, **k: None)
+    monkeypatch.setattr(book_runs.subprocess, "Popen", sleeper)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    assert book_runs.main(["smoke", "--jobs", "2"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.startswith("interrupted by SIGTERM: every finished epoch is kept under ")
+    assert len(children) == 2 and all(c.poll() is not None for c in children)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_child_started_to_end_with_its_parent_ends_when_the_parent_is_killed(tmp_path):
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time; from derprop import cli; "
+         "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+         "preexec_fn=cli.ends_with_parent()); print(c.pid, flush=True); time.sleep(60)"],
+        env=ENV, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    parent.kill()  # kill -9: no handler of the parent runs
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and "Z" not in Path(f"/proc/{child}/stat").read_text().split()[2] \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"
+
+
+@pytest.mark.parametrize("root", ["absent", "a_file", "empty"])
+def test_book_runs_checks_its_project_folder_before_writing(root, tmp_path, capsys):
+    from derprop import book_runs
+
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    assert book_runs.main(["smoke", "--root", str(tmp_path / root)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: project folder {tmp_path / root} ") and err.count("\n") == 1, err
+    assert "--root with a checkout of derprop" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_file", "empty"]

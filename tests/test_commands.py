@@ -8,7 +8,7 @@ or ``papermill``. Then:
   recipe must use every value given (``ABLATION=wo_dlp`` must reach the command,
   ``FORCE=1`` must change it);
 - ``python -m MODULE ...`` / ``python SCRIPT.py [SUBCOMMAND] ...`` (also under
-  ``torchrun``): ``--help`` must exit 0 and list every ``--flag`` shown;
+  ``torchrun``): ``--help`` must exit 0 and list every ``--flag`` shown; ``python -c CODE`` must compile;
 - ``papermill NOTEBOOK ... -p NAME value``: a notebook of the repository must
   define each ``NAME`` in its ``parameters`` cell;
 - the walk: every ``python`` command that uses a run or the CPU data (:data:`RUN`)
@@ -101,6 +101,9 @@ def help_text(target: list[str]) -> str:
 
 
 def check_python(tokens: list[str]) -> None:
+    if tokens[0] == "-c":  # a one-liner: it must at least be Python
+        compile(tokens[1], "<shown command>", "exec")
+        return
     if tokens[0] == "-m":
         target, rest = ["-m", tokens[1]], tokens[2:]
     else:
@@ -202,8 +205,8 @@ NOT_RUN = {
     "data_prep.weights": "needs the downloaded ResNet-101 checkpoint (test_weights)",
     "benchmarks.": "benchmarks and the GPU check (test_benchmarks, test_gpu_check, test_bench_train_step)",
     "scripts.ablation_configs": "rewrites configs/ (test_tables checks what it writes)",
+    "-c ": "a one-liner that asks torch whether it sees a GPU (compiled, not run: the suite hides the GPUs)",
     "pipelines/run_matrix.py one": "trains a paper config through papermill (test_notebooks runs one)",
-    "venv .venv": "the V100 install route makes a second virtual environment (make setup makes the project's)",
 }
 """Shown commands that the walk does not run (by their start), and why."""
 

@@ -160,8 +160,8 @@ def test_every_float_notation_is_a_number(tmp_path):
     ("optim.weight_decay=.nan", "'optim.weight_decay' must be finite"),
     ("optim.weight_decay=-1e-4", "'optim.weight_decay' must be >= 0"),
     ("optim.head_lr_mult=0", "'optim.head_lr_mult' must be > 0"),
-    ("seed=-1", "'seed' must be in [0, 2**64)"),
-    ("seed=18446744073709551616", "'seed' must be in [0, 2**64)"),
+    ("seed=-1", "'seed' must be in [0, 2**63 - 1]"),
+    ("seed=9223372036854775808", "'seed' must be in [0, 2**63 - 1]"),
     ("data.scale_range=[1, .inf]", "'data.scale_range' must be finite"),
     ("data.scale_range=[2, 1]", "0 < low <= high"),
     ("data.crop_size=100000000", "'data.crop_size' must be in [17, 4096]"),
@@ -173,6 +173,44 @@ def test_every_numeric_setting_is_checked_when_the_config_is_read(override, mess
     with pytest.raises(ConfigError) as exc:
         load_config(None, [override])
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_grows(tmp_path):
+    p = tmp_path / "bomb.yaml"
+    nine = ", ".join(['"lol"'] * 9)
+    p.write_text(f"name:\n  - &l0 [{nine}]\n" + "".join(
+        f"  - &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)))  # 9**9 strings once expanded
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert str(exc.value) == f"{p}:3:10: an alias (*l0) repeats a value; configs take no aliases: write the value out"
+    with pytest.raises(ConfigError, match=r"an alias \(\*a\) repeats a value"):
+        load_config(None, ["optim.lr=[&a 1, *a]"])
+
+
+def test_a_huge_value_is_cut_in_the_message(tmp_path):
+    p = tmp_path / "long.yaml"
+    p.write_text("name: [" + ", ".join(["lol"] * 100_000) + "]\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert str(exc.value).startswith("config key 'name' must be a string, got ['lol', 'lol'")
+    assert str(exc.value).endswith(" (700,000 characters)") and len(str(exc.value)) < 250
+
+
+def test_a_long_base_chain_a_huge_file_and_a_link_loop_are_refused(tmp_path):
+    (tmp_path / "c0.yaml").write_text("seed: 1\n")
+    for i in range(1, 1200):
+        (tmp_path / f"c{i}.yaml").write_text(f"base: c{i - 1}.yaml\n")
+    assert load_config(tmp_path / "c16.yaml").seed == 1  # 16 bases
+    with pytest.raises(ConfigError, match=rf"config {tmp_path / 'c1199.yaml'}: its base: chain goes more than 16 bases deep"):
+        load_config(tmp_path / "c1199.yaml")
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * 2_000_000 + "\n")
+    with pytest.raises(ConfigError, match=rf"config {big} is 2,000,003 bytes, more than a config's 1,000,000"):
+        load_config(big)
+    (tmp_path / "loop.yaml").symlink_to("loop.yaml")
+    with pytest.raises(ConfigError, match=rf"config {tmp_path / 'loop.yaml'} is a symbolic link that leads back to "
+                                          "itself"):
+        load_config(tmp_path / "loop.yaml")
 
 
 def test_the_smallest_crop_follows_the_output_stride():

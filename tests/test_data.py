@@ -189,6 +189,16 @@ def test_split_list_problems(tmp_path):
         data.split_items("coco")
 
 
+def test_an_image_listed_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "val.txt"
+    path.write_text("JPEGImages/a.jpg SegmentationClass/a.png\n\nJPEGImages/b.jpg SegmentationClass/b.png\n"
+                    "JPEGImages/a.jpg SegmentationClass/a.png\n")
+    with pytest.raises(DatasetError) as err:
+        read_split(path)
+    assert str(err.value) == (f"{path}, line 4: 'JPEGImages/a.jpg' is listed again (first on line 1); an image is "
+                              "listed once: remove the repeated line")
+
+
 def test_from_split_error_says_how_to_fix(voc):
     (voc / "JPEGImages/2007_000001.jpg").unlink()
     ds = SegmentationDataset.from_split("pascal", voc, "92")

@@ -472,6 +472,44 @@ def test_workers_end_with_a_killed_generator(repo, tmp_path):
     assert not any(_running(w) for w in workers)
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_sigterm_stops_the_generator_in_one_line_and_its_workers_without_a_traceback(repo, tmp_path):
+    root = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--num-train", "2000",
+                             "--num-val", "16", "--workers", "2", "--quiet"], cwd=repo, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while len(list((root / scenes.NEW_TREE / "JPEGImages").glob("*.jpg"))) < 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    proc.terminate()  # SIGTERM: what kill, a batch scheduler or systemd send
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + 15 and "Traceback" not in err, err
+    assert err.startswith("interrupted by SIGTERM: ") and err.count("\n") == 1, err
+    assert len(workers) == 2 and not any(_running(w) for w in workers)
+    assert not root.exists() or not any(root.iterdir())  # nothing half-made is left
+
+
+def test_scenes_checks_the_size_and_the_folder_before_making_anything(tmp_path, monkeypatch, capsys):
+    from derprop import paths
+
+    assert scenes.main(["--root", str(tmp_path / "s"), "--size", "100000"]) == 2
+    assert capsys.readouterr().err == "error: --size must be 32 to 1024 pixels, got 100000\n"
+    assert scenes.main(["--root", str(tmp_path / "s"), "--size", "1024", "--num-train", "10000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 10000300 scenes of 1024×1024 need about ") and "MB are free there" in err
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(paths.tempfile, "mkstemp", denied)  # a read-only folder, also when the tests run as root
+    assert scenes.main(["--root", str(tmp_path / "s"), "--num-train", "32", "--num-val", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write to output folder {tmp_path / 's'}: Permission denied") \
+        and err.endswith("choose another --root or fix its permissions\n"), err
+    assert not any(tmp_path.iterdir())
+
+
 def test_scenes_refuses_a_foreign_tree(tmp_path):
     (tmp_path / "JPEGImages").mkdir()
     (tmp_path / "JPEGImages/2007_000001.jpg").write_bytes(b"x")

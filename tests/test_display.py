@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from derprop.display import (BROKEN_RGB, CHANGE_COLOURS, FIXED_RGB, UNCHANGED_RGB, box, change_image, class_colours,
-                             colorize, table)
+from derprop.display import (BROKEN_RGB, CHANGE_COLOURS, FIXED_RGB, UNCHANGED_RGB, Markdown, box, change_image,
+                             class_colours, code, colorize, escape_html, table)
 from derprop.labels import VOC_CLASSES, voc_palette
+from tests.fixtures import PAYLOAD, render_myst, shows_as_text
 
 
 def test_table_renders_markdown_with_headers_formats_and_alignment():
@@ -43,3 +44,18 @@ def test_class_colours_follow_colorize():
     colours = class_colours(names, [0, 2])
     assert list(colours) == ["background", "dog"]
     assert colorize(np.array([[2]]))[0, 0].tolist() == list(colours["dog"])
+
+
+def test_a_cell_read_from_a_file_shows_its_characters_and_a_chapter_cell_its_markdown():
+    text = table([{"device": PAYLOAD, "n": 1}], ["device", "n"])._repr_markdown_()
+    rendered = render_myst(text)
+    assert "<table>" in rendered and shows_as_text(rendered, PAYLOAD.replace("|", "").strip()), rendered
+    ours = render_myst(table([{"key": code("optim.lr"), "v": Markdown("**fails**"), "c": code(PAYLOAD)}])._repr_markdown_())
+    assert "<code>optim.lr</code>" in ours and "<strong>fails</strong>" in ours
+    assert "<img" not in ours and "<script" not in ours and "&lt;script&gt;" in ours  # code shows any text as code
+    headed = render_myst(table([{"eta": 0.5}], ["eta=$\\eta_{ep}$"])._repr_markdown_())
+    assert 'class="math' in headed  # a header is the chapter's Markdown
+
+
+def test_escape_html_leaves_no_tag():
+    assert escape_html(PAYLOAD).count("<") == 0 and escape_html('"x"') == "&quot;x&quot;"

@@ -298,6 +298,60 @@ def test_cli_resolves_a_relative_root_as_training_did_and_says_so(scenes_tiny, t
         in capsys.readouterr().err
 
 
+def test_cli_refuses_a_val_list_that_lists_an_image_twice(scenes_tiny, tmp_path, capsys):
+    path = _scenes_checkpoint(tmp_path / "c11.pt", 11, str(scenes_tiny))
+    line = (scenes_tiny / "splits" / "val.txt").read_text().splitlines()[0]
+    (tmp_path / "val.txt").write_text("\n".join([line] * 9) + "\n")  # one image nine times: it would count nine
+    assert main(["--checkpoint", str(path), "--val-list", str(tmp_path / "val.txt"), "--workers", "0"]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'val.txt'}, line 2: {line.split()[0]!r} is listed again "
+                                       "(first on line 1); an image is listed once: remove the repeated line\n")
+
+
+def test_cli_out_replaces_only_an_earlier_evaluation_and_is_checked_before_the_work(scenes_tiny, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from derprop import paths
+
+    path = _scenes_checkpoint(tmp_path / "c11.pt", 11, str(scenes_tiny))
+    args = ["--checkpoint", str(path), "--device", "cpu", "--workers", "0", "--limit", "1", "--which", "model"]
+    victim = tmp_path / "victim.pt"
+    victim.write_bytes(path.read_bytes())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"miou": 0.5, "final": {}}')
+    tree = tmp_path / "scenes"
+    for folder in ("JPEGImages", "SegmentationClass"):
+        (tree / folder).mkdir(parents=True)
+    (tree / "manifest.json").write_text("{}")
+    (tmp_path / "a_file").write_text("x")
+    before = {p: p.read_bytes() for p in (victim, run / "results.json", tree / "manifest.json")}
+    refusals = {
+        victim: "evaluation results are JSON files; give the file a .json name",
+        run / "results.json": "already exists and is not an earlier output of evaluate (evaluation results), so it "
+                              "is left as it is",
+        tree / "manifest.json": f"lies in the dataset tree {tree}; evaluation results are never written into a dataset",
+        path: "evaluation results are JSON files",
+        tmp_path / "a_file" / "r.json": f"cannot use output folder {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is not "
+                                        "a folder",
+        tmp_path / "full" / "r.json": f"cannot write to output folder {tmp_path / 'full'}: No space left on device",
+    }
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the checkpoint was read before --out was checked"))
+        for out, words in refusals.items():
+            if out.parent.name == "full":
+                m.setattr(paths.tempfile, "mkstemp", full)
+            assert main([*args, "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: ") and words in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in before} == before
+    assert main([*args, "--out", str(tmp_path / "r.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "r.json")]) == 0  # its own earlier output is replaced
+    assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 1
+
+
 @pytest.mark.parametrize("flag, value, least", [("--stride", "-5", 1), ("--window-batch", "0", 1), ("--limit", "0", 1),
                                                 ("--crop-size", "0", 1), ("--workers", "-1", 0)])
 def test_cli_refuses_bad_numbers_in_one_line(flag, value, least, capsys):

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "launch", "cli"),
     # the maths of the paper, the first readers and writers, and how the book shows results
     ("losses", "propagation", "checkpoint", "metrics", "data", "display"),
-    ("backbones", "augment"),
+    ("backbones", "augment", "paths"),
     ("config",),
     ("configfile", "model", "rundir"),
     ("evaluate", "pseudo_labels", "schedule", "loaders", "guards"),

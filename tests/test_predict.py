@@ -115,13 +115,32 @@ def test_predict_never_overwrites_its_input(tiny_ckpt, tmp_path, capsys):
 def test_predict_writes_nothing_into_a_dataset_tree(tiny_ckpt, scenes_tiny, tmp_path, capsys):
     image = scenes_tiny / "JPEGImages" / "val_00000.jpg"
     before = image.read_bytes()
-    for overlay, words in ((image, "predictions are PNG images"),
+    for overlay, words in ((image, "predictions are PNG files"),
                            (scenes_tiny / "JPEGImages" / "x.png", f"lies in the dataset tree {scenes_tiny}")):
         assert _predict_cli(tiny_ckpt, image, tmp_path / "a.png", "--overlay", str(overlay)) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --overlay {overlay}") and words in err and err.count("\n") == 1
     assert image.read_bytes() == before and not (tmp_path / "a.png").exists()
     assert not (scenes_tiny / "JPEGImages" / "x.png").exists()
+
+
+def test_predict_names_a_folder_a_link_loop_and_a_file_of_another_kind(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "self.jpg").symlink_to("self.jpg")
+    write_image(tmp_path / "a.png")
+    (tmp_path / "notes.png").write_text("my notes, not a picture")
+    for image, out, words in (
+            (tmp_path / "img", tmp_path / "o.png", f"image {tmp_path / 'img'} is a folder; name a file in it"),
+            (tmp_path / "self.jpg", tmp_path / "o.png",
+             f"--image {tmp_path / 'self.jpg'} is a symbolic link that leads back to itself"),
+            (tmp_path / "a.png", tmp_path / "notes.png",
+             f"--out {tmp_path / 'notes.png'} already exists and is not an earlier output of predict")):
+        assert _predict_cli(tiny_ckpt, image, out) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {words}") and err.count("\n") == 1, err
+    assert (tmp_path / "notes.png").read_text() == "my notes, not a picture" and not (tmp_path / "o.png").exists()
+    assert _predict_cli(tiny_ckpt, tmp_path / "a.png", tmp_path / "o.png") == 0
+    assert _predict_cli(tiny_ckpt, tmp_path / "a.png", tmp_path / "o.png") == 0  # its own output is replaced
 
 
 def test_predict_output_that_cannot_be_written_is_one_line(tiny_ckpt, tmp_path, capsys):

@@ -35,3 +35,12 @@ def test_train_cli_writes_train_log_and_stdout(scenes_tiny, tmp_path, capsys):
     assert [int(FIELDS.match(line).group(1)) for line in lines] == [1, 1, 2, 2]
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert printed == lines
+
+
+def test_an_eta_of_any_length_is_written(tmp_path):
+    log = ProgressLog(tmp_path, total_steps=2 * 10**20, steps_per_epoch=2, epochs=10**20, images_per_step=4, every=1,
+                      echo=False)  # optim.epochs=100000000000000000000 --log-every 1
+    line = log.step(1, {"loss": 1.0, "threshold": 0.9, "mask_ratio": 0.5}, 1e-3)
+    assert re.search(r" ETA [\d.e+]+ years$", line), line
+    assert ProgressLog(tmp_path, total_steps=3, steps_per_epoch=3, epochs=1, images_per_step=1, every=1,
+                       echo=False).format(1, {}, 1e-3, 1 / 3600).endswith("ETA 2:00:00")

@@ -22,6 +22,7 @@ from derprop import checkpoint as ck
 from derprop import progress, provenance
 from derprop.configfile import load_config
 from derprop.distributed import Dist
+from derprop.errors import ConfigError
 from derprop.loaders import build_training_data
 from derprop.provenance import source
 from derprop.trainer import Trainer
@@ -49,11 +50,21 @@ def test_each_process_takes_its_share_of_the_global_batch(world, share):
     assert load_config(CONFIGS / "voc_92.yaml").optim.per_process_batch(world) == share
 
 
-def test_a_global_batch_that_does_not_divide_is_one_line_naming_the_fix():
-    with pytest.raises(ValueError) as err:
+def test_a_global_batch_that_does_not_divide_is_one_line_naming_the_fix(scenes_tiny, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "voc_92.yaml").optim.per_process_batch(3)
     msg = str(err.value)
     assert "\n" not in msg and "optim.batch_size=8" in msg and "3 processes" in msg and "GPUS=" in msg
+    # each process of `torchrun --nproc_per_node=2 -m derprop.train ... optim.batch_size=3` says it in one line
+    from derprop import trainer
+    from derprop.train import main
+
+    monkeypatch.setattr(trainer, "setup_distributed", lambda device: Dist(rank=1, world_size=2))
+    assert main(["--config", str(TINY), "--out", str(tmp_path / "run"), f"data.root={scenes_tiny}",
+                 "optim.batch_size=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: optim.batch_size=3 is the global batch and does not divide over 2 processes")
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def test_an_epoch_has_the_same_iterations_on_one_process_or_two(scenes_tiny):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from derprop.report import cpu_findings, gpu_hours, matrix_results, train_step_rows
+from tests.fixtures import PAYLOAD, poisoned_results, render_myst, shows_as_text
 
 
 def test_a_full_run_replaces_a_check_run(tmp_path):
@@ -16,17 +17,24 @@ def test_a_full_run_replaces_a_check_run(tmp_path):
     assert matrix_results(tmp_path) == {"voc_92": {"size": "full", "miou": 0.77}}
 
 
-def test_gpu_hours_from_the_fastest_matching_gpu_step(repo, tmp_path):
-    rows = [{"profile": "official", "config": c, "crop": 321, "backbone": "resnet101", "images_per_s": ips}
-            for c, ips in (("dense", 10.0), ("tiled-cl", 20.0))]
+def test_gpu_hours_from_the_fastest_gpu_step_of_the_configs_own_recipe(repo, tmp_path):
+    def row(config, ips, amp="none", cl=False, impl="dense", compile=False):
+        return {"profile": "official", "config": config, "crop": 321, "backbone": "resnet101", "images_per_s": ips,
+                "amp": amp, "channels_last": cl, "impl": impl, "compile": compile}
+
+    rows = [row("dense-fp32", 10.0), row("tiled-fp32", 11.0, impl="tiled"),
+            row("tiled-amp-cl", 20.0, "bf16", True, "tiled"), row("tiled-amp-cl-compile", 30.0, "bf16", True, "tiled", True)]
     (tmp_path / "gpu_check_h100.json").write_text(json.dumps(
         {"train_step": {"machine": {"device": "cuda", "device_name": "H100"}, "rows": rows}}))
     (tmp_path / "bench_train_step_cpu.json").write_text(json.dumps(
         {"machine": {"device": "cpu"}, "rows": [{**rows[0], "images_per_s": 99.0}]}))
     steps = train_step_rows(tmp_path)
-    assert len(steps) == 3
-    hours, row = gpu_hours(repo / "configs" / "voc_92.yaml", steps)
-    assert row["config"] == "tiled-cl" and row["device_name"] == "H100"  # CPU rows never count
+    assert len(steps) == 5
+    hours, used = gpu_hours(repo / "configs" / "voc_92.yaml", steps)
+    assert used["config"] == "dense-fp32" and used["device_name"] == "H100"  # its own recipe; CPU rows never count
+    assert hours == pytest.approx(80 * (10582 - 92) * 2 / 10.0 / 3600)
+    hours, used = gpu_hours(repo / "configs" / "voc_92_fast.yaml", steps)
+    assert used["config"] == "tiled-amp-cl"  # the fast recipe, not compiled: training does not compile
     assert hours == pytest.approx(80 * (10582 - 92) * 2 / 20.0 / 3600)
     assert gpu_hours(repo / "configs" / "voc_92.yaml", [r for r in steps if r["device"] == "cpu"]) is None
 
@@ -102,3 +110,13 @@ def test_regime_figures_draw_every_line_and_both_markers():
         assert [round(x, 1) for x in ax.lines[0].get_xdata()] == [2.7, 5.0, 16.5]
     fig = headroom_figure(regime_payload())
     assert [round(y) for y in fig.axes[1].lines[0].get_ydata()] == [10, 5, 15]
+
+
+def test_cpu_findings_show_what_the_files_hold_as_text(tmp_path):
+    findings = cpu_findings(poisoned_results(tmp_path) / "results")
+    for sentence in findings:
+        rendered = render_myst(sentence)
+        assert "<img" not in rendered and "<script" not in rendered and 'class="math' not in rendered, rendered
+    assert shows_as_text(render_myst(findings[0]).replace("<strong>not met</strong>", "not met"),
+                         PAYLOAD.replace("|", "").strip())
+    assert "the claim of at least 2 pp on every seed is **not met**" in findings[0]

@@ -18,8 +18,10 @@ import pytest
 import tomllib
 
 from derprop import launch
+from derprop.config import resolved
+from derprop.configfile import load_config
 from derprop.provenance import KEYS, source
-from derprop.tables import run_path
+from derprop.tables import overrides_for, run_path
 from pipelines import run_matrix as rm
 
 TINY = "configs/cpu_scenes_tiny.yaml"
@@ -33,7 +35,10 @@ def fake_papermill(monkeypatch):
     def execute(notebook, output, parameters, **_):
         calls.append(parameters)
         out = Path(parameters["OUT_DIR"])
-        (out / "results.json").write_text(json.dumps({"miou": 0.5, "final": {}, "config": {"profile": "paper"},
+        config = trained_config(parameters["CONFIG"], overrides_for(
+            profile=parameters["PROFILE"], ablation=parameters["ABLATION"], size=parameters["SIZE"],
+            extra=parameters["OVERRIDES"]))
+        (out / "results.json").write_text(json.dumps({"miou": 0.5, "final": {}, "config": config,
                                                       **{k: 1 for k in KEYS}}))
         Path(output).write_text("{}")
 
@@ -57,10 +62,20 @@ def test_a_check_run_does_not_block_the_full_run_and_force_trains_again(fake_pap
     assert len(fake_papermill) == 3 and fake_papermill[-1]["RESUME"] == "overwrite"
 
 
+def trained_config(config: str, overrides: list[str]) -> dict:
+    """The config a run of ``config`` with ``overrides`` records in its results.json."""
+    return resolved(load_config(source() / config, overrides))
+
+
 def test_list_shows_every_entry_at_every_size(tmp_path, capsys):
     done = run_path("configs/voc_92.yaml", "", "small", tmp_path)
     done.mkdir(parents=True)
-    (done / "results.json").write_text("{}")
+    (done / "results.json").write_text(json.dumps({"config": trained_config("configs/voc_92.yaml",
+                                                                            overrides_for(size="small"))}))
+    other = run_path("configs/voc_92.yaml", "", "smoke", tmp_path)  # a run of voc_183, copied in by hand
+    other.mkdir(parents=True)
+    (other / "results.json").write_text(json.dumps({"config": trained_config("configs/voc_183.yaml",
+                                                                             overrides_for(size="smoke"))}))
     partial = run_path("configs/voc_92.yaml", "wo_dlp", "full", tmp_path)
     partial.mkdir(parents=True)
     (partial / "last.pt").write_bytes(b"")
@@ -68,7 +83,23 @@ def test_list_shows_every_entry_at_every_size(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["entry", "smoke", "small", "full"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
-    assert rows["voc_92"] == ["todo", "done", "todo"] and rows["voc_92_wo_dlp"] == ["todo", "todo", "partial"]
+    assert rows["voc_92"] == ["other", "done", "todo"] and rows["voc_92_wo_dlp"] == ["todo", "todo", "partial"]
+
+
+def test_a_folder_holding_a_run_of_another_config_is_not_skipped(fake_papermill, tmp_path, capsys):
+    kw = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results", device="cpu")  # no GPU here
+    out = run_path("configs/voc_92.yaml", "", "smoke", tmp_path / "runs")
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"config": trained_config("configs/voc_183.yaml",
+                                                                           overrides_for(size="smoke"))}))
+    assert rm.main(["one", "configs/voc_92.yaml", "--size", "smoke", "--runs-root", str(tmp_path / "runs"),
+                    "--results-root", str(tmp_path / "results"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} holds a finished run of another config (recorded → this entry: "
+                          "data.split '183' → '92'") and "--force trains smoke/voc_92 there anew" in err, err
+    assert not fake_papermill
+    rm.run_one("configs/voc_92.yaml", size="smoke", force=True, **kw)
+    assert len(fake_papermill) == 1 and rm.state(out, "configs/voc_92.yaml", overrides_for(size="smoke")) == "done"
 
 
 def test_a_failed_run_is_one_error_line_naming_its_notebook(monkeypatch, tmp_path, capsys):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from derprop import atomic, loaders, rundir
+from derprop import atomic, loaders, paths, rundir
 from derprop import checkpoint as ck
 from derprop.configfile import load_config
 from derprop.provenance import source
@@ -246,6 +248,102 @@ def test_a_fresh_run_into_a_finished_folder_refuses_or_overwrites(runs, scenes_t
     assert_same_run(out, ref)
 
 
+def test_resume_from_into_a_folder_that_holds_another_run_is_refused(runs, scenes_tiny, tmp_path, capsys):
+    ref, after1 = runs
+    out = tmp_path / "runC"
+    clone(ref, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli(scenes_tiny, out, "--resume-from", str(after1 / "last.pt")) == 2
+    assert capsys.readouterr().err == (
+        f"error: output folder {out} already holds a finished run (results.json); --resume-from starts a run from "
+        f"{after1 / 'last.pt'} in a folder of its own: choose an empty --out, or continue the run there with "
+        "--resume\n")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_folder_that_no_run_wrote_is_refused_and_overwrite_removes_only_run_files(scenes_tiny, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "tensorboard" / "other_run").mkdir(parents=True)
+    mine = {"config.yaml": "lr: 3\n", "train.log": "my notes\n", "best.pt": "my model",
+            "tensorboard/other_run/events.out.tfevents.1": "their scalars"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    assert cli(scenes_tiny, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output folder {out} is not a derprop run folder and holds 3 entries (best.pt, "
+                          "config.yaml, tensorboard); choose an empty --out, or start there with --overwrite "
+                          "(deletes only the files a run writes: ") and err.count("\n") == 1, err
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert cli(scenes_tiny, out, "--overwrite") == 0
+    assert (out / "tensorboard" / "other_run" / "events.out.tfevents.1").read_text() == "their scalars"
+    assert (out / "results.json").is_file() and "my notes" not in (out / "train.log").read_text()
+    # the leftovers of a run that never finished an epoch are a run's: cleared without --overwrite; and a folder
+    # holding only what a launcher puts there first (papermill's notebook, a redirected log) is a new run's
+    leftovers, launched = tmp_path / "leftovers", tmp_path / "launched"
+    leftovers.mkdir()
+    shutil.copy(out / "config.yaml", leftovers / "config.yaml")
+    (leftovers / "train.log").write_text("epoch 1/2 it 1/2 ...\n")
+    assert cli(scenes_tiny, leftovers) == 0
+    launched.mkdir()
+    (launched / "train.ipynb").write_text("{}")
+    (launched / "train.log").write_text("")
+    assert rundir.foreign_files(launched) == [] and rundir.foreign_files(tmp_path / "mine") == []
+    (launched / "notes.txt").write_text("mine")
+    assert rundir.foreign_files(launched) == ["notes.txt"]
+
+
+def test_resume_refuses_a_regenerated_dataset_naming_both_hashes(runs, scenes_tiny, tmp_path, capsys):
+    from data_prep import scenes
+    from tests.conftest import TINY_SCENES
+
+    _, after1 = runs
+    out, root = tmp_path / "run", tmp_path / "scenes"
+    clone(after1, out)
+    shutil.copytree(scenes_tiny, root)
+    old = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    assert ck.load(out / "last.pt")["data_sha256"] == old
+    assert scenes.main(["--root", str(root), *TINY_SCENES, "--seed", "1", "--force", "--quiet", "--workers", "1"]) == 0
+    new = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    assert cli(root, out, "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"error: checkpoint {out / 'last.pt'} was trained on another dataset: its manifest had sha256 {old[:16]}…, "
+        f"the one of data.root has {new[:16]}… (the tree was regenerated or changed); resume with the tree it was "
+        "trained on, or pass --new-data to go on with this one\n")
+    assert cli(root, out, "--resume", "--new-data") == 0
+    assert json.loads((out / "results.json").read_text())["data_sha256"] == new
+
+
+def _broken(state: dict, fault: str) -> dict:
+    """A last.pt that loads but cannot be resumed."""
+    if fault == "nan weights":
+        name = next(k for k, v in state["model"].items() if v.is_floating_point())
+        state["model"][name] = state["model"][name] * float("nan")
+    elif fault == "optimizer buffer":
+        first = next(iter(state["optimizer"]["state"]))
+        state["optimizer"]["state"][first]["momentum_buffer"] = torch.zeros(3)
+    else:
+        state["model"][next(iter(state["model"]))] = torch.zeros(5)
+    return {k: v for k, v in state.items() if k not in ("format", "version")}
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("nan weights", "holds non-finite weights (model tensor "),
+    ("optimizer buffer", "does not fit this config (ValueError: the optimizer's momentum_buffer of parameter 0 of "
+                         "group 0 has shape (3,), the parameter ("),
+    ("model shape", "does not fit this config (RuntimeError: Error(s) in loading state_dict for DerPropNet: size "
+                    "mismatch for "),
+])
+def test_a_checkpoint_that_cannot_be_resumed_is_one_line_before_any_step(fault, words, runs, scenes_tiny, tmp_path,
+                                                                          monkeypatch, capsys):
+    _, after1 = runs
+    path = ck.save(tmp_path / "last.pt", _broken(ck.load(after1 / "last.pt"), fault))
+    monkeypatch.setattr(Trainer, "train_step", lambda *a: pytest.fail("a step ran"))
+    assert cli(scenes_tiny, tmp_path / "run", "--resume-from", str(path)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {path} {words}") and err.count("\n") == 1, err
+    assert "last finite checkpoint" not in err and ("is nan): no run can go on from it" in err) == (fault == "nan weights")
+
+
 def test_an_unwritable_output_folder_fails_before_anything_is_built(scenes_tiny, tmp_path, monkeypatch, capsys):
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -253,12 +351,30 @@ def test_an_unwritable_output_folder_fails_before_anything_is_built(scenes_tiny,
     def never(*a, **k):
         raise AssertionError("data built before the output folder was checked")
 
-    monkeypatch.setattr(rundir.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(paths.tempfile, "mkstemp", denied)
     monkeypatch.setattr(loaders, "build_training_data", never)
     assert cli(scenes_tiny, tmp_path / "ro" / "run") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write to output folder {tmp_path / 'ro' / 'run'}: Permission denied")
     assert "\n" not in err and not (tmp_path / "ro").exists()
+
+
+def test_an_output_folder_that_is_a_link_loop_or_a_dangling_link_fails_before_anything_is_built(
+        scenes_tiny, tmp_path, monkeypatch, capsys):
+    def never(*a, **k):
+        raise AssertionError("data built before the output folder was checked")
+
+    monkeypatch.setattr(loaders, "build_training_data", never)
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere" / "run")
+    assert cli(scenes_tiny, tmp_path / "loop") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {tmp_path / 'loop'} is a symbolic link that leads back to itself") \
+        and err.count("\n") == 1, err
+    assert cli(scenes_tiny, tmp_path / "gone") == 2
+    assert capsys.readouterr().err == (f"error: cannot use output folder {tmp_path / 'gone'}: it is a symbolic link to "
+                                       f"{tmp_path / 'nowhere' / 'run'}, which does not exist; choose another --out "
+                                       "or remove the link\n")
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_the_space(runs, scenes_tiny, tmp_path, monkeypatch, capsys):
@@ -343,17 +459,43 @@ def test_ctrl_c_keeps_the_last_finished_epoch_and_prints_the_resume_command(runs
             raise KeyboardInterrupt
         return real(self, epoch, loaders)
 
+    options = ["--threads", str(torch.get_num_threads()), "--device", "cpu", "--log-every", "3"]
     with monkeypatch.context() as m:
         m.setattr(Trainer, "_train_steps", ctrl_c_in_epoch_2)
-        assert cli(scenes_tiny, out) == 130
+        assert cli(scenes_tiny, out, *options) == 130
     err = capsys.readouterr().err
     assert err.startswith(f"interrupted: epoch 1, the last finished one, is kept in {out / 'last.pt'}; "
                           "continue it with `python -m derprop.train --config ") and err.count("\n") == 1
     assert not (out / rundir.LOCK).exists()
     command = shlex.split(err.split("`")[1])
     assert command[:3] == ["python", "-m", "derprop.train"] and "--resume" in command
+    for flag, value in zip(options[::2], options[1::2]):  # run as it was started: a thread count changes the sums
+        assert command[command.index(flag) + 1] == value, flag
     assert main(command[3:]) == 0
     assert_same_run(out, ref)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_in_training_is_handled_like_ctrl_c(name, runs, scenes_tiny, tmp_path, monkeypatch, capsys):
+    ref, _ = runs
+    out = tmp_path / "run"
+    signum = getattr(signal, name)
+    real = Trainer.__init__
+
+    def signalled_in_epoch_2(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.hook = lambda event, epoch=None, **_: epoch == 1 and os.kill(os.getpid(), signum)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "__init__", signalled_in_epoch_2)
+        assert cli(scenes_tiny, out) == 128 + signum
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted by {name}: epoch 1, the last finished one, is kept in {out / 'last.pt'}; "
+                          "continue it with `python -m derprop.train --config ") and err.count("\n") == 1
+    assert not (out / rundir.LOCK).exists() and not list(out.rglob(f".*{atomic.TMP_SUFFIX}"))
+    if name == "SIGTERM":  # the command it printed goes on as after Ctrl-C
+        assert main(shlex.split(err.split("`")[1])[3:]) == 0
+        assert_same_run(out, ref)
 
 
 def test_a_book_run_trained_with_other_settings_is_refused_not_shown(tmp_path):

@@ -16,7 +16,6 @@ from PIL import Image
 from derprop import checkpoint as ck
 from derprop.configfile import load_config
 from derprop.data import DatasetError
-from derprop.distributed import Dist
 from derprop.guards import NonFiniteLossError
 from derprop.loaders import loaders
 from derprop.objective import ohem_ce
@@ -179,6 +178,53 @@ def test_a_huge_lr_stops_with_finite_checkpoints_and_resumes_with_a_lower_one(sc
     assert _all_finite(tmp_path / "last.pt") and _all_finite(tmp_path / "best.pt")
 
 
+def test_every_seed_the_config_takes_trains(scenes_tiny, tmp_path, capsys):
+    from derprop.augment import sample_seed
+
+    # the seeds that trained before are as they were (a run resumed across versions replays its augmentations)
+    g = torch.Generator().manual_seed((7 * 1_000_003 + 2) * 1_000_033 + 1)
+    assert sample_seed(7, 2, 5, 1) == (int(torch.randint(0, 2**62, (1,), generator=g)) + 5 * 0x9E3779B97F4A7C15) \
+        % (2**63 - 1)
+    args = ["--config", str(TINY), f"data.root={scenes_tiny}", "optim.epochs=1", "optim.iters_per_epoch=1",
+            "data.val_limit=1", "data.diag_images=0", "eval.final_modes=[original]"]
+    for seed in (20240101, 2**63 - 1):
+        assert main([*args, "--out", str(tmp_path / str(seed)), "--seed", str(seed)]) == 0
+    assert main([*args, "--out", str(tmp_path / "too_big"), "--seed", str(2**63)]) == 2
+    assert capsys.readouterr().err.endswith("error: config key 'seed' must be in [0, 2**63 - 1], got "
+                                            "9223372036854775808\n")
+
+
+def test_the_class_count_comes_from_the_tree_and_evaluation_agrees(tmp_path, capsys):
+    from derprop import evaluate
+    from tests.fixtures import scenes_tree
+
+    root = tmp_path / "four"
+    scenes_tree(root, classes=(0, 1, 8), size=32, num_train=16, num_val=2)  # the CPU default's classes: 4 with background
+    args = ["--config", str(TINY), f"data.root={root}", "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2",
+            "data.diag_images=1", "eval.final_modes=[original]"]
+    assert tiny(root).model.num_classes == 4  # cpu_scenes_tiny names no class count: the tree's manifest gives it
+    # the tree's count, or a larger one the config sets itself (a benchmark's VOC-sized head): training and
+    # evaluation take the same trees
+    for name, extra in (("run", []), ("run11", ["data.num_classes=11"])):
+        assert main([*args, *extra, "--out", str(tmp_path / name)]) == 0
+        assert evaluate.main(["--checkpoint", str(tmp_path / name / "last.pt"), "--workers", "0", "--device", "cpu"]) == 0
+        assert "images: 2" in capsys.readouterr().out
+    label = root / "SegmentationClass" / "val_00000.png"  # a class the tree does not have
+    im = Image.open(label)
+    pixels = np.array(im)
+    pixels[0, 0] = 7
+    out = Image.fromarray(pixels)
+    out.putpalette(im.getpalette())
+    out.save(label)
+    for name, extra in (("run7", []), ("run7_11", ["data.num_classes=11"])):
+        assert main([*args, *extra, "--out", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: label {label} holds values 7 outside 0..3 and 255 (ignore); it is not a label of this "
+                       f"dataset or is corrupt. Fix: run `python -m data_prep.scenes --root {root}` to recreate "
+                       f"missing files (delete damaged ones first), or `python -m data_prep.scenes --check --root "
+                       f"{root}` to list every problem.\n")
+
+
 def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
     """Every release extra runs; each ablation switch removes exactly its terms."""
     cfg = tiny(scenes_tiny, "profile=official", "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2",
@@ -286,18 +332,17 @@ def test_cli_reports_bad_config_keys(capsys):
 
 
 def test_threshold_ema_and_fixed():
-    d = Dist()
     probs = torch.zeros(1, 3, 2, 2)
     probs[0, 0] = torch.tensor([[0.9, 0.6], [0.2, 0.2]])
     probs[0, 1] = torch.tensor([[0.1, 0.4], [0.7, 0.5]])
     probs[0, 2] = 1 - probs[0, 0] - probs[0, 1]
     ignore = torch.zeros(1, 2, 2, dtype=torch.long)
     t = Threshold("ema", 0.95, 0.85, 0.999)
-    t.update(probs, ignore, d)
+    t.update(probs, ignore)
     # classes predicted: 0 (max conf 0.9) and 1 (max 0.7) → mean 0.8
     assert t.value == pytest.approx(0.999 * 0.85 + 0.001 * 0.8)
     fixed = Threshold("fixed", 0.95, 0.85, 0.999)
-    fixed.update(probs, ignore, d)
+    fixed.update(probs, ignore)
     assert fixed.value == 0.95
 
 
@@ -406,3 +451,23 @@ def test_resume_with_a_different_config_is_refused(reference_run, scenes_tiny):
         Trainer(tiny(scenes_tiny, "loss.lambda_kl=0.5", "optim.lr=0.5"), reference_run, resume=True)
     with pytest.raises(ck.CheckpointError, match=r"finished epoch 2, more than optim.epochs=1"):
         Trainer(tiny(scenes_tiny, "optim.epochs=1"), reference_run, resume=True)
+
+
+def test_evaluation_runs_in_fp32_with_the_configs_loader_workers(scenes_tiny, tmp_path, monkeypatch):
+    """A bf16 run's mIoU is an fp32 evaluation (comparable with an fp32 run's), loaded by data.num_workers workers;
+    a CPU run records no CUDA memory."""
+    import derprop.trainer as trainer_module
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), kwargs["num_workers"]))
+        return real(*args, **kwargs)
+
+    real = trainer_module.evaluate
+    monkeypatch.setattr(trainer_module, "evaluate", spy)
+    res = Trainer(tiny(scenes_tiny, "optim.amp=bf16", "optim.epochs=1", "optim.iters_per_epoch=1", "data.val_limit=2",
+                       "data.diag_images=0", "data.num_workers=1"), tmp_path).fit()
+    assert seen and all(s == (False, 1) for s in seen)
+    assert "peak_cuda_mib" not in res
+    assert "peak CUDA memory" not in (tmp_path / "train.log").read_text()

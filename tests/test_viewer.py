@@ -7,7 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from derprop.viewer import Axis, Viewer, frames_html, make_viewer
+from derprop.viewer import Axis, Viewer, frames_html, load_snapshots, make_viewer, status
+from tests.fixtures import poisoned_results
 
 
 def snapshot(epoch: int, n: int = 2, size: int = 8) -> dict[str, np.ndarray]:
@@ -40,3 +41,12 @@ def test_viewer_sends_the_widget_and_every_frame():
     assert set(viewer.frames) == {(i, e) for i in range(2) for e in range(3)}
     assert bundle["text/html"].count("<figure") == 6 and "data:image/png;base64," in bundle["text/html"]
     assert 'data-key="0,2">' in bundle["text/html"]  # the last epoch of the first image is shown first
+
+
+def test_status_shows_the_names_a_snapshot_holds_as_text(tmp_path):
+    snaps = load_snapshots(poisoned_results(tmp_path) / "run")
+    line = status(snaps[1], 0)
+    assert "<img" not in line and "<script" not in line and line.count("<b>") == 2
+    assert "&lt;img src=x onerror=&quot;window.pwned=1&quot;&gt;" in line
+    page = frames_html(make_viewer(snapshots=snaps).axes, make_viewer(snapshots=snaps).frames)
+    assert "<img src=x" not in page and "<script" not in page

@@ -56,3 +56,57 @@ def test_goals_are_judged_from_the_medians():
     assert [g["met"] for g in judged] == [False, False, True, True, True, True]
     assert judged[2]["value"] == pytest.approx(2.0) and judged[3]["value"] == pytest.approx(0.1)
     assert [g["met"] for g in vs_release.goals(rows[:3])] == [False, None, True, None, None, None]
+
+
+def test_every_renamed_module_is_a_release_name():
+    """derprop's parameter names map onto the release's ``SegmentationNet`` names (the value check loads derprop's
+    weights into the release's network through them): nothing of derprop's own naming is left, no two collide."""
+    from benchmarks import release_step
+    from derprop.configfile import load_config
+    from derprop.model import build_model
+    from derprop.provenance import source
+
+    names = list(build_model(load_config(source() / "configs" / "voc_92.yaml", ["model.pretrained=none"]).model)
+                 .state_dict())
+    mapped = [release_step.release_name(n) for n in names]
+    assert len(set(mapped)) == len(names) == 703
+    assert not [n for n in mapped if n.startswith(("aspp.", "head1.", "head2.", "fuse.0.0", "fuse.1.1"))]
+    assert {"head.b4.gap.1.weight", "corr.conv2.bias", "fuse.4.running_var", "head.b3.0.weight"} <= set(mapped)
+
+
+def test_step_memory_scales_the_network_by_pixels_and_takes_the_block_at_the_target_crop():
+    from benchmarks import release_step
+
+    blocks = [{"impl": "release", "crop": 321, "peak_mib": 400.0}, {"impl": "release", "crop": 801, "peak_mib": 6800.0}]
+    rows = [{"impl": "release-step", "crop": 321, "batch": 2, "state_mib": 2000.0, "peak_mib": 2 * 400 + 1000.0,
+             "peak_total_mib": 0.0},
+            {"impl": "release-step", "crop": 801, "batch": 2, "error": "does not fit in 14 GiB"},
+            {"impl": "derprop-step-fast", "crop": 321, "batch": 2, "state_mib": 2000.0, "peak_mib": 900.0}]
+    est = {r["batch"]: r for r in release_step.scaling(rows, blocks)}  # no block row of derprop's: not estimated
+    for b in (2, 4, 8):  # network: 1000 MiB for 2 images at 321, grows with the pixels; the block: per image, at 801
+        want = (2000 + b / 2 * (1000 * (801 / 321) ** 2 + 2 * 6800)) / 1024
+        assert est[b]["estimated_peak_gib"] == pytest.approx(want)
+    assert est[2]["measured"] == "does not fit in 14 GiB" and est[4]["measured"] == "not tried"
+    assert est[8]["fits_80gb_card"] is (want <= 80e9 / 2**30 - 1)
+
+
+def test_step_ratios_are_each_recipe_over_the_release():
+    from benchmarks import release_step
+
+    rows = [{"impl": "release-step", "crop": 321, "batch": 2, "images_per_s": 0.2, "peak_mib": 4000,
+             "peak_total_mib": 6000},
+            {"impl": "derprop-step-fast", "crop": 321, "batch": 2, "images_per_s": 0.44, "peak_mib": 1800,
+             "peak_total_mib": 3000},
+            {"impl": "derprop-step-fp32", "crop": 321, "batch": 2, "error": "does not fit in 14 GiB"}]
+    (r,) = release_step.ratios(rows)
+    assert (r["recipe"], r["speed_vs_release"], r["step_memory_vs_release"]) == ("fast", pytest.approx(2.2), 0.45)
+
+
+def test_a_case_over_the_memory_limit_does_not_fit(tmp_path, monkeypatch):
+    from benchmarks.common import run_isolated
+
+    (tmp_path / "grab.py").write_text("import json, sys\nx = bytearray(int(json.loads(sys.argv[2])['gib'] * 2**30))\n"
+                                      "print(json.dumps({'held': len(x)}))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert run_isolated("grab", {"gib": 0.05}, limit_gib=1) == {"held": int(0.05 * 2**30)}
+    assert run_isolated("grab", {"gib": 2}, limit_gib=1) == {"error": "does not fit in 1 GiB", "limit_gib": 1}
