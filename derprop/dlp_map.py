@@ -325,9 +325,3 @@ def regime_point(inputs: MapInputs, eta: float = 0.5) -> dict[str, Any]:
                          "kappa": kappa, "break_even_share": break_even(kappa, eta=eta)}
     out["ceiling"] = ceiling(inputs, eta)
     return out
-
-
-def net_per_thousand(point: dict[str, Any], upsample: str, weights: str, where: str = "full",
-                     eta: float = 0.5) -> float:
-    """Net fixed − broken pseudo-label pixels of a :func:`regime_point` per 1,000 pixels counted ``where``."""
-    return 1000 * point[upsample][weights][where][f"{eta:g}"]["net"] / point["pixels"][where]
