@@ -116,13 +116,17 @@ GEOMETRIES: dict[str, Geometry] = {
     "s64_os8": Geometry(64, 8),  # the CPU default
     "s64_os8_big": Geometry(64, 8, BIG),
     "s64_os4": Geometry(64, 4),
+    "s96_os8_big": Geometry(96, 8, BIG),
     "s128_os8_big": Geometry(128, 8, BIG),
-    "s128_os4_big": Geometry(128, 4, BIG, crop=96),
+    "s128_os4_big": Geometry(128, 4, BIG),
 }
-"""The geometries, cheapest first within a stride (:attr:`Geometry.cost`). ``s128_os8_big`` trains on 64-pixel
-crops of 128-pixel scenes and gave a much weaker network than the others (the crop holds a large object's part,
-the evaluation the whole scene); so the largest geometry, whose objects must span 16 cells of the grid DLP acts
-on in training too, trains on 96-pixel crops (a 24 × 24 grid), at 9× the default's step cost."""
+"""The geometries, cheapest first within a stride (:attr:`Geometry.cost`). All train on the CPU default's
+64-pixel crops; scenes larger than the crop are evaluated and mapped whole. ``s128_os8_big`` gave a much weaker
+network than the others (the crop holds a large object's part, the evaluation the whole scene). The largest
+extent, ``s128_os4_big``, trains at stride 4, where a 64-pixel crop is a 16 × 16 grid: its objects span the
+whole training grid, at 4× the default's step cost. Its objects would span more than 16 cells in training too
+only on 96-pixel crops (a 24 × 24 grid, 9× the default's step: ``--points s128_os4_big data.crop_size=96`` is
+the command; not run, for its cost)."""
 
 DEFAULT = "s64_os8"
 """The CPU default's geometry (``configs/cpu_scenes.yaml``; ``results/dlp_map.json`` maps its DerProp run)."""
@@ -342,8 +346,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["python -m benchmarks.dlp_regime --points", *(p["name"] for p in points), *args.overrides]),
         "this_call": "python -m benchmarks.dlp_regime " + " ".join(sys.argv[1:] if argv is None else argv),
         "knobs": "model.output_stride (8 or 4), the objects' scale (data_prep.scenes --object-size/--max-objects) and "
-                 "the scene side (64 or 128, evaluated and mapped whole); training steps at the CPU default's 64-pixel "
-                 "crop but for the largest extent (96: its objects need a training grid larger than 16 x 16)",
+                 "the scene side (64, 96 or 128, evaluated and mapped whole); training steps at the CPU default's 64-pixel "
+                 "crop at every point",
         "budget": {"labeled": 62, "warm_steps": 400, "dlp_steps": 300, "supervised_steps": 300, "seed": SEED,
                    "val_images": 300, "map_images": "200, or 100 where the grid has more than 256 cells",
                    "shrunk": "evaluation after the last epoch only, no per-epoch diagnostics (training unchanged)"},
