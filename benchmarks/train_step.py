@@ -224,21 +224,27 @@ def _epoch(trainer) -> int:
 
 
 def run_check(case: dict, out_dir: str) -> dict:
-    """Loss, logged terms and parameter gradients of one step, dense then tiled, from the same state."""
-    trainer = build_trainer(case, out_dir)
+    """Loss, logged terms and parameter gradients of one step, dense then tiled, from the same state.
+
+    Each implementation gets a trainer of its own, built from its own config (:data:`BASELINE`, :data:`TILED`):
+    a trainer reads ``method.chunk`` once, when it is built, so swapping the config of a live one would run
+    the same implementation twice. The check fails unless the two trainers really use ``None`` and
+    ``case["chunk"]``."""
     batch = _device_batch(synthetic_batch(case["batch"], case["crop"], case["classes"]), case["device"])
-    epoch = _epoch(trainer)
-    net_state = copy.deepcopy(trainer.net.state_dict())  # BN running stats feed the eval-mode partner pass
-    threshold = dict(trainer.threshold.state_dict())
-    cfg0 = trainer.cfg
-    results = {}
-    for impl, chunk in (("dense", None), ("tiled", case["chunk"])):
-        trainer.cfg = dataclasses.replace(cfg0, method=dataclasses.replace(cfg0.method, chunk=chunk))
-        trainer.net.load_state_dict(net_state)
-        trainer.threshold.load_state_dict(threshold)
+    results, chunks, state = {}, {}, None
+    for impl, config in (("dense", BASELINE), ("tiled", TILED)):
+        trainer = build_trainer({**case, "config": config}, str(Path(out_dir) / impl))
+        if state is None:  # BN running stats feed the eval-mode partner pass: both start from the dense state
+            state = copy.deepcopy({"net": trainer.net.state_dict(), "threshold": trainer.threshold.state_dict(),
+                                   "momentum": trainer.momentum.state_dict() if trainer.momentum else None})
+        trainer.net.load_state_dict(state["net"])
+        trainer.threshold.load_state_dict(state["threshold"])
+        if trainer.momentum:
+            trainer.momentum.load_state_dict(state["momentum"])
+        chunks[impl] = {"dlp": trainer.dlp["chunk"], "derivative_loss": trainer.der["chunk"]}
         torch.manual_seed(1234)
         trainer.optimizer.zero_grad(set_to_none=True)
-        loss, logs = trainer.train_step(batch, epoch)
+        loss, logs = trainer.train_step(batch, _epoch(trainer))
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in trainer.net.named_parameters() if p.grad is not None}
         results[impl] = (float(loss.detach()), logs, grads)
@@ -262,7 +268,9 @@ def run_check(case: dict, out_dir: str) -> dict:
             grad_rel, worst = r, name
     missing = sorted(set(gt) ^ set(gd))
     term_rel = max((t["rel_diff"] for k, t in terms.items() if k not in ("threshold", "mask_ratio")), default=0.0)
-    passed = (rel(ld, lt) <= case["rtol"] and term_rel <= case["rtol"] and grad_rel <= case["grad_rtol"]
+    tiles = (set(chunks["dense"].values()) == {None} and set(chunks["tiled"].values()) == {case["chunk"]}
+             and case["chunk"] is not None and case["chunk"] < case["M"])
+    passed = (tiles and rel(ld, lt) <= case["rtol"] and term_rel <= case["rtol"] and grad_rel <= case["grad_rtol"]
               and not missing and math.isfinite(ld) and total > 0)
     return {
         "profile": case["profile"], "crop": case["crop"], "M": case["M"], "chunk": case["chunk"],
@@ -270,7 +278,7 @@ def run_check(case: dict, out_dir: str) -> dict:
         "grad_max_rel_diff": grad_rel, "grad_worst_param": worst,
         "grad_global_rel_diff": diff / max(total, 1e-30), "grad_norm": total, "params_with_grad": len(gd),
         "params_grad_mismatch": missing, "terms": terms, "rtol": case["rtol"], "grad_rtol": case["grad_rtol"],
-        "passed": passed,
+        "chunks_used": chunks, "tiles": tiles, "passed": passed,
     }
 
 
@@ -623,7 +631,8 @@ def main(argv: list[str] | None = None) -> dict:
                     + "\n".join(json.dumps({k: c[k] for k in ("profile", "crop", "loss_dense", "loss_tiled",
                                                               "loss_rel_diff", "max_term_rel_diff",
                                                               "grad_max_rel_diff", "grad_worst_param",
-                                                              "params_grad_mismatch")}) for c in failed))
+                                                              "params_grad_mismatch", "chunks_used")})
+                              for c in failed))
         rows = []
         for crop in args.crops:
             for profile in args.profiles:

@@ -162,5 +162,5 @@ def weighted_sum(terms: dict[str, Tensor], lc: LossConfig) -> Tensor:
     if "ce_fp" in terms:
         total = total + lc.lambda_fp * terms["ce_fp"]
     if "der_x" in terms:
-        total = total + lc.lambda_der * (terms["der_x"] + terms["der_u"] if "der_u" in terms else terms["der_x"])
+        total = total + lc.lambda_der * (terms["der_x"] + terms.get("der_u", 0.0))
     return lc.scale * total

@@ -67,8 +67,9 @@ class Threshold:
 
 
 def similarity_features(out: SegOutput, temperature: float) -> tuple[Tensor, Tensor | None]:
-    """``f1, f2`` flattened to ``(B, D, M)`` (``f2`` None when symmetric), ``f1`` divided by the temperature
-    (``method.dlp_temperature``): in the softmax form the similarity becomes ``s/T`` (Δ is linear)."""
+    """``f1, f2`` flattened to ``(B, D, M)``, ``f1`` divided by the temperature (``method.dlp_temperature``): in
+    the softmax form the similarity becomes ``s/T`` (Δ is linear). ``f2`` is None only for symmetric features at
+    T = 1; at T ≠ 1 symmetric features give the undivided ``f1``."""
     f1 = out.f1.flatten(2)
     if temperature == 1.0:
         return f1, None if out.f2 is out.f1 else out.f2.flatten(2)
@@ -158,7 +159,9 @@ def cutmix_pseudo_labels(p_w: Tensor, p_mix: Tensor, box: Tensor, ign: Tensor, i
                          op: str) -> PseudoLabels:
     """Pseudo-labels of the CutMixed strong view from the weak view's ``p_w`` and the partner's ``p_mix``.
 
-    Updates ``threshold`` first (on the weak view; the release counts the uncut ignore mask).
+    Updates ``threshold`` first, from the weak view's confidences. Where they count follows
+    ``consistent_targets``: off (the release, whose ``thresh_update`` gets ``ignore_mask_cutmixed1``), over the
+    CutMixed ignore mask; on (paper profile), over the weak view's own.
     ``consistent_targets`` (``method.cutmix_consistent_targets``): the soft targets are cut like the images.
     ``features``: :func:`weak_features` of the weak view, for region propagation (``method.region_propagation``)
     from ``samples`` rows (``method.region_samples``) with the derivative ``op``; None: no region propagation.

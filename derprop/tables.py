@@ -201,7 +201,8 @@ DIVERGENCES: dict[str, Divergence] = {
         ("momentum", "backprop"), "CutMix partner labelled by the momentum net", "by the trained net Θb", "eq. 5, 6"),
     "method.unlabeled_ce": Divergence(("soft", "hard"), "soft targets", "hard pseudo-labels", "eq. 7"),
     "method.cutmix_consistent_targets": Divergence(
-        (False, True), "uncut weak-view targets (quirk)", "targets cut like the images", "eq. 7"),
+        (False, True), "uncut weak-view targets, threshold counted over the CutMixed ignore mask (quirk)",
+        "targets cut like the images, threshold over the weak view's ignore mask", "eq. 7"),
     "method.cutmix_partner": Divergence(
         ("same_image", "other_image"), "CutMix partner: another augmentation of the same image", "a different image",
         "eq. 7"),

@@ -29,6 +29,7 @@ def test_quick_preset_writes_results(tmp_path, scenes_tiny):
         assert c["passed"], c
         assert c["loss_rel_diff"] <= 1e-4 and c["grad_max_rel_diff"] <= 1e-4
         assert c["params_with_grad"] > 10 and not c["params_grad_mismatch"]
+        assert c["tiles"] and c["chunks_used"]["tiled"] == {"dlp": 8, "derivative_loss": 8}
 
     configs = train_step.PRESETS["quick"]["configs"]
     assert len(payload["rows"]) == 2 * len(configs)
@@ -70,11 +71,29 @@ def test_the_benchmark_steps_through_the_trainers_optimize(scenes_tiny, tmp_path
         step()
 
 
+@pytest.mark.parametrize("tiled", ["tiled-fp32", "dense-fp32"])
+def test_the_check_passes_only_when_its_second_pass_tiles(scenes_tiny, tmp_path, monkeypatch, tiled):
+    """Both passes on one implementation fail the check: a trainer reads ``method.chunk`` when it is built, so
+    the check builds one per implementation (swapping the config of a live trainer compared dense with itself)."""
+    monkeypatch.setattr(train_step, "TILED", tiled)
+    case = {"kind": "check", "profile": "official", "config": "dense-fp32", "backbone": "resnet18",
+            "deep_stem": False, "crop": 33, "M": train_step.grid_pixels(33), "batch": 2, "chunk": 8, "classes": 21,
+            "device": "cpu", "scenes_root": str(scenes_tiny), "rtol": 1e-4, "grad_rtol": 1e-4}
+    res = train_step.run_check(case, str(tmp_path))
+    real = tiled == "tiled-fp32"
+    assert res["chunks_used"]["dense"] == {"dlp": None, "derivative_loss": None}
+    assert res["chunks_used"]["tiled"] == ({"dlp": 8, "derivative_loss": 8} if real
+                                           else {"dlp": None, "derivative_loss": None})
+    assert res["tiles"] is real and res["passed"] is real
+    assert res["loss_rel_diff"] <= 1e-4 and res["grad_max_rel_diff"] <= 1e-4  # the numbers agree either way
+
+
 def test_disagreement_stops_the_benchmark(tmp_path, scenes_tiny, monkeypatch):
     def bad_check(case, out_dir):
         return {"profile": case["profile"], "crop": case["crop"], "loss_dense": 1.0, "loss_tiled": 1.5,
                 "loss_rel_diff": 0.5, "max_term_rel_diff": 0.5, "grad_max_rel_diff": 0.1, "grad_global_rel_diff": 0.1,
-                "grad_worst_param": "head1.weight", "params_grad_mismatch": [], "passed": False}
+                "grad_worst_param": "head1.weight", "params_grad_mismatch": [], "passed": False,
+                "chunks_used": {"dense": {"dlp": None}, "tiled": {"dlp": None}}}
 
     monkeypatch.setattr(train_step, "run_check", bad_check)
     out = tmp_path / "never.json"

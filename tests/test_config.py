@@ -108,10 +108,18 @@ def test_unknown_key_in_file_names_dotted_key(tmp_path):
         load_config(p)
 
 
-def test_choices_cover_enums():
-    cfg = TrainConfig()
-    assert set(CHOICES) >= {"profile", "method.op", "method.dlp_form", "method.blend_space", "eval.mode"}
-    assert cfg.model.num_classes == 21
+def test_choices_name_real_fields_and_allow_every_default_and_switch_value():
+    from functools import reduce
+
+    from derprop.tables import DIVERGENCES
+
+    for profile in ("official", "paper"):
+        cfg = load_config(None, [f"profile={profile}"])
+        for key, allowed in CHOICES.items():
+            assert reduce(getattr, key.split("."), cfg) in allowed, (profile, key)
+    for key, d in DIVERGENCES.items():
+        if all(isinstance(v, str) for v in d.values):
+            assert key in CHOICES and set(d.values) <= set(CHOICES[key]), key
 
 
 @pytest.mark.parametrize("text, message", [
