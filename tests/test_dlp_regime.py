@@ -68,9 +68,12 @@ def test_choose_takes_the_cheapest_point_that_meets_both_conditions():
     assert [r["name"] for r in choice["points"]] == ["s64_os8", "s128_os8_big", "s64_os4", "s128_os4_big"]  # by price
     assert choice["chosen"] == "s128_os8_big"
     assert [r["oracle_positive"] for r in choice["points"]] == [False, True, True, True]
-    assert not choice["final"] and choice["unfinished"] == {"s64_os8_big": 1.0}  # as cheap a step, a smaller scene
+    # as cheap a step, smaller scenes
+    assert not choice["final"] and choice["unfinished"] == {"s64_os8_big": 1.0, "s96_os8_big": 1.0}
     assert dlp_regime.choose(points[:1])["chosen"] is None
     points.append(point("s64_os8_big", 1, 1, 0.01))  # finished, and failing the headroom
+    assert not dlp_regime.choose(points)["final"]
+    points.append(point("s96_os8_big", 1, -1, 0.20))  # finished, and failing the oracle
     assert dlp_regime.choose(points)["final"]
 
 
