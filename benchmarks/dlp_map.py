@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.time()
     inputs, cfg = inputs_of(args.run, args.images)
     families = dlp_map.dlp_map(inputs)
-    detail = dlp_map.dlp_map(inputs, {"kappa": dlp_map.FAMILIES["kappa"]}, detail=True)
+    detail = dlp_map.dlp_map(inputs, {"kappa": dlp_map.FAMILIES["kappa"]}, upsample="detail")
     rows = {}
     for spec in args.row:
         name, _, run = spec.partition("=")
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "break_even_share": {f: dlp_map.break_even(p) for f, p in families.items()},
         "ceiling": dlp_map.ceiling(inputs),
         "detail": {"what": "the same, with a detail-preserving upsampling: L + up(L̃ − L_grid) in place of up(L̃)",
-                   "oracle": dlp_map.score(inputs, dlp_map.oracle_weights(inputs.grid_labels), detail=True),
+                   "oracle": dlp_map.score(inputs, dlp_map.oracle_weights(inputs.grid_labels), upsample="detail"),
                    "families": detail,
                    "break_even_share": {f: dlp_map.break_even(p) for f, p in detail.items()}},
         "rows": rows,
