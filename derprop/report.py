@@ -19,8 +19,10 @@ from derprop.atomic import read_jsonl
 from derprop.config import TrainConfig
 from derprop.configfile import load_config
 from derprop.data import split_items
-from derprop.display import escape_markdown
+from derprop.display import escape_markdown, mean_std
 from derprop.evaluate import format_iou_table
+from derprop.findings import criterion, number, verdict
+from derprop.sources import committed
 
 NOT_LOSS_TERMS = ("threshold", "mask_ratio", "time_s")
 """The ``train_<name>`` values of ``metrics.jsonl`` that are not loss terms."""
@@ -148,14 +150,17 @@ def recipe_costs(root: str | os.PathLike, rows: list[dict[str, Any]], data_root:
 
 
 def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
-    """What the CPU-scale runs found, in sentences with their numbers (Markdown), from ``cpu_evidence.json``
+    """What the CPU-scale runs found, in sentences with their numbers (Markdown), each ending with its source
+    (:func:`derprop.sources.committed`: the file, its date, machine and threads), from ``cpu_evidence.json``
     (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``); a sentence
     saying which file is missing where one is. Every value read from the files shows as text (:func:`_quote`)."""
     folder = Path(results_dir)
+    root = folder.parent
     out = []
     evidence = folder / "cpu_evidence.json"
     if evidence.is_file():
         data = json.loads(evidence.read_text())
+        src = committed(evidence, data, root=root).markdown()
         claim = data.get("claim")
         if claim and claim.get("measured"):
             per_net = {net: " / ".join(_quote(100 * d if _is_number(d) else d, "+.1f") for d in per.values())
@@ -163,15 +168,15 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
             margin = claim["margin"]
             out.append("DerProp against supervised training with the same momentum network, on held-out seeds "
                        f"{', '.join(map(_quote, claim['seeds']))}: trained network {per_net.get('backprop', '–')} pp, "
-                       f"momentum network {per_net.get('momentum', '–')} pp; the claim of at least "
-                       f"{_quote(100 * margin if _is_number(margin) else margin, '.0f')} pp on every seed is "
-                       f"**{'met' if claim['met'] is True else 'not met'}**.")
+                       f"momentum network {per_net.get('momentum', '–')} pp; "
+                       + (criterion(margin, "that baseline") if _is_number(margin) else "the criterion")
+                       + f" is {verdict(claim)} ({src}).")
         full = data.get("summary", {}).get("full", {})
         if "pl_fixed_mean" in full:
             out.append(f"At the last epoch DLP fixed {_quote(full['pl_fixed_mean'], ',.0f')} pseudo-label pixels and "
                        f"broke {_quote(full['pl_broken_mean'], ',.0f')} (mean of {len(full.get('seeds', []))} seeds); "
                        f"a foreground pixel took {_quote(full['attn_share_ratio_mean'], '.2f')}× the uniform share of "
-                       "its propagation weights from its own class.")
+                       f"its propagation weights from its own class ({src}).")
     else:
         out.append("No CPU evidence yet: `python -m benchmarks.cpu_evidence` writes `results/cpu_evidence.json`.")
     dlp_map = folder / "dlp_map.json"
@@ -182,11 +187,14 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         detail = (data.get("detail") or {}).get("break_even_share", {}).get("kappa")
         learned = data["families"]["kappa"][0]["own_share"] if data.get("families", {}).get("kappa") else None
         out.append(f"With perfect (oracle) propagation weights DLP would fix {_quote(oracle['fixed'], ',')} and break "
-                   f"{_quote(oracle['broken'], ',')} pixels at η = 0.5; "
+                   f"{_quote(oracle['broken'], ',')} pixels at $\\eta_{{ep}}$ = 0.5; "
                    + (f"it breaks even at an own-class share of {_quote(share, '.2f')}" if share is not None
                       else "no point of the κ family breaks even with the release's upsampling")
                    + (f", and at {_quote(detail, '.2f')} with a detail-preserving one" if detail is not None else "")
-                   + (f"; the learned weights give {_quote(learned, '.2f')}." if learned is not None else "."))
+                   + (f"; the learned weights of the run it scored give {_quote(learned, '.2f')}"
+                      if learned is not None else "")
+                   + f" ({committed(dlp_map, data, root=root).markdown()}; chapter *Pseudo-label rectification, "
+                   "interactively* scores this build's run).")
     else:
         out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
     return out
@@ -251,18 +259,19 @@ def paired_records(summary: Mapping[str, Mapping[str, Any]], nets: tuple[str, ..
                    names: Mapping[str, str] | None = None) -> list[dict[str, str]]:
     """Table records of a CPU benchmark summary (``results/cpu_evidence.json`` or a group of
     ``results/ablations_cpu.json``; chapter *Ablations at CPU scale*): per row and network, mIoU % as mean ± std
-    over seeds, and the paired difference to the same network of the reference row seed by seed (pp, seeds in
-    order) with its mean."""
+    over seeds ("(n = 1)" for one seed), and the paired difference to the same network of the reference row seed
+    by seed (pp, seeds in order) with its mean."""
     out = []
     for key, s in summary.items():
         rec = {"row": (names or {}).get(key, key), "seeds": ", ".join(map(str, s["seeds"]))}
         for net in nets:
             e = s["nets"].get(net)
-            rec[net] = "–" if e is None else f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}"
+            rec[net] = "–" if e is None else mean_std(100 * e["mean"], 100 * e["std"],
+                                                      len(e.get("per_seed") or s["seeds"]))
             d = (e or {}).get("diff_per_seed")
             if d:
-                per_seed = " / ".join(f"{100 * v:+.1f}" for _, v in sorted(d.items(), key=lambda t: int(t[0])))
-                rec[f"d_{net}"] = f"{per_seed} (mean {100 * e['diff']['mean']:+.2f})"
+                per_seed = " / ".join(number(100 * v, 1, sign=True) for _, v in sorted(d.items(), key=lambda t: int(t[0])))
+                rec[f"d_{net}"] = f"{per_seed} (mean {number(100 * e['diff']['mean'], 2, sign=True)})"
             else:
                 rec[f"d_{net}"] = "reference" if key == s.get("reference") else "–"
         out.append(rec)
