@@ -108,9 +108,10 @@ def beaten_at(cases: Mapping[Any, tuple[Sequence[float | None], Sequence[float |
 
 
 def above_on(first: str, second: str, pairs: Mapping[Any, tuple[float, float]], *, noun: str = "seed",
-             what: str = "", decimals: int = 1) -> str:
+             what: str = "", decimals: int = 1, label: Callable[[Any], str] | None = None) -> str:
     """Where ``first`` is above ``second``: ``pairs`` maps a case (a seed) to ``(first's value, second's value)``.
-    Names the cases where it is above, level (equal at ``decimals``) and below, with the values.
+    Names the cases where it is above, level (equal at ``decimals``) and below, with the values; ``label`` names
+    a case in the details (default ``"<noun> <case>"``).
 
     >>> above_on("w/o DLP", "DerProp", {0: (50.3, 49.5), 1: (47.1, 45.8)})
     'w/o DLP is above DerProp on both seeds (seed 0: 50.3 against 49.5; seed 1: 47.1 against 45.8).'
@@ -118,7 +119,8 @@ def above_on(first: str, second: str, pairs: Mapping[Any, tuple[float, float]], 
     if not pairs:
         return f"{first} and {second} were not compared."
     order = {k: _cmp(a, b, decimals) for k, (a, b) in pairs.items()}
-    detail = "; ".join(f"{noun} {k}: {number(a, decimals)} against {number(b, decimals)}" for k, (a, b) in pairs.items())
+    name = label or (lambda k: f"{noun} {k}")
+    detail = "; ".join(f"{name(k)}: {number(a, decimals)} against {number(b, decimals)}" for k, (a, b) in pairs.items())
     subject = f"{first}{what}"
     above = [k for k, c in order.items() if c > 0]
     level = [k for k, c in order.items() if c == 0]
@@ -133,7 +135,9 @@ def above_on(first: str, second: str, pairs: Mapping[Any, tuple[float, float]], 
     parts = []
     for keys, word in ((above, "above"), (level, "level with"), (below, "below")):
         if keys:
-            parts.append(f"{word} {second} on {noun}{'s' if len(keys) > 1 else ''} {join([str(k) for k in keys])}")
+            cases = join([str(k) for k in keys]) if label is None else join([name(k) for k in keys])
+            parts.append(f"{word} {second} on {noun}{'s' if len(keys) > 1 else ''} {cases}" if label is None
+                         else f"{word} {second} on {cases}")
     return f"{subject} is {join(parts, 'and')} ({detail})."
 
 

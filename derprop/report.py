@@ -37,13 +37,14 @@ def iou_table(results: Mapping[str, Any], net: str | None = None, mode: str | No
 
 
 def learning_curves(run_dir: str | os.PathLike) -> Any:
-    """A matplotlib figure of a run's ``steps.jsonl`` and ``metrics.jsonl``: the loss per step with each
-    loss term's epoch mean (eq. 7), the learning rate, and the validation mIoU of both networks."""
+    """A matplotlib figure of a run's ``steps.jsonl`` and ``metrics.jsonl``, three panels one above the other: the
+    loss per step with each loss term's epoch mean (eq. 7), the learning rate, and the validation mIoU of both
+    networks."""
     import matplotlib.pyplot as plt
 
     run = Path(run_dir)
     steps, epochs = read_jsonl(run / "steps.jsonl"), read_jsonl(run / "metrics.jsonl")
-    fig, (ax_loss, ax_lr, ax_miou) = plt.subplots(1, 3, figsize=(15, 3.8), constrained_layout=True)
+    fig, (ax_loss, ax_lr, ax_miou) = plt.subplots(3, 1, figsize=(7.5, 9), constrained_layout=True)
     ax_loss.plot([r["global_step"] for r in steps], [r["loss"] for r in steps], color="0.6", lw=0.8,
                  label="loss, per step")
     terms = [k[6:] for k in (epochs[-1] if epochs else {}) if k.startswith("train_") and k[6:] not in NOT_LOSS_TERMS]
@@ -216,14 +217,16 @@ MAP_FAMILIES = {"kappa": "κ bonus on the similarity logits", "alpha": "α mix w
 
 
 def dlp_map_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
-    """The DLP map of ``results/dlp_map.json`` (``python -m benchmarks.dlp_map``): net pixels fixed − broken at
-    blend weight ``eta`` against the own-class share of the weights, at full resolution and on the grid points,
+    """The DLP map of ``results/dlp_map.json`` (``python -m benchmarks.dlp_map``, or
+    :func:`derprop.dlp_map.full_map` with ``rows``): net pixels fixed − broken at blend weight ``eta``
+    (``η_ep`` of eq. 5) against the own-class share of the weights, at full resolution and on the grid points
+    (two panels, one above the other),
     one line per family, the oracle and every trained row marked, and at full resolution the κ family and the
     oracle with the detail-preserving upsampling (open markers; chapter *Pseudo-label rectification,
     interactively*)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 8), layout="constrained")
     for ax, where in zip(axes, ("full", "grid")):
         for k, (family, points) in enumerate(data["families"].items()):
             pts = sorted(points, key=lambda p: p["own_share"])
@@ -242,12 +245,12 @@ def dlp_map_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
             ax.plot(row["own_share"], row[where][eta]["net"], "D", ms=8, color=f"C{k + 4}", label=f"trained: {name}")
         ax.axhline(0, color="0.5", lw=0.8)
         ax.set(xlabel="own-class share of a foreground pixel's weights", ylabel="fixed − broken pixels",
-               title=("full resolution" if where == "full" else "grid points only") + f", η = {eta}")
+               title=("full resolution" if where == "full" else "grid points only") + f", $\\eta_{{ep}}$ = {eta}")
     for source, style in ((data, "-"), (data.get("detail") or {}, "--")):
         share = (source.get("break_even_share") or {}).get("kappa")
         if share is not None:
             axes[0].axvline(share, color="C0", ls=style, lw=0.8, alpha=0.6)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False, fontsize=10)
     return fig
 
 

@@ -93,6 +93,10 @@ def test_above_on_mixed_level_and_counts():
     assert above_on("A", "B", {0: (1.0, 2.0), 1: (1.0, 3.0), 2: (0.0, 1.0)}).startswith("A is below B on all three seeds")
     assert above_on("A", "B", {0: (1.0, 1.0)}).startswith("A is level with B on the one seed")
     assert how_many(2, 3, "seed") == "2 of 3 seeds" and how_many(0, 3, "seed") == "no seed"
+    measures = above_on("A", "B", {"share": (0.5, 0.4), "accuracy": (0.8, 0.9)}, noun="measure", label=str)
+    assert measures == "A is above B on share and below B on accuracy (share: 0.5 against 0.4; accuracy: 0.8 against 0.9)."
+    both = above_on("A", "B", {"share": (0.5, 0.4), "accuracy": (0.9, 0.8)}, noun="measure", label=str)
+    assert both.startswith("A is above B on both measures (share: 0.5")
 
 
 def test_trend_sign_changes_falls_and_flat():

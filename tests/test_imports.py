@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("evaluate", "pseudo_labels", "schedule", "loaders", "guards"),
     ("objective", "predict", "examples"),
     ("diagnostics", "report"),
-    ("dlp_map",),
+    ("dlp_map", "glance"),
     ("trainer",),
     # the runs: the command line, the book's CPU runs, the book's viewer, the package's front door
     ("train", "book_runs", "viewer", "__init__"),
