@@ -115,11 +115,16 @@ _SCENES_CHECKED: set[Path] = set()
 def ensure_scenes(size: str) -> Path:
     """Generate the scenes data of ``BOOK_RUNS[size]`` unless it is there with these settings; returns its folder."""
     s = BOOK_RUNS[size]
-    root = project_root() / s["data"]
-    if root not in _SCENES_CHECKED:  # the generator does nothing when the manifest matches its settings
+    return make_scenes(project_root() / s["data"], s["data_args"])
+
+
+def make_scenes(root: Path, data_args: Sequence[str]) -> Path:
+    """``python -m data_prep.scenes --root root *data_args`` once per process (the generator itself does nothing
+    when the folder's manifest matches these settings); returns ``root``."""
+    if root not in _SCENES_CHECKED:
         _SCENES_CHECKED.add(root)
         made = subprocess.run([sys.executable, "-m", "data_prep.scenes", "--root", str(root), "--quiet",
-                               *s["data_args"]], cwd=project_root(), stderr=subprocess.PIPE, text=True)
+                               *data_args], cwd=project_root(), stderr=subprocess.PIPE, text=True)
         if made.returncode != 0:  # its own one-line error, passed on
             lines = made.stderr.strip().splitlines() or [f"exit status {made.returncode}"]
             raise DatasetError(f"generating {root} failed: {lines[-1].removeprefix('error: ')}")

@@ -38,6 +38,11 @@ training curves of all three). Ablations (Tables 1–4) are the switches
 ``method.dlp``, ``method.derivative_loss``, ``method.momentum``,
 ``method.Q``, ``method.sparsity`` and ``method.op``, independent of the profile.
 
+``method.dlp_upsample`` is neither the paper's nor the release's: ``bilinear`` (the default in both profiles)
+upsamples ``L̃`` from the feature grid as both do; ``detail`` adds only what propagation changed to the
+full-resolution logits, ``L + up(L̃ − L_grid)`` (:func:`derprop.pseudo_labels.upsample_propagated`; the book's
+chapter *Where DLP can help* measures it).
+
 Batch size and learning rate: ``optim.batch_size`` is the *global* batch, the labeled images of
 one step over all processes (as many unlabeled ones again); each of ``N`` processes takes
 ``batch_size / N`` (:meth:`OptimConfig.per_process_batch`), so a run trains the same recipe on one
@@ -258,6 +263,8 @@ class MethodConfig:
     (CE on L, CE on L̃ when ``dlp``, the labeled derivative loss when ``derivative_loss``); a warm start.
     ``dlp_temperature`` T: the softmax form of DLP (and region propagation) uses ``softmax_j(s_ij / T)``;
     1 is the release. The linear (paper) form L1-normalises the features, so T has no effect there.
+    ``dlp_upsample``: how ``L̃`` reaches full resolution, wherever it is used (pseudo-labels and the CE on ``L̃``):
+    ``bilinear`` (paper and release) or ``detail`` (this project's, module doc).
     """
 
     dlp: bool = True
@@ -290,6 +297,7 @@ class MethodConfig:
     region_propagation: bool = False
     region_samples: int = 128
     dlp_temperature: float = 1.0
+    dlp_upsample: str = "bilinear"
     chunk: int | None = None
 
 
@@ -348,6 +356,7 @@ CHOICES: dict[str, tuple] = {
     "method.Q": (0, 1, 2, 3),
     "method.op": ("forward", "central", "sum", "second"),
     "method.dlp_form": ("softmax", "linear"),
+    "method.dlp_upsample": ("bilinear", "detail"),
     "method.blend_space": ("logit", "prob"),
     "method.feature_norm": ("softmax", "l1"),
     "method.label_resize": ("bilinear", "nearest"),

@@ -26,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor, nn
 
 from derprop.config import TrainConfig
@@ -38,7 +40,7 @@ from derprop.labels import IGNORE_INDEX
 from derprop.metrics import ConfusionMatrix
 from derprop.objective import label_on_grid
 from derprop.propagation import attention_shares, official_similarity_factors, propagation_weights
-from derprop.pseudo_labels import blend, similarity_features
+from derprop.pseudo_labels import blend, similarity_features, upsample_propagated
 
 FAMILIES: dict[str, tuple[float, ...]] = {
     "kappa": (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 10.0, 20.0),
@@ -130,18 +132,15 @@ def family_weights(inputs: MapInputs, family: str, value: float) -> Tensor:
     raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
 
 
-def propagate_with(inputs: MapInputs, weights: Tensor, size: tuple[int, int],
-                   detail: bool = False) -> tuple[Tensor, Tensor]:
-    """``L̃ = L·W`` on the grid ``(N, C, M)`` and bilinearly upsampled to ``size`` ``(N, C, H, W)``.
-
-    ``detail``: upsample only what propagation changed, ``L + up(L̃ − L_grid)``, so that the full-resolution
-    logits keep the boundaries the grid cannot hold (a departure from the release, measured on the map only).
-    """
+def propagate_with(inputs: MapInputs, weights: Tensor, upsample: str = "bilinear") -> tuple[Tensor, Tensor]:
+    """``L̃ = L·W`` on the grid ``(N, C, M)`` and at full resolution ``(N, C, H, W)``, brought there as training
+    would with ``method.dlp_upsample=upsample`` (:func:`derprop.pseudo_labels.upsample_propagated`: the release's
+    ``bilinear``, or ``detail``, ``L + up(L̃ − L_grid)``)."""
     lt = inputs.logits_grid @ weights
     n, c, _ = lt.shape
-    change = lt - inputs.logits_grid if detail else lt
-    full = F.interpolate(change.view(n, c, *inputs.grid), size=size, mode="bilinear", align_corners=True)
-    return lt, inputs.logits + full if detail else full
+    full = upsample_propagated(lt.view(n, c, *inputs.grid), inputs.logits_grid.view(n, c, *inputs.grid),
+                               inputs.logits, upsample)
+    return lt, full
 
 
 def _changes(before: Tensor, after: Tensor, truth: Tensor) -> tuple[int, int]:
@@ -155,16 +154,17 @@ def _accuracy(pred: Tensor, truth: Tensor, num_classes: int) -> tuple[float, flo
     return cm.pixel_accuracy(), cm.miou()
 
 
-def score(inputs: MapInputs, weights: Tensor, etas: Sequence[float] = ETAS, detail: bool = False) -> dict[str, Any]:
+def score(inputs: MapInputs, weights: Tensor, etas: Sequence[float] = ETAS,
+          upsample: str = "bilinear") -> dict[str, Any]:
     """Own-class share of ``weights`` and, per ``η``, fixed / broken / net pixels and pseudo-label accuracy
-    and mIoU, on the grid points (``grid``) and at full resolution (``full``; ``detail``: see
+    and mIoU, on the grid points (``grid``) and at full resolution (``full``, brought there by ``upsample``:
     :func:`propagate_with`)."""
     own, uniform, support = attention_shares(weights, inputs.grid_labels, ignore_index=IGNORE_INDEX)
     out: dict[str, Any] = {"own_share": float(own.mean()), "uniform_share": float(uniform.mean()),
                            "support": float(support.mean())}
     out["share_ratio"] = out["own_share"] / out["uniform_share"]
     c = inputs.logits.shape[1]
-    lt_grid, lt_full = propagate_with(inputs, weights, tuple(inputs.labels.shape[-2:]), detail)
+    lt_grid, lt_full = propagate_with(inputs, weights, upsample)
     where = {"grid": (inputs.logits_grid, lt_grid, inputs.grid_labels),
              "full": (inputs.logits, lt_full, inputs.labels)}
     for name, (logits, lt, truth) in where.items():
@@ -181,14 +181,14 @@ def score(inputs: MapInputs, weights: Tensor, etas: Sequence[float] = ETAS, deta
 
 
 def dlp_map(inputs: MapInputs, families: dict[str, Sequence[float]] | None = None,
-            etas: Sequence[float] = ETAS, detail: bool = False) -> dict[str, list[dict[str, Any]]]:
+            etas: Sequence[float] = ETAS, upsample: str = "bilinear") -> dict[str, list[dict[str, Any]]]:
     """Every point of every family (those that apply to ``inputs``' form), scored by :func:`score`."""
     families = FAMILIES if families is None else families
     out = {}
     for family, values in families.items():
         if family != "alpha" and inputs.scores is None:
             continue
-        out[family] = [{"value": v, **score(inputs, family_weights(inputs, family, v), etas, detail)} for v in values]
+        out[family] = [{"value": v, **score(inputs, family_weights(inputs, family, v), etas, upsample)} for v in values]
     return out
 
 
@@ -213,7 +213,7 @@ def ceiling(inputs: MapInputs, eta: float = 0.5, band: int | None = None) -> dic
     band = band if band is not None else max(1, round(size[0] / (2 * (inputs.grid[0] - 1))))
     truth = inputs.labels
     before = inputs.logits.argmax(1)
-    _, lt_full = propagate_with(inputs, oracle_weights(inputs.grid_labels), size)
+    _, lt_full = propagate_with(inputs, oracle_weights(inputs.grid_labels))
     after = blend(inputs.logits, lt_full, eta, inputs.blend_space).argmax(1)
     wrong = (before != truth) & (truth != IGNORE_INDEX)
     # the class mean's verdict: L̃ at a grid point of the class is exactly that class's mean logits
@@ -254,7 +254,7 @@ def kappa_snapshots(inputs: MapInputs, kappas: Sequence[float], base: dict[str, 
     out: dict[float, dict[str, Any]] = {}
     for kappa in kappas:
         weights = family_weights(inputs, "kappa", kappa)
-        _, lt_full = propagate_with(inputs, weights, tuple(inputs.labels.shape[-2:]))
+        _, lt_full = propagate_with(inputs, weights)
         mixed = blend(inputs.logits, lt_full, eta, inputs.blend_space)
         after = mixed.argmax(1)
         fixed, broken = _changes(before, after, inputs.labels)
@@ -268,6 +268,71 @@ def kappa_snapshots(inputs: MapInputs, kappas: Sequence[float], base: dict[str, 
     return out
 
 
+UPSAMPLES = ("bilinear", "detail")
+"""The two ways :func:`propagate_with` brings ``L̃`` to full resolution (``method.dlp_upsample``)."""
+
+
+def extent_stats(areas: np.ndarray, cell: float) -> dict[str, Any]:
+    """Median and quartiles of ``√(area / cell)`` over objects of ``areas`` pixels, and ``pixel_median``: the
+    extent of the object that the median object *pixel* belongs to (the per-pixel view the map counts in)."""
+    ext = np.sqrt(np.asarray(areas, dtype=float) / cell)
+    if not len(ext):
+        return {"median": float("nan"), "q25": float("nan"), "q75": float("nan"), "pixel_median": float("nan"),
+                "objects": 0, "cell_pixels": cell}
+    q25, med, q75 = np.percentile(ext, [25, 50, 75])
+    order = np.argsort(ext)
+    weight = np.cumsum(np.asarray(areas, dtype=float)[order])
+    pixel_median = ext[order][np.searchsorted(weight, weight[-1] / 2)]
+    return {"median": float(med), "q25": float(q25), "q75": float(q75), "pixel_median": float(pixel_median),
+            "objects": int(len(ext)), "cell_pixels": cell}
+
+
+def object_extent(labels: Tensor, grid: tuple[int, int], background: int = 0) -> dict[str, Any]:
+    """How many feature-grid cells an object spans: ``√(area in cells)`` of every object in ``labels``
+    ``(N, H, W)`` (:func:`extent_stats`).
+
+    An object is an 8-connected region of one class other than ``background``; a cell is ``H·W / (h·w)``
+    pixels for a ``grid`` of ``h × w``. Regions smaller than one cell (slivers cut off by an occluder) are not
+    on the grid and are left out.
+    """
+    cell = labels.shape[-2] * labels.shape[-1] / (grid[0] * grid[1])
+    areas = []
+    for lab in labels.numpy():
+        for c in set(lab.flat) - {background, IGNORE_INDEX}:
+            regions, n = ndimage.label(lab == c, structure=np.ones((3, 3)))
+            areas += [a for a in np.bincount(regions.ravel(), minlength=n + 1)[1:] if a >= cell]
+    return extent_stats(np.array(areas), cell)
+
+
+def regime_point(inputs: MapInputs, eta: float = 0.5) -> dict[str, Any]:
+    """What the regime map (chapter *Where DLP can help*) keeps of one network's map inputs.
+
+    The objects' extent in grid cells (:func:`object_extent`), the pseudo-label pixels counted (``pixels``:
+    not ignored, at full resolution and on the grid) and, per upsampling (:data:`UPSAMPLES`), the learned
+    weights' and the oracle's :func:`score`, the ``kappa`` family's points and its :func:`break_even` share at
+    ``eta``; the release upsampling's :func:`ceiling`.
+    """
+    out: dict[str, Any] = {
+        "grid": list(inputs.grid), "images": int(inputs.labels.shape[0]), "image_size": list(inputs.labels.shape[-2:]),
+        "extent": object_extent(inputs.labels, inputs.grid),
+        "pixels": {"full": int((inputs.labels != IGNORE_INDEX).sum()),
+                   "grid": int((inputs.grid_labels != IGNORE_INDEX).sum())},
+    }
+    oracle = oracle_weights(inputs.grid_labels)
+    for upsample in UPSAMPLES:
+        kappa = dlp_map(inputs, {"kappa": FAMILIES["kappa"]}, upsample=upsample)["kappa"]
+        out[upsample] = {"learned": kappa[0], "oracle": score(inputs, oracle, upsample=upsample),
+                         "kappa": kappa, "break_even_share": break_even(kappa, eta=eta)}
+    out["ceiling"] = ceiling(inputs, eta)
+    return out
+
+
+def net_per_thousand(point: dict[str, Any], upsample: str, weights: str, where: str = "full",
+                     eta: float = 0.5) -> float:
+    """Net fixed − broken pseudo-label pixels of a :func:`regime_point` per 1,000 pixels counted ``where``."""
+    return 1000 * point[upsample][weights][where][f"{eta:g}"]["net"] / point["pixels"][where]
+
+
 def full_map(inputs: MapInputs) -> dict[str, Any]:
     """The whole map of one network's :class:`MapInputs`: what ``python -m benchmarks.dlp_map`` writes for a run,
     and what chapter *Pseudo-label rectification, interactively* computes for this build's run.
@@ -277,7 +342,7 @@ def full_map(inputs: MapInputs) -> dict[str, Any]:
     detail-preserving upsampling (``detail``).
     """
     families = dlp_map(inputs)
-    detail = dlp_map(inputs, {"kappa": FAMILIES["kappa"]}, detail=True)
+    detail = dlp_map(inputs, {"kappa": FAMILIES["kappa"]}, upsample="detail")
     oracle = oracle_weights(inputs.grid_labels)
     return {
         "images": int(inputs.labels.shape[0]), "grid": list(inputs.grid),
@@ -287,6 +352,6 @@ def full_map(inputs: MapInputs) -> dict[str, Any]:
         "break_even_share": {f: break_even(p) for f, p in families.items()},
         "ceiling": ceiling(inputs),
         "detail": {"what": "the same, with a detail-preserving upsampling: L + up(L̃ − L_grid) in place of up(L̃)",
-                   "oracle": score(inputs, oracle, detail=True), "families": detail,
+                   "oracle": score(inputs, oracle, upsample="detail"), "families": detail,
                    "break_even_share": {f: break_even(p) for f, p in detail.items()}},
     }

@@ -86,17 +86,38 @@ def weak_features(out_w: SegOutput, nb: int, temperature: float) -> tuple[Tensor
 def dlp_options(m: MethodConfig) -> dict[str, Any]:
     """The settings of :func:`propagated_logits` that a config's ``method`` section gives, read in one place."""
     return dict(temperature=m.dlp_temperature, mode=MODE_OF_FORM[m.dlp_form], op=m.op, chunk=m.chunk,
-                paper_norm=m.paper_dlp_norm)
+                paper_norm=m.paper_dlp_norm, upsample=m.dlp_upsample)
+
+
+def upsample_propagated(lt: Tensor, logits_grid: Tensor, logits: Tensor, upsample: str) -> Tensor:
+    """``L̃`` ``(B, C, h, w)`` on the feature grid brought to the size of ``logits`` ``(B, C, H, W)``
+    (``method.dlp_upsample``; chapter *Where DLP can help*).
+
+    ``bilinear`` (paper and release): ``up(L̃)``, which replaces every pixel by an interpolation of grid
+    points and so loses whatever the full-resolution ``L`` resolves between them (boundaries inside a cell).
+    ``detail`` (this project's): ``L + up(L̃ − L_grid)``, only what propagation changed is upsampled; where
+    ``W`` is the identity it gives back ``L`` exactly.
+    """
+    if upsample == "bilinear":
+        return F.interpolate(lt.float(), size=logits.shape[-2:], mode="bilinear", align_corners=True)
+    if upsample == "detail":
+        change = F.interpolate(lt.float() - logits_grid.float(), size=logits.shape[-2:], mode="bilinear",
+                               align_corners=True)
+        return logits.float() + change
+    raise ValueError(f"upsample must be 'bilinear' or 'detail', got {upsample!r}")
 
 
 def propagated_logits(out: SegOutput, size: tuple[int, int], *, temperature: float, mode: str, op: str,
-                      chunk: int | None, paper_norm: str) -> Tensor:
-    """``L̃`` (eq. 4) at the feature grid, upsampled bilinearly to ``size`` (the settings: :func:`dlp_options`)."""
+                      chunk: int | None, paper_norm: str, upsample: str = "bilinear") -> Tensor:
+    """``L̃`` (eq. 4) at the feature grid, brought to ``size`` by :func:`upsample_propagated` (the settings:
+    :func:`dlp_options`); ``size`` is that of ``out.logits``."""
     with record_function("derprop.dlp"):  # the profiler's name for DLP (benchmarks.train_step splits a step by it)
         b, c, h, w = out.logits_grid.shape
+        if tuple(out.logits.shape[-2:]) != tuple(size):
+            raise ValueError(f"L̃ is brought to the logits' size {tuple(out.logits.shape[-2:])}, asked for {tuple(size)}")
         f1, f2 = similarity_features(out, temperature)
         lt = propagate(out.logits_grid.flatten(2), f1, f2, mode=mode, op=op, chunk=chunk, paper_norm=paper_norm)
-        return F.interpolate(lt.view(b, c, h, w).float(), size=size, mode="bilinear", align_corners=True)
+        return upsample_propagated(lt.view(b, c, h, w), out.logits_grid, out.logits, upsample)
 
 
 def blend(logits: Tensor, prop: Tensor | None, eta: float, space: str) -> Tensor:

@@ -154,7 +154,8 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
     """What the CPU-scale runs found, in sentences with their numbers (Markdown), each ending with its source
     (:func:`derprop.sources.committed`: the file, its date, machine and threads), from ``cpu_evidence.json``
     (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``); a sentence
-    saying which file is missing where one is. Every value read from the files shows as text (:func:`_quote`)."""
+    saying which file is missing where one is; then, where ``dlp_regime.json`` exists, :func:`regime_findings`.
+    Every value read from the files shows as text (:func:`_quote`)."""
     folder = Path(results_dir)
     root = folder.parent
     out = []
@@ -198,6 +199,11 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
                    "interactively* scores this build's run).")
     else:
         out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
+    regime = folder / "dlp_regime.json"
+    if regime.is_file():
+        load = lambda name: json.loads((folder / name).read_text()) if (folder / name).is_file() else None  # noqa: E731
+        out += regime_findings(json.loads(regime.read_text()), load("dlp_regime_plan.json"),
+                               load("dlp_regime_miniature.json"), load("dlp_upsample_default.json"))
     return out
 
 
@@ -287,3 +293,167 @@ def paired_columns(nets: tuple[str, ...] = ("backprop", "momentum"), reference: 
     for net in nets:
         cols += [f"{net}={NET_NAMES[net]}: mIoU %", f"d_{net}=Δ vs {reference}, per seed (pp)"]
     return cols
+
+
+REGIME_LINES = {("oracle", "bilinear"): ("k", "-", "*"), ("oracle", "detail"): ("k", "--", "*"),
+                ("learned", "bilinear"): ("C0", "-", "o"), ("learned", "detail"): ("C0", "--", "o")}
+"""The regime figure's lines: (weights, upsampling) → colour, line style, marker."""
+
+CHECKPOINTS = {"warm": "supervised warm start", "derprop": "after the DerProp phase"}
+"""The two checkpoints of every geometry of ``results/dlp_regime.json``, as the book names them."""
+
+
+def regime_points(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The geometries of ``results/dlp_regime.json`` (``python -m benchmarks.dlp_regime``), by objects' extent."""
+    return sorted(data["points"], key=lambda p: p["extent"]["median"])
+
+
+def regime_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
+    """The regime map (chapter *Where DLP can help*): net pseudo-label pixels fixed − broken per 1,000 at full
+    resolution and blend weight ``eta`` against the objects' median extent in grid cells, for the learned and the
+    oracle weights with the release's bilinear and the detail-preserving upsampling; one panel per checkpoint
+    (:data:`CHECKPOINTS`); the CPU default (``data["default"]``) and the paper's setting (``data["paper"]``: from
+    its objects' median extent to the extent of the median object pixel) marked."""
+    import matplotlib.pyplot as plt
+
+    from derprop.dlp_map import net_per_thousand
+
+    points = regime_points(data)
+    x = [p["extent"]["median"] for p in points]
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 7.6), sharex=True, layout="constrained")
+    paper = data.get("paper")
+    default = next((p for p in points if p["name"] == data.get("default")), None)
+    for ax, (ck, title) in zip(axes, CHECKPOINTS.items()):
+        for (weights, up), (colour, style, marker) in REGIME_LINES.items():
+            y = [net_per_thousand(p[ck]["map"], up, weights, eta=float(eta)) for p in points]
+            ax.plot(x, y, marker=marker, ls=style, color=colour, ms=8 if marker == "*" else 5,
+                    mfc="white" if up == "detail" else colour,
+                    label=f"{weights} weights, {'bilinear (release)' if up == 'bilinear' else 'detail-preserving'}")
+        ax.axhline(0, color="0.5", lw=0.8)
+        if default is not None:
+            ax.axvline(default["extent"]["median"], color="C3", lw=1, ls=":", label="CPU default")
+        if paper is not None:
+            ax.axvspan(paper["extent"]["median"], paper["extent"]["pixel_median"], color="C2", alpha=0.15,
+                       label=f"paper: VOC at a {paper['grid']}×{paper['grid']} grid")
+        ax.set(ylabel="fixed − broken per 1,000", title=f"{title}, η = {eta}, full resolution")
+    axes[-1].set(xscale="log", xlabel="objects' median extent (grid cells, √ of the area)")
+    ticks = sorted({round(v, 1) for v in x} | ({round(paper["extent"]["pixel_median"])} if paper else set()))
+    axes[-1].set_xticks(ticks, [f"{t:g}" for t in ticks])
+    axes[-1].minorticks_off()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False)
+    return fig
+
+
+def headroom_figure(data: Mapping[str, Any], threshold_pp: float = 8.0) -> Any:
+    """Per geometry of ``results/dlp_regime.json``, val mIoU of the trained network after the two supervised phases
+    (400 + 300 steps) with 62 and with every label, and of DerProp from the same warm start (left); the headroom,
+    all labels minus 62, after both phases and after the first alone (right), against ``threshold_pp`` (the
+    miniature's condition; chapter *Where DLP can help*)."""
+    import matplotlib.pyplot as plt
+
+    points = regime_points(data)
+    x = [p["extent"]["median"] for p in points]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(7.5, 3.6), layout="constrained")
+    for key, label, style in (("all_labels_supervised", "all 2,000 labels", "s-"),
+                              ("supervised", "62 labels (+ momentum)", "o-"), ("derprop", "62 + DerProp", "D--")):
+        ax.plot(x, [100 * p[key]["miou_backprop"] for p in points], style, label=label)
+    ax.set(xscale="log", xlabel="objects' extent (cells)", ylabel="val mIoU (%)", title="after 700 steps")
+    ax.legend(fontsize=10)
+    bx.plot(x, [100 * p["headroom"]["full"] for p in points], "o-", color="C4", label="after 700 steps")
+    bx.plot(x, [100 * p["headroom"]["warm"] for p in points], "o:", color="C4", mfc="white", label="after 400")
+    bx.axhline(threshold_pp, color="0.4", ls="--", lw=1)
+    bx.set(xscale="log", xlabel="objects' extent (cells)", ylabel="headroom (pp)", title="all labels − 62 labels")
+    bx.legend(fontsize=10)
+    for a in (ax, bx):
+        a.set_xticks([round(v, 1) for v in x], [f"{v:.1f}" for v in x], fontsize=9)
+        a.minorticks_off()
+    return fig
+
+
+def regime_records(data: Mapping[str, Any], eta: str = "0.5") -> list[dict[str, Any]]:
+    """One table record per geometry of ``results/dlp_regime.json``: its settings, extent, mIoU, headroom, and per
+    checkpoint the nets per 1,000 pseudo-label pixels (full resolution, ``eta``), the learned weights' own-class
+    share as a multiple of uniform, the κ family's break-even share and the ceiling's whole-region part."""
+    from derprop.dlp_map import net_per_thousand
+
+    out = []
+    for p in regime_points(data):
+        crop = p.get("crop_size", p["size"])
+        rec = {"geometry": f"{p['size']} px{f' (crop {crop})' if crop != p['size'] else ''}, OS {p['output_stride']}"
+                           f"{', one large object' if 'big' in p['name'] else ''}",
+               "grid": p["derprop"]["map"]["grid"][0], "extent": p["extent"]["median"],
+               "warm": p["warm"]["miou"], "sup": p["supervised"]["miou_backprop"],
+               "all": p["all_labels_supervised"]["miou_backprop"], "headroom": 100 * p["headroom"]["full"],
+               "headroom_warm": 100 * p["headroom"]["warm"], "dlp": p["derprop"]["miou_backprop"],
+               "dlp_m": p["derprop"]["miou_momentum"], "sup_m": p["supervised"]["miou_momentum"]}
+        for ck in CHECKPOINTS:
+            m = p[ck]["map"]
+            for up in ("bilinear", "detail"):
+                for weights in ("oracle", "learned"):
+                    rec[f"{ck}_{weights}_{up}"] = net_per_thousand(m, up, weights, eta=float(eta))
+            rec[f"{ck}_ratio"] = m["bilinear"]["learned"]["share_ratio"]
+            rec[f"{ck}_break_even"] = m["bilinear"]["break_even_share"]
+            rec[f"{ck}_whole"] = m["ceiling"]["whole_region"] / max(m["ceiling"]["wrong"], 1)
+        out.append(rec)
+    return out
+
+
+def cited(name: str, data: Mapping[str, Any]) -> str:
+    """Where a book number comes from (Markdown): ``results/<name>``, the date, cores and threads it records."""
+    m = data.get("machine") or {}
+    threads = data.get("threads", m.get("torch_threads"))
+    when = (m.get("date") or "")[:10]
+    parts = [when, f"{m['cpu_count']} cores" if m.get("cpu_count") else "",
+             f"{threads} thread{'s' if threads != 1 else ''}" if threads else ""]
+    return f"`results/{name}` ({', '.join(p for p in parts if p)})"
+
+
+def _first(points: list[dict[str, Any]], test) -> dict[str, Any] | None:
+    return next((p for p in points if test(p)), None)
+
+
+def regime_findings(regime: Mapping[str, Any], plan: Mapping[str, Any] | None = None,
+                    miniature: Mapping[str, Any] | None = None,
+                    upsample: Mapping[str, Any] | None = None) -> list[str]:
+    """What chapter *Where DLP can help* found, in sentences with their numbers and sources (Markdown), from
+    ``results/dlp_regime.json`` and, where they exist, ``dlp_regime_plan.json``, ``dlp_regime_miniature.json`` and
+    ``dlp_upsample_default.json``; the chapter's verdict and the start page's finding."""
+    from derprop.dlp_map import net_per_thousand
+
+    points = regime_points(regime)
+    lo, hi = points[0], points[-1]
+    oracle = lambda p, ck, up="bilinear": p[ck]["map"][up]["oracle"]["full"]["0.5"]["net"]  # noqa: E731
+    inside = _first(points, lambda p: oracle(p, "warm") > 0 and oracle(p, "derprop") > 0)
+    out = [f"From {lo['extent']['median']:.1f} to {hi['extent']['median']:.1f} grid cells across "
+           f"({len(points)} geometries, `results/dlp_regime.json`), oracle weights with the release's upsampling "
+           f"net {net_per_thousand(lo['derprop']['map'], 'bilinear', 'oracle'):+.1f} and "
+           f"{net_per_thousand(hi['derprop']['map'], 'bilinear', 'oracle'):+.1f} pseudo-label pixels per 1,000 after "
+           "the DerProp phase; "
+           + (f"they fix more than they break on both checkpoints from {inside['extent']['median']:.1f} cells on"
+              if inside else "they never fix more than they break on both checkpoints")
+           + f". The learned weights net {net_per_thousand(lo['derprop']['map'], 'bilinear', 'learned'):+.1f} and "
+           f"{net_per_thousand(hi['derprop']['map'], 'bilinear', 'learned'):+.1f}."]
+    enough = [p for p in points if 100 * p["headroom"]["full"] >= 8]
+    out.append(f"The headroom (all labels − 62 after the same 700 supervised steps) is "
+               f"{100 * lo['headroom']['full']:+.1f} pp at the CPU default and {100 * hi['headroom']['full']:+.1f} pp "
+               "at the largest extent; "
+               + ("8 pp or more at " + ", ".join(f"{p['extent']['median']:.1f}" for p in enough) + " cells."
+                  if enough else "never 8 pp."))
+    if plan is not None and plan.get("chosen") and miniature is not None:
+        c = miniature["claim"]
+        per = {net: " / ".join(f"{100 * v:+.1f}" for v in c["diff_per_seed"][net].values()) for net in c["diff_per_seed"]}
+        out.append(f"At the chosen geometry ({plan['chosen']}, `results/dlp_regime_miniature.json`) DerProp − supervised "
+                   f"+ momentum on held-out seeds {', '.join(map(str, c['seeds']))}: trained network "
+                   f"{per.get('backprop', '–')} pp, momentum network {per.get('momentum', '–')} pp; the claim "
+                   f"(≥ {100 * c['margin']:g} pp on every seed) is **{'met' if c['met'] else 'not met'}**.")
+    elif plan is not None and not plan.get("chosen"):
+        out.append("No geometry of the sweep meets both conditions of the miniature (`results/dlp_regime_plan.json`).")
+    for name, data in (("dlp_upsample_default.json", upsample), ("dlp_regime_miniature.json", miniature)):
+        detail = ((data or {}).get("summary_vs_full") or {}).get("detail_upsample")
+        if detail:
+            d = {net: 100 * detail["nets"][net]["diff"]["mean"] for net in ("backprop", "momentum")
+                 if "diff" in detail["nets"].get(net, {})}
+            out.append(f"Detail-preserving against bilinear upsampling, trained (`results/{name}`, seeds "
+                       f"{', '.join(map(str, detail['seeds']))}): trained network {d.get('backprop', float('nan')):+.2f} "
+                       f"pp, momentum network {d.get('momentum', float('nan')):+.2f} pp on average.")
+    return out

@@ -144,7 +144,8 @@ def test_code_cells_fit_the_column(path):
 def test_chapters_are_in_story_order():
     """The maths, the release against the paper, training, rectification, ablations, then the GPU appendix."""
     order = [f.removeprefix("book/") for f in toc_files()]
-    story = ["ill_posed", "derivative_loss", "paper_vs_code", "training_cpu", "rectification", "ablations_cpu",
+    story = ["ill_posed", "derivative_loss", "paper_vs_code", "training_cpu", "rectification", "dlp_regime",
+             "ablations_cpu",
              "reproduction"]
     assert [f for f in order if f in story] == story, order
     toc = yaml.safe_load((source() / "_toc.yml").read_text())

@@ -95,7 +95,33 @@ def test_kappa_snapshots_agree_with_the_scores():
 def test_detail_preserving_upsampling_keeps_the_logits_where_nothing_propagates():
     inp = inputs(seed=4)
     identity = torch.eye(inp.weights.shape[-1]).expand_as(inp.weights)
-    _, full = dlp_map.propagate_with(inp, identity, tuple(inp.labels.shape[-2:]), detail=True)
+    _, full = dlp_map.propagate_with(inp, identity, upsample="detail")
     assert torch.allclose(full, inp.logits)
-    s = dlp_map.score(inp, identity, etas=(1.0,), detail=True)
+    s = dlp_map.score(inp, identity, etas=(1.0,), upsample="detail")
     assert s["full"]["1"]["fixed"] == s["full"]["1"]["broken"] == 0
+
+
+def test_object_extent_counts_objects_in_grid_cells():
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)  # a 4 × 4 grid: a cell is 16 pixels
+    labels[0, :8, :8] = 1  # 64 px: 2 cells across
+    labels[0, 12:, 12:] = 1  # same class, elsewhere: another object of 16 px, 1 cell across
+    labels[0, 9, 0:3] = 2  # a sliver of 3 px: less than a cell, not counted
+    labels[1, 4:8, 5:9] = 3
+    labels[1, 0, 0] = IGNORE_INDEX
+    e = dlp_map.object_extent(labels, (4, 4))
+    assert e["objects"] == 3 and e["cell_pixels"] == 16
+    assert e["median"] == pytest.approx(1.0) and e["q75"] == pytest.approx(1.5)
+    assert e["pixel_median"] == pytest.approx(2.0)  # 64 of the 96 object pixels lie in the 2-cell object
+
+
+def test_regime_point_scores_both_upsamplings_and_counts_pixels():
+    inp = inputs(seed=5)
+    p = dlp_map.regime_point(inp)
+    assert p["pixels"]["full"] == int((inp.labels != IGNORE_INDEX).sum())
+    for up in dlp_map.UPSAMPLES:
+        assert p[up]["learned"] == dlp_map.score(inp, inp.weights, upsample=up) | {"value": 0.0}
+        assert p[up]["oracle"] == dlp_map.score(inp, dlp_map.oracle_weights(inp.grid_labels), upsample=up)
+    assert p["bilinear"]["oracle"]["grid"] == p["detail"]["oracle"]["grid"]  # the grid points need no upsampling
+    assert p["bilinear"]["oracle"]["full"] != p["detail"]["oracle"]["full"]
+    net = p["detail"]["oracle"]["full"]["0.5"]["net"]
+    assert dlp_map.net_per_thousand(p, "detail", "oracle") == pytest.approx(1000 * net / p["pixels"]["full"])

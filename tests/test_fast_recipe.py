@@ -40,7 +40,8 @@ def test_the_cpu_arm_tiles_the_cpu_defaults_grid():
 def test_make_reproduce_takes_a_fast_config(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(run_matrix, "execute", lambda notebook, params, label: seen.append(params))
-    out = run_matrix.run_one("configs/voc_92_fast.yaml", size="small", runs_root=tmp_path, results_root=None)
+    out = run_matrix.run_one("configs/voc_92_fast.yaml", size="small", runs_root=tmp_path, results_root=None,
+                             device="cpu")  # no GPU here: a VOC config asks for the CPU by name
     assert out == tmp_path / "small" / "voc_92_fast" and seen[0]["CONFIG"] == "configs/voc_92_fast.yaml"
 
 

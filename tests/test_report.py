@@ -70,6 +70,50 @@ def test_paired_records_pair_each_network_seed_by_seed():
     assert paired_columns()[2].startswith("backprop=")
 
 
+def regime_payload() -> dict:
+    """A ``results/dlp_regime.json`` of three geometries whose maps are made from random inputs."""
+    from derprop import dlp_map
+    from tests.test_dlp_map import inputs
+
+    points = []
+    for k, (name, extent) in enumerate((("s64_os4", 5.0), ("s64_os8", 2.7), ("s128_os4_big", 16.5))):
+        maps = {ck: dlp_map.regime_point(inputs(seed=k + 10 * j)) for j, ck in enumerate(("warm", "derprop"))}
+        nets = {"miou_backprop": 0.45, "miou_momentum": 0.46}
+        points.append({"name": name, "size": 64, "output_stride": 8, "extent": {"median": extent},
+                       "headroom": {"full": 0.05 * (k + 1), "warm": 0.01}, "warm": {"miou": 0.4, "map": maps["warm"]},
+                       "supervised": nets, "all_labels_supervised": nets, "derprop": {**nets, "map": maps["derprop"]}})
+    paper = {"grid": 41, "extent": {"median": 4.9, "pixel_median": 18.8}}
+    return {"points": points, "default": "s64_os8", "paper": paper}
+
+
+def test_regime_records_sort_by_extent_and_normalise_per_thousand_pixels():
+    from derprop.report import regime_records
+
+    data = regime_payload()
+    recs = regime_records(data)
+    assert [r["extent"] for r in recs] == [2.7, 5.0, 16.5]
+    p = data["points"][2]  # the largest extent
+    m = p["derprop"]["map"]
+    assert recs[2]["derprop_oracle_bilinear"] == pytest.approx(
+        1000 * m["bilinear"]["oracle"]["full"]["0.5"]["net"] / m["pixels"]["full"])
+    assert recs[2]["headroom"] == pytest.approx(15.0) and "one large object" in recs[2]["geometry"]
+
+
+def test_regime_figures_draw_every_line_and_both_markers():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from derprop.report import REGIME_LINES, headroom_figure, regime_figure
+
+    fig = regime_figure(regime_payload())
+    for ax in fig.axes:
+        assert len(ax.lines) == len(REGIME_LINES) + 2  # the four lines, the zero line, the CPU default
+        assert len(ax.patches) == 1  # the paper's span
+        assert [round(x, 1) for x in ax.lines[0].get_xdata()] == [2.7, 5.0, 16.5]
+    fig = headroom_figure(regime_payload())
+    assert [round(y) for y in fig.axes[1].lines[0].get_ydata()] == [10, 5, 15]
+
+
 def test_cpu_findings_show_what_the_files_hold_as_text(tmp_path):
     findings = cpu_findings(poisoned_results(tmp_path) / "results")
     for sentence in findings:

@@ -87,13 +87,13 @@ def test_list_shows_every_entry_at_every_size(tmp_path, capsys):
 
 
 def test_a_folder_holding_a_run_of_another_config_is_not_skipped(fake_papermill, tmp_path, capsys):
-    kw = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results")
+    kw = dict(runs_root=tmp_path / "runs", results_root=tmp_path / "results", device="cpu")  # no GPU here
     out = run_path("configs/voc_92.yaml", "", "smoke", tmp_path / "runs")
     out.mkdir(parents=True)
     (out / "results.json").write_text(json.dumps({"config": trained_config("configs/voc_183.yaml",
                                                                            overrides_for(size="smoke"))}))
     assert rm.main(["one", "configs/voc_92.yaml", "--size", "smoke", "--runs-root", str(tmp_path / "runs"),
-                    "--results-root", str(tmp_path / "results")]) == 2
+                    "--results-root", str(tmp_path / "results"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out} holds a finished run of another config (recorded → this entry: "
                           "data.split '183' → '92'") and "--force trains smoke/voc_92 there anew" in err, err

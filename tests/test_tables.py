@@ -75,6 +75,7 @@ def test_the_cpu_benchmarks_run_the_rows_of_the_tables(repo):
         for name, overrides in ablations_cpu.GROUPS[group].items():
             assert config(overrides) == config([*ablations_cpu.ACTIVE_DER, *rows[name]]), name
     for key, overrides in cpu_evidence.VARIANTS.items():
-        expected = {"full": (), cpu_evidence.BASELINE: ("method.semi_supervised=false",)}.get(key)
+        expected = {"full": (), cpu_evidence.BASELINE: ("method.semi_supervised=false",),
+                    "detail_upsample": ("method.dlp_upsample=detail",)}.get(key)
         assert config(overrides) == config(ABLATIONS[key].overrides if expected is None else expected), key
     assert config(cpu_evidence.VARIANTS[cpu_evidence.BASELINE])["method"]["momentum"]  # the baseline keeps Θm
