@@ -65,6 +65,7 @@ from benchmarks.dlp_map import inputs_of
 from derprop import atomic, dlp_map
 from derprop.book_runs import BOOK_RUNS, SUPERVISED, make_scenes
 from derprop.provenance import project_root
+from derprop.report import net_per_thousand
 
 BIG = ("--object-size", "0.7", "1.0", "--max-objects", "1")
 """One object of 70–100 % of the scene's side (the generator's default: one or two of 40–70 %)."""
@@ -260,7 +261,7 @@ def summary_row(p: dict[str, Any]) -> dict[str, Any]:
     for ck in ("warm", "derprop"):
         for up in dlp_map.UPSAMPLES:
             for who in ("oracle", "learned"):
-                row[f"{ck}_{up}_{who}"] = dlp_map.net_per_thousand(p[ck]["map"], up, who)
+                row[f"{ck}_{up}_{who}"] = net_per_thousand(p[ck]["map"], up, who)
     return row
 
 

@@ -327,12 +327,6 @@ def regime_point(inputs: MapInputs, eta: float = 0.5) -> dict[str, Any]:
     return out
 
 
-def net_per_thousand(point: dict[str, Any], upsample: str, weights: str, where: str = "full",
-                     eta: float = 0.5) -> float:
-    """Net fixed − broken pseudo-label pixels of a :func:`regime_point` per 1,000 pixels counted ``where``."""
-    return 1000 * point[upsample][weights][where][f"{eta:g}"]["net"] / point["pixels"][where]
-
-
 def full_map(inputs: MapInputs) -> dict[str, Any]:
     """The whole map of one network's :class:`MapInputs`: what ``python -m benchmarks.dlp_map`` writes for a run,
     and what chapter *Pseudo-label rectification, interactively* computes for this build's run.

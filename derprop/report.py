@@ -303,6 +303,13 @@ CHECKPOINTS = {"warm": "supervised warm start", "derprop": "after the DerProp ph
 """The two checkpoints of every geometry of ``results/dlp_regime.json``, as the book names them."""
 
 
+def net_per_thousand(point: dict[str, Any], upsample: str, weights: str, where: str = "full",
+                     eta: float = 0.5) -> float:
+    """Net fixed − broken pseudo-label pixels of a :func:`~derprop.dlp_map.regime_point` per 1,000 pixels
+    counted ``where``."""
+    return 1000 * point[upsample][weights][where][f"{eta:g}"]["net"] / point["pixels"][where]
+
+
 def regime_points(data: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The geometries of ``results/dlp_regime.json`` (``python -m benchmarks.dlp_regime``), by objects' extent."""
     return sorted(data["points"], key=lambda p: p["extent"]["median"])
@@ -315,8 +322,6 @@ def regime_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
     (:data:`CHECKPOINTS`); the CPU default (``data["default"]``) and the paper's setting (``data["paper"]``: from
     its objects' median extent to the extent of the median object pixel) marked."""
     import matplotlib.pyplot as plt
-
-    from derprop.dlp_map import net_per_thousand
 
     points = regime_points(data)
     x = [p["extent"]["median"] for p in points]
@@ -374,8 +379,6 @@ def regime_records(data: Mapping[str, Any], eta: str = "0.5") -> list[dict[str, 
     """One table record per geometry of ``results/dlp_regime.json``: its settings, extent, mIoU, headroom, and per
     checkpoint the nets per 1,000 pseudo-label pixels (full resolution, ``eta``), the learned weights' own-class
     share as a multiple of uniform, the κ family's break-even share and the ceiling's whole-region part."""
-    from derprop.dlp_map import net_per_thousand
-
     out = []
     for p in regime_points(data):
         crop = p.get("crop_size", p["size"])
@@ -418,8 +421,6 @@ def regime_findings(regime: Mapping[str, Any], plan: Mapping[str, Any] | None = 
     """What chapter *Where DLP can help* found, in sentences with their numbers and sources (Markdown), from
     ``results/dlp_regime.json`` and, where they exist, ``dlp_regime_plan.json``, ``dlp_regime_miniature.json`` and
     ``dlp_upsample_default.json``; the chapter's verdict and the start page's finding."""
-    from derprop.dlp_map import net_per_thousand
-
     points = regime_points(regime)
     lo, hi = points[0], points[-1]
     oracle = lambda p, ck, up="bilinear": p[ck]["map"][up]["oracle"]["full"]["0.5"]["net"]  # noqa: E731

@@ -32,10 +32,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("configfile", "model", "rundir"),
     ("evaluate", "pseudo_labels", "schedule", "loaders", "guards"),
     ("objective", "predict", "examples"),
-    ("diagnostics",),
+    ("diagnostics", "report"),
     ("dlp_map",),
-    # how the book shows results, the DLP map's counts included
-    ("report",),
     ("trainer",),
     # the runs: the command line, the book's CPU runs, the book's viewer, the package's front door
     ("train", "book_runs", "viewer", "glance", "__init__"),
