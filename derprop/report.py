@@ -340,7 +340,7 @@ def regime_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
         if paper is not None:
             ax.axvspan(paper["extent"]["median"], paper["extent"]["pixel_median"], color="C2", alpha=0.15,
                        label=f"paper: VOC at a {paper['grid']}×{paper['grid']} grid")
-        ax.set(ylabel="fixed − broken per 1,000", title=f"{title}, η = {eta}, full resolution")
+        ax.set(ylabel="fixed − broken per 1,000", title=f"{title}, $\\eta_{{ep}}$ = {eta}, full resolution")
     axes[-1].set(xscale="log", xlabel="objects' median extent (grid cells, √ of the area)")
     ticks = sorted({round(v, 1) for v in x} | ({round(paper["extent"]["pixel_median"])} if paper else set()))
     axes[-1].set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -402,13 +402,9 @@ def regime_records(data: Mapping[str, Any], eta: str = "0.5") -> list[dict[str, 
 
 
 def cited(name: str, data: Mapping[str, Any]) -> str:
-    """Where a book number comes from (Markdown): ``results/<name>``, the date, cores and threads it records."""
-    m = data.get("machine") or {}
-    threads = data.get("threads", m.get("torch_threads"))
-    when = (m.get("date") or "")[:10]
-    parts = [when, f"{m['cpu_count']} cores" if m.get("cpu_count") else "",
-             f"{threads} thread{'s' if threads != 1 else ''}" if threads else ""]
-    return f"`results/{name}` ({', '.join(p for p in parts if p)})"
+    """Where a book number comes from (Markdown): ``committed: `results/<name>` (date, machine, threads)``, as
+    :func:`derprop.sources.committed` writes it."""
+    return committed(Path("results") / name, data, root=Path(".")).markdown()
 
 
 def _first(points: list[dict[str, Any]], test) -> dict[str, Any] | None:

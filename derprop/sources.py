@@ -38,12 +38,15 @@ class Source:
     path: str
     date: str | None = None
     machine: str | None = None
-    threads: int | None = None
+    threads: int | tuple[int, ...] | None = None
 
     def details(self) -> str:
-        """``date, machine, N thread(s)`` as far as they are known."""
-        threads = "threads not recorded" if self.threads is None else \
-            f"{self.threads} thread{'' if self.threads == 1 else 's'}{' per run' if self.kind == 'committed' else ''}"
+        """``date, machine, N thread(s)`` as far as they are known (``1 and 2 threads`` for a file that compares
+        thread counts)."""
+        counts = (self.threads,) if isinstance(self.threads, int) else self.threads
+        threads = "threads not recorded" if not counts else \
+            (f"{' and '.join(map(str, counts))} thread{'' if counts == (1,) else 's'}"
+             f"{' per run' if self.kind == 'committed' else ''}")
         return ", ".join(p for p in (self.date, self.machine, threads) if p)
 
     def markdown(self) -> str:
@@ -86,8 +89,12 @@ def committed(path: str | os.PathLike, data: Mapping[str, Any] | None = None, *,
     machine = data.get("machine") or {}
     date = (machine.get("date") or data.get("date") or "")[:10] or None
     threads = data.get("threads")
+    if not isinstance(threads, int) or isinstance(threads, bool):
+        # a file that compares thread counts (``results/thread_noise.json``) records them per run
+        threads = tuple(sorted({r["threads"] for r in data.get("runs") or [] if isinstance(r, Mapping)
+                                and isinstance(r.get("threads"), int)})) or None
     return Source("committed", _relative(path, Path(root) if root else None), date, machine_words(machine),
-                  threads if isinstance(threads, int) and not isinstance(threads, bool) else None)
+                  threads)
 
 
 def this_build(run_dir: str | os.PathLike, *, root: str | os.PathLike | None = None) -> Source:

@@ -23,6 +23,9 @@ def test_a_committed_file_names_its_date_machine_and_threads(tmp_path):
     # the process's own threads are not the runs' threads: without "threads" the file does not say
     assert committed(path, {"machine": MACHINE}, root=tmp_path).details() == \
         "2026-12-03, 2-core x86_64, threads not recorded"
+    # a file that compares thread counts names every count its runs used
+    noise = {"machine": MACHINE, "runs": [{"threads": 2}, {"threads": 1}, {"threads": 2}]}
+    assert committed(path, noise, root=tmp_path).details() == "2026-12-03, 2-core x86_64, 1 and 2 threads per run"
 
 
 def test_a_gpu_machine_is_named_by_its_device():
