@@ -291,12 +291,12 @@ def test_built_chapters_show_no_errors():
 
 RAW_FENCE = "```{"
 HIDDEN = re.compile(r"<(script|style)\b.*?</\1>|<(span|div)\b[^>]*class=\"[^\"]*\bmath\b[^>]*>.*?</\2>", re.S)
-CODE = re.compile(r"<(pre|code)\b.*?</\1>", re.S)
+CODE = re.compile(r"<(pre|code)\b.*?</\1>|<dt\b[^>]*class=\"sig\b[^>]*>.*?</dt>", re.S)  # code, API signatures
 
 
 def raw_markup(html: str) -> list[str]:
     """Markup a reader sees as characters: a MyST fence that did not parse (anywhere, code included: a broken
-    directive turns into a code block) and a ``^`` of TeX outside maths and code."""
+    directive turns into a code block) and a ``^`` of TeX outside maths and code (API signatures are code)."""
     text = HIDDEN.sub(" ", html)
     found = [f"raw fence: …{text[m.start() - 30:m.start() + 50]}…" for m in re.finditer(re.escape(RAW_FENCE), text)]
     prose = re.sub(r"<[^>]+>", " ", CODE.sub(" ", text))
@@ -309,6 +309,7 @@ def test_raw_markup_is_found():
     assert raw_markup("<p>‖Δ^q v‖ / ‖v‖</p>")
     assert not raw_markup('<p><span class="math notranslate nohighlight">\\(\\Delta^q v\\)</span> and '
                           '<code class="docutils">2 ^ 3</code></p><pre>x ^ y</pre>')
+    assert not raw_markup('<dt class="sig sig-object py"><em class="property">= re.compile(\'^a\')</em></dt>')
 
 
 @pytest.mark.slow
