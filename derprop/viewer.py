@@ -191,7 +191,7 @@ def snapshot_figure(snapshots: dict[int, dict[str, np.ndarray]], *, epochs: Sequ
     for ax_row, (e, i) in zip(axes, rows):
         snap = snapshots[e]
         draw_snapshot(ax_row, snap, i, overlay=overlay, palette=palette,
-                      row_title=f"{heading(snap)}\n{snap['names'][i]}")
+                      row_title=heading(snap).replace(" (", "\n(", 1) + f"\n{snap['names'][i]}")  # fits the row
     return fig
 
 
