@@ -423,26 +423,26 @@ def regime_findings(regime: Mapping[str, Any], plan: Mapping[str, Any] | None = 
     inside = _first(points, lambda p: oracle(p, "warm") > 0 and oracle(p, "derprop") > 0)
     out = [f"From {lo['extent']['median']:.1f} to {hi['extent']['median']:.1f} grid cells across "
            f"({len(points)} geometries, `results/dlp_regime.json`), oracle weights with the release's upsampling "
-           f"net {net_per_thousand(lo['derprop']['map'], 'bilinear', 'oracle'):+.1f} and "
-           f"{net_per_thousand(hi['derprop']['map'], 'bilinear', 'oracle'):+.1f} pseudo-label pixels per 1,000 after "
+           f"net {number(net_per_thousand(lo['derprop']['map'], 'bilinear', 'oracle'), 1, sign=True)} and "
+           f"{number(net_per_thousand(hi['derprop']['map'], 'bilinear', 'oracle'), 1, sign=True)} pseudo-label pixels per 1,000 after "
            "the DerProp phase; "
            + (f"they fix more than they break on both checkpoints from {inside['extent']['median']:.1f} cells on"
               if inside else "they never fix more than they break on both checkpoints")
-           + f". The learned weights net {net_per_thousand(lo['derprop']['map'], 'bilinear', 'learned'):+.1f} and "
-           f"{net_per_thousand(hi['derprop']['map'], 'bilinear', 'learned'):+.1f}."]
+           + f". The learned weights net {number(net_per_thousand(lo['derprop']['map'], 'bilinear', 'learned'), 1, sign=True)} and "
+           f"{number(net_per_thousand(hi['derprop']['map'], 'bilinear', 'learned'), 1, sign=True)}."]
     enough = [p for p in points if 100 * p["headroom"]["full"] >= 8]
     out.append(f"The headroom (all labels − 62 after the same 700 supervised steps) is "
-               f"{100 * lo['headroom']['full']:+.1f} pp at the CPU default and {100 * hi['headroom']['full']:+.1f} pp "
+               f"{number(100 * lo['headroom']['full'], 1, sign=True)} pp at the CPU default and {number(100 * hi['headroom']['full'], 1, sign=True)} pp "
                "at the largest extent; "
                + ("8 pp or more at " + ", ".join(f"{p['extent']['median']:.1f}" for p in enough) + " cells."
                   if enough else "never 8 pp."))
     if plan is not None and plan.get("chosen") and miniature is not None:
         c = miniature["claim"]
-        per = {net: " / ".join(f"{100 * v:+.1f}" for v in c["diff_per_seed"][net].values()) for net in c["diff_per_seed"]}
+        per = {net: " / ".join(number(100 * v, 1, sign=True) for v in c["diff_per_seed"][net].values()) for net in c["diff_per_seed"]}
         out.append(f"At the chosen geometry ({plan['chosen']}, `results/dlp_regime_miniature.json`) DerProp − supervised "
                    f"+ momentum on held-out seeds {', '.join(map(str, c['seeds']))}: trained network "
                    f"{per.get('backprop', '–')} pp, momentum network {per.get('momentum', '–')} pp; the claim "
-                   f"(≥ {100 * c['margin']:g} pp on every seed) is **{'met' if c['met'] else 'not met'}**.")
+                   f"(≥ {100 * c['margin']:g} pp on every seed, this book's criterion) is {verdict(c)}.")
     elif plan is not None and not plan.get("chosen"):
         out.append("No geometry of the sweep meets both conditions of the miniature (`results/dlp_regime_plan.json`).")
     for name, data in (("dlp_upsample_default.json", upsample), ("dlp_regime_miniature.json", miniature)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -123,3 +124,18 @@ def test_cpu_findings_show_what_the_files_hold_as_text(tmp_path):
     assert shows_as_text(render_myst(claim).replace("<strong>not met</strong>", "not met"),
                          PAYLOAD.replace("|", "").strip())
     assert "this book's criterion" in findings[0] and findings[0].count("**not met**") == 1
+
+
+def test_regime_findings_write_real_minus_signs_and_both_headroom_branches(repo):
+    import copy
+
+    from derprop.report import regime_findings
+
+    regime = json.loads((repo / "results" / "dlp_regime.json").read_text())
+    text = " ".join(regime_findings(regime))
+    assert not re.search(r"(?<![\w.])-\d", text), text  # numbers carry a real minus, never a hyphen
+    assert "8 pp or more at" in text
+    low = copy.deepcopy(regime)
+    for p in low["points"]:
+        p["headroom"]["full"] = 0.05
+    assert regime_findings(low)[1].endswith("never 8 pp.")
