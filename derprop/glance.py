@@ -97,6 +97,18 @@ def committed_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
         rows.append(_row("Own-class share: learned weights, and where the κ family breaks even",
                          f"{learned:.3f}; " + ("never breaks even" if share is None else f"{share:.3f}"),
                          src + "; this build's run: in the chapter", "rectification"))
+    regime = _load(folder / "dlp_regime.json")
+    if regime and regime.get("points"):
+        from derprop.report import regime_points
+
+        points = regime_points(regime)
+        oracle = [min(p[ck]["map"]["bilinear"]["oracle"]["full"]["0.5"]["net"] for ck in ("warm", "derprop"))
+                  for p in points]
+        first = next((p for p, n in zip(points, oracle) if n > 0), None)
+        rows.append(_row("Objects' extent from which oracle weights fix more pseudo-label pixels than they break "
+                         "(both checkpoints, the release's upsampling)",
+                         f"from {number(first['extent']['median'], 1)} grid cells" if first else
+                         f"at none of {len(points)} geometries", source("dlp_regime.json", regime), "dlp_regime"))
     ablations = _load(folder / "ablations_cpu.json")
     levers = {r["name"]: 100 * r["nets"]["backprop"]["diff"]["mean"]
               for r in ((ablations or {}).get("groups", {}).get("levers") or [])

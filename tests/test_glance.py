@@ -36,3 +36,20 @@ def test_a_committed_file_is_cited_with_date_machine_and_threads(tmp_path):
 def test_headlines_put_the_maths_first(tmp_path):
     rows = headlines(tmp_path, "smoke")
     assert rows[0]["what"].startswith("Theorem 1") and len(rows) == len(maths_rows()) + 1 + len(committed_rows(tmp_path))
+
+
+def test_the_regime_row_names_the_first_extent_where_the_oracle_nets_positive_on_both_checkpoints(tmp_path):
+    (tmp_path / "results").mkdir()
+
+    def point(extent, warm, derprop):
+        net = {ck: {"map": {"bilinear": {"oracle": {"full": {"0.5": {"net": n}}}}}}
+               for ck, n in (("warm", warm), ("derprop", derprop))}
+        return {"extent": {"median": extent}, **net}
+
+    def row(points):
+        (tmp_path / "results" / "dlp_regime.json").write_text(json.dumps({"machine": MACHINE, "points": points}))
+        return next(str(r["value"]) for r in committed_rows(tmp_path) if r["what"].startswith("Objects' extent"))
+
+    # positive on the warm start alone does not count; the points are read in order of extent
+    assert row([point(8.2, 5, 5), point(2.8, 20, -9), point(4.1, 16, 14)]) == "from 4.1 grid cells"
+    assert row([point(2.8, 20, -9)]) == "at none of 1 geometries"
