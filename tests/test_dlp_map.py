@@ -115,6 +115,8 @@ def test_object_extent_counts_objects_in_grid_cells():
 
 
 def test_regime_point_scores_both_upsamplings_and_counts_pixels():
+    from derprop.report import net_per_thousand  # it reads map results, so it lives in report
+
     inp = inputs(seed=5)
     p = dlp_map.regime_point(inp)
     assert p["pixels"]["full"] == int((inp.labels != IGNORE_INDEX).sum())
@@ -124,4 +126,4 @@ def test_regime_point_scores_both_upsamplings_and_counts_pixels():
     assert p["bilinear"]["oracle"]["grid"] == p["detail"]["oracle"]["grid"]  # the grid points need no upsampling
     assert p["bilinear"]["oracle"]["full"] != p["detail"]["oracle"]["full"]
     net = p["detail"]["oracle"]["full"]["0.5"]["net"]
-    assert dlp_map.net_per_thousand(p, "detail", "oracle") == pytest.approx(1000 * net / p["pixels"]["full"])
+    assert net_per_thousand(p, "detail", "oracle") == pytest.approx(1000 * net / p["pixels"]["full"])
