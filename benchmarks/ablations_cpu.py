@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m benchmarks.ablations_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "size": args.size, "base": BOOK_RUNS[args.size], "seeds": len(args.seeds),
         "eval_mode": ", ".join(sorted({r["miou_mode"] for r in runs})),
-        "date": machine["date"][:10], "machine": machine, "jobs": args.jobs,
+        "date": machine["date"][:10], "machine": machine, "jobs": args.jobs, "threads": 1,  # per run, as measure()
         "reference": summary.get("full"), "groups": groups, "runs": runs,
         "total_wall_time_s": time.time() - t0,
     }

@@ -31,6 +31,7 @@ from derprop.configfile import load_config
 from derprop.loaders import diagnostic_set
 from derprop.predict import load_model
 from derprop.provenance import project_root
+from derprop.sources import fingerprint
 
 
 def inputs_of(run: Path, images: int | None) -> tuple[dlp_map.MapInputs, dict[str, Any]]:
@@ -63,8 +64,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     inputs, cfg = inputs_of(args.run, args.images)
-    families = dlp_map.dlp_map(inputs)
-    detail = dlp_map.dlp_map(inputs, {"kappa": dlp_map.FAMILIES["kappa"]}, upsample="detail")
+    whole = dlp_map.full_map(inputs)
+    families = whole["families"]
     rows = {}
     for spec in args.row:
         name, _, run = spec.partition("=")
@@ -77,16 +78,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "fixed/broken/net pixels per eta on the grid points and at full resolution, accuracy, mIoU",
         "command": "python -m benchmarks.dlp_map " + " ".join(sys.argv[1:] if argv is None else argv),
         "run": repo_path(args.run),
-        "images": int(inputs.labels.shape[0]), "grid": list(inputs.grid),
-        "image_size": list(inputs.labels.shape[-2:]),
-        "families": families,
-        "oracle": dlp_map.score(inputs, dlp_map.oracle_weights(inputs.grid_labels)),
-        "break_even_share": {f: dlp_map.break_even(p) for f, p in families.items()},
-        "ceiling": dlp_map.ceiling(inputs),
-        "detail": {"what": "the same, with a detail-preserving upsampling: L + up(L̃ − L_grid) in place of up(L̃)",
-                   "oracle": dlp_map.score(inputs, dlp_map.oracle_weights(inputs.grid_labels), upsample="detail"),
-                   "families": detail,
-                   "break_even_share": {f: dlp_map.break_even(p) for f, p in detail.items()}},
+        "run_fingerprint": fingerprint(args.run),  # the book recomputes the map when the run is another
+        **whole,
         "rows": rows,
         "config": cfg,
         "machine": machine_info("cpu"),

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from derprop import cli, provenance
-from derprop.config import resolved
+from derprop.config import TrainConfig, flatten, resolved
 from derprop.configfile import load_config
 from derprop.data import DatasetError
 from derprop.errors import DerPropError
@@ -90,8 +90,10 @@ def load_or_train(config: str | os.PathLike, out_dir: str | os.PathLike, overrid
     cfg = load_config(config, list(overrides))
     if (out / "results.json").is_file():
         results = json.loads((out / "results.json").read_text())
+        # a setting added after the run was trained (not in its config), at its default, is the behaviour it had
+        saved, defaults = flatten(results.get("config") or {}), flatten(resolved(TrainConfig()))
         differ = {k: v for part in config_changes(results.get("config") or {}, resolved(cfg)) for k, v in part.items()
-                  if k not in MAY_MOVE}
+                  if k not in MAY_MOVE and not (k not in saved and k in defaults and v[1] == defaults[k])}
         if differ:
             raise DerPropError(f"{out} was trained with other settings than the book's now "
                                f"({describe_changes(dict(list(differ.items())[:4]))}): remove the folder and "

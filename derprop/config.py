@@ -59,7 +59,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS, RESNET_OUTPUT_STRIDES
-from derprop.data import DATASETS, manifest_classes
+from derprop.data import DATASETS, TREE_LAYOUTS, manifest_classes
 from derprop.errors import ConfigError, shown
 from derprop.tables import DIVERGENCES
 
@@ -167,7 +167,7 @@ def _pos_int(v: Any) -> bool:
 class DataConfig:
     """Which images to train on (see :mod:`derprop.data`).
 
-    ``layout`` (pascal, cityscapes, scenes)/``root``/``split`` select the UniMatch-style lists; the
+    ``layout`` (pascal, cityscapes, scenes, folder)/``root``/``split`` select the UniMatch-style lists; the
     ``*_list`` keys, when set, replace them with explicit list files
     (``unlabeled_list`` empty = all training images minus the labeled ones).
     ``*_limit`` keep only the first N items (tiny runs and tests).
@@ -351,7 +351,7 @@ crop. A config's ``eval.mode`` and ``eval.final_modes`` also take ``auto`` (:fun
 
 CHOICES: dict[str, tuple] = {
     "profile": ("official", "paper"),
-    "data.layout": ("pascal", "cityscapes", "scenes"),
+    "data.layout": ("pascal", "cityscapes", "scenes", "folder"),
     "optim.amp": ("none", "bf16", "fp16"),
     "method.Q": (0, 1, 2, 3),
     "method.op": ("forward", "central", "sum", "second"),
@@ -450,12 +450,13 @@ def _validate(cfg: TrainConfig) -> None:
 
 def dataset_classes(data: Mapping[str, Any]) -> int:
     """The class count of a ``data`` section (nested dict): its ``num_classes``, else the manifest's of the scenes
-    tree at its ``root`` (a tree made with fewer than the layout's eleven classes), else its layout's."""
+    or folder tree at its ``root`` (a scenes tree made with fewer than the layout's eleven classes, a folder's
+    own classes), else its layout's."""
     if data.get("num_classes") is not None:
         return data["num_classes"]
     name = data.get("layout", DataConfig.layout)
     check_choice("data.layout", name)
-    manifest = manifest_classes(data.get("root", DataConfig.root)) if name == "scenes" else None
+    manifest = manifest_classes(data.get("root", DataConfig.root)) if name in TREE_LAYOUTS else None
     return manifest or DATASETS[name].num_classes
 
 

@@ -14,6 +14,9 @@ line, both relative to the root:
   label is mapped to train ids on reading.
 - ``scenes``: the CPU dataset of real images composed into scenes, in VOC
   layout (``python -m data_prep.scenes``); its lists are in ``<root>/splits``.
+- ``folder``: the reader's own images in VOC layout, labels for some of them
+  (``python -m data_prep.folder``, book appendix *Your own data*); its lists
+  and manifest are in the folder, as a scenes tree's.
 
 Labels are single-channel PNGs of class indices (palette PNGs read as their
 indices, never their colours), with 255 = ignore. Every bad input raises
@@ -106,13 +109,20 @@ DATASETS = {
         "scenes", 11, ("background",) + tuple(f"class {i}" for i in range(10)), "train.txt",
         ("1_16", "1_8", "1_4"), "python -m data_prep.scenes --root {root}",
     ),
+    "folder": DatasetSpec(
+        "folder", 2, ("background", "object"), "train.txt", ("labeled",),
+        "python -m data_prep.folder --root {root} --classes NAME NAME ...",
+    ),
 }
+
+TREE_LAYOUTS = ("scenes", "folder")
+"""Layouts whose tree carries its own split lists (``<root>/splits``) and a manifest of its classes and files."""
 
 
 def labeled_splits(name: str, root: str | Path | None = None) -> tuple[str, ...]:
     """The labeled splits of a dataset: the layout's, or for a scenes tree those its manifest records
     (``python -m data_prep.scenes --splits``)."""
-    if name == "scenes" and root is not None:
+    if name in TREE_LAYOUTS and root is not None:
         return tuple(scenes_manifest(root)["settings"].get("splits") or dataset_spec(name).labeled_splits)
     return dataset_spec(name).labeled_splits
 
@@ -154,7 +164,7 @@ def manifest_sha256(name: str, root: str | Path) -> str | None:
     """The sha256 of a scenes tree's manifest (which holds the hash of every file: the data a run trained on),
     recorded in every checkpoint and ``results.json``; None for a tree without one (VOC, Cityscapes)."""
     path = Path(root) / SCENES_MANIFEST
-    if name != "scenes" or not path.is_file():
+    if name not in TREE_LAYOUTS or not path.is_file():
         return None
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -178,15 +188,19 @@ def fits_tree(tree_classes: int, model_classes: int, set_in_config: bool) -> boo
 
 
 def class_names(name: str, root: str | Path | None = None, items: Sequence[tuple[str, str]] = ()) -> tuple[str, ...]:
-    """Class names of a dataset; for a scenes tree, those its manifest records (:func:`scenes_manifest`), after
-    checking that the manifest lists every file of ``items`` (else it is stale: the tree changed after it)."""
-    if name != "scenes" or root is None:
+    """Class names of a dataset; for a scenes or folder tree, those its manifest records (:func:`scenes_manifest`),
+    after checking that the manifest lists every file of ``items`` that exists (else it is stale: the tree changed
+    after it; an unlabeled image of a folder tree has no label file)."""
+    if name not in TREE_LAYOUTS or root is None:
         return dataset_spec(name).class_names
     manifest = scenes_manifest(root)
-    stale = next((rel for pair in items for rel in pair if rel not in manifest["files"]), None)
+    stale = next((rel for pair in items for rel in pair
+                  if rel not in manifest["files"] and (Path(root) / rel).exists()), None)
     if stale is not None:
+        again = (f"python -m data_prep.scenes --root {root} --force ..." if name == "scenes"
+                 else f"python -m data_prep.folder --root {root} --classes ...")
         raise DatasetError(f"{Path(root) / SCENES_MANIFEST} is stale: it does not list {Path(root) / stale}. "
-                           f"Fix: regenerate the tree (python -m data_prep.scenes --root {root} --force ...).")
+                           f"Fix: regenerate the tree ({again}).")
     return tuple(manifest["class_names"])
 
 
@@ -213,11 +227,12 @@ def fix_hint(name: str, root: str | Path) -> str:
 
 
 def splits_dir(name: str, root: str | Path | None = None) -> Path:
-    """Directory of a dataset's split lists: ``data_prep/splits/<name>``, or ``<root>/splits`` for scenes."""
+    """Directory of a dataset's split lists: ``data_prep/splits/<name>``, or ``<root>/splits`` for a scenes or
+    folder tree."""
     dataset_spec(name)
-    if name == "scenes":
+    if name in TREE_LAYOUTS:
         if root is None:
-            raise DatasetError("the scenes dataset keeps its split lists under its root; pass root")
+            raise DatasetError(f"the {name} dataset keeps its split lists under its root; pass root")
         return Path(root) / "splits"
     return SPLITS_DIR / name
 

@@ -109,9 +109,9 @@ def _cell(value: Any, fmt: str | None) -> str:
     if value is None:
         return "–"
     if fmt and _is_number(value):
-        return format(value, fmt)
+        return format(value, fmt).replace("-", MINUS)
     if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
+        return f"{value:.4g}".replace("-", MINUS)
     if isinstance(value, Markdown):
         return value.text.replace("|", "\\|").replace("\n", " ")
     return escape_markdown(value)
@@ -121,6 +121,40 @@ def _is_number(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool))
 
 
+MINUS = "\u2212"
+"""The minus sign of numbers in tables (a hyphen is not a minus)."""
+
+
+def column_format(values: Sequence[Any]) -> str | None:
+    """The format of a column of numbers, chosen from all of them, so that one column reads one way.
+
+    Integers (and floats that are all whole) as integers, thousands separated from 10,000 on; otherwise fixed
+    decimals, enough for three significant digits of the largest value and one of the smallest non-zero value;
+    scientific notation only where that would take more than four decimals or the values reach a million.
+    ``None`` when the column holds no number.
+    """
+    nums = [float(v) for v in values if _is_number(v) and v is not None and np.isfinite(float(v))]
+    if not nums:
+        return None
+    big = max(abs(v) for v in nums)
+    if all(float(v).is_integer() for v in nums) and big < 1e15:
+        return ",.0f" if big >= 10_000 else ".0f"
+    small = min((abs(v) for v in nums if v != 0), default=big)
+    if big >= 1e6:
+        return ".2e"
+    need_big = max(0, 2 - int(np.floor(np.log10(big)))) if big else 0
+    need_small = max(0, -int(np.floor(np.log10(small)))) if small else 0
+    decimals = max(need_big, need_small)
+    return ".2e" if decimals > 4 else f".{decimals}f"
+
+
+def mean_std(mean: float, std: float, n: int, spec: str = ".2f") -> str:
+    """``mean ± std`` over ``n`` values, or ``mean (n = 1)`` where one value has no spread to show."""
+    if n <= 1:
+        return f"{format(mean, spec)} (n = 1)".replace("-", MINUS)
+    return f"{format(mean, spec)} ± {format(std, spec)}".replace("-", MINUS)
+
+
 def table(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], columns: Sequence[str] | None = None, *,
           fmt: Mapping[str, str] | str | None = None, caption: str | None = None, transpose: bool = False) -> Markdown:
     """A Markdown table of ``records`` (dicts, or sequences in the order of ``columns``).
@@ -128,10 +162,11 @@ def table(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], column
     ``columns`` picks and orders the keys of dict records (all keys, in first-seen order, by default) and
     names the columns; a header may differ from its key as ``"key=header"`` (Markdown: ``$...$`` works). A
     text cell shows its characters as they are (:func:`escape_markdown`); a :class:`Markdown` cell (or
-    :func:`code`) is the chapter's own Markdown. ``fmt`` is a format spec for
-    numbers, one for all or per key (``{"miou": ".1%"}``); ``None`` cells show "–". Numeric columns are
-    right-aligned. ``transpose`` turns columns into rows, for records with many fields (one column per
-    record). With a ``caption`` the table is a numbered MyST ``{table}``.
+    :func:`code`) is the chapter's own Markdown. ``fmt`` is a format spec for numbers, one for all or per key
+    (``{"miou": ".1%"}``); a column without one is formatted as a whole (:func:`column_format`: integers as
+    integers, scientific only where needed). ``None`` cells show "–". Numeric columns are right-aligned.
+    ``transpose`` turns columns into rows, for records with many fields (one column per record). With a
+    ``caption`` (the chapter's Markdown: code and maths work) the table is a numbered MyST ``{table}``.
     """
     if columns is None:
         columns = list(dict.fromkeys(k for r in records for k in r)) if records and isinstance(records[0], Mapping) \
@@ -140,6 +175,7 @@ def table(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], column
     heads = [_cell(Markdown(c.split("=", 1)[-1]), None) for c in columns]
     rows = [[r.get(k) for k in keys] if isinstance(r, Mapping) else list(r) for r in records]
     fmts = [fmt.get(k) if isinstance(fmt, Mapping) else fmt for k in keys]
+    fmts = [f or column_format([row[j] for row in rows if j < len(row)]) for j, f in enumerate(fmts)]
     cells = [heads] + [[_cell(v, f) for v, f in zip(row, fmts)] for row in rows]
     is_num = [[False] * len(keys)] + [[_is_number(v) for v in row] for row in rows]
     if transpose:
@@ -150,7 +186,7 @@ def table(records: Sequence[Mapping[str, Any]] | Sequence[Sequence[Any]], column
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     text = "\n".join(lines)
     if caption:
-        text = f"```{{table}} {caption}\n{text}\n```"
+        text = f":::{{table}} {caption}\n{text}\n:::"  # a colon fence: a caption may hold `code`
     return Markdown(text)
 
 

@@ -325,3 +325,27 @@ def regime_point(inputs: MapInputs, eta: float = 0.5) -> dict[str, Any]:
                          "kappa": kappa, "break_even_share": break_even(kappa, eta=eta)}
     out["ceiling"] = ceiling(inputs, eta)
     return out
+
+
+def full_map(inputs: MapInputs) -> dict[str, Any]:
+    """The whole map of one network's :class:`MapInputs`: what ``python -m benchmarks.dlp_map`` writes for a run,
+    and what chapter *Pseudo-label rectification, interactively* computes for this build's run.
+
+    Every family (:func:`dlp_map`) and the oracle, scored by :func:`score`; each family's :func:`break_even`
+    share; the oracle's :func:`ceiling`; and the same for the ``kappa`` family and the oracle with the
+    detail-preserving upsampling (``detail``).
+    """
+    families = dlp_map(inputs)
+    detail = dlp_map(inputs, {"kappa": FAMILIES["kappa"]}, upsample="detail")
+    oracle = oracle_weights(inputs.grid_labels)
+    return {
+        "images": int(inputs.labels.shape[0]), "grid": list(inputs.grid),
+        "image_size": list(inputs.labels.shape[-2:]),
+        "families": families,
+        "oracle": score(inputs, oracle),
+        "break_even_share": {f: break_even(p) for f, p in families.items()},
+        "ceiling": ceiling(inputs),
+        "detail": {"what": "the same, with a detail-preserving upsampling: L + up(L̃ − L_grid) in place of up(L̃)",
+                   "oracle": score(inputs, oracle, upsample="detail"), "families": detail,
+                   "break_even_share": {f: break_even(p) for f, p in detail.items()}},
+    }

@@ -341,7 +341,7 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
         items = data_io.read_split(p)
     names = data_io.class_names(layout, root, items) if spec is not None else None
     configured = int(data_cfg.get("num_classes") or 0)
-    if layout == "scenes":  # the tree's count, or a larger one its config set (training's rule, data.fits_tree)
+    if layout in data_io.TREE_LAYOUTS:  # the tree's count, or a larger one its config set (data.fits_tree)
         n = configured if configured and data_io.fits_tree(len(names), configured, True) else len(names)
     elif list_file is None:
         n = len(names)
@@ -352,7 +352,7 @@ def eval_dataset(data_cfg: Mapping[str, Any], *, split: str = "val", root: str |
     return data_io.SegmentationDataset(root, items, num_classes=n, labeled=True,
                                        class_names=names if names and len(names) == n else None,
                                        fix=data_io.fix_hint(layout, root) if spec is not None else "",
-                                       label_classes=len(names) if layout == "scenes" else None)
+                                       label_classes=len(names) if layout in data_io.TREE_LAYOUTS else None)
 
 
 def data_root(ckpt: Mapping[str, Any], given: str | os.PathLike | None) -> tuple[Path, str]:

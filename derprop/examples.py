@@ -74,11 +74,11 @@ def noisy_logits(labels: Tensor, num_classes: int, share: float = 0.3, scale: fl
     return scale * F.one_hot(noisy, num_classes).T[None].float()
 
 
-def release_features(V: Tensor, tau: float) -> Tensor:
+def release_features(V: Tensor, beta: float) -> Tensor:
     """Scale features for the release's similarity ``s_ij = f_iᵀf_j/√D + Δf_iᵀΔf_j/√(D−1)``: with
-    ``f = √τ · D^¼ · v/‖v‖₂`` its order-0 part is ``τ·cos(v_i, v_j)``, so ``τ`` is an inverse temperature
+    ``f = √β · D^¼ · v/‖v‖₂`` its order-0 part is ``β·cos(v_i, v_j)``, so ``β`` is an inverse temperature
     (training learns it; untrained features need one set by hand)."""
-    return V / V.norm(dim=1, keepdim=True) * math.sqrt(tau) * V.shape[1] ** 0.25
+    return V / V.norm(dim=1, keepdim=True) * math.sqrt(beta) * V.shape[1] ** 0.25
 
 
 def query_pixel(labels: Tensor, background: int = 0) -> int:
@@ -108,13 +108,13 @@ def pipeline_figure(ex: VocExample, logits: Tensor, f: Tensor, *, eta: float = 0
     def grid(label: Tensor) -> np.ndarray:
         return colorize(label.view(h, w).numpy())
 
-    fig, axes = plt.subplots(2, 3, figsize=(8.5, 6.2), layout="constrained")
+    fig, axes = plt.subplots(2, 3, figsize=(7.5, 5.6), layout="constrained")
     panels = [
         (ex.rgb, "the image, × = one pixel"),
         (grid(before), f"1. pseudo-label L: {ex.accuracy(logits):.0%}"),
         (None, "2. weights into × (log)"),
         (grid(lt.argmax(1)[0]), f"3. propagated L̃ = L·A: {ex.accuracy(lt):.0%}"),
-        (grid(after), f"4. blend at η = {eta:g}: {ex.accuracy(mixed):.0%}"),
+        (grid(after), f"4. blend, η_ep = {eta:g}: {ex.accuracy(mixed):.0%}"),
         (change, "5. fixed and broken"),
     ]
     for ax, (im, title) in zip(axes.flat, panels):
@@ -123,12 +123,12 @@ def pipeline_figure(ex: VocExample, logits: Tensor, f: Tensor, *, eta: float = 0
                       norm=LogNorm(vmin=0.1 / (h * w), vmax=float(received.max())))
         else:
             ax.imshow(im, interpolation="nearest", extent=(0, w, h, 0))
-        ax.set_title(title, fontsize=14)
+        ax.set_title(title, fontsize=12)
         ax.set_axis_off()
     r, c = divmod(j, w)
     for ax in (axes[0, 0], axes[0, 2]):
         ax.plot(c + 0.5, r + 0.5, "x", color="cyan", ms=14, mew=3)
     present = sorted(set(truth.tolist()) | set(before.tolist()))
     colours = {**class_colours(ex.class_names, present), **CHANGE_COLOURS}
-    add_legend(fig, colours, ncol=(len(colours) + 1) // 2, fontsize=13)
+    add_legend(fig, colours, ncol=(len(colours) + 1) // 2, fontsize=11)
     return fig

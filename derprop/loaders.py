@@ -126,10 +126,10 @@ def _dataset(cfg: TrainConfig, kind: str, labeled: bool, limit: int | None) -> S
     fix = data_io.fix_hint(c.layout, root)
     names = data_io.class_names(c.layout, root, items)  # a scenes tree: checked finished, its classes its own
     n = cfg.model.num_classes
-    if c.layout == "scenes" and not data_io.fits_tree(len(names), n, c.num_classes is not None):  # evaluate's rule
-        raise DatasetError(f"the scenes tree {root} has {len(names)} classes ({root / data_io.SCENES_MANIFEST}) but "
-                           f"the config trains {n}; leave data.num_classes and model.num_classes out (a scenes tree's "
-                           "manifest gives the count), or point data.root at a tree generated for this config")
+    if c.layout in data_io.TREE_LAYOUTS and not data_io.fits_tree(len(names), n, c.num_classes is not None):
+        raise DatasetError(f"the {c.layout} tree {root} has {len(names)} classes ({root / data_io.SCENES_MANIFEST}) "
+                           f"but the config trains {n}; leave data.num_classes and model.num_classes out (the "
+                           "tree's manifest gives the count), or point data.root at a tree made for this config")
     ds = SegmentationDataset(root, items, num_classes=n, labeled=labeled,
                              class_names=names if len(names) == n else None, fix=fix, label_classes=len(names))
     missing = ds.missing_files()

@@ -19,8 +19,10 @@ from derprop.atomic import read_jsonl
 from derprop.config import TrainConfig
 from derprop.configfile import load_config
 from derprop.data import split_items
-from derprop.display import escape_markdown
+from derprop.display import escape_markdown, mean_std
 from derprop.evaluate import format_iou_table
+from derprop.findings import criterion, number, verdict
+from derprop.sources import committed
 
 NOT_LOSS_TERMS = ("threshold", "mask_ratio", "time_s")
 """The ``train_<name>`` values of ``metrics.jsonl`` that are not loss terms."""
@@ -35,13 +37,14 @@ def iou_table(results: Mapping[str, Any], net: str | None = None, mode: str | No
 
 
 def learning_curves(run_dir: str | os.PathLike) -> Any:
-    """A matplotlib figure of a run's ``steps.jsonl`` and ``metrics.jsonl``: the loss per step with each
-    loss term's epoch mean (eq. 7), the learning rate, and the validation mIoU of both networks."""
+    """A matplotlib figure of a run's ``steps.jsonl`` and ``metrics.jsonl``, three panels one above the other: the
+    loss per step with each loss term's epoch mean (eq. 7), the learning rate, and the validation mIoU of both
+    networks."""
     import matplotlib.pyplot as plt
 
     run = Path(run_dir)
     steps, epochs = read_jsonl(run / "steps.jsonl"), read_jsonl(run / "metrics.jsonl")
-    fig, (ax_loss, ax_lr, ax_miou) = plt.subplots(1, 3, figsize=(15, 3.8), constrained_layout=True)
+    fig, (ax_loss, ax_lr, ax_miou) = plt.subplots(3, 1, figsize=(7.5, 9), constrained_layout=True)
     ax_loss.plot([r["global_step"] for r in steps], [r["loss"] for r in steps], color="0.6", lw=0.8,
                  label="loss, per step")
     terms = [k[6:] for k in (epochs[-1] if epochs else {}) if k.startswith("train_") and k[6:] not in NOT_LOSS_TERMS]
@@ -148,15 +151,18 @@ def recipe_costs(root: str | os.PathLike, rows: list[dict[str, Any]], data_root:
 
 
 def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
-    """What the CPU-scale runs found, in sentences with their numbers (Markdown), from ``cpu_evidence.json``
+    """What the CPU-scale runs found, in sentences with their numbers (Markdown), each ending with its source
+    (:func:`derprop.sources.committed`: the file, its date, machine and threads), from ``cpu_evidence.json``
     (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``); a sentence
     saying which file is missing where one is; then, where ``dlp_regime.json`` exists, :func:`regime_findings`.
     Every value read from the files shows as text (:func:`_quote`)."""
     folder = Path(results_dir)
+    root = folder.parent
     out = []
     evidence = folder / "cpu_evidence.json"
     if evidence.is_file():
         data = json.loads(evidence.read_text())
+        src = committed(evidence, data, root=root).markdown()
         claim = data.get("claim")
         if claim and claim.get("measured"):
             per_net = {net: " / ".join(_quote(100 * d if _is_number(d) else d, "+.1f") for d in per.values())
@@ -164,15 +170,15 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
             margin = claim["margin"]
             out.append("DerProp against supervised training with the same momentum network, on held-out seeds "
                        f"{', '.join(map(_quote, claim['seeds']))}: trained network {per_net.get('backprop', '–')} pp, "
-                       f"momentum network {per_net.get('momentum', '–')} pp; the claim of at least "
-                       f"{_quote(100 * margin if _is_number(margin) else margin, '.0f')} pp on every seed is "
-                       f"**{'met' if claim['met'] is True else 'not met'}**.")
+                       f"momentum network {per_net.get('momentum', '–')} pp; "
+                       + (criterion(margin, "that baseline") if _is_number(margin) else "the criterion")
+                       + f" is {verdict(claim)} ({src}).")
         full = data.get("summary", {}).get("full", {})
         if "pl_fixed_mean" in full:
             out.append(f"At the last epoch DLP fixed {_quote(full['pl_fixed_mean'], ',.0f')} pseudo-label pixels and "
                        f"broke {_quote(full['pl_broken_mean'], ',.0f')} (mean of {len(full.get('seeds', []))} seeds); "
                        f"a foreground pixel took {_quote(full['attn_share_ratio_mean'], '.2f')}× the uniform share of "
-                       "its propagation weights from its own class.")
+                       f"its propagation weights from its own class ({src}).")
     else:
         out.append("No CPU evidence yet: `python -m benchmarks.cpu_evidence` writes `results/cpu_evidence.json`.")
     dlp_map = folder / "dlp_map.json"
@@ -183,11 +189,14 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
         detail = (data.get("detail") or {}).get("break_even_share", {}).get("kappa")
         learned = data["families"]["kappa"][0]["own_share"] if data.get("families", {}).get("kappa") else None
         out.append(f"With perfect (oracle) propagation weights DLP would fix {_quote(oracle['fixed'], ',')} and break "
-                   f"{_quote(oracle['broken'], ',')} pixels at η = 0.5; "
+                   f"{_quote(oracle['broken'], ',')} pixels at $\\eta_{{ep}}$ = 0.5; "
                    + (f"it breaks even at an own-class share of {_quote(share, '.2f')}" if share is not None
                       else "no point of the κ family breaks even with the release's upsampling")
                    + (f", and at {_quote(detail, '.2f')} with a detail-preserving one" if detail is not None else "")
-                   + (f"; the learned weights give {_quote(learned, '.2f')}." if learned is not None else "."))
+                   + (f"; the learned weights of the run it scored give {_quote(learned, '.2f')}"
+                      if learned is not None else "")
+                   + f" ({committed(dlp_map, data, root=root).markdown()}; chapter *Pseudo-label rectification, "
+                   "interactively* scores this build's run).")
     else:
         out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
     regime = folder / "dlp_regime.json"
@@ -214,14 +223,16 @@ MAP_FAMILIES = {"kappa": "κ bonus on the similarity logits", "alpha": "α mix w
 
 
 def dlp_map_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
-    """The DLP map of ``results/dlp_map.json`` (``python -m benchmarks.dlp_map``): net pixels fixed − broken at
-    blend weight ``eta`` against the own-class share of the weights, at full resolution and on the grid points,
+    """The DLP map of ``results/dlp_map.json`` (``python -m benchmarks.dlp_map``, or
+    :func:`derprop.dlp_map.full_map` with ``rows``): net pixels fixed − broken at blend weight ``eta``
+    (``η_ep`` of eq. 5) against the own-class share of the weights, at full resolution and on the grid points
+    (two panels, one above the other),
     one line per family, the oracle and every trained row marked, and at full resolution the κ family and the
     oracle with the detail-preserving upsampling (open markers; chapter *Pseudo-label rectification,
     interactively*)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), layout="constrained")
+    fig, axes = plt.subplots(2, 1, figsize=(7.5, 8), layout="constrained")
     for ax, where in zip(axes, ("full", "grid")):
         for k, (family, points) in enumerate(data["families"].items()):
             pts = sorted(points, key=lambda p: p["own_share"])
@@ -240,12 +251,12 @@ def dlp_map_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
             ax.plot(row["own_share"], row[where][eta]["net"], "D", ms=8, color=f"C{k + 4}", label=f"trained: {name}")
         ax.axhline(0, color="0.5", lw=0.8)
         ax.set(xlabel="own-class share of a foreground pixel's weights", ylabel="fixed − broken pixels",
-               title=("full resolution" if where == "full" else "grid points only") + f", η = {eta}")
+               title=("full resolution" if where == "full" else "grid points only") + f", $\\eta_{{ep}}$ = {eta}")
     for source, style in ((data, "-"), (data.get("detail") or {}, "--")):
         share = (source.get("break_even_share") or {}).get("kappa")
         if share is not None:
             axes[0].axvline(share, color="C0", ls=style, lw=0.8, alpha=0.6)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, frameon=False)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False, fontsize=10)
     return fig
 
 
@@ -257,18 +268,19 @@ def paired_records(summary: Mapping[str, Mapping[str, Any]], nets: tuple[str, ..
                    names: Mapping[str, str] | None = None) -> list[dict[str, str]]:
     """Table records of a CPU benchmark summary (``results/cpu_evidence.json`` or a group of
     ``results/ablations_cpu.json``; chapter *Ablations at CPU scale*): per row and network, mIoU % as mean ± std
-    over seeds, and the paired difference to the same network of the reference row seed by seed (pp, seeds in
-    order) with its mean."""
+    over seeds ("(n = 1)" for one seed), and the paired difference to the same network of the reference row seed
+    by seed (pp, seeds in order) with its mean."""
     out = []
     for key, s in summary.items():
         rec = {"row": (names or {}).get(key, key), "seeds": ", ".join(map(str, s["seeds"]))}
         for net in nets:
             e = s["nets"].get(net)
-            rec[net] = "–" if e is None else f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}"
+            rec[net] = "–" if e is None else mean_std(100 * e["mean"], 100 * e["std"],
+                                                      len(e.get("per_seed") or s["seeds"]))
             d = (e or {}).get("diff_per_seed")
             if d:
-                per_seed = " / ".join(f"{100 * v:+.1f}" for _, v in sorted(d.items(), key=lambda t: int(t[0])))
-                rec[f"d_{net}"] = f"{per_seed} (mean {100 * e['diff']['mean']:+.2f})"
+                per_seed = " / ".join(number(100 * v, 1, sign=True) for _, v in sorted(d.items(), key=lambda t: int(t[0])))
+                rec[f"d_{net}"] = f"{per_seed} (mean {number(100 * e['diff']['mean'], 2, sign=True)})"
             else:
                 rec[f"d_{net}"] = "reference" if key == s.get("reference") else "–"
         out.append(rec)
@@ -328,7 +340,7 @@ def regime_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
         if paper is not None:
             ax.axvspan(paper["extent"]["median"], paper["extent"]["pixel_median"], color="C2", alpha=0.15,
                        label=f"paper: VOC at a {paper['grid']}×{paper['grid']} grid")
-        ax.set(ylabel="fixed − broken per 1,000", title=f"{title}, η = {eta}, full resolution")
+        ax.set(ylabel="fixed − broken per 1,000", title=f"{title}, $\\eta_{{ep}}$ = {eta}, full resolution")
     axes[-1].set(xscale="log", xlabel="objects' median extent (grid cells, √ of the area)")
     ticks = sorted({round(v, 1) for v in x} | ({round(paper["extent"]["pixel_median"])} if paper else set()))
     axes[-1].set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -390,13 +402,9 @@ def regime_records(data: Mapping[str, Any], eta: str = "0.5") -> list[dict[str, 
 
 
 def cited(name: str, data: Mapping[str, Any]) -> str:
-    """Where a book number comes from (Markdown): ``results/<name>``, the date, cores and threads it records."""
-    m = data.get("machine") or {}
-    threads = data.get("threads", m.get("torch_threads"))
-    when = (m.get("date") or "")[:10]
-    parts = [when, f"{m['cpu_count']} cores" if m.get("cpu_count") else "",
-             f"{threads} thread{'s' if threads != 1 else ''}" if threads else ""]
-    return f"`results/{name}` ({', '.join(p for p in parts if p)})"
+    """Where a book number comes from (Markdown): ``committed: `results/<name>` (date, machine, threads)``, as
+    :func:`derprop.sources.committed` writes it."""
+    return committed(Path("results") / name, data, root=Path(".")).markdown()
 
 
 def _first(points: list[dict[str, Any]], test) -> dict[str, Any] | None:
@@ -415,26 +423,26 @@ def regime_findings(regime: Mapping[str, Any], plan: Mapping[str, Any] | None = 
     inside = _first(points, lambda p: oracle(p, "warm") > 0 and oracle(p, "derprop") > 0)
     out = [f"From {lo['extent']['median']:.1f} to {hi['extent']['median']:.1f} grid cells across "
            f"({len(points)} geometries, `results/dlp_regime.json`), oracle weights with the release's upsampling "
-           f"net {net_per_thousand(lo['derprop']['map'], 'bilinear', 'oracle'):+.1f} and "
-           f"{net_per_thousand(hi['derprop']['map'], 'bilinear', 'oracle'):+.1f} pseudo-label pixels per 1,000 after "
+           f"net {number(net_per_thousand(lo['derprop']['map'], 'bilinear', 'oracle'), 1, sign=True)} and "
+           f"{number(net_per_thousand(hi['derprop']['map'], 'bilinear', 'oracle'), 1, sign=True)} pseudo-label pixels per 1,000 after "
            "the DerProp phase; "
            + (f"they fix more than they break on both checkpoints from {inside['extent']['median']:.1f} cells on"
               if inside else "they never fix more than they break on both checkpoints")
-           + f". The learned weights net {net_per_thousand(lo['derprop']['map'], 'bilinear', 'learned'):+.1f} and "
-           f"{net_per_thousand(hi['derprop']['map'], 'bilinear', 'learned'):+.1f}."]
+           + f". The learned weights net {number(net_per_thousand(lo['derprop']['map'], 'bilinear', 'learned'), 1, sign=True)} and "
+           f"{number(net_per_thousand(hi['derprop']['map'], 'bilinear', 'learned'), 1, sign=True)}."]
     enough = [p for p in points if 100 * p["headroom"]["full"] >= 8]
     out.append(f"The headroom (all labels − 62 after the same 700 supervised steps) is "
-               f"{100 * lo['headroom']['full']:+.1f} pp at the CPU default and {100 * hi['headroom']['full']:+.1f} pp "
+               f"{number(100 * lo['headroom']['full'], 1, sign=True)} pp at the CPU default and {number(100 * hi['headroom']['full'], 1, sign=True)} pp "
                "at the largest extent; "
                + ("8 pp or more at " + ", ".join(f"{p['extent']['median']:.1f}" for p in enough) + " cells."
                   if enough else "never 8 pp."))
     if plan is not None and plan.get("chosen") and miniature is not None:
         c = miniature["claim"]
-        per = {net: " / ".join(f"{100 * v:+.1f}" for v in c["diff_per_seed"][net].values()) for net in c["diff_per_seed"]}
+        per = {net: " / ".join(number(100 * v, 1, sign=True) for v in c["diff_per_seed"][net].values()) for net in c["diff_per_seed"]}
         out.append(f"At the chosen geometry ({plan['chosen']}, `results/dlp_regime_miniature.json`) DerProp − supervised "
                    f"+ momentum on held-out seeds {', '.join(map(str, c['seeds']))}: trained network "
                    f"{per.get('backprop', '–')} pp, momentum network {per.get('momentum', '–')} pp; the claim "
-                   f"(≥ {100 * c['margin']:g} pp on every seed) is **{'met' if c['met'] else 'not met'}**.")
+                   f"(≥ {100 * c['margin']:g} pp on every seed, this book's criterion) is {verdict(c)}.")
     elif plan is not None and not plan.get("chosen"):
         out.append("No geometry of the sweep meets both conditions of the miniature (`results/dlp_regime_plan.json`).")
     for name, data in (("dlp_upsample_default.json", upsample), ("dlp_regime_miniature.json", miniature)):

@@ -178,7 +178,7 @@ DIVERGENCES: dict[str, Divergence] = {
     "method.dlp_form": Divergence(
         ("softmax", "linear"), "row softmax of the scaled similarity, L̃ = sg(L)·A", "L̃ = L(S + Δ¹S), unnormalised",
         "eq. 4"),
-    "method.blend_space": Divergence(("logit", "prob"), "blend logits: (1−η)L + ηL̃", "blend probabilities", "eq. 5"),
+    "method.blend_space": Divergence(("logit", "prob"), "blend logits: (1−η_ep)L + η_ep·L̃", "blend probabilities", "eq. 5"),
     "method.feature_norm": Divergence(
         ("softmax", "l1"), "softmax over channels (called “L1 normalisation”)", "‖v‖₁ = 1", "eq. 3, Thm. 1"),
     "method.label_resize": Divergence(("bilinear", "nearest"),

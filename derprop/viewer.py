@@ -187,11 +187,11 @@ def snapshot_figure(snapshots: dict[int, dict[str, np.ndarray]], *, epochs: Sequ
     n_img = len(snapshots[epochs[0]]["image"])
     images = [i for i in images if i < n_img]
     rows = [(e, i) for e in epochs for i in images]
-    fig, axes = plt.subplots(len(rows), 5, figsize=(12, 2.5 * len(rows)), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(len(rows), 5, figsize=(7.5, 1.9 * len(rows)), squeeze=False, constrained_layout=True)
     for ax_row, (e, i) in zip(axes, rows):
         snap = snapshots[e]
         draw_snapshot(ax_row, snap, i, overlay=overlay, palette=palette,
-                      row_title=f"{heading(snap)}\n{snap['names'][i]}")
+                      row_title=heading(snap).replace(" (", "\n(", 1) + f"\n{snap['names'][i]}")  # fits the row
     return fig
 
 
@@ -359,7 +359,7 @@ def attention_figure(stages: Mapping[str, dict[str, np.ndarray]], images: Sequen
     import matplotlib.pyplot as plt
 
     snaps = list(stages.values())
-    fig, axes = plt.subplots(len(images), len(snaps) + 1, figsize=(2.6 * (len(snaps) + 1), 2.7 * len(images)),
+    fig, axes = plt.subplots(len(images), len(snaps) + 1, figsize=(7.5, 2.2 * len(images)),
                              squeeze=False, constrained_layout=True)
     for row, i in zip(axes, images):
         gt = snaps[-1]["gt"][i]

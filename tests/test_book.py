@@ -122,6 +122,37 @@ def test_computational_chapter_conventions(path):
         assert not re.search(forbidden, text, re.M), f"{path.name}: no notebook-local model/propagation/loss code"
 
 
+CODE_COLUMNS = 88
+"""The widest line of a code cell: what fits the text column at 1280 px and at 800 px without scrolling."""
+
+
+@pytest.mark.parametrize("path", [p for p in chapters() if code_cells(p)], ids=lambda p: p.name)
+def test_code_cells_fit_the_column(path):
+    """Every line of every code cell (hidden ones too: a reader opens them in JupyterLab), its YAML header
+    (cell options, figure captions) aside, is at most :data:`CODE_COLUMNS` characters."""
+    long = []
+    text = path.read_text()
+    for m in re.finditer(r"```\{code-cell\}[^\n]*\n(.*?)```", text, re.S):
+        body = m.group(1)
+        header = re.match(r"---\n.*?\n---\n", body, re.S)
+        first = text[:m.start(1)].count("\n") + 1 + (header.group(0).count("\n") if header else 0)
+        lines = body[header.end():].splitlines() if header else body.splitlines()
+        long += [f"line {first + k}: {len(line)} columns" for k, line in enumerate(lines) if len(line) > CODE_COLUMNS]
+    assert not long, f"{path.name}: code wider than {CODE_COLUMNS} columns:\n" + "\n".join(long)
+
+
+def test_chapters_are_in_story_order():
+    """The maths, the release against the paper, training, rectification, ablations, then the GPU appendix."""
+    order = [f.removeprefix("book/") for f in toc_files()]
+    story = ["ill_posed", "derivative_loss", "paper_vs_code", "training_cpu", "rectification", "dlp_regime",
+             "ablations_cpu",
+             "reproduction"]
+    assert [f for f in order if f in story] == story, order
+    toc = yaml.safe_load((source() / "_toc.yml").read_text())
+    appendix = next(p for p in toc["parts"] if p["caption"] == "Appendices")
+    assert "book/reproduction" in [c["file"] for c in appendix["chapters"]]
+
+
 PAPER_EQUATIONS = range(1, 13)
 CODE_UNDER = {2: "derivative", 4: "_propagate_paper", 5: "blend", 7: "weighted_sum", 9: "derivative_loss"}
 """Equations of the paper whose implementing function the book shows right below them (Annotated-Transformer style)."""
@@ -256,6 +287,40 @@ def test_built_chapters_show_no_errors():
         assert 'class="output traceback' not in html, page.name
     widgets = (SMOKE_HTML / "book" / "rectification.html").read_text()
     assert "static fallback" in widgets.lower() or "<img" in widgets
+
+
+RAW_FENCE = "```{"
+HIDDEN = re.compile(r"<(script|style)\b.*?</\1>|<(span|div)\b[^>]*class=\"[^\"]*\bmath\b[^>]*>.*?</\2>", re.S)
+CODE = re.compile(r"<(pre|code)\b.*?</\1>|<dt\b[^>]*class=\"sig\b[^>]*>.*?</dt>", re.S)  # code, API signatures
+
+
+def raw_markup(html: str) -> list[str]:
+    """Markup a reader sees as characters: a MyST fence that did not parse (anywhere, code included: a broken
+    directive turns into a code block) and a ``^`` of TeX outside maths and code (API signatures are code)."""
+    text = HIDDEN.sub(" ", html)
+    found = [f"raw fence: …{text[m.start() - 30:m.start() + 50]}…" for m in re.finditer(re.escape(RAW_FENCE), text)]
+    prose = re.sub(r"<[^>]+>", " ", CODE.sub(" ", text))
+    found += [f"raw TeX: …{' '.join(prose[m.start() - 40:m.start() + 30].split())}…" for m in re.finditer(r"\^", prose)]
+    return found
+
+
+def test_raw_markup_is_found():
+    assert raw_markup('<p>```{table} `configs/x.yaml` A caption</p>')
+    assert raw_markup("<p>‖Δ^q v‖ / ‖v‖</p>")
+    assert not raw_markup('<p><span class="math notranslate nohighlight">\\(\\Delta^q v\\)</span> and '
+                          '<code class="docutils">2 ^ 3</code></p><pre>x ^ y</pre>')
+    assert not raw_markup('<dt class="sig sig-object py"><em class="property">= re.compile(\'^a\')</em></dt>')
+
+
+@pytest.mark.slow
+def test_built_pages_show_no_raw_fence_or_tex():
+    rc, _, _ = build_smoke_book()
+    assert rc == 0
+    bad = [f"{page.relative_to(SMOKE_HTML)}: {p}" for page in sorted(SMOKE_HTML.joinpath("book").rglob("*.html"))
+           for p in raw_markup(page.read_text())]
+    bad += [f"index: {p}" for p in raw_markup((SMOKE_HTML / "index.html").read_text())] \
+        if (SMOKE_HTML / "index.html").is_file() else []
+    assert not bad, "markup shown as characters in the built book:\n" + "\n".join(bad[:30])
 
 
 def test_every_chapter_that_plots_shows_its_figures():

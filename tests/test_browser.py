@@ -4,10 +4,13 @@
   ``_build/smoke``) loads from a local http.server with no console error,
   no failed request and no request leaving 127.0.0.1; its maths is typeset by
   the vendored MathJax (no raw TeX left); every image has decoded.
-* Every page, at 1280 px: no table, cell output or shell command block is
-  wider than the text column (``scrollWidth > clientWidth``: clipped or
-  scrolled), and no printed repr such as ``<torch._C.Generator at 0x…>`` is on
-  the page. Source code (cells, listings of ``derprop``) may scroll sideways.
+* Every page, at 1280 px and at 800 px, its hidden cells opened: no table,
+  cell output, cell code or shell command block is wider than the text column
+  (``scrollWidth > clientWidth``: clipped or scrolled), no image is shown at
+  less than 75 % of its natural width (a figure drawn wider than the column,
+  its text shrunk with it), and no printed repr such as
+  ``<torch._C.Generator at 0x…>`` is on the page. Listings of ``derprop``'s own
+  source (``literalinclude``) may scroll sideways like in an editor.
 * *Pseudo-label rectification*: its viewers work without a kernel (picking
   another image or epoch, or moving the κ slider, shows another pre-rendered
   panel), and its static fallback figure is there.
@@ -143,6 +146,7 @@ def page_paths() -> list[str]:
 
 
 LAYOUT = r"""() => {
+  document.querySelectorAll('details').forEach((d) => { d.open = true; });  // hidden inputs count too
   const column = document.querySelector('article.bd-article') || document.querySelector('main') || document.body;
   const right = column.getBoundingClientRect().right + 1;
   const wide = (e) => e.scrollWidth > e.clientWidth + 1 || e.getBoundingClientRect().right > right;
@@ -152,10 +156,21 @@ LAYOUT = r"""() => {
     const box = t.closest('.pst-scrollable-table-container') || t;
     if (wide(box) || wide(t)) found.push(`table ${Math.round(t.scrollWidth)} px in ${Math.round(box.clientWidth)} px: ${what(t)}`);
   });
-  // results (cell outputs) and commands to copy (shell blocks); source code may scroll sideways like in an editor
-  column.querySelectorAll('.cell_output pre, div[class*="highlight-bash"] pre, div[class*="highlight-shell"] pre, '
-                          + 'div[class*="highlight-console"] pre').forEach((p) => {
-    if (wide(p)) found.push(`${p.closest('.cell_output') ? 'output' : 'command'} ${p.scrollWidth} px in ${p.clientWidth} px: ${what(p)}`);
+  // results (cell outputs), the code of cells, and commands to copy (shell blocks); listings of derprop's own
+  // source (literalinclude) may scroll sideways like in an editor
+  column.querySelectorAll('.cell_output pre, .cell_input pre, div[class*="highlight-bash"] pre, '
+                          + 'div[class*="highlight-shell"] pre, div[class*="highlight-console"] pre').forEach((p) => {
+    const kind = p.closest('.cell_output') ? 'output' : p.closest('.cell_input') ? 'code' : 'command';
+    if (wide(p)) found.push(`${kind} ${p.scrollWidth} px in ${p.clientWidth} px: ${what(p)}`);
+  });
+  // a figure drawn wider than the column is shrunk, and its text with it (book_style draws at the column's width)
+  column.querySelectorAll('img').forEach((img) => {
+    if (!img.offsetParent || !img.naturalWidth || img.closest('.derprop-frames figure[hidden]')) return;
+    const shown = img.getBoundingClientRect().width;
+    if (shown < 0.75 * img.naturalWidth) {
+      found.push(`image shown at ${Math.round(100 * shown / img.naturalWidth)} % of its ${img.naturalWidth} px: `
+                 + `${(img.closest('figure, .cell_output') || img).innerText.trim().slice(0, 60) || img.src.slice(-40)}`);
+    }
   });
   const reprs = (column.innerText.match(/<[\w.]+(?: object)? at 0x[0-9a-fA-F]+>/g) || []);
   return found.concat(reprs.map((r) => `printed repr: ${r}`));
@@ -163,13 +178,14 @@ LAYOUT = r"""() => {
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("width", [1280, 800])
 @pytest.mark.parametrize("path", page_paths())
-def test_every_table_and_output_fits_its_column(server, browser, path):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def test_every_table_code_output_and_figure_fits_its_column(server, browser, path, width):
+    page = browser.new_page(viewport={"width": width, "height": 900})
     page.goto(f"{server}/{path}", wait_until="load")
     problems = page.evaluate(LAYOUT)
     page.close()
-    assert not problems, f"{path} at 1280 px:\n" + "\n".join(problems)
+    assert not problems, f"{path} at {width} px:\n" + "\n".join(problems)
 
 
 def _shown_frame(viewer) -> tuple[str, str]:

@@ -203,6 +203,7 @@ NOT_RUN = {
     "data_prep.voc": "downloads 2 GB (test_data_prep runs it on archives in the real layout)",
     "data_prep.cityscapes": "needs a Cityscapes login (test_data_prep runs it on zips in the real layout)",
     "data_prep.weights": "needs the downloaded ResNet-101 checkpoint (test_weights)",
+    "data_prep.folder": "appendix own_data runs it on its example folder as the book builds (test_data_folder)",
     "benchmarks.": "benchmarks and the GPU check (test_benchmarks, test_gpu_check, test_bench_train_step)",
     "scripts.ablation_configs": "rewrites configs/ (test_tables checks what it writes)",
     "-c ": "a one-liner that asks torch whether it sees a GPU (compiled, not run: the suite hides the GPUs)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from derprop.display import (BROKEN_RGB, CHANGE_COLOURS, FIXED_RGB, UNCHANGED_RGB, Markdown, box, change_image,
-                             class_colours, code, colorize, escape_html, table)
+                             class_colours, code, colorize, column_format, escape_html, mean_std, table)
 from derprop.labels import VOC_CLASSES, voc_palette
 from tests.fixtures import PAYLOAD, render_myst, shows_as_text
 
@@ -22,7 +22,7 @@ def test_table_renders_markdown_with_headers_formats_and_alignment():
 def test_table_escapes_pipes_transposes_and_captions():
     t = table([["a|b", 1.0]], ["x=|x|", "y"], transpose=True, caption="A caption")
     text = t._repr_markdown_()
-    assert text.startswith("```{table} A caption\n") and text.endswith("\n```")
+    assert text.startswith(":::{table} A caption\n") and text.endswith("\n:::")
     assert "| \\|x\\| | a\\|b |" in text and "| y | 1 |" in text
 
 
@@ -59,3 +59,25 @@ def test_a_cell_read_from_a_file_shows_its_characters_and_a_chapter_cell_its_mar
 
 def test_escape_html_leaves_no_tag():
     assert escape_html(PAYLOAD).count("<") == 0 and escape_html('"x"') == "&quot;x&quot;"
+
+
+def test_a_caption_with_code_and_maths_renders_as_a_caption():
+    text = table([{"a": 1}], caption="`configs/cpu_scenes.yaml` as $\\Delta^q v$ resolves it")._repr_markdown_()
+    # a backtick fence cannot carry a caption with backticks (CommonMark): the reader saw "```{table} `configs…"
+    assert text.startswith(":::{table} `configs/cpu_scenes.yaml` as") and text.endswith("\n:::")
+
+
+def test_each_column_reads_one_way():
+    assert column_format([0, 1, 2, 6]) == ".0f" and column_format([0.0, 1.0, 6.0]) == ".0f"  # orders q
+    assert column_format([1.0, 10.0, 1000.0]) == ".0f" and column_format([1681, 20000]) == ",.0f"  # pixels M
+    assert column_format([43.21, 0.05]) == ".2f"  # three digits of the largest, one of the smallest
+    assert column_format([0.123, 0.5]) == ".3f" and column_format([150.5, 20.25]) == ".0f"
+    assert column_format([1e-13, 0.4]) == ".2e" and column_format([2.5e6, 1.5]) == ".2e"  # only where needed
+    assert column_format(["a", None]) is None
+    t = table([{"q": 0, "M": 1.0, "x": 1e-13}, {"q": 6, "M": 1000.0, "x": 0.25}])._repr_markdown_()
+    assert "| 0 | 1 | 1.00e−13 |" in t and "| 6 | 1000 | 2.50e−01 |" in t
+
+
+def test_one_seed_has_no_spread_to_show():
+    assert mean_std(35.2, 0.0, 1) == "35.20 (n = 1)" and mean_std(35.2, 1.04, 3) == "35.20 ± 1.04"
+    assert mean_std(-0.5, 0.1, 2, ".1f") == "\u22120.5 ± 0.1"

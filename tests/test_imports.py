@@ -22,11 +22,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "provenance"),
     # what nothing else in derprop is needed for: file writes, label conventions, the paper's tables,
     # the derivative operators, seeds and processes, progress lines, the EMA of the weights,
-    # starting the processes of a run, the command-line front
-    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "launch", "cli"),
+    # starting the processes of a run, the command-line front, the book's sentences made of numbers
+    ("atomic", "labels", "tables", "derivatives", "features", "distributed", "progress", "momentum", "launch", "cli",
+     "findings"),
     # the maths of the paper, the first readers and writers, and how the book shows results
     ("losses", "propagation", "checkpoint", "metrics", "data", "display"),
-    ("backbones", "augment", "paths"),
+    ("backbones", "augment", "paths", "sources"),
     ("config",),
     ("configfile", "model", "rundir"),
     ("evaluate", "pseudo_labels", "schedule", "loaders", "guards"),
@@ -35,7 +36,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("dlp_map",),
     ("trainer",),
     # the runs: the command line, the book's CPU runs, the book's viewer, the package's front door
-    ("train", "book_runs", "viewer", "__init__"),
+    ("train", "book_runs", "viewer", "glance", "__init__"),
 ]
 TOOLS = ("data_prep", "pipelines", "benchmarks", "scripts", "tests")
 

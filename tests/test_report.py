@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -64,7 +65,9 @@ def test_paired_records_pair_each_network_seed_by_seed():
     base, full = paired_records(summary, names={"full": "DerProp"})
     assert base["d_backprop"] == "reference" and base["momentum"] == "–"
     assert full["row"] == "DerProp" and full["backprop"] == "42.00 ± 2.00"
-    assert full["d_backprop"] == "+5.0 / -1.0 (mean +2.00)"  # seeds in order, not in the file's order
+    assert full["d_backprop"] == "+5.0 / \u22121.0 (mean +2.00)"  # seeds in order, not in the file's order
+    one = {"x": {"seeds": [0], "nets": {"backprop": {"mean": 0.352, "std": 0.0, "per_seed": {"0": 0.352}}}}}
+    assert paired_records(one)[0]["backprop"] == "35.20 (n = 1)"  # not "± 0.00"
     assert paired_columns()[2].startswith("backprop=")
 
 
@@ -115,8 +118,24 @@ def test_regime_figures_draw_every_line_and_both_markers():
 def test_cpu_findings_show_what_the_files_hold_as_text(tmp_path):
     findings = cpu_findings(poisoned_results(tmp_path) / "results")
     for sentence in findings:
-        rendered = render_myst(sentence)
+        rendered = render_myst(sentence).replace('<span class="math inline">\\eta_{ep}</span>', "η_ep")  # ours
         assert "<img" not in rendered and "<script" not in rendered and 'class="math' not in rendered, rendered
-    assert shows_as_text(render_myst(findings[0]).replace("<strong>not met</strong>", "not met"),
+    claim = findings[0].split(" (committed:")[0]  # the source names its file as code
+    assert shows_as_text(render_myst(claim).replace("<strong>not met</strong>", "not met"),
                          PAYLOAD.replace("|", "").strip())
-    assert "the claim of at least 2 pp on every seed is **not met**" in findings[0]
+    assert "this book's criterion" in findings[0] and findings[0].count("**not met**") == 1
+
+
+def test_regime_findings_write_real_minus_signs_and_both_headroom_branches(repo):
+    import copy
+
+    from derprop.report import regime_findings
+
+    regime = json.loads((repo / "results" / "dlp_regime.json").read_text())
+    text = " ".join(regime_findings(regime))
+    assert not re.search(r"(?<![\w.])-\d", text), text  # numbers carry a real minus, never a hyphen
+    assert "8 pp or more at" in text
+    low = copy.deepcopy(regime)
+    for p in low["points"]:
+        p["headroom"]["full"] = 0.05
+    assert regime_findings(low)[1].endswith("never 8 pp.")

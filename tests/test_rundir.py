@@ -511,3 +511,9 @@ def test_a_book_run_trained_with_other_settings_is_refused_not_shown(tmp_path):
     with pytest.raises(DerPropError, match=r"other settings.*data\.split '1_4' → '1_8'.*remove the folder"):
         load_or_train(config, out)
     assert load_or_train(config, out, ["data.split=1_4"])["miou"] == 0.5  # a moved data folder is the same run
+    # a setting added after the run was trained (absent from its config) is the same run at its default only
+    del saved["method"]["dlp_upsample"]
+    atomic.write_json(out / "results.json", {"miou": 0.5, "config": saved})
+    assert load_or_train(config, out, ["data.split=1_4"])["miou"] == 0.5
+    with pytest.raises(DerPropError, match=r"method\.dlp_upsample None → 'detail'"):
+        load_or_train(config, out, ["data.split=1_4", "method.dlp_upsample=detail"])
