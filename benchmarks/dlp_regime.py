@@ -62,7 +62,7 @@ import torch
 from benchmarks.cpu_evidence import BASELINE, MARGIN, Plan, Row, measure, read_run, train_all
 from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
 from benchmarks.dlp_map import inputs_of
-from derprop import atomic, dlp_map
+from derprop import dlp_map
 from derprop.book_runs import BOOK_RUNS, SUPERVISED, make_scenes
 from derprop.provenance import project_root
 from derprop.report import net_per_thousand
@@ -249,7 +249,7 @@ def point(name: str, runs_dir: Path, extra: Sequence[str], threads: int, images:
                              "runs": sum(record[k]["wall_time_s"] for k in runs)}
     record["threads"] = torch.get_num_threads()
     record["machine"] = machine_info("cpu")
-    atomic.write_json(done, record)
+    write_results(done, record)
     m = record["derprop"]["map"]
     print(f"[regime] {name}: extent {record['extent']['median']:.1f} cells, headroom {100 * record['headroom']['full']:+.1f} pp, "
           f"oracle net (DerProp, bilinear, full) {m['bilinear']['oracle']['full']['0.5']['net']:+d}, "
