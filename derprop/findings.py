@@ -178,6 +178,20 @@ def trend(xs: Sequence[float], ys: Sequence[float], *, x_name: str, y_name: str,
     return text + "."
 
 
+def positive_from(points: Sequence[tuple[float, str, float]], *, unit: str = "per 1,000") -> str:
+    """Where a net count is positive along ``points`` ``(extent in cells, name, net)``, sorted by extent: "from
+    X cells on" only when every later point is positive too, else the points where it is, or "at no geometry"."""
+    up = [k for k, (_, _, v) in enumerate(points) if v > 0]
+    if not up:
+        return "net negative at every geometry"
+    shown = "; ".join(f"{points[k][1]}: {number(points[k][2], 1, sign=True)} {unit}" for k in up)
+    if up == list(range(up[0], len(points))):
+        first = points[up[0]]
+        return f"net positive from {first[0]:.1f} cells on ({first[1]}: {number(first[2], 1, sign=True)} {unit})"
+    cells = join([f"{points[k][0]:.1f}" for k in up])
+    return f"net positive only at {cells} cells ({shown}), negative elsewhere"
+
+
 def awareness(ratio: float) -> str:
     """How class-aware propagation weights are, from their own-class share as a multiple of the uniform share:
     below 1.1 "hardly", below 2 "only mildly", below 4 "moderately", else "strongly" class-aware."""

@@ -10,7 +10,7 @@ import doctest
 import pytest
 
 from derprop import findings
-from derprop.findings import (MINUS, above_on, awareness, beaten_at, criterion, how_many, largest_change, noise_sentence,
+from derprop.findings import (MINUS, above_on, positive_from, awareness, beaten_at, criterion, how_many, largest_change, noise_sentence,
                               number, trend, two_sources, verdict)
 
 
@@ -128,3 +128,13 @@ def test_noise_sentence_with_and_without_a_measurement():
     text = noise_sentence(noise, "committed: `results/thread_noise.json`")
     assert "moves by 0.00 points" in text and "between 1 thread and 2 threads it moves by 4.00 points" in text
     assert "spread over seeds of 2.37 points" in text and text.endswith("(committed: `results/thread_noise.json`).")
+
+
+def test_positive_from_says_from_only_when_every_later_point_is_positive():
+    pts = [(2.8, "a", 3.0), (4.1, "b", -6.1), (6.1, "c", -28.3)]
+    assert positive_from(pts) == "net positive only at 2.8 cells (a: +3.0 per 1,000), negative elsewhere"
+    pts = [(2.8, "a", -9.2), (4.1, "b", 14.0), (6.1, "c", 20.0)]
+    assert positive_from(pts) == "net positive from 4.1 cells on (b: +14.0 per 1,000)"
+    assert positive_from([(2.8, "a", -1.0), (4.1, "b", 0.0)]) == "net negative at every geometry"
+    assert positive_from([(2.8, "a", 1.0), (4.1, "b", -1.0), (6.1, "c", 2.0)]).startswith(
+        "net positive only at 2.8 and 6.1 cells")
