@@ -244,6 +244,29 @@ def test_train_on_real_bad_settings_is_one_line(args, words, scenes_tiny, tmp_pa
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.timeout(120)
+def test_make_reproduce_on_two_processes_with_an_odd_batch_is_one_line(repo, tmp_path):
+    """``make reproduce GPUS=2`` with a global batch of 3: the run's ConfigError reaches the user as one error line
+    naming the fix, through run_matrix, papermill and torchrun (each process would say it in one line too)."""
+    name = f"odd_batch_{os.getpid()}"
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"base: {TINY}\noptim:\n  batch_size: 3\n")
+    made = repo / "runs" / "matrix" / "smoke" / name
+    try:
+        proc = subprocess.run(["make", "--no-print-directory", "reproduce", f"CONFIG={config}", "GPUS=2", "DEVICE=cpu",
+                               "SIZE=smoke", f"CHECK_PY={sys.executable}"], cwd=repo, env=ENV, capture_output=True,
+                              text=True, timeout=110)
+    finally:
+        subprocess.run(["rm", "-rf", str(made)], check=True)
+        for empty in (made.parent, made.parent.parent, made.parent.parent.parent):  # what this test alone made
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "optim.batch_size=3 is the global batch and does not divide over 2 processes" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("module", ["derprop.evaluate", "derprop.predict"])
 def test_evaluate_and_predict_check_the_device_before_the_checkpoint(module, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
