@@ -9,7 +9,7 @@ process group at import); :func:`release_step` restates it, line references in t
 One step, either side, is one iteration of the training loop on ``B`` labeled + ``B`` unlabeled images at one crop:
 the momentum network's pass over the CutMix partner, the Θb passes over ``[x; u_w]`` (with the feature-perturbation
 branch) and over the mixed strong view, DLP, the threshold, region propagation, every loss term, backward and the SGD
-step. derprop's step is :meth:`derprop.trainer.Trainer.train_step` + :meth:`~derprop.trainer.Trainer.optimize` (what
+step. derprop's step is :meth:`derprop.trainer.Trainer.compute_loss` + :meth:`~derprop.trainer.Trainer.optimize` (what
 ``benchmarks.train_step`` times) under a reproduction config: ``configs/voc_92.yaml`` (fp32) or
 ``configs/voc_92_fast.yaml`` (the fast recipe), with the network from scratch (no ImageNet file needed) and synthetic
 batches (:func:`benchmarks.train_step.synthetic_batch`; the release gets the same images normalised as its data
@@ -213,7 +213,7 @@ def run_check(case: dict) -> dict:
         batch = synthetic_batch(case["batch"], case["crop"], case["classes"])
         epoch = _epoch(trainer)
         state = {release_name(k): v.clone() for k, v in trainer.net.state_dict().items()}
-        loss, logs = trainer.train_step(batch, epoch)
+        loss, logs = trainer.compute_loss(batch, epoch)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ours = {release_name(n): p.grad for n, p in trainer.net.named_parameters() if p.grad is not None}

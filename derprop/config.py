@@ -61,6 +61,7 @@ from typing import Any, Mapping
 from derprop.backbones import BACKBONES, OUTPUT_STRIDES, PRETRAINED_KEYWORDS, RESNET_OUTPUT_STRIDES
 from derprop.data import DATASETS, TREE_LAYOUTS, manifest_classes
 from derprop.errors import ConfigError, shown
+from derprop.propagation import FORMS
 from derprop.tables import DIVERGENCES
 
 RELEASE_CROP = 321
@@ -355,7 +356,7 @@ CHOICES: dict[str, tuple] = {
     "optim.amp": ("none", "bf16", "fp16"),
     "method.Q": (0, 1, 2, 3),
     "method.op": ("forward", "central", "sum", "second"),
-    "method.dlp_form": ("softmax", "linear"),
+    "method.dlp_form": FORMS,  # propagate(form=...) takes the same names
     "method.dlp_upsample": ("bilinear", "detail"),
     "method.blend_space": ("logit", "prob"),
     "method.feature_norm": ("softmax", "l1"),

@@ -32,7 +32,7 @@ from derprop.evaluate import center_crop
 from derprop.labels import IGNORE_INDEX
 from derprop.metrics import ConfusionMatrix
 from derprop.objective import label_on_grid
-from derprop.propagation import MODE_OF_FORM, attention_shares, propagation_weights
+from derprop.propagation import attention_shares, propagation_weights
 from derprop.pseudo_labels import blend, dlp_options, propagated_logits, similarity_features
 
 SAVED_IMAGES = 8
@@ -80,7 +80,7 @@ def pseudo_label_diagnostics(net: nn.Module, images: SegmentationDataset, cfg: T
             h, w = out.f1.shape[-2:]
             f1, f2 = similarity_features(out, m.dlp_temperature)
             weights = propagation_weights(f1.float(), None if f2 is None else f2.float(), op=m.op,
-                                          mode=MODE_OF_FORM[m.dlp_form],
+                                          form=m.dlp_form,
                                           paper_norm=m.paper_dlp_norm)
             yg = label_on_grid(gt, (h, w), "nearest").flatten(1)
             o, u, sp = attention_shares(weights, yg, ignore_index=IGNORE_INDEX)

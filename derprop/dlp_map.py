@@ -88,14 +88,11 @@ def collect(net: nn.Module, images: SegmentationDataset, cfg: TrainConfig, devic
         grid = tuple(out.f1.shape[-2:])
         f1, f2 = similarity_features(out, m.dlp_temperature)
         f1, f2 = f1.float(), None if f2 is None else f2.float()
-        if m.dlp_form == "softmax":
+        parts["weights"].append(propagation_weights(f1, f2, form=m.dlp_form, op=m.op,
+                                                    paper_norm=m.paper_dlp_norm).cpu())
+        if m.dlp_form == "softmax":  # the κ family re-weights the release's scores (family_weights)
             g1, g2 = official_similarity_factors(f1, f1 if f2 is None else f2, m.op)
-            s = g1.transpose(1, 2) @ g2
-            parts["scores"].append(s.cpu())
-            parts["weights"].append(s.softmax(-1).cpu())
-        else:
-            parts["weights"].append(propagation_weights(f1, f2, mode="paper", op=m.op,
-                                                        paper_norm=m.paper_dlp_norm).cpu())
+            parts["scores"].append((g1.transpose(1, 2) @ g2).cpu())
         parts["logits"].append(out.logits.float().cpu())
         parts["logits_grid"].append(out.logits_grid.float().flatten(2).cpu())
         parts["labels"].append(torch.stack([p[1] for p in pairs]).long())

@@ -152,16 +152,6 @@ def _as_batch(img: Any, lab: Any) -> tuple[Tensor, Tensor]:
     return x, y.long()
 
 
-def _split_item(item: Any) -> tuple[Any, Any]:
-    if isinstance(item, Mapping):
-        img = item.get("image", item.get("img"))
-        lab = item.get("label", item.get("mask", item.get("target")))
-        if img is None or lab is None:
-            raise ValueError(f"dataset dict items need 'image' and 'label' keys, got {sorted(item)}")
-        return img, lab
-    return item[0], item[1]
-
-
 def _iter_batches(data: Any, num_workers: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (image (B,3,H,W), label (B,H,W)) from a Dataset (one item at a time) or a DataLoader."""
     if isinstance(data, torch.utils.data.DataLoader) or not hasattr(data, "__getitem__"):
@@ -170,8 +160,7 @@ def _iter_batches(data: Any, num_workers: int = 0) -> Iterator[tuple[Tensor, Ten
         items = torch.utils.data.DataLoader(data, batch_size=1, shuffle=False, num_workers=num_workers)
     else:
         items = (data[i] for i in range(len(data)))
-    for item in items:
-        img, lab = _split_item(item)
+    for img, lab, *_ in items:
         yield _as_batch(img, lab)
 
 

@@ -98,10 +98,10 @@ def pipeline_figure(ex: VocExample, logits: Tensor, f: Tensor, *, eta: float = 0
     from matplotlib.colors import LogNorm
 
     h, w = ex.grid
-    lt = propagate(logits, f, mode="official")
+    lt = propagate(logits, f, form="softmax")
     mixed = blend(logits, lt, eta, "logit")
     j = query_pixel(ex.grid_labels)
-    received = propagation_weights(f, mode="official")[0, :, j]
+    received = propagation_weights(f, form="softmax")[0, :, j]
     before, after, truth = logits.argmax(1)[0], mixed.argmax(1)[0], ex.grid_labels
     change = change_image(*(m.view(h, w).numpy() for m in change_masks(truth, before, after)))
 

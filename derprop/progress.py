@@ -8,7 +8,7 @@ so the trainer also writes one line every ``log_every`` iterations::
 to ``<run>/train.log`` (always) and to stdout (only when tqdm is not drawing
 a bar, i.e. when stderr is not a terminal; the bar shows the epoch's progress,
 the loss and τ). Loss terms are the ones
-:meth:`derprop.trainer.Trainer.train_step` logs (eq. 7–9), averaged over the
+:meth:`derprop.trainer.Trainer.compute_loss` logs (eq. 7–9), averaged over the
 iterations since the previous line; ``threshold`` and ``mask_ratio`` are the
 confidence threshold and the share of unlabeled pixels above it; img/s counts
 labeled + unlabeled images of all processes; the ETA covers the remaining

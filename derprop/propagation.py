@@ -7,7 +7,7 @@ Shapes: logits ``L`` are ``(B, C, M)``, features ``f1, f2`` are ``(B, D, M)``;
 
 Two forms:
 
-``mode="paper"`` (eq. 4)
+``form="linear"`` (eq. 4)
     ``L̃ = L (S + Δ¹S)`` with ``S = V1ᵀV2`` and ``Δ¹S = (ΔV1)ᵀ(ΔV2)`` of
     L1-normalised features. The derivative is linear, ``ΔV = K V``, so
     ``S + Δ¹S = V1ᵀ (I + KᵀK) V2`` and eq. 4 is evaluated as
@@ -17,7 +17,7 @@ Two forms:
     ``softmax(L̃)`` saturates; ``paper_norm`` names the normalisation that
     makes it trainable (:data:`PAPER_NORMS`).
 
-``mode="official"`` (what the released code does: the release's ``model/semseg/segmentation.py``, ``Corr.forward``)
+``form="softmax"`` (what the released code does: the release's ``model/semseg/segmentation.py``, ``Corr.forward``)
     ``s_ij = f1_iᵀ f2_j / √D + Δf1_iᵀ Δf2_j / √D₁ = f1_iᵀ G f2_j`` with
     ``G = I/√D + KᵀK/√D₁``, ``A = softmax_j(s)``,
     ``L̃_j = Σ_i sg(L)_i A_ij``. The softmax normalises over ``j`` but the sum
@@ -37,10 +37,8 @@ from torch import Tensor
 from derprop.derivatives import derivative, derivative_matrix
 from derprop.features import normalize_features
 
-MODES = ("official", "paper")
-
-MODE_OF_FORM = {"softmax": "official", "linear": "paper"}
-"""The ``mode`` of :func:`propagate` that each ``method.dlp_form`` of a config names."""
+FORMS = ("softmax", "linear")
+"""The forms of :func:`propagate`, named as ``method.dlp_form`` names them: the release's row softmax and eq. 4."""
 
 PAPER_NORMS = ("none", "row_sum", "mean")
 """Normalisations of the paper form, ``W = S + Δ¹S``:
@@ -76,7 +74,7 @@ def propagate(
     f1: Tensor,
     f2: Tensor | None = None,
     *,
-    mode: str = "official",
+    form: str = "softmax",
     op: str = "forward",
     chunk: int | None = None,
     paper_norm: str = "none",
@@ -87,24 +85,24 @@ def propagate(
         logits: ``L``, shape ``(B, C, M)``.
         f1: ``V1`` (paper) or ``f1`` (release), shape ``(B, D, M)``.
         f2: ``V2`` or ``f2``; ``None`` means ``f1`` (a symmetric similarity).
-        mode: ``"paper"`` (eq. 4, factorised) or ``"official"`` (row softmax).
+        form: ``"linear"`` (eq. 4, factorised) or ``"softmax"`` (the release's row softmax).
         op: derivative operator used for ``Δ`` (eq. 2, 10, 11 or 12).
-        chunk: official mode only: rows of the ``M × M`` matrix per tile;
+        chunk: softmax form only: rows of the ``M × M`` matrix per tile;
             ``None`` materialises it whole.
-        paper_norm: paper mode only: one of :data:`PAPER_NORMS`.
+        paper_norm: linear form only: one of :data:`PAPER_NORMS`.
 
     Returns:
         ``L̃``, shape ``(B, C, M)``, in float32 (or float64 for float64
         inputs) whatever autocast says: scores, log-sum-exps and sums over
-        ``M`` pixels lose whole logits in bfloat16. In official mode ``L`` is
+        ``M`` pixels lose whole logits in bfloat16. In the softmax form ``L`` is
         detached and gradients reach ``f1`` and ``f2`` only, as in the release.
     """
     f2 = f1 if f2 is None else f2
     _check_shapes(logits, f1, f2)
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of rows or None, got {chunk}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
     if paper_norm not in PAPER_NORMS:
         raise ValueError(f"paper_norm must be one of {list(PAPER_NORMS)}, got {paper_norm!r}")
     dtype = torch.promote_types(torch.promote_types(logits.dtype, f1.dtype), torch.float32)
@@ -112,7 +110,7 @@ def propagate(
     logits, f1 = logits.to(dtype), f1.to(dtype)
     f2 = f1 if symmetric else f2.to(dtype)
     with torch.autocast(logits.device.type, enabled=False):
-        if mode == "paper":
+        if form == "linear":
             return _propagate_paper(logits, f1, f2, op, paper_norm)
         return _propagate_official(logits, f1, f2, op, chunk)
 
@@ -223,20 +221,20 @@ class _TiledRowSoftmaxPropagation(torch.autograd.Function):
         return None, grad_g1, grad_g2, None
 
 
-def propagation_weights(f1: Tensor, f2: Tensor | None = None, *, mode: str = "official", op: str = "forward",
+def propagation_weights(f1: Tensor, f2: Tensor | None = None, *, form: str = "softmax", op: str = "forward",
                         paper_norm: str = "none") -> Tensor:
     """The ``M × M`` matrix ``W`` with ``L̃ = L·W`` (eq. 1, 4): ``W_ij`` is what pixel ``j`` takes from pixel ``i``.
 
-    ``official``: ``W = A = softmax_j(s)``; ``paper``: ``W = S + Δ¹S``, normalised as ``paper_norm`` says
+    ``softmax``: ``W = A = softmax_j(s)``; ``linear``: ``W = S + Δ¹S``, normalised as ``paper_norm`` says
     (:data:`PAPER_NORMS`). For diagnostics and figures (chapter *Pseudo-label rectification, interactively*),
     where a small image's whole matrix fits; training never builds it. Shape ``(B, M, M)``.
     """
     f2 = f1 if f2 is None else f2
-    if mode == "official":
+    if form == "softmax":
         g1, g2 = official_similarity_factors(f1, f2, op)
         return (g1.transpose(1, 2) @ g2).softmax(dim=-1)
-    if mode != "paper":
-        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if form != "linear":
+        raise ValueError(f"form must be one of {list(FORMS)}, got {form!r}")
     v1 = normalize_features(f1, "l1")
     v2 = v1 if f2 is f1 else normalize_features(f2, "l1")
     w = v1.transpose(1, 2) @ similarity_gram(v1.shape[1], op, v1, scaled=False) @ v2

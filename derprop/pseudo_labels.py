@@ -29,7 +29,7 @@ from derprop.config import MethodConfig
 from derprop.distributed import all_reduce
 from derprop.labels import IGNORE_INDEX
 from derprop.model import SegOutput
-from derprop.propagation import MODE_OF_FORM, official_similarity_factors, propagate
+from derprop.propagation import official_similarity_factors, propagate
 
 
 class Threshold:
@@ -86,7 +86,7 @@ def weak_features(out_w: SegOutput, nb: int, temperature: float) -> tuple[Tensor
 
 def dlp_options(m: MethodConfig) -> dict[str, Any]:
     """The settings of :func:`propagated_logits` that a config's ``method`` section gives, read in one place."""
-    return dict(temperature=m.dlp_temperature, mode=MODE_OF_FORM[m.dlp_form], op=m.op, chunk=m.chunk,
+    return dict(temperature=m.dlp_temperature, form=m.dlp_form, op=m.op, chunk=m.chunk,
                 paper_norm=m.paper_dlp_norm, upsample=m.dlp_upsample)
 
 
@@ -108,7 +108,7 @@ def upsample_propagated(lt: Tensor, logits_grid: Tensor, logits: Tensor, upsampl
     raise ValueError(f"upsample must be 'bilinear' or 'detail', got {upsample!r}")
 
 
-def propagated_logits(out: SegOutput, size: tuple[int, int], *, temperature: float, mode: str, op: str,
+def propagated_logits(out: SegOutput, size: tuple[int, int], *, temperature: float, form: str, op: str,
                       chunk: int | None, paper_norm: str, upsample: str = "bilinear") -> Tensor:
     """``L̃`` (eq. 4) at the feature grid, brought to ``size`` by :func:`upsample_propagated` (the settings:
     :func:`dlp_options`); ``size`` is that of ``out.logits``."""
@@ -117,7 +117,7 @@ def propagated_logits(out: SegOutput, size: tuple[int, int], *, temperature: flo
         if tuple(out.logits.shape[-2:]) != tuple(size):
             raise ValueError(f"L̃ is brought to the logits' size {tuple(out.logits.shape[-2:])}, asked for {tuple(size)}")
         f1, f2 = similarity_features(out, temperature)
-        lt = propagate(out.logits_grid.flatten(2), f1, f2, mode=mode, op=op, chunk=chunk, paper_norm=paper_norm)
+        lt = propagate(out.logits_grid.flatten(2), f1, f2, form=form, op=op, chunk=chunk, paper_norm=paper_norm)
         return upsample_propagated(lt.view(b, c, h, w), out.logits_grid, out.logits, upsample)
 
 

@@ -2,8 +2,8 @@
 
 Explained in the book chapters *Training on a CPU* and *Paper vs released code*.
 
-One step (:meth:`Trainer.train_step`) on ``B`` labeled images ``x, y`` and two unlabeled batches,
-``u`` and its CutMix partner ``u'``, reads top to bottom as: (1) pseudo-labels of ``u'`` without
+The loss of one step (:meth:`Trainer.compute_loss`; :meth:`Trainer.optimize` steps on it) on ``B``
+labeled images ``x, y`` and two unlabeled batches, ``u`` and its CutMix partner ``u'``, reads top to bottom as: (1) pseudo-labels of ``u'`` without
 gradient, from Θm (release) or from Θb with the DLP blend (paper); (2) ``u'``'s strong view pasted
 into ``u``'s CutMix box; (3) Θb on ``[x; u_w]`` and on the mixed view, each output propagated at
 the feature grid (eq. 4); (4) the pseudo-label of ``u_w`` (eq. 5, ``η_ep = epoch / epochs``), the
@@ -47,7 +47,7 @@ from derprop.distributed import (CpuSyncBatchNorm, all_reduce, barrier, check_gp
                                  epoch_seed, gather_devices, native_bf16, peak_memory_mib, seed_all, setup_distributed)
 from derprop.errors import ConfigError
 from derprop.evaluate import evaluate
-from derprop.model import DerPropNet, build_model
+from derprop.model import DerPropNet, SegOutput, build_model
 from derprop.momentum import MomentumNetwork
 from derprop.objective import (derivative_options, labeled_ce, labeled_derivative_term, unlabeled_derivative_term,
                                unlabeled_terms, weighted_sum)
@@ -160,13 +160,19 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.d.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def train_step(self, batch, epoch: int) -> tuple[Tensor, dict[str, float]]:
-        """Loss of one batch (steps 1–6 of the module doc); returns ``(loss, logged terms)``."""
+    def compute_loss(self, batch, epoch: int) -> tuple[Tensor, dict[str, float]]:
+        """Loss of one batch (steps 1–6 of the module doc; the labeled terms alone when
+        ``method.semi_supervised=false``); returns ``(loss, logged terms)``."""
         cfg, m, lc = self.cfg, self.cfg.method, self.cfg.loss
         dev = self.d.device
         if not m.semi_supervised:
-            x, y = batch[0]
-            return self._labeled_step(x.to(dev, non_blocking=True), y.to(dev, non_blocking=True))
+            x, y = (t.to(dev, non_blocking=True) for t in batch[0])
+            with self._autocast():
+                with record_function("derprop.forward"):
+                    out = self.model(x)
+                prop = propagated_logits(out, x.shape[-2:], **self.dlp) if m.dlp and m.propagated_ce else None
+            logs = host_values(terms := self._labeled_terms(out, prop, x.shape[0], y))
+            return weighted_sum(terms, lc), logs | {"threshold": self.threshold.value, "mask_ratio": 0.0}
         labeled, unlabeled, partner = batch
         (x, y), (uw, us, ign, box), (uw2, us2, ign2) = ([t.to(dev, non_blocking=True) for t in part]
                                                         for part in (labeled, unlabeled, partner[:3]))
@@ -204,7 +210,7 @@ class Trainer:
             prop_w = propagated_logits(out_w, size, **self.dlp) if m.dlp else None
             prop_s = propagated_logits(out_s, size, **self.dlp) if (m.dlp and m.propagated_ce) else None
         logits_w = out_w.logits.float()
-        pred_x, pred_uw = logits_w[:nb], logits_w[nb:]
+        pred_uw = logits_w[nb:]
         prop_uw = prop_w[nb:] if prop_w is not None else None
 
         # 4.–5. pseudo-labels of the weak view (eq. 5), confident pixels, region propagation
@@ -215,17 +221,12 @@ class Trainer:
                                       consistent_targets=m.cutmix_consistent_targets, samples=m.region_samples, op=m.op)
 
         # 6. losses (eq. 7/8)
-        ce = labeled_ce(lc)
-        terms = {"ce_x": ce(pred_x, y)}
-        if prop_s is not None:
-            terms["ce_x_prop"] = ce(prop_w[:nb], y)
+        terms = self._labeled_terms(out_w, prop_w if prop_s is not None else None, nb, y)
         logits_fp = out_w.logits_fp[nb:].float() if m.fp_branch else None
         terms |= unlabeled_terms(out_s.logits.float(), prop_s, prop_uw, logits_fp, pl, soft=m.unlabeled_ce == "soft",
                                  weak_propagated=m.weak_propagated_ce)
         if m.derivative_loss:
             with record_function("derprop.derivative_loss"):
-                terms["der_x"] = labeled_derivative_term(out_w, nb, y, label_resize=m.label_resize,
-                                                         detached=m.labeled_der_detached, options=self.der)
                 terms["der_u"] = unlabeled_derivative_term(out_w, out_s, out_mix, nb, box,
                                                            consistent_targets=m.cutmix_consistent_targets,
                                                            options=self.der)
@@ -234,7 +235,7 @@ class Trainer:
         return weighted_sum(terms, lc), logs
 
     def optimize(self, loss: Tensor, epoch: int, step: int) -> None:
-        """One optimisation step on ``loss`` (eq. 7/8), after :meth:`train_step`: ``zero_grad`` and backward
+        """One optimisation step on ``loss`` (eq. 7/8), after :meth:`compute_loss`: ``zero_grad`` and backward
         (through the GradScaler under fp16), the NaN/inf gradient-norm guard (the GradScaler skips such a step
         itself), the SGD step and the poly-lr step; then ``global_step`` + 1. ``epoch``/``step`` (0-based) place
         a guard's error. :meth:`fit` and ``benchmarks.train_step`` both step through here."""
@@ -251,25 +252,19 @@ class Trainer:
             self.scheduler.step()
         self.global_step += 1
 
-    def _labeled_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, float]]:
-        """Loss of a supervised-only step (``method.semi_supervised=false``): the labeled terms of eq. 7/8."""
-        m, lc = self.cfg.method, self.cfg.loss
-        with self._autocast():
-            with record_function("derprop.forward"):
-                out = self.model(x)
-            prop = propagated_logits(out, x.shape[-2:], **self.dlp) if m.dlp and m.propagated_ce else None
-        ce = labeled_ce(lc)
-        terms = {"ce_x": ce(out.logits.float(), y)}
+    def _labeled_terms(self, out: SegOutput, prop: Tensor | None, nb: int, y: Tensor) -> dict[str, Tensor]:
+        """The labeled terms of eq. 7/8 on the first ``nb`` images of ``out``: CE, CE of the propagated logits
+        ``prop`` (release) and the labeled derivative loss."""
+        m = self.cfg.method
+        ce = labeled_ce(self.cfg.loss)
+        terms = {"ce_x": ce(out.logits[:nb].float(), y)}
         if prop is not None:
-            terms["ce_x_prop"] = ce(prop, y)
+            terms["ce_x_prop"] = ce(prop[:nb], y)
         if m.derivative_loss:
             with record_function("derprop.derivative_loss"):
-                terms["der_x"] = labeled_derivative_term(out, x.shape[0], y, label_resize=m.label_resize,
+                terms["der_x"] = labeled_derivative_term(out, nb, y, label_resize=m.label_resize,
                                                          detached=m.labeled_der_detached, options=self.der)
-        logs = host_values(terms)
-        logs["threshold"] = self.threshold.value
-        logs["mask_ratio"] = 0.0
-        return weighted_sum(terms, lc), logs
+        return terms
 
     def fit(self) -> dict[str, Any]:
         """Train from ``start_epoch`` to ``optim.epochs``; returns the ``results.json`` content (rank 0)."""
@@ -307,7 +302,7 @@ class Trainer:
             self._save_best(self.start_epoch - 1, self.best["net"], self.best["miou"])
 
     def _train_steps(self, epoch: int, loaders) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """The steps of epoch ``epoch``: :meth:`train_step`, the loss guard, :meth:`optimize`, a progress line.
+        """The steps of epoch ``epoch``: :meth:`compute_loss`, the loss guard, :meth:`optimize`, a progress line.
 
         Returns the epoch's mean logged terms (averaged over the processes) and its rows of ``steps.jsonl``.
         """
@@ -326,7 +321,7 @@ class Trainer:
         for step, batch in enumerate(zip(*(loaders if cfg.method.semi_supervised else loaders[:1]))):
             if step >= self.iters_per_epoch:
                 break
-            loss, logs = self.train_step(batch, epoch)
+            loss, logs = self.compute_loss(batch, epoch)
             value = float(all_reduce(loss.detach().float(), "mean"))
             guards.check_loss(value, self.out, epoch, step, self.global_step)
             self.optimize(loss, epoch, step)

@@ -110,7 +110,7 @@ def test_input_forms_ignore_and_absent_classes():
     lab[:5] = 255
     hwc = im.permute(1, 2, 0).numpy()
     r1 = evaluate(model, [(hwc, lab.numpy())], num_classes=C + 1)  # class C never occurs
-    r2 = evaluate(model, [{"image": im, "label": lab}], num_classes=C + 1)
+    r2 = evaluate(model, [(im, lab)], num_classes=C + 1)
     loader = torch.utils.data.DataLoader([(im, lab), (im, lab)], batch_size=2)
     r3 = evaluate(model, loader, num_classes=C + 1)
     assert r1["iou_per_class"] == r2["iou_per_class"] == r3["iou_per_class"]

@@ -252,7 +252,7 @@ def test_one_official_step_equals_the_releases_total_loss(scenes_tiny, tmp_path)
     tr.momentum = lambda x, **_: outputs["mix"]  # the partner's pseudo-labels come from Θm
     batch, epoch = _batch(), 1
     tau0 = tr.threshold.value
-    loss, logs = tr.train_step(batch, epoch)
+    loss, logs = tr.compute_loss(batch, epoch)
     ref, tau = release_step_loss(outputs, batch, epoch, cfg.optim.epochs, tau0)
     assert logs["threshold"] == pytest.approx(tau, rel=1e-6)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)

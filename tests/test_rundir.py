@@ -337,7 +337,7 @@ def test_a_checkpoint_that_cannot_be_resumed_is_one_line_before_any_step(fault, 
                                                                           monkeypatch, capsys):
     _, after1 = runs
     path = ck.save(tmp_path / "last.pt", _broken(ck.load(after1 / "last.pt"), fault))
-    monkeypatch.setattr(Trainer, "train_step", lambda *a: pytest.fail("a step ran"))
+    monkeypatch.setattr(Trainer, "compute_loss", lambda *a: pytest.fail("a step ran"))
     assert cli(scenes_tiny, tmp_path / "run", "--resume-from", str(path)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {path} {words}") and err.count("\n") == 1, err
