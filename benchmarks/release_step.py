@@ -32,7 +32,6 @@ limit (:func:`benchmarks.common.run_isolated`) and comes back as "does not fit" 
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 import sys
@@ -44,8 +43,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine_info, measure, peak_mib, print_table, run_isolated
-from benchmarks.train_step import _make_scenes, step_fn, synthetic_batch
+from benchmarks.common import (gradient_gap, machine_info, make_scenes, measure, peak_mib, print_table, run_isolated,
+                               step_fn, synthetic_batch)
 
 RECIPES = {"fp32": "configs/voc_92.yaml", "fast": "configs/voc_92_fast.yaml"}
 """derprop's side: the reproduction config of each recipe (the fast one is what ``benchmarks.fast_recipe`` tested)."""
@@ -183,7 +182,7 @@ def build_trainer(case: dict, out_dir: str, extra: tuple[str, ...] = ()):
     from derprop.trainer import Trainer
 
     root = Path(out_dir) / "scenes"
-    _make_scenes(root)
+    make_scenes(root)
     cfg = load_config(project_root() / RECIPES[case["recipe"]], [
         "model.pretrained=none", "data.layout=scenes", f"data.root={root}", "data.split=1_8",
         f"data.num_classes={case['classes']}", f"data.crop_size={case['crop']}", "data.num_workers=0",
@@ -225,18 +224,15 @@ def run_check(case: dict) -> dict:
     term_diff = {k: abs(logs[k] - float(v.detach())) / max(abs(float(v.detach())), 1e-12) for k, v in terms.items() if k in logs}
     weight = trainer.cfg.loss.scale * trainer.cfg.loss.lambda_der  # the labeled term's weight in both totals
     total_ours, total_ref = float(loss) - weight * logs["der_x"], float(ref) - weight * float(terms["der_x"])
-    names = sorted(set(ours) | set(theirs))
-    missing = [n for n in names if n not in ours or n not in theirs]
-    num = math.sqrt(sum(float((ours[n] - theirs[n]).norm()) ** 2 for n in names if n not in missing))
-    den = math.sqrt(sum(float(theirs[n].norm()) ** 2 for n in names if n in theirs))
+    gap = gradient_gap(theirs, ours)
     out = {"crop": case["crop"], "batch": case["batch"], "loss": float(loss), "loss_release": float(ref),
            "loss_without_labeled_term_rel_diff": abs(total_ours - total_ref) / abs(total_ref),
            "term_rel_diff": term_diff, "labeled_term": {"derprop": logs["der_x"], "release": float(terms["der_x"])},
-           "threshold": {"derprop": tau, "release": rel.tau}, "grad_rel_diff": num / den,
-           "params_compared": len(names) - len(missing), "params_missing": missing,
+           "threshold": {"derprop": tau, "release": rel.tau}, "grad_rel_diff": gap["global"],
+           "params_compared": gap["compared"], "params_missing": gap["missing"],
            "rtol": case["rtol"], "grad_rtol": case["grad_rtol"]}
     judged = [v for k, v in term_diff.items() if k != "der_x"]
-    out["passed"] = (not missing and max(judged) <= case["rtol"] and out["loss_without_labeled_term_rel_diff"]
+    out["passed"] = (not gap["missing"] and max(judged) <= case["rtol"] and out["loss_without_labeled_term_rel_diff"]
                      <= case["rtol"] and out["grad_rel_diff"] <= case["grad_rtol"]
                      and abs(tau - rel.tau) <= 1e-6)
     return out
