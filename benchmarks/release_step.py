@@ -47,7 +47,7 @@ from benchmarks.common import (gradient_gap, machine_info, make_scenes, measure,
                                step_fn, synthetic_batch)
 
 RECIPES = {"fp32": "configs/voc_92.yaml", "fast": "configs/voc_92_fast.yaml"}
-"""derprop's side: the reproduction config of each recipe (the fast one is what ``benchmarks.fast_recipe`` tested)."""
+"""derprop's side: the reproduction config of each recipe (the fast one is what ``experiments.fast_recipe`` tested)."""
 
 RELEASE_CFG = {"backbone": "resnet101", "pretrain": False, "multi_grid": False,
                "replace_stride_with_dilation": [False, True, True], "dilations": [12, 24, 36]}

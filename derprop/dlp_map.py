@@ -1,6 +1,6 @@
 """The DLP map: propagation weights between the learned ones and an oracle's, and what each fixes or breaks.
 
-Explained in the book chapter *Pseudo-label rectification, interactively*; ``python -m benchmarks.dlp_map``
+Explained in the book chapter *Pseudo-label rectification, interactively*; ``python -m experiments.dlp_map``
 writes it for a trained run.
 
 DLP (eq. 4, release form) replaces a pixel's logits by ``L̃_j = Σ_i L_i W_ij`` with ``W = softmax_j(s)``
@@ -325,7 +325,7 @@ def regime_point(inputs: MapInputs, eta: float = 0.5) -> dict[str, Any]:
 
 
 def full_map(inputs: MapInputs) -> dict[str, Any]:
-    """The whole map of one network's :class:`MapInputs`: what ``python -m benchmarks.dlp_map`` writes for a run,
+    """The whole map of one network's :class:`MapInputs`: what ``python -m experiments.dlp_map`` writes for a run,
     and what chapter *Pseudo-label rectification, interactively* computes for this build's run.
 
     Every family (:func:`dlp_map`) and the oracle, scored by :func:`score`; each family's :func:`break_even`

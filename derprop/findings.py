@@ -232,7 +232,7 @@ def noise_sentence(noise: Mapping[str, Any] | None, source: str | None = None) -
     each thread count) beside the spread over seeds, as a sentence (Markdown); says so where it is not measured."""
     if not noise:
         return ("How far the same run moves between thread counts and machines is not measured in this checkout "
-                "(`python -m benchmarks.thread_noise` writes `results/thread_noise.json`).")
+                "(`python -m experiments.thread_noise` writes `results/thread_noise.json`).")
     by = noise.get("by_threads") or {}
     repeat = max((v.get("range", 0.0) for v in by.values()), default=0.0)
     counts = sorted(by, key=lambda t: int(t))

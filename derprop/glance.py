@@ -80,7 +80,7 @@ def committed_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
                              f"{number(100 * std)} %", src, "ablations_cpu"))
     else:
         rows.append(_row("DerProp against supervised + momentum at CPU scale", "not measured",
-                         "`python -m benchmarks.cpu_evidence`", "ablations_cpu"))
+                         "`python -m experiments.cpu_evidence`", "ablations_cpu"))
     noise = _load(folder / "thread_noise.json")
     if noise:
         rows.append(_row("The same run at 1 and at 2 threads, mIoU apart",

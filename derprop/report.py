@@ -153,7 +153,7 @@ def recipe_costs(root: str | os.PathLike, rows: list[dict[str, Any]], data_root:
 def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
     """What the CPU-scale runs found, in sentences with their numbers (Markdown), each ending with its source
     (:func:`derprop.sources.committed`: the file, its date, machine and threads), from ``cpu_evidence.json``
-    (``python -m benchmarks.cpu_evidence``) and ``dlp_map.json`` (``python -m benchmarks.dlp_map``); a sentence
+    (``python -m experiments.cpu_evidence``) and ``dlp_map.json`` (``python -m experiments.dlp_map``); a sentence
     saying which file is missing where one is; then, where ``dlp_regime.json`` exists, :func:`regime_findings`.
     Every value read from the files shows as text (:func:`_quote`)."""
     folder = Path(results_dir)
@@ -180,7 +180,7 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
                        f"a foreground pixel took {_quote(full['attn_share_ratio_mean'], '.2f')}× the uniform share of "
                        f"its propagation weights from its own class ({src}).")
     else:
-        out.append("No CPU evidence yet: `python -m benchmarks.cpu_evidence` writes `results/cpu_evidence.json`.")
+        out.append("No CPU evidence yet: `python -m experiments.cpu_evidence` writes `results/cpu_evidence.json`.")
     dlp_map = folder / "dlp_map.json"
     if dlp_map.is_file():
         data = json.loads(dlp_map.read_text())
@@ -198,7 +198,7 @@ def cpu_findings(results_dir: str | os.PathLike) -> list[str]:
                    + f" ({committed(dlp_map, data, root=root).markdown()}; chapter *Pseudo-label rectification, "
                    "interactively* scores this build's run).")
     else:
-        out.append("No DLP map yet: `python -m benchmarks.dlp_map` writes `results/dlp_map.json`.")
+        out.append("No DLP map yet: `python -m experiments.dlp_map` writes `results/dlp_map.json`.")
     regime = folder / "dlp_regime.json"
     if regime.is_file():
         load = lambda name: json.loads((folder / name).read_text()) if (folder / name).is_file() else None  # noqa: E731
@@ -223,7 +223,7 @@ MAP_FAMILIES = {"kappa": "κ bonus on the similarity logits", "alpha": "α mix w
 
 
 def dlp_map_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
-    """The DLP map of ``results/dlp_map.json`` (``python -m benchmarks.dlp_map``, or
+    """The DLP map of ``results/dlp_map.json`` (``python -m experiments.dlp_map``, or
     :func:`derprop.dlp_map.full_map` with ``rows``): net pixels fixed − broken at blend weight ``eta``
     (``η_ep`` of eq. 5) against the own-class share of the weights, at full resolution and on the grid points
     (two panels, one above the other),
@@ -261,7 +261,7 @@ def dlp_map_figure(data: Mapping[str, Any], eta: str = "0.5") -> Any:
 
 
 NET_NAMES = {"backprop": "trained Θb", "momentum": "momentum Θm", "headline": "headline"}
-"""The three numbers of a CPU run (``benchmarks.cpu_evidence.NETS``), as the book's tables name them."""
+"""The three numbers of a CPU run (``experiments.cpu_evidence.NETS``), as the book's tables name them."""
 
 
 def paired_records(summary: Mapping[str, Mapping[str, Any]], nets: tuple[str, ...] = ("backprop", "momentum"),
@@ -311,7 +311,7 @@ def net_per_thousand(point: dict[str, Any], upsample: str, weights: str, where: 
 
 
 def regime_points(data: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The geometries of ``results/dlp_regime.json`` (``python -m benchmarks.dlp_regime``), by objects' extent."""
+    """The geometries of ``results/dlp_regime.json`` (``python -m experiments.dlp_regime``), by objects' extent."""
     return sorted(data["points"], key=lambda p: p["extent"]["median"])
 
 

@@ -126,7 +126,7 @@ def check_start(out: Path, resume: str | os.PathLike | bool | None, overwrite: b
 
 BEFORE_THE_RUN = (LOCK, TRAIN_LOG, "train.ipynb")
 """What a run folder may hold before its run writes ``config.yaml``: the lock, the log a launcher sends the run's
-output to (``benchmarks.cpu_evidence``), the notebook that papermill executes there (``pipelines/train.ipynb``)."""
+output to (``experiments.cpu_evidence``), the notebook that papermill executes there (``pipelines/train.ipynb``)."""
 
 
 def foreign_files(out: Path) -> list[str]:

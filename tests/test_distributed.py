@@ -20,7 +20,7 @@ from derprop.distributed import CUDA_CHECK, all_reduce, check_gpu_run, setup_dis
 from derprop.errors import ConfigError
 from derprop.provenance import source
 
-TOOLS = ("derprop", "benchmarks", "pipelines", "data_prep", "scripts")
+TOOLS = ("derprop", "benchmarks", "experiments", "pipelines", "data_prep", "scripts")
 
 
 def _uses_torch_distributed(path) -> list[int]:

@@ -1,9 +1,9 @@
 """The fast recipe: its configs resolve to the settings that were measured, and the benchmark's verdict applies
-the criterion written before the runs (``benchmarks.fast_recipe``)."""
+the criterion written before the runs (``experiments.fast_recipe``)."""
 
 import pytest
 
-from benchmarks import fast_recipe
+from experiments import fast_recipe
 from derprop.config import flatten, resolved
 from derprop.configfile import load_config
 from derprop.provenance import source

@@ -65,7 +65,7 @@ def test_the_ablation_configs_are_what_the_generator_writes(repo):
 
 
 def test_the_cpu_benchmarks_run_the_rows_of_the_tables(repo):
-    from benchmarks import ablations_cpu, cpu_evidence
+    from experiments import ablations_cpu, cpu_evidence
 
     def config(overrides):
         return resolved(load_config(repo / "configs/cpu_scenes.yaml", list(overrides)))

@@ -375,7 +375,7 @@ def test_region_propagation_fills_an_agreeing_region():
 
 
 def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
-    from benchmarks import cpu_evidence
+    from experiments import cpu_evidence
 
     out = tmp_path / "evidence.json"
     cpu_evidence.main(["--size", "smoke", "--seeds", "0", "1", "--held-out", "1", "--variants", "full", "wo_dlp",

@@ -1,8 +1,8 @@
 """CPU-scale ablations of the book's chapter *Ablations at CPU scale*: Tables 3 and 4, profiles, switches.
 
-    python -m benchmarks.ablations_cpu --jobs 2                # Tables 3 and 4, 3 seeds, size "small"
-    python -m benchmarks.ablations_cpu --groups Q op --seeds 0 1 2 3 4 --size full
-    python -m benchmarks.ablations_cpu --size smoke --seeds 0  # seconds per run: checks the plumbing
+    python -m experiments.ablations_cpu --jobs 2                # Tables 3 and 4, 3 seeds, size "small"
+    python -m experiments.ablations_cpu --groups Q op --seeds 0 1 2 3 4 --size full
+    python -m experiments.ablations_cpu --size smoke --seeds 0  # seconds per run: checks the plumbing
 
 Groups (overrides on top of the book's CPU run, :data:`derprop.book_runs.BOOK_RUNS`):
 
@@ -13,7 +13,7 @@ profile    ``profile=paper`` vs ``profile=official`` (chapter *Paper vs released
 switches   single release switches flipped on the paper profile
 =========  ================================================================
 
-Runs are planned and trained as in :mod:`benchmarks.cpu_evidence` (same
+Runs are planned and trained as in :mod:`experiments.cpu_evidence` (same
 ``runs/cpu_bench/<size>`` directory, same warm starts, ``--warm-start``; a row whose
 resolved config equals another's, e.g. ``L_1`` and ``eq. 2`` and the CPU
 default, is trained once). Every row also gets the per-seed paired difference
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine_info, print_table, write_results
-from benchmarks.cpu_evidence import TABLE_COLUMNS, Plan, Row, as_row, evidence_table, measure, summarise
+from experiments.cpu_evidence import TABLE_COLUMNS, Plan, Row, as_row, evidence_table, measure, summarise
 from derprop.book_runs import BOOK_RUNS
 from derprop.provenance import project_root
 from derprop.tables import ABLATIONS
@@ -64,7 +64,7 @@ GROUPS: dict[str, dict[str, list[str] | Row]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ablations_cpu", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.ablations_cpu", description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", nargs="*", default=["Q", "op"], choices=list(GROUPS))
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--size", default="small", choices=list(BOOK_RUNS))
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "network of the CPU default (full); book CPU run settings "
                 "(derprop.book_runs.BOOK_RUNS, from a supervised warm start) plus each row's overrides",
         "warm_start": str(args.warm_start) if args.warm_start else "one per seed",
-        "command": "python -m benchmarks.ablations_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m experiments.ablations_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "size": args.size, "base": BOOK_RUNS[args.size], "seeds": len(args.seeds),
         "eval_mode": ", ".join(sorted({r["miou_mode"] for r in runs})),
         "date": machine["date"][:10], "machine": machine, "jobs": args.jobs, "threads": 1,  # per run, as measure()

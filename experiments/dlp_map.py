@@ -1,7 +1,7 @@
 """The DLP map of a trained run: propagation weights from the learned ones to an oracle's, and what each fixes.
 
-    python -m benchmarks.dlp_map                                   # the book's DerProp run of the CPU default
-    python -m benchmarks.dlp_map --run runs/book/small/cpu_dlp --row "paper profile=runs/x" --row ...
+    python -m experiments.dlp_map                                   # the book's DerProp run of the CPU default
+    python -m experiments.dlp_map --run runs/book/small/cpu_dlp --row "paper profile=runs/x" --row ...
 
 On the run's diagnostic images (the first ``data.diag_images`` unlabeled images, whose labels are known)
 the back-propagation network Θb of ``last.pt`` (the one whose weak-view pseudo-labels DLP rectifies)
@@ -52,7 +52,7 @@ def position(run: Path, images: int | None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.dlp_map", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.dlp_map", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, default=project_root() / "runs" / "book" / "small" / "cpu_dlp",
                     help="a finished run of the release's softmax form (default: the book's DerProp run)")
     ap.add_argument("--row", action="append", default=[], metavar="NAME=RUN",
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "what": "pseudo-labels of the run's diagnostic images by its trained network, propagated with weights "
                 "between the learned ones (value 0 / T = 1) and the oracle's (same-class mean); own-class share, "
                 "fixed/broken/net pixels per eta on the grid points and at full resolution, accuracy, mIoU",
-        "command": "python -m benchmarks.dlp_map " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m experiments.dlp_map " + " ".join(sys.argv[1:] if argv is None else argv),
         "run": repo_path(args.run),
         "run_fingerprint": fingerprint(args.run),  # the book recomputes the map when the run is another
         **whole,

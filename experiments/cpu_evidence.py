@@ -1,8 +1,8 @@
 """CPU evidence: DerProp with and without its parts on the scenes dataset (Table 1's rows), 3 seeds each.
 
-    python -m benchmarks.cpu_evidence                      # 4 variants × 3 seeds of the book's CPU runs
-    python -m benchmarks.cpu_evidence --jobs 2             # two runs at a time, one thread each
-    python -m benchmarks.cpu_evidence --resnet101-smoke    # a few iterations of the full-size model
+    python -m experiments.cpu_evidence                      # 4 variants × 3 seeds of the book's CPU runs
+    python -m experiments.cpu_evidence --jobs 2             # two runs at a time, one thread each
+    python -m experiments.cpu_evidence --resnet101-smoke    # a few iterations of the full-size model
 
 Variants (the paper's ablation rows, Table 1; "w/o DLP" and "w/o L_Der" also
 drop the momentum network, as the paper says it did):
@@ -29,7 +29,7 @@ over the seeds, and the per-seed paired difference against ``full``; the last
 epoch's diagnostics (pseudo-label accuracy before/after DLP, fixed and broken
 pixels, own-class attention share) are kept per run. Runs whose
 ``results.json`` exists are reused, so an interrupted benchmark continues;
-runs with identical resolved configs are trained once (``benchmarks.ablations_cpu``
+runs with identical resolved configs are trained once (``experiments.ablations_cpu``
 shares them too).
 
 Output: ``results/cpu_evidence.json`` (and a table on stdout);
@@ -274,7 +274,7 @@ def evidence(args: argparse.Namespace) -> dict[str, Any]:
                 f"starts from that seed's supervised warm start; per-seed paired differences to {BASELINE} "
                 "(supervised, same momentum network, same steps), network by network; the setting was chosen on the "
                 "selection seeds, the claim is judged on the held-out seeds",
-        "command": "python -m benchmarks.cpu_evidence " + " ".join(sys.argv[1:]),
+        "command": "python -m experiments.cpu_evidence " + " ".join(sys.argv[1:]),
         "size": args.size, "base": BOOK_RUNS[args.size], "config_file": repo_path(plan.config),
         "variants": {v: VARIANTS[v] for v in args.variants}, "baseline": BASELINE,
         "seeds": {"selection": chosen, "held_out": held_out},
@@ -330,7 +330,7 @@ def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
     payload = {
         "what": "ResNet-101 DeepLabV3+ (deep stem, output stride 8, ASPP 12/24/36), release profile with every "
                 "extra term, random init, a few iterations on CPU: proves the full-size training path runs",
-        "command": "python -m benchmarks.cpu_evidence " + " ".join(sys.argv[1:]),
+        "command": "python -m experiments.cpu_evidence " + " ".join(sys.argv[1:]),
         "params_millions": n_params / 1e6,
         "iterations": len(steps),
         "losses": [s["loss"] for s in steps],
@@ -349,7 +349,7 @@ def resnet101_smoke(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.cpu_evidence", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.cpu_evidence", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="small", choices=list(BOOK_RUNS), help="book run settings (default small)")
     ap.add_argument("--config", default=None, help="config file (default: the size's, configs/cpu_scenes.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])

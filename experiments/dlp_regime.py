@@ -1,9 +1,9 @@
 """The regime map: where derivative label propagation can help, over the objects' extent in feature-grid cells.
 
-    python -m benchmarks.dlp_regime                              # every geometry (resumable), then the JSON
-    python -m benchmarks.dlp_regime --points s64_os8 s64_os4     # some geometries, in this order
-    python -m benchmarks.dlp_regime --collect-only               # the JSON from the points that are finished
-    python -m benchmarks.dlp_regime --plan                       # the miniature's geometry, from the finished points
+    python -m experiments.dlp_regime                              # every geometry (resumable), then the JSON
+    python -m experiments.dlp_regime --points s64_os8 s64_os4     # some geometries, in this order
+    python -m experiments.dlp_regime --collect-only               # the JSON from the points that are finished
+    python -m experiments.dlp_regime --plan                       # the miniature's geometry, from the finished points
 
 The CPU default (64-pixel scenes, output stride 8) puts an object across about three cells of an 8 × 8 grid;
 the paper trains at crop 321 with output stride 8, a 41 × 41 grid. Each **geometry** (:data:`GEOMETRIES`)
@@ -59,9 +59,9 @@ from typing import Any, Sequence
 
 import torch
 
-from benchmarks.cpu_evidence import BASELINE, MARGIN, Plan, Row, measure, read_run, train_all
+from experiments.cpu_evidence import BASELINE, MARGIN, Plan, Row, measure, read_run, train_all
 from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
-from benchmarks.dlp_map import inputs_of
+from experiments.dlp_map import inputs_of
 from derprop import dlp_map
 from derprop.book_runs import BOOK_RUNS, SUPERVISED, make_scenes
 from derprop.provenance import project_root
@@ -244,7 +244,7 @@ def point(name: str, runs_dir: Path, extra: Sequence[str], threads: int, images:
         "warm": record["all_labels"]["miou"] - record["warm"]["miou"],
     }
     record["extent"] = record["warm"]["map"]["extent"]
-    record["command"] = " ".join(["python -m benchmarks.dlp_regime --points", name, *extra])
+    record["command"] = " ".join(["python -m experiments.dlp_regime --points", name, *extra])
     record["wall_time_s"] = {"this_call": time.time() - t0,
                              "runs": sum(record[k]["wall_time_s"] for k in runs)}
     record["threads"] = torch.get_num_threads()
@@ -281,7 +281,7 @@ def plan(points: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:
     headline and the commands that train it and the upsampling comparison; ``out`` (``results/dlp_regime_plan.json``)."""
     choice = choose(points)
     seeds = " ".join(map(str, HELD_OUT))
-    runs = "python -m benchmarks.cpu_evidence --seeds {s} --held-out {s} --variants {v} --runs-dir {d} --out {o}"
+    runs = "python -m experiments.cpu_evidence --seeds {s} --held-out {s} --variants {v} --runs-dir {d} --out {o}"
     commands = {"upsample_default": runs.format(s=seeds, v="full detail_upsample", d=f"runs/regime_upsample/{DEFAULT}",
                                                 o="results/dlp_upsample_default.json")}
     if choice["chosen"]:
@@ -296,7 +296,7 @@ def plan(points: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:
                "headline": f"per held-out seed, DerProp minus supervised + momentum ({BASELINE}), the trained network "
                            "and the momentum network each against the same network of the baseline; the claim is met "
                            f"when every seed's difference is at least {100 * MARGIN:g} pp for both networks "
-                           "(benchmarks.cpu_evidence.claim)",
+                           "(experiments.cpu_evidence.claim)",
                "upsampling": "DerProp with method.dlp_upsample=detail against the same seeds' DerProp (bilinear), "
                              "paired per seed, at the CPU default and at the chosen geometry; kept only if it wins "
                              "on both networks on average",
@@ -305,13 +305,13 @@ def plan(points: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:
                           "measured under-training; the rule was changed to the 700-step gap (supervised + momentum "
                           "phases added to every point) before it was applied, and the tie between equal step costs "
                           "broken by the scene's side before s128_os8_big was trained",
-               "commands": commands, "command": "python -m benchmarks.dlp_regime --plan",
+               "commands": commands, "command": "python -m experiments.dlp_regime --plan",
                "machine": machine_info("cpu")}
     return write_results(out, payload)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.dlp_regime", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.dlp_regime", description=__doc__.split("\n\n")[0])
     ap.add_argument("--points", nargs="+", choices=list(GEOMETRIES), default=list(GEOMETRIES))
     ap.add_argument("--runs-dir", type=Path, default=project_root() / "runs" / "regime")
     ap.add_argument("--images", type=int, default=None, help="map images (default: per geometry, module doc)")
@@ -344,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "ceiling); supervised + momentum from the same warm start, the same 300 steps; the headroom: trained "
                 "network's mIoU after the same two supervised phases (400 + 300 steps) with all 2,000 labels minus "
                 "with 62 (headroom.full; .full_momentum: momentum networks; .warm: after the first 400 steps only)",
-        "command": " ".join(["python -m benchmarks.dlp_regime --points", *(p["name"] for p in points), *args.overrides]),
-        "this_call": "python -m benchmarks.dlp_regime " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python -m experiments.dlp_regime --points", *(p["name"] for p in points), *args.overrides]),
+        "this_call": "python -m experiments.dlp_regime " + " ".join(sys.argv[1:] if argv is None else argv),
         "knobs": "model.output_stride (8 or 4), the objects' scale (data_prep.scenes --object-size/--max-objects) and "
                  "the scene side (64, 96 or 128, evaluated and mapped whole); training steps at the CPU default's 64-pixel "
                  "crop at every point",

@@ -1,7 +1,7 @@
 """Run-to-run noise from the machine: the same seed of the CPU default's warm start at 1 and 2 threads, twice each.
 
-    python -m benchmarks.thread_noise                      # threads 1 and 2, two runs each
-    python -m benchmarks.thread_noise --threads 1 2 4 --repeats 3
+    python -m experiments.thread_noise                      # threads 1 and 2, two runs each
+    python -m experiments.thread_noise --threads 1 2 4 --repeats 3
 
 Every run is the supervised warm start of the book's CPU default (``derprop.book_runs`` ``small``: 400 steps
 on 62 labeled scenes) with one seed, trained by ``python -m derprop.train --threads N`` in a process of its
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
-from benchmarks.cpu_evidence import read_run
+from experiments.cpu_evidence import read_run
 from derprop.book_runs import BOOK_RUNS, ensure_scenes, phase_overrides
 from derprop.provenance import project_root
 
@@ -53,7 +53,7 @@ def seed_spread(path: Path) -> dict[str, Any] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.thread_noise", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.thread_noise", description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "what": f"val mIoU of the CPU default's supervised warm start (400 steps, 62 labels, seed {args.seed}) trained "
                 "again with the same code, config and data, at each thread count, one run at a time; beside it the "
                 "spread over seeds of the same warm start",
-        "command": "python -m benchmarks.thread_noise " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m experiments.thread_noise " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed, "runs": runs, "by_threads": by_threads,
         "machine_range": max(all_values) - min(all_values),
         "seed_spread": seed_spread(RESULTS / "cpu_evidence.json"),

@@ -1,6 +1,6 @@
 """Does the paper profile train? Eq. 4 literal against its normalisations, on the CPU default.
 
-    python -m benchmarks.paper_dlp_norm [--norms none row_sum mean] [--epochs 3] [--iters 25]
+    python -m experiments.paper_dlp_norm [--norms none row_sum mean] [--epochs 3] [--iters 25]
 
 Trains ``profile=paper`` on ``configs/cpu_scenes.yaml`` once per
 ``method.paper_dlp_norm`` and records, per epoch, the labeled cross-entropy on
@@ -49,7 +49,7 @@ def run(config: str, norm: str, runs_dir: Path, overrides: Sequence[str]) -> dic
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.paper_dlp_norm", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.paper_dlp_norm", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/cpu_scenes.yaml")
     ap.add_argument("--norms", nargs="+", choices=PAPER_NORMS, default=list(PAPER_NORMS))
     ap.add_argument("--epochs", type=int, default=3)
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     payload = {
         "what": "profile=paper on the CPU default, one run per method.paper_dlp_norm: labeled CE on L and on "
                 "the propagated L̃ per epoch, and the final mIoU",
-        "command": "python -m benchmarks.paper_dlp_norm " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m experiments.paper_dlp_norm " + " ".join(sys.argv[1:] if argv is None else argv),
         "config_file": args.config,
         "runs": runs,
         "machine": machine_info("cpu"),

@@ -1,7 +1,7 @@
 """The fast recipe against fp32 on the CPU default: does bf16 + channels-last + tiled DLP train to the same mIoU?
 
-    python -m benchmarks.fast_recipe                  # seeds 0–5 × {fp32, fast}, one run at a time, one thread
-    python -m benchmarks.fast_recipe --collect-only   # judge the runs that have finished
+    python -m experiments.fast_recipe                  # seeds 0–5 × {fp32, fast}, one run at a time, one thread
+    python -m experiments.fast_recipe --collect-only   # judge the runs that have finished
 
 Two arms on the book's CPU default (``configs/cpu_scenes.yaml``, :data:`derprop.book_runs.BOOK_RUNS` ``small``:
 a 400-step supervised warm start, then 300 DerProp steps continuing its schedule):
@@ -13,7 +13,7 @@ fast      :data:`FAST` in *both* phases: the warm start and the DerProp phase ar
 
 Each arm trains its own warm start per seed (the recipe is under test from the first step), with the same
 data, seed and steps; runs go one at a time through ``python -m derprop.train --threads 1``
-(:func:`benchmarks.cpu_evidence.train_all`), seed by seed, so that an interrupted benchmark has whole pairs and
+(:func:`experiments.cpu_evidence.train_all`), seed by seed, so that an interrupted benchmark has whole pairs and
 the same command continues it (finished runs are reused, an unfinished one resumes from its ``last.pt``).
 
 The criterion (:data:`CRITERION`) was written and committed before any run of this benchmark;
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.common import RESULTS, machine_info, print_table, write_results
-from benchmarks.cpu_evidence import Plan, Row, measure, read_run, summarise
+from experiments.cpu_evidence import Plan, Row, measure, read_run, summarise
 from derprop.book_runs import BOOK_RUNS
 from derprop.config import resolved
 from derprop.configfile import load_config
@@ -135,7 +135,7 @@ def fast_recipe(args: argparse.Namespace) -> dict[str, Any]:
         "what": "The fast recipe (bf16 autocast + channels-last + tiled DLP and derivative loss, in the warm start and "
                 "the DerProp phase) against fp32 on the CPU default, paired per seed: mIoU (val, original size) of "
                 "the trained and the momentum network, last-epoch pseudo-label accuracy, wall time of each run",
-        "command": "python -m benchmarks.fast_recipe " + " ".join(sys.argv[1:]),
+        "command": "python -m experiments.fast_recipe " + " ".join(sys.argv[1:]),
         "fast_overrides": list(FAST), "arms": {a: {"run": list(r.run), "warm": list(r.warm)} for a, r in ARMS.items()},
         "criterion": CRITERION, "verdict": verdict(summary),
         "summary": summary, "runs": runs,
@@ -160,7 +160,7 @@ def fast_recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.fast_recipe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.fast_recipe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=None, help="config file (default: configs/cpu_scenes.yaml)")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
