@@ -29,8 +29,8 @@ from typing import Any, Sequence
 
 import torch
 
-from derprop import atomic
 from derprop.provenance import project_root
+from derprop.training import atomic
 
 RESULTS = project_root() / "results"
 
@@ -330,7 +330,7 @@ def make_scenes(root: Path) -> None:
     """A tiny scenes tree at ``root``: the Trainer's constructor needs one (the steps run on synthetic batches)."""
     from data_prep import scenes
 
-    from derprop.book_runs import BOOK_RUNS
+    from derprop.book.runs import BOOK_RUNS
 
     scenes.main(["--root", str(root), *BOOK_RUNS["smoke"]["data_args"], "--workers", "1", "--quiet"])
 
@@ -353,7 +353,7 @@ def gradient_gap(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -
 # where a step's time goes (train_step, gpu_check)
 # --------------------------------------------------------------------------- #
 
-#: ``record_function`` ranges of :mod:`derprop.trainer` -> the part of the step they time, forward and backward.
+#: ``record_function`` ranges of :mod:`derprop.training.trainer` -> the part of the step they time, forward and backward.
 PARTS: dict[str, str] = {
     "derprop.forward": "backbone",
     "derprop.dlp": "dlp_derivative_loss",

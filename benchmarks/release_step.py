@@ -9,7 +9,7 @@ process group at import); :func:`release_step` restates it, line references in t
 One step, either side, is one iteration of the training loop on ``B`` labeled + ``B`` unlabeled images at one crop:
 the momentum network's pass over the CutMix partner, the Θb passes over ``[x; u_w]`` (with the feature-perturbation
 branch) and over the mixed strong view, DLP, the threshold, region propagation, every loss term, backward and the SGD
-step. derprop's step is :meth:`derprop.trainer.Trainer.compute_loss` + :meth:`~derprop.trainer.Trainer.optimize` (what
+step. derprop's step is :meth:`derprop.training.trainer.Trainer.compute_loss` + :meth:`~derprop.training.trainer.Trainer.optimize` (what
 ``benchmarks.train_step`` times) under a reproduction config: ``configs/voc_92.yaml`` (fp32) or
 ``configs/voc_92_fast.yaml`` (the fast recipe), with the network from scratch (no ImageNet file needed) and synthetic
 batches (:func:`benchmarks.train_step.synthetic_batch`; the release gets the same images normalised as its data
@@ -21,7 +21,7 @@ names differ, the tensors are the same: :data:`RENAMES`), both sides take one st
 same epoch, dropout off on both sides (the only randomness of the networks, drawn in different orders) and region
 propagation off (its 128 sampled rows are drawn in different orders; the block benchmark checks its labels). Every
 loss term must agree to ``--step-rtol`` except the labeled derivative term, which differs by design and has no
-gradient on either side (``derprop.tables.DIVERGENCES``); so does the total without it, and every parameter's
+gradient on either side (``derprop.training.tables.DIVERGENCES``); so does the total without it, and every parameter's
 gradient to ``--step-grad-rtol`` (relative norm of the whole gradient).
 
 **Timing and memory** (:func:`run_case`), each side in its own fresh process: one warm-up step, then the peak memory of
@@ -118,7 +118,7 @@ def release_step(s: ReleaseState, batch, alpha: float, *, region: bool = True, b
     """One iteration of the release's training loop (its main.py lines 179–362), restated; returns the loss and its
     terms under derprop's names (``der_x``/``der_u``: ``2·consistency + sparsity``, as eq. 9 weighs them)."""
     from benchmarks.vs_release import grid_side, release_labeled_target, release_region_loop
-    from derprop.model import normalize
+    from derprop.training.model import normalize
 
     (x, y), (uw, us, ign, box), (uw2, us2, ign2, _) = batch
     x, uw, us, uw2, us2 = (normalize(t) for t in (x, uw, us, uw2, us2))  # its data pipeline's normalisation
@@ -177,9 +177,9 @@ def release_step(s: ReleaseState, batch, alpha: float, *, region: bool = True, b
 
 def build_trainer(case: dict, out_dir: str, extra: tuple[str, ...] = ()):
     """derprop's Trainer under the recipe's reproduction config, sized to the case, on a throwaway scenes tree."""
-    from derprop.configfile import load_config
+    from derprop.training.configfile import load_config
     from derprop.provenance import project_root
-    from derprop.trainer import Trainer
+    from derprop.training.trainer import Trainer
 
     root = Path(out_dir) / "scenes"
     make_scenes(root)

@@ -4,7 +4,7 @@
     python -m benchmarks.train_step --size cpu      # CPU: ResNet-18, crop 161, batch 2+2 (~10 min on 2 cores)
     python -m benchmarks.train_step --size quick    # seconds; what the test runs
 
-One *step* is an iteration of :meth:`derprop.trainer.Trainer.fit` by the Trainer's own methods
+One *step* is an iteration of :meth:`derprop.training.trainer.Trainer.fit` by the Trainer's own methods
 (:func:`benchmarks.common.step_fn`) on a synthetic batch (:func:`benchmarks.common.synthetic_batch`); the
 Trainer is built on a tiny scenes tree only because its constructor needs one. ``dense`` (``method.chunk=null``)
 builds DLP's ``softmax(g1ᵀg2)`` and the derivative loss's ``S − S_GT`` as ``M × M`` matrices, as the release
@@ -36,7 +36,7 @@ import torch
 from benchmarks.common import (RESULTS, SPLIT, device_slug, gradient_gap, machine_info, make_scenes, measure,
                                print_table, run_guarded, run_isolated, split_step, step_fn, synthetic_batch,
                                write_results)
-from derprop.distributed import native_bf16
+from derprop.training.distributed import native_bf16
 
 MODULE = "benchmarks.train_step"
 PROFILES = ("official", "paper")
@@ -95,9 +95,9 @@ def overrides(case: dict) -> list[str]:
 
 
 def build_trainer(case: dict, out_dir: str):
-    """A :class:`~derprop.trainer.Trainer` for ``case``, with ``trainer.model`` compiled if the config says so."""
-    from derprop.configfile import load_config
-    from derprop.trainer import Trainer
+    """A :class:`~derprop.training.trainer.Trainer` for ``case``, with ``trainer.model`` compiled if the config says so."""
+    from derprop.training.configfile import load_config
+    from derprop.training.trainer import Trainer
 
     cfg = load_config(None, overrides(case))
     trainer = Trainer(cfg, out_dir, device=case["device"], progress=False)
@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def resolved_config(base: dict, profile: str, crop: int) -> dict:
     """The resolved config of ``profile``'s tiled case (the others differ only in :data:`CONFIGS`' switches)."""
-    from derprop.config import resolved
-    from derprop.configfile import load_config
+    from derprop.training.config import resolved
+    from derprop.training.configfile import load_config
 
     cfg = resolved(load_config(None, overrides({**base, "profile": profile, "config": TILED, "crop": crop})))
     cfg["data"]["root"] = "<generated scenes tree; unused: batches are synthetic>"

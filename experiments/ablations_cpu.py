@@ -4,7 +4,7 @@
     python -m experiments.ablations_cpu --groups Q op --seeds 0 1 2 3 4 --size full
     python -m experiments.ablations_cpu --size smoke --seeds 0  # seconds per run: checks the plumbing
 
-Groups (overrides on top of the book's CPU run, :data:`derprop.book_runs.BOOK_RUNS`):
+Groups (overrides on top of the book's CPU run, :data:`derprop.book.runs.BOOK_RUNS`):
 
 =========  ================================================================
 Q          eq. 9 with Q = 0..3, with and without the sparsity term (Table 3)
@@ -31,9 +31,9 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, machine_info, print_table, write_results
 from experiments.cpu_evidence import TABLE_COLUMNS, Plan, Row, as_row, evidence_table, measure, summarise
-from derprop.book_runs import BOOK_RUNS
+from derprop.book.runs import BOOK_RUNS
 from derprop.provenance import project_root
-from derprop.tables import ABLATIONS
+from derprop.training.tables import ABLATIONS
 
 ACTIVE_DER = ("method.labeled_der_detached=false", "method.spatial_softmax_sparsity=false")
 """The Q and op groups keep the release's two zero-gradient loss quirks off (the CPU default already
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": "mIoU on the scenes val set (original size) of the trained network, the momentum network and the "
                 "headline, mean ± sample std over seeds, and each network's per-seed paired difference to the same "
                 "network of the CPU default (full); book CPU run settings "
-                "(derprop.book_runs.BOOK_RUNS, from a supervised warm start) plus each row's overrides",
+                "(derprop.book.runs.BOOK_RUNS, from a supervised warm start) plus each row's overrides",
         "warm_start": str(args.warm_start) if args.warm_start else "one per seed",
         "command": "python -m experiments.ablations_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "size": args.size, "base": BOOK_RUNS[args.size], "seeds": len(args.seeds),

@@ -9,13 +9,13 @@ drop the momentum network, as the paper says it did):
 
 ============  ==========================================================
 full          the config as is
-wo_dlp        :data:`derprop.book_runs.WITHOUT_DLP`: no propagation, no derivative loss, no momentum,
+wo_dlp        :data:`derprop.book.runs.WITHOUT_DLP`: no propagation, no derivative loss, no momentum,
               no region propagation (no similarity head anywhere)
 wo_der        ``method.derivative_loss=false method.momentum=false``
 wo_momentum   ``method.momentum=false``
 ============  ==========================================================
 
-Every run is a book CPU run (:data:`derprop.book_runs.BOOK_RUNS`, ``--size``): it
+Every run is a book CPU run (:data:`derprop.book.runs.BOOK_RUNS`, ``--size``): it
 starts from the supervised warm start of its seed (``warm_s<seed>``, trained
 first, shared by all variants of that seed), or with ``--warm-start DIR`` from
 one finished warm-start run for every seed (e.g. the book's
@@ -51,12 +51,12 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
-from derprop.book_runs import BOOK_RUNS, SUPERVISED, ensure_scenes, phase_overrides
-from derprop.config import resolved
-from derprop.configfile import load_config
+from derprop.book.runs import BOOK_RUNS, SUPERVISED, ensure_scenes, phase_overrides
 from derprop.provenance import project_root
-from derprop.tables import ABLATIONS
-from derprop.trainer import Trainer
+from derprop.training.config import resolved
+from derprop.training.configfile import load_config
+from derprop.training.tables import ABLATIONS
+from derprop.training.trainer import Trainer
 
 BASELINE = "supervised_momentum"
 """The strongest simple baseline: the labeled terms only (``method.semi_supervised=false``), with the same
@@ -66,7 +66,7 @@ VARIANTS: dict[str, list[str]] = {
     "full": [], **{k: list(ABLATIONS[k].overrides) for k in ("wo_dlp", "wo_der", "wo_momentum")},
     BASELINE: list(SUPERVISED), "detail_upsample": ["method.dlp_upsample=detail"],
 }
-"""Table 1's rows (:data:`derprop.tables.ABLATIONS`), the baseline on top of the book's CPU run, and DerProp with
+"""Table 1's rows (:data:`derprop.training.tables.ABLATIONS`), the baseline on top of the book's CPU run, and DerProp with
 the detail-preserving upsampling of L̃ (chapter *Where DLP can help*; not run unless asked for)."""
 
 DEFAULT_VARIANTS = ("full", "wo_dlp", "wo_der", "wo_momentum", BASELINE)

@@ -5,7 +5,7 @@
 
 On the run's diagnostic images (the first ``data.diag_images`` unlabeled images, whose labels are known)
 the back-propagation network Θb of ``last.pt`` (the one whose weak-view pseudo-labels DLP rectifies)
-gives ``L``, ``L̃`` and its similarity logits once; :mod:`derprop.dlp_map` then scores the families
+gives ``L``, ``L̃`` and its similarity logits once; :mod:`derprop.book.dlp_map` then scores the families
 ``kappa``, ``alpha`` and ``temperature`` between the learned and the oracle weights: own-class share,
 fixed / broken / net pixels at ``η`` = 0.5, 0.75, 1 on the grid points and at full resolution,
 pseudo-label accuracy and mIoU. Also: the break-even share of each family, the oracle's ceiling (errors
@@ -25,13 +25,13 @@ from typing import Any, Sequence
 import torch
 
 from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
-from derprop import dlp_map
-from derprop.config import resolved
-from derprop.configfile import load_config
-from derprop.loaders import diagnostic_set
+from derprop.book import dlp_map
+from derprop.book.sources import fingerprint
 from derprop.predict import load_model
 from derprop.provenance import project_root
-from derprop.sources import fingerprint
+from derprop.training.config import resolved
+from derprop.training.configfile import load_config
+from derprop.training.loaders import diagnostic_set
 
 
 def inputs_of(run: Path, images: int | None) -> tuple[dlp_map.MapInputs, dict[str, Any]]:

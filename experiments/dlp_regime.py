@@ -10,7 +10,7 @@ the paper trains at crop 321 with output stride 8, a 41 × 41 grid. Each **geome
 moves the objects' extent in cells, measured on whole scenes as the map and the evaluation see them; training
 keeps the CPU default's 64-pixel crop where it can, so that a step costs the same at every scene size:
 
-* ``model.output_stride`` 8 → 4 (what MobileNetV2 allows, :data:`derprop.backbones.OUTPUT_STRIDES`) doubles
+* ``model.output_stride`` 8 → 4 (what MobileNetV2 allows, :data:`derprop.training.backbones.OUTPUT_STRIDES`) doubles
   the extent on the same scenes, at about four times the cost of a step;
 * the objects' scale (``data_prep.scenes --object-size 0.7 1.0 --max-objects 1``: one object of 70–100 % of
   the scene's side instead of one or two of 40–70 %) adds about 1.5× at no cost;
@@ -20,7 +20,7 @@ keeps the CPU default's 64-pixel crop where it can, so that a step costs the sam
 * the training crop (``data.crop_size``), only for the largest extent: DLP acts on the crop's grid, so objects of
   16 cells need a grid larger than the 16 × 16 of a 64-pixel crop at stride 4.
 
-Everything else is the CPU default's (``configs/cpu_scenes.yaml``, :data:`derprop.book_runs.BOOK_RUNS`
+Everything else is the CPU default's (``configs/cpu_scenes.yaml``, :data:`derprop.book.runs.BOOK_RUNS`
 ``small``): 62 labeled scenes (split ``1_32`` of 2,000), a 400-step supervised warm start, then 300 DerProp
 steps that continue its schedule, seed 0, one thread. Per geometry, in ``runs/regime/<name>/``:
 
@@ -36,7 +36,7 @@ mostly measures how far 400 steps are from converged, not what labels are worth:
 gained 0.3 points there while DerProp's further 300 steps gained 8.4, which is why the 700-step gap is the one
 the miniature's rule reads (decided before the rule was applied).
 
-For the warm start and the DerProp checkpoint, :func:`derprop.dlp_map.regime_point` scores the trained
+For the warm start and the DerProp checkpoint, :func:`derprop.book.dlp_map.regime_point` scores the trained
 network Θb on the first ``images`` unlabeled scenes (their labels known): objects' extent, pseudo-label
 accuracy, the learned weights' own-class share, fixed / broken / net pixels of the learned and the oracle
 weights with the release's bilinear upsampling and the detail-preserving one, the break-even share and the
@@ -62,10 +62,10 @@ import torch
 from experiments.cpu_evidence import BASELINE, MARGIN, Plan, Row, measure, read_run, train_all
 from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
 from experiments.dlp_map import inputs_of
-from derprop import dlp_map
-from derprop.book_runs import BOOK_RUNS, SUPERVISED, make_scenes
+from derprop.book import dlp_map
+from derprop.book.report import net_per_thousand
+from derprop.book.runs import BOOK_RUNS, SUPERVISED, make_scenes
 from derprop.provenance import project_root
-from derprop.report import net_per_thousand
 
 BIG = ("--object-size", "0.7", "1.0", "--max-objects", "1")
 """One object of 70–100 % of the scene's side (the generator's default: one or two of 40–70 %)."""

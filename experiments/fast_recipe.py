@@ -3,7 +3,7 @@
     python -m experiments.fast_recipe                  # seeds 0–5 × {fp32, fast}, one run at a time, one thread
     python -m experiments.fast_recipe --collect-only   # judge the runs that have finished
 
-Two arms on the book's CPU default (``configs/cpu_scenes.yaml``, :data:`derprop.book_runs.BOOK_RUNS` ``small``:
+Two arms on the book's CPU default (``configs/cpu_scenes.yaml``, :data:`derprop.book.runs.BOOK_RUNS` ``small``:
 a 400-step supervised warm start, then 300 DerProp steps continuing its schedule):
 
 ========  =====================================================================================
@@ -37,10 +37,10 @@ import torch
 
 from benchmarks.common import RESULTS, machine_info, print_table, write_results
 from experiments.cpu_evidence import Plan, Row, measure, read_run, summarise
-from derprop.book_runs import BOOK_RUNS
-from derprop.config import resolved
-from derprop.configfile import load_config
+from derprop.book.runs import BOOK_RUNS
 from derprop.provenance import project_root
+from derprop.training.config import resolved
+from derprop.training.configfile import load_config
 
 FAST_CHUNK = 16
 """Rows per tile of DLP and the derivative loss on the CPU default: its 8 × 8 grid has M = 64 rows, so 16 tiles

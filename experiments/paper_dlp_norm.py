@@ -23,11 +23,11 @@ from typing import Sequence
 import torch
 
 from benchmarks.common import RESULTS, machine_info, print_table, write_results
-from derprop.config import resolved
-from derprop.configfile import load_config
-from derprop.propagation import PAPER_NORMS
+from derprop.method.propagation import PAPER_NORMS
 from derprop.provenance import project_root
-from derprop.trainer import Trainer
+from derprop.training.config import resolved
+from derprop.training.configfile import load_config
+from derprop.training.trainer import Trainer
 
 
 def run(config: str, norm: str, runs_dir: Path, overrides: Sequence[str]) -> dict:

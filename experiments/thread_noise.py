@@ -3,7 +3,7 @@
     python -m experiments.thread_noise                      # threads 1 and 2, two runs each
     python -m experiments.thread_noise --threads 1 2 4 --repeats 3
 
-Every run is the supervised warm start of the book's CPU default (``derprop.book_runs`` ``small``: 400 steps
+Every run is the supervised warm start of the book's CPU default (``derprop.book.runs`` ``small``: 400 steps
 on 62 labeled scenes) with one seed, trained by ``python -m derprop.train --threads N`` in a process of its
 own (``OMP_NUM_THREADS=N``), one run at a time; ``runs/noise/t<N>_r<k>``. Same code, config and data: what
 differs between two runs of one thread count is the machine's scheduling alone, and between thread counts
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 from benchmarks.common import RESULTS, machine_info, print_table, repo_path, write_results
 from experiments.cpu_evidence import read_run
-from derprop.book_runs import BOOK_RUNS, ensure_scenes, phase_overrides
+from derprop.book.runs import BOOK_RUNS, ensure_scenes, phase_overrides
 from derprop.provenance import project_root
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks import common, train_step
-from derprop.guards import NonFiniteLossError
+from derprop.training.guards import NonFiniteLossError
 
 
 def test_grid_pixels_match_the_issue():

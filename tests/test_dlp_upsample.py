@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from derprop.configfile import load_config
 from derprop.errors import ConfigError
-from derprop.loaders import loaders
-from derprop.model import SegOutput
-from derprop.propagation import propagate
+from derprop.method.propagation import propagate
 from derprop.provenance import source
-from derprop.pseudo_labels import dlp_options, propagated_logits
-from derprop.trainer import Trainer
+from derprop.training.configfile import load_config
+from derprop.training.loaders import loaders
+from derprop.training.model import SegOutput
+from derprop.training.pseudo_labels import dlp_options, propagated_logits
+from derprop.training.trainer import Trainer
 
 TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 

@@ -4,9 +4,9 @@ the criterion written before the runs (``experiments.fast_recipe``)."""
 import pytest
 
 from experiments import fast_recipe
-from derprop.config import flatten, resolved
-from derprop.configfile import load_config
 from derprop.provenance import source
+from derprop.training.config import flatten, resolved
+from derprop.training.configfile import load_config
 from pipelines import run_matrix
 
 FAST_CONFIGS = {"voc_92_fast": "voc_92", "cityscapes_186_fast": "cityscapes_186"}

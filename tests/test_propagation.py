@@ -1,12 +1,12 @@
-"""derprop.propagation against straightforward dense float64 references."""
+"""derprop.method.propagation against straightforward dense float64 references."""
 
 import math
 
 import pytest
 import torch
 
-from derprop.derivatives import derivative
-from derprop.propagation import FORMS, attention_shares, propagate, propagate_literal, propagation_weights
+from derprop.method.derivatives import derivative
+from derprop.method.propagation import FORMS, attention_shares, propagate, propagate_literal, propagation_weights
 
 
 def dense_official(logits, f1, f2, op="forward"):

@@ -56,7 +56,7 @@ def test_portable_rewrites_paths_inside_strings_and_nothing_else():
         "command": f"python -m experiments.cpu_evidence --resnet101-smoke --runs-dir {tmp}/r101",
         "overrides": [f"data.root={tmp}/bench_scenes_x/scenes", f"optim.warm_start={source()}/runs/w/last.pt"],
         "argv": (sys.executable, "-m", "pytest"),
-        "traceback": f'File "{source()}/derprop/trainer.py", line 3',
+        "traceback": f'File "{source()}/derprop/training/trainer.py", line 3',
         "text": "1/4 labeled, tiled/dense memory, https://example.org/a, images / s, (a + b)/2",
         "n": 3,
     }
@@ -65,7 +65,7 @@ def test_portable_rewrites_paths_inside_strings_and_nothing_else():
         "command": "python -m experiments.cpu_evidence --resnet101-smoke --runs-dir <tmp>/r101",
         "overrides": ["data.root=<tmp>/bench_scenes_x/scenes", "optim.warm_start=runs/w/last.pt"],
         "argv": ["python", "-m", "pytest"],
-        "traceback": 'File "derprop/trainer.py", line 3',
+        "traceback": 'File "derprop/training/trainer.py", line 3',
         "text": payload["text"],
         "n": 3,
     }

@@ -1,4 +1,4 @@
-"""The run folder (derprop.rundir): a kill at any write, locks, fresh starts, stale files, resume options."""
+"""The run folder (derprop.training.rundir): a kill at any write, locks, fresh starts, stale files, resume options."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from derprop import atomic, loaders, paths, rundir
-from derprop import checkpoint as ck
-from derprop.configfile import load_config
 from derprop.provenance import source
 from derprop.train import main
-from derprop.trainer import Trainer
+from derprop.training import atomic, loaders, paths, rundir
+from derprop.training import checkpoint as ck
+from derprop.training.configfile import load_config
+from derprop.training.trainer import Trainer
 from tests.fixtures import TrainingInterrupted
 
 
@@ -499,8 +499,8 @@ def test_a_stop_signal_in_training_is_handled_like_ctrl_c(name, runs, scenes_tin
 
 
 def test_a_book_run_trained_with_other_settings_is_refused_not_shown(tmp_path):
-    from derprop.book_runs import load_or_train
-    from derprop.config import resolved
+    from derprop.book.runs import load_or_train
+    from derprop.training.config import resolved
     from derprop.errors import DerPropError
 
     config = source() / "configs" / "cpu_scenes_tiny.yaml"

@@ -1,4 +1,4 @@
-"""The paper's tables (derprop.tables): the matrix, the ablation rows, and every place that must agree with them."""
+"""The paper's tables (derprop.training.tables): the matrix, the ablation rows, and every place that must agree with them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from derprop.config import resolved
-from derprop.configfile import load_config
 from derprop.provenance import source
-from derprop.tables import ABLATIONS, MATRIX, overrides_for, run_name
+from derprop.training.config import resolved
+from derprop.training.configfile import load_config
+from derprop.training.tables import ABLATIONS, MATRIX, overrides_for, run_name
 
 
 def _script(name: str):

@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from derprop import checkpoint as ck
-from derprop.configfile import load_config
-from derprop.data import DatasetError
-from derprop.guards import NonFiniteLossError
-from derprop.loaders import loaders
-from derprop.objective import ohem_ce
+from derprop.data.datasets import DatasetError
 from derprop.provenance import source
-from derprop.pseudo_labels import Threshold, blend, region_propagation
 from derprop.train import main
-from derprop.trainer import Trainer
+from derprop.training import checkpoint as ck
+from derprop.training.configfile import load_config
+from derprop.training.guards import NonFiniteLossError
+from derprop.training.loaders import loaders
+from derprop.training.objective import ohem_ce
+from derprop.training.pseudo_labels import Threshold, blend, region_propagation
+from derprop.training.trainer import Trainer
 from tests.fixtures import TrainingInterrupted
 
 TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
@@ -179,7 +179,7 @@ def test_a_huge_lr_stops_with_finite_checkpoints_and_resumes_with_a_lower_one(sc
 
 
 def test_every_seed_the_config_takes_trains(scenes_tiny, tmp_path, capsys):
-    from derprop.augment import sample_seed
+    from derprop.data.augment import sample_seed
 
     # the seeds that trained before are as they were (a run resumed across versions replays its augmentations)
     g = torch.Generator().manual_seed((7 * 1_000_003 + 2) * 1_000_033 + 1)
@@ -406,8 +406,8 @@ def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
 
 
 def test_supervised_warm_start_then_diagnostics_with_and_without_dlp(scenes_tiny, tmp_path):
-    from derprop.book_runs import WARM_START, WITHOUT_DLP
-    from derprop.viewer import load_snapshots
+    from derprop.book.runs import WARM_START, WITHOUT_DLP
+    from derprop.book.viewer import load_snapshots
 
     warm = Trainer(tiny(scenes_tiny, *WARM_START, "optim.epochs=1", "data.val_limit=1", "data.diag_images=0"),
                    tmp_path / "warm")
@@ -456,7 +456,7 @@ def test_resume_with_a_different_config_is_refused(reference_run, scenes_tiny):
 def test_evaluation_runs_in_fp32_with_the_configs_loader_workers(scenes_tiny, tmp_path, monkeypatch):
     """A bf16 run's mIoU is an fp32 evaluation (comparable with an fp32 run's), loaded by data.num_workers workers;
     a CPU run records no CUDA memory."""
-    import derprop.trainer as trainer_module
+    import derprop.training.trainer as trainer_module
 
     seen = []
 
