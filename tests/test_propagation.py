@@ -229,3 +229,9 @@ def test_attention_shares_uniform_and_class_only_weights():
     own, _, support = attention_shares(same, labels)
     assert torch.allclose(own, torch.ones(5, dtype=torch.float64))
     assert torch.allclose(support, torch.tensor([2.0, 2.0, 3.0, 3.0, 3.0], dtype=torch.float64))
+
+
+def test_the_package_front_door_names_propagate():
+    import derprop
+
+    assert derprop.propagate is propagate and "propagate" in derprop.__all__
