@@ -69,10 +69,10 @@ test: setup
 data-scenes: setup
 	$(PY) -m data_prep.scenes --root $(SCENES)
 
-# The CPU default and its baselines: the runs the book's chapters load (derprop.book_runs.TRAINING_RUNS at
+# The CPU default and its baselines: the runs the book's chapters load (derprop.book.runs.TRAINING_RUNS at
 # size "small", in runs/book/small/). A finished run is not trained again; an interrupted one resumes.
 train-cpu: data-scenes
-	$(PY) -m derprop.book_runs small
+	$(PY) -m derprop.book.runs small
 
 book: setup
 	$(VENV)/bin/jupyter-book build . $(BOOK_FLAGS)

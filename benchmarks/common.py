@@ -1,4 +1,5 @@
-"""Timing, peak-memory and reporting helpers shared by the benchmarks.
+"""Timing, peak-memory, profiling and reporting helpers shared by the benchmarks; the results-file helpers
+(:func:`write_results`, :func:`machine_info`) are also the experiments' (``experiments/``).
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU each case runs
 in a fresh subprocess, resets the kernel's resident-size high-water mark just
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -22,12 +25,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from derprop import atomic
 from derprop.provenance import project_root
+from derprop.training import atomic
 
 RESULTS = project_root() / "results"
 
@@ -180,6 +183,23 @@ def run_isolated(module: str, case: dict, limit_gib: float | None = None) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_guarded(module: str, run_case: Callable[[dict], dict], case: dict, isolate: bool) -> dict:
+    """One case, in a fresh process (``python -m module --case``: CPU peak memory is per process) or here by
+    ``run_case``; a failure (out of memory included) comes back as a row with an ``error``."""
+    try:
+        return run_isolated(module, case) if isolate else run_case(case)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        text = str(err).strip().splitlines() or [type(err).__name__]
+        oom = "out of memory" in str(err).lower() or "OutOfMemoryError" in str(err)
+        return {**{k: case.get(k) for k in ("profile", "config", "crop", "M", "batch", "backbone", "chunk")},
+                "error": "out of memory" if oom else text[-1][-300:]}
+    finally:
+        if not isolate:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
 def update_results(path: Path, key: str, section: dict) -> None:
     """Replace one benchmark's section of a shared results file, keeping the others."""
     payload = json.loads(path.read_text()) if path.exists() else {}
@@ -259,3 +279,148 @@ def finish_core(args: argparse.Namespace, key: str, rows: list[dict], ratios: li
     update_results(Path(args.out), key, section)
     print(f"\nwrote {args.out}")
     return section
+
+
+# --------------------------------------------------------------------------- #
+# a training step on a synthetic batch (train_step, release_step)
+# --------------------------------------------------------------------------- #
+
+
+def synthetic_batch(batch: int, crop: int, classes: int, seed: int = 0, device: str = "cpu"):
+    """One batch shaped like the training loaders' ``((x, y), (u_w, u_s, ignore, box), (u_w', u_s', ignore', box'))``,
+    on ``device`` (moved once, so that host-to-device copies are not part of a timed step)."""
+    g = torch.Generator().manual_seed(seed)
+    border = max(1, crop // 16)
+
+    def images() -> torch.Tensor:
+        return torch.randint(0, 256, (batch, 3, crop, crop), generator=g, dtype=torch.uint8)
+
+    def ignore() -> torch.Tensor:
+        ign = torch.zeros(batch, crop, crop, dtype=torch.uint8)
+        ign[:, -border:, :] = 255  # padding at the bottom, as after a crop of a smaller image
+        return ign
+
+    def boxes() -> torch.Tensor:
+        box = torch.zeros(batch, crop, crop, dtype=torch.bool)
+        for i in range(batch):
+            h, w = (int(v) for v in torch.randint(crop // 4, crop // 2 + 1, (2,), generator=g))
+            y0, x0 = (int(v) for v in torch.randint(0, crop - max(h, w) + 1, (2,), generator=g))
+            box[i, y0:y0 + h, x0:x0 + w] = True
+        return box
+
+    x = images()
+    y = torch.randint(0, classes, (batch, crop, crop), generator=g, dtype=torch.long)
+    y[:, -border:, :] = 255
+    parts = (x, y), (images(), images(), ignore(), boxes()), (images(), images(), ignore(), boxes())
+    return tuple(tuple(t.to(device) for t in part) for part in parts)
+
+
+def step_fn(trainer, batch, epoch: int) -> Callable[[], float]:
+    """One iteration of ``Trainer.fit`` without its logging: ``compute_loss``, then ``Trainer.optimize``; returns the loss."""
+
+    def step() -> float:
+        loss, _ = trainer.compute_loss(batch, epoch)
+        trainer.optimize(loss, epoch, 0)
+        return float(loss.detach())
+
+    return step
+
+
+def make_scenes(root: Path) -> None:
+    """A tiny scenes tree at ``root``: the Trainer's constructor needs one (the steps run on synthetic batches)."""
+    from data_prep import scenes
+
+    from derprop.book.runs import BOOK_RUNS
+
+    scenes.main(["--root", str(root), *BOOK_RUNS["smoke"]["data_args"], "--workers", "1", "--quiet"])
+
+
+def gradient_gap(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """How far the parameter gradients ``other`` are from ``ref``: ``‖other − ref‖ / ‖ref‖`` over the whole net
+    (``global``); the largest gap of one parameter relative to ``max(‖ref_p‖, 1e-3·‖ref‖)`` (``max``, at
+    ``worst``: the biases of convs followed by BatchNorm have a true gradient of 0, pure rounding noise); the
+    parameters that only one side has (``missing``)."""
+    shared = [n for n in ref if n in other]
+    norm = math.sqrt(sum(float(g.norm()) ** 2 for g in ref.values()))
+    gaps = {n: float((other[n] - ref[n]).norm()) for n in shared}
+    per = {n: gaps[n] / max(float(ref[n].norm()), 1e-3 * norm, 1e-30) for n in shared}
+    worst = max(per, key=per.__getitem__) if per else None
+    return {"global": math.sqrt(sum(v ** 2 for v in gaps.values())) / max(norm, 1e-30), "max": per.get(worst, 0.0),
+            "worst": worst, "missing": sorted(set(ref) ^ set(other)), "norm": norm, "compared": len(shared)}
+
+
+# --------------------------------------------------------------------------- #
+# where a step's time goes (train_step, gpu_check)
+# --------------------------------------------------------------------------- #
+
+#: ``record_function`` ranges of :mod:`derprop.training.trainer` -> the part of the step they time, forward and backward.
+PARTS: dict[str, str] = {
+    "derprop.forward": "backbone",
+    "derprop.dlp": "dlp_derivative_loss",
+    "derprop.derivative_loss": "dlp_derivative_loss",
+    "derprop.region_propagation": "region_propagation",
+    "derprop.optimizer": "optimizer",
+}
+SPLIT = ("backbone", "region_propagation", "dlp_derivative_loss", "optimizer", "other")
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
+
+
+def split_step(step: Callable[[], float], device: str) -> dict[str, Any]:
+    """One profiled step, its time split into :data:`SPLIT` by the package's ``record_function`` ranges
+    (:func:`split_events`)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        wall_us = (time.perf_counter() - start) * 1e6
+    return split_events(prof.events(), wall_us, device)
+
+
+def split_events(events: Sequence[Any], wall_us: float, device: str) -> dict[str, Any]:
+    """The time of a profiled step split into :data:`SPLIT` by the package's ``record_function`` ranges.
+
+    Only the CPU-side events count: on CUDA the profiler also reports each range as a GPU user annotation of the
+    same name, which would count it twice; a CPU-side event's device time covers the kernels launched under it.
+    Forward: each range's own time (nested ranges counted where they are, e.g. DLP inside the CutMix partner's
+    forward). Backward: each autograd node is charged to the range around the forward op that made it (the
+    profiler's sequence numbers link the two). ``other`` is the rest: CE/KL terms, pseudo-labels, the autograd
+    engine's bookkeeping. Shares are of the profiled step (eager code; a compiled model's backward is one node).
+    """
+    events = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+
+    def took(e) -> float:
+        return e.device_time_total if device == "cuda" else e.cpu_time_total
+
+    def label(e) -> str | None:
+        while e is not None:
+            if e.name in PARTS or e.name == "derprop.backward":
+                return e.name
+            e = e.cpu_parent
+        return None
+
+    made_by: dict[int, str | None] = {}  # forward sequence number -> the range around the op
+    for e in events:
+        if e.sequence_nr >= 0 and not e.name.startswith(BACKWARD_NODE) and e.sequence_nr not in made_by:
+            made_by[e.sequence_nr] = label(e)
+    us = dict.fromkeys(SPLIT, 0.0)
+    calls = dict.fromkeys(PARTS, 0)
+    for e in events:
+        if e.name in PARTS:  # a range's own time: less the ranges nested in it, which count for themselves
+            nested = label(e.cpu_parent)
+            us[PARTS[e.name]] += took(e)
+            if nested in PARTS:
+                us[PARTS[nested]] -= took(e)
+            calls[e.name] += 1
+        elif e.name.startswith(BACKWARD_NODE) and label(e.cpu_parent) == "derprop.backward":
+            owner = made_by.get(e.sequence_nr)
+            if owner in PARTS:
+                us[PARTS[owner]] += took(e)
+    total = wall_us if device != "cuda" else max(wall_us, sum(us.values()))
+    us["other"] = max(total - sum(us[k] for k in SPLIT if k != "other"), 0.0)
+    return {"shares": {k: us[k] / total for k in SPLIT}, "profiled_s": total / 1e6,
+            "dlp_loss_calls": calls["derprop.dlp"] + calls["derprop.derivative_loss"],
+            "region_propagation_calls": calls["derprop.region_propagation"]}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import core_args, core_cases, core_ratios, finish_core, measure, run_cases
-from derprop.losses import similarity_l1
+from derprop.method.losses import similarity_l1
 
 
 def run_case(case: dict) -> dict:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import core_args, core_cases, core_ratios, finish_core, measure, run_cases
-from derprop.propagation import propagate, propagate_literal
+from derprop.method.propagation import propagate, propagate_literal
 
 IMPLS = {
-    "paper-factorised": lambda logits, f1, f2, chunk: propagate(logits, f1, f2, mode="paper"),
+    "paper-factorised": lambda logits, f1, f2, chunk: propagate(logits, f1, f2, form="linear"),
     "paper-literal": lambda logits, f1, f2, chunk: propagate_literal(logits, f1, f2),
-    "official-dense": lambda logits, f1, f2, chunk: propagate(logits, f1, f2, mode="official"),
-    "official-tiled": lambda logits, f1, f2, chunk: propagate(logits, f1, f2, mode="official", chunk=chunk),
+    "official-dense": lambda logits, f1, f2, chunk: propagate(logits, f1, f2, form="softmax"),
+    "official-tiled": lambda logits, f1, f2, chunk: propagate(logits, f1, f2, form="softmax", chunk=chunk),
 }
 
 

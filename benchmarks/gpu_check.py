@@ -7,7 +7,7 @@ Five parts, none of which downloads a dataset or needs ImageNet weights. Each ex
 of ``make reproduce`` does, so that what breaks on a GPU breaks here, in minutes:
 
 ``cuda_tests``   ``tests/test_cuda.py`` (``DERPROP_TEST_CUDA=1``: ``make test`` hides the GPUs): DLP, region
-                 propagation, evaluation and every collective of :mod:`derprop.distributed` under a real NCCL
+                 propagation, evaluation and every collective of :mod:`derprop.training.distributed` under a real NCCL
                  group. It imports only torch, pytest and derprop, so it also runs beside a preinstalled torch.
 ``ddp_resume``   the paper's network (ResNet-101 deep stem, output stride 8, random init) at crop 321 for
                  2 epochs × 10 iterations with evaluation after each: ``torchrun --nproc_per_node=2``
@@ -15,7 +15,7 @@ of ``make reproduce`` does, so that what breaks on a GPU breaks here, in minutes
                  GPU"). The run is killed (SIGKILL, every process) once epoch 1 is committed, then continued
                  with ``--resume``; every epoch must be logged once, ``results.json`` must name the processes.
 ``amp_steps``    two iterations with ``optim.amp=fp16`` (GradScaler) and two with ``bf16``, the latter only
-                 where the GPU computes bf16 natively (:func:`derprop.distributed.native_bf16`).
+                 where the GPU computes bf16 natively (:func:`derprop.training.distributed.native_bf16`).
 ``train_step``   :mod:`benchmarks.train_step` at the paper's model size (batch 4 + 4, official profile), crops
                  321 and 801, dense vs tiled, fp32 vs bf16 AMP, channels_last; its dense == tiled check first.
 ``scenes_run``   200 iterations of the official profile with the ResNet-101 DeepLabV3+ on the CPU scenes data
@@ -109,7 +109,7 @@ def kill_and_resume(config: Path, out: Path, overrides: Sequence[str], *, proces
     What it checks is what a crashed multi-GPU run needs: a commit that survives a kill, a stale ``run.lock``
     taken over, each epoch in ``metrics.jsonl`` exactly once, and the processes named in ``results.json``.
     """
-    from derprop import launch
+    from derprop.training import launch
 
     log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def kill_and_resume(config: Path, out: Path, overrides: Sequence[str], *, proces
 
 
 def ddp_resume(dry_run: bool, root: Callable[[], Path], work: Path) -> dict[str, Any]:
-    from derprop.configfile import load_config
+    from derprop.training.configfile import load_config
 
     processes = 2 if torch.cuda.device_count() >= 2 else 1
     note = "torchrun, 2 processes (NCCL, SyncBatchNorm)" if processes == 2 else "DDP part skipped: one GPU"
@@ -161,14 +161,14 @@ def ddp_resume(dry_run: bool, root: Callable[[], Path], work: Path) -> dict[str,
 
 
 def amp_steps(dry_run: bool, root: Callable[[], Path], work: Path) -> dict[str, Any]:
-    from derprop.configfile import load_config
-    from derprop.distributed import native_bf16
+    from derprop.training.configfile import load_config
+    from derprop.training.distributed import native_bf16
 
     for amp in ("fp16", "bf16"):
         load_config(source() / CONFIG, [*AMP_OVERRIDES, f"optim.amp={amp}"])
     if dry_run:
         return {"overrides": AMP_OVERRIDES, "plan": "fp16 (GradScaler); bf16 where the GPU has it natively"}
-    from derprop.trainer import Trainer
+    from derprop.training.trainer import Trainer
 
     out: dict[str, Any] = {"overrides": AMP_OVERRIDES}
     for amp in ("fp16", "bf16"):
@@ -194,13 +194,13 @@ def train_step(dry_run: bool, out: Path) -> dict[str, Any]:
 
 
 def scenes_run(dry_run: bool, root: Callable[[], Path], work: Path) -> dict[str, Any]:
-    from derprop.config import resolved
-    from derprop.configfile import load_config
+    from derprop.training.config import resolved
+    from derprop.training.configfile import load_config
 
     cfg = load_config(source() / CONFIG, SCENES_OVERRIDES)  # a bad key fails the plan here
     if dry_run:
         return {"overrides": SCENES_OVERRIDES, "iterations": cfg.optim.epochs * cfg.optim.iters_per_epoch}
-    from derprop.trainer import Trainer
+    from derprop.training.trainer import Trainer
 
     cfg = load_config(source() / CONFIG, [*SCENES_OVERRIDES, f"data.root={root()}"])
     t0 = time.time()

@@ -3,7 +3,7 @@
     python -m benchmarks.region [--sizes 1681 4225 10201] [--threads 1 2]
 
 ``--sizes`` are feature-grid pixels M, as in the other core benchmarks: 1681, 4225 and 10201 are crops 321,
-513 and 801 (output stride 8). One call is :func:`derprop.pseudo_labels.region_propagation` on one unlabeled
+513 and 801 (output stride 8). One call is :func:`derprop.training.pseudo_labels.region_propagation` on one unlabeled
 image, 128 sampled rows, on the synthetic batch of :mod:`benchmarks.vs_release` (features that follow a blocky
 class map, a pseudo-label with wrong blobs, a CutMix box, an ignored border), each case in a fresh process.
 Prints a table and writes the ``region_propagation`` section of ``results/bench_core.json``.

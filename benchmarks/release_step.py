@@ -9,7 +9,7 @@ process group at import); :func:`release_step` restates it, line references in t
 One step, either side, is one iteration of the training loop on ``B`` labeled + ``B`` unlabeled images at one crop:
 the momentum network's pass over the CutMix partner, the Θb passes over ``[x; u_w]`` (with the feature-perturbation
 branch) and over the mixed strong view, DLP, the threshold, region propagation, every loss term, backward and the SGD
-step. derprop's step is :meth:`derprop.trainer.Trainer.train_step` + :meth:`~derprop.trainer.Trainer.optimize` (what
+step. derprop's step is :meth:`derprop.training.trainer.Trainer.compute_loss` + :meth:`~derprop.training.trainer.Trainer.optimize` (what
 ``benchmarks.train_step`` times) under a reproduction config: ``configs/voc_92.yaml`` (fp32) or
 ``configs/voc_92_fast.yaml`` (the fast recipe), with the network from scratch (no ImageNet file needed) and synthetic
 batches (:func:`benchmarks.train_step.synthetic_batch`; the release gets the same images normalised as its data
@@ -21,7 +21,7 @@ names differ, the tensors are the same: :data:`RENAMES`), both sides take one st
 same epoch, dropout off on both sides (the only randomness of the networks, drawn in different orders) and region
 propagation off (its 128 sampled rows are drawn in different orders; the block benchmark checks its labels). Every
 loss term must agree to ``--step-rtol`` except the labeled derivative term, which differs by design and has no
-gradient on either side (``derprop.tables.DIVERGENCES``); so does the total without it, and every parameter's
+gradient on either side (``derprop.training.tables.DIVERGENCES``); so does the total without it, and every parameter's
 gradient to ``--step-grad-rtol`` (relative norm of the whole gradient).
 
 **Timing and memory** (:func:`run_case`), each side in its own fresh process: one warm-up step, then the peak memory of
@@ -32,7 +32,6 @@ limit (:func:`benchmarks.common.run_isolated`) and comes back as "does not fit" 
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 import sys
@@ -44,11 +43,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine_info, measure, peak_mib, print_table, run_isolated
-from benchmarks.train_step import _make_scenes, step_fn, synthetic_batch
+from benchmarks.common import (gradient_gap, machine_info, make_scenes, measure, peak_mib, print_table, run_isolated,
+                               step_fn, synthetic_batch)
 
 RECIPES = {"fp32": "configs/voc_92.yaml", "fast": "configs/voc_92_fast.yaml"}
-"""derprop's side: the reproduction config of each recipe (the fast one is what ``benchmarks.fast_recipe`` tested)."""
+"""derprop's side: the reproduction config of each recipe (the fast one is what ``experiments.fast_recipe`` tested)."""
 
 RELEASE_CFG = {"backbone": "resnet101", "pretrain": False, "multi_grid": False,
                "replace_stride_with_dilation": [False, True, True], "dilations": [12, 24, 36]}
@@ -119,7 +118,7 @@ def release_step(s: ReleaseState, batch, alpha: float, *, region: bool = True, b
     """One iteration of the release's training loop (its main.py lines 179–362), restated; returns the loss and its
     terms under derprop's names (``der_x``/``der_u``: ``2·consistency + sparsity``, as eq. 9 weighs them)."""
     from benchmarks.vs_release import grid_side, release_labeled_target, release_region_loop
-    from derprop.model import normalize
+    from derprop.training.model import normalize
 
     (x, y), (uw, us, ign, box), (uw2, us2, ign2, _) = batch
     x, uw, us, uw2, us2 = (normalize(t) for t in (x, uw, us, uw2, us2))  # its data pipeline's normalisation
@@ -178,12 +177,12 @@ def release_step(s: ReleaseState, batch, alpha: float, *, region: bool = True, b
 
 def build_trainer(case: dict, out_dir: str, extra: tuple[str, ...] = ()):
     """derprop's Trainer under the recipe's reproduction config, sized to the case, on a throwaway scenes tree."""
-    from derprop.configfile import load_config
+    from derprop.training.configfile import load_config
     from derprop.provenance import project_root
-    from derprop.trainer import Trainer
+    from derprop.training.trainer import Trainer
 
     root = Path(out_dir) / "scenes"
-    _make_scenes(root)
+    make_scenes(root)
     cfg = load_config(project_root() / RECIPES[case["recipe"]], [
         "model.pretrained=none", "data.layout=scenes", f"data.root={root}", "data.split=1_8",
         f"data.num_classes={case['classes']}", f"data.crop_size={case['crop']}", "data.num_workers=0",
@@ -213,7 +212,7 @@ def run_check(case: dict) -> dict:
         batch = synthetic_batch(case["batch"], case["crop"], case["classes"])
         epoch = _epoch(trainer)
         state = {release_name(k): v.clone() for k, v in trainer.net.state_dict().items()}
-        loss, logs = trainer.train_step(batch, epoch)
+        loss, logs = trainer.compute_loss(batch, epoch)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         ours = {release_name(n): p.grad for n, p in trainer.net.named_parameters() if p.grad is not None}
@@ -225,18 +224,15 @@ def run_check(case: dict) -> dict:
     term_diff = {k: abs(logs[k] - float(v.detach())) / max(abs(float(v.detach())), 1e-12) for k, v in terms.items() if k in logs}
     weight = trainer.cfg.loss.scale * trainer.cfg.loss.lambda_der  # the labeled term's weight in both totals
     total_ours, total_ref = float(loss) - weight * logs["der_x"], float(ref) - weight * float(terms["der_x"])
-    names = sorted(set(ours) | set(theirs))
-    missing = [n for n in names if n not in ours or n not in theirs]
-    num = math.sqrt(sum(float((ours[n] - theirs[n]).norm()) ** 2 for n in names if n not in missing))
-    den = math.sqrt(sum(float(theirs[n].norm()) ** 2 for n in names if n in theirs))
+    gap = gradient_gap(theirs, ours)
     out = {"crop": case["crop"], "batch": case["batch"], "loss": float(loss), "loss_release": float(ref),
            "loss_without_labeled_term_rel_diff": abs(total_ours - total_ref) / abs(total_ref),
            "term_rel_diff": term_diff, "labeled_term": {"derprop": logs["der_x"], "release": float(terms["der_x"])},
-           "threshold": {"derprop": tau, "release": rel.tau}, "grad_rel_diff": num / den,
-           "params_compared": len(names) - len(missing), "params_missing": missing,
+           "threshold": {"derprop": tau, "release": rel.tau}, "grad_rel_diff": gap["global"],
+           "params_compared": gap["compared"], "params_missing": gap["missing"],
            "rtol": case["rtol"], "grad_rtol": case["grad_rtol"]}
     judged = [v for k, v in term_diff.items() if k != "der_x"]
-    out["passed"] = (not missing and max(judged) <= case["rtol"] and out["loss_without_labeled_term_rel_diff"]
+    out["passed"] = (not gap["missing"] and max(judged) <= case["rtol"] and out["loss_without_labeled_term_rel_diff"]
                      <= case["rtol"] and out["grad_rel_diff"] <= case["grad_rtol"]
                      and abs(tau - rel.tau) <= 1e-6)
     return out

@@ -29,15 +29,15 @@ per tile. Before any timing, at every crop, one pass of each must agree with the
 unlabeled derivative and sparsity terms (``--rtol``), the gradients of the heads and of the features
 (``--grad-rtol``, relative norm), and the region-propagated pseudo-labels and confident pixels (at least
 ``--region-agree`` of the pixels: derprop counts each region's classes before any region is applied, the
-release region by region, see :func:`derprop.pseudo_labels.region_propagation`). The labeled derivative
-term's value differs by design (no gradient on either side; ``derprop.tables.DIVERGENCES``,
+release region by region, see :func:`derprop.training.pseudo_labels.region_propagation`). The labeled derivative
+term's value differs by design (no gradient on either side; ``derprop.training.tables.DIVERGENCES``,
 ``method.labeled_der_detached``): its two values are recorded, with the release's recomputed from that note.
 
 Then, interleaved (``--rounds`` rounds, each running every implementation once), each measurement in a fresh
 process: the median time of ``--repeats`` calls and the peak memory of one call, as the rise of the process's
 resident-size high-water mark (``/proc/self/clear_refs``, :func:`benchmarks.common.measure`). Figures are the
 medians over the rounds. ``*-region`` rows time region propagation alone (the release: sampling its full
-similarity matrix, its region maps and its relabelling loop; derprop: :func:`~derprop.pseudo_labels.region_propagation`),
+similarity matrix, its region maps and its relabelling loop; derprop: :func:`~derprop.training.pseudo_labels.region_propagation`),
 per image.
 
 Block goals (issue 20, on an idle CPU): derprop's block at least 1.5× the release's speed at crop 321 and at most 1/3
@@ -232,7 +232,7 @@ def release_block(Corr, inp: dict, seed: int) -> dict[str, Any]:
 
 def official(chunk: int | None):
     """The official profile's method and loss sections, DLP and the derivative loss tiled by ``chunk`` rows."""
-    from derprop.configfile import load_config
+    from derprop.training.configfile import load_config
 
     cfg = load_config(None, ["profile=official", f"method.chunk={'null' if chunk is None else chunk}"])
     return cfg.method, cfg.loss
@@ -240,11 +240,11 @@ def official(chunk: int | None):
 
 def derprop_block(inp: dict, m, lc, rows: torch.Tensor) -> dict[str, Any]:
     """The same block through derprop (``m, lc``: :func:`official`): heads,
-    :func:`~derprop.pseudo_labels.propagated_logits`, the derivative terms of :mod:`derprop.objective`,
-    :func:`~derprop.pseudo_labels.region_propagation`."""
-    from derprop.model import SegOutput
-    from derprop.objective import derivative_options, labeled_derivative_term, unlabeled_derivative_term
-    from derprop.pseudo_labels import dlp_options, propagated_logits, region_propagation, weak_features
+    :func:`~derprop.training.pseudo_labels.propagated_logits`, the derivative terms of :mod:`derprop.training.objective`,
+    :func:`~derprop.training.pseudo_labels.region_propagation`."""
+    from derprop.training.model import SegOutput
+    from derprop.training.objective import derivative_options, labeled_derivative_term, unlabeled_derivative_term
+    from derprop.training.pseudo_labels import dlp_options, propagated_logits, region_propagation, weak_features
 
     b, c, crop = inp["batch"], inp["classes"], inp["crop"]
     head1, head2 = _heads(inp, c)
@@ -282,7 +282,7 @@ def release_rows(seed: int, pixels: int) -> torch.Tensor:
 def derprop_labeled_as_the_release(inp: dict) -> float:
     """The release's labeled term, recomputed from the DIVERGENCES note with derprop's loss: all B·M² pairs,
     255 → class 22, target YᵀY/√(K−2) (the check that the note states it exactly)."""
-    from derprop.losses import derivative_loss
+    from derprop.method.losses import derivative_loss
 
     b, c = inp["batch"], inp["classes"]
     head1, head2 = _heads(inp, c)
@@ -357,7 +357,7 @@ def block_step(case: dict) -> Callable[[], None]:
     if impl in ("derprop-dense", "derprop-tiled"):
         m, lc = official(None if impl == "derprop-dense" else case["chunk"])
         return lambda: derprop_block(inp, m, lc, release_rows(0, pixels))
-    from derprop.propagation import official_similarity_factors
+    from derprop.method.propagation import official_similarity_factors
 
     if impl == "derprop-region":
         return region_step(inp)
@@ -388,7 +388,7 @@ def region_inputs(inp: dict) -> tuple[torch.Tensor, torch.Tensor, tuple]:
 
 def region_step(inp: dict) -> Callable[[], Any]:
     """derprop's region propagation of the unlabeled weak images, 128 rows, as one call."""
-    from derprop.pseudo_labels import region_propagation
+    from derprop.training.pseudo_labels import region_propagation
 
     side = grid_side(inp["crop"])
     f1, f2, args = region_inputs(inp)

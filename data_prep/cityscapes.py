@@ -27,8 +27,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.common import check_split_hashes, check_tree, run_cli
-from derprop import atomic, cli
-from derprop.data import DatasetError
+from derprop.data.datasets import DatasetError
+from derprop.training import atomic, cli
 
 ZIPS = ("leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip")
 PARTS = ("train/", "val/")  # the test part has no public labels; it is not extracted

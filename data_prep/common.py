@@ -1,6 +1,6 @@
 """File helpers shared by the preparation commands: hashes, label PNGs, split checks.
 
-Every file the commands write goes through :mod:`derprop.atomic`, so an
+Every file the commands write goes through :mod:`derprop.training.atomic`, so an
 interrupted run never leaves a half-written file under its final name.
 """
 
@@ -13,16 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from derprop import atomic, cli, data
-from derprop.data import (
-    DatasetError,
-    SegmentationDataset,
-    dataset_spec,
-    fix_hint,
-    label_png_bytes,
-    read_split,
-    splits_dir,
-)
+from derprop.data import datasets as data
+from derprop.data.datasets import (DatasetError, SegmentationDataset, dataset_spec, fix_hint, label_png_bytes,
+                                   read_split, splits_dir)
+from derprop.training import atomic, cli
 
 
 def file_hash(path: str | Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
@@ -91,7 +85,7 @@ def run_cli(parser: argparse.ArgumentParser, layout: str, what: str,
     """The shared tail of ``python -m data_prep.voc`` / ``.cityscapes``: ``--check``, ``--deep``, ``--quiet``.
 
     ``prepare(args)`` builds the tree and returns the number of images checked; errors and Ctrl-C are
-    reported by :func:`derprop.cli.run`.
+    reported by :func:`derprop.training.cli.run`.
     """
     parser.add_argument("--check", action="store_true", help="only check the tree against the split lists")
     parser.add_argument("--deep", action="store_true", help="with --check: also decode and validate every file")

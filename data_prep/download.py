@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_prep.common import file_hash
-from derprop.data import DatasetError
+from derprop.data.datasets import DatasetError
 
 
 @dataclass(frozen=True)

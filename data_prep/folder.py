@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 
 from data_prep.common import file_hash, write_split
-from derprop import atomic, cli
-from derprop.data import (SCENES_MANIFEST, DatasetError, derive_unlabeled, read_image, read_label, read_split,
-                          scenes_manifest)
-from derprop.labels import IGNORE_INDEX
+from derprop.data.datasets import (SCENES_MANIFEST, DatasetError, derive_unlabeled, read_image, read_label, read_split,
+                                   scenes_manifest)
+from derprop.data.labels import IGNORE_INDEX
+from derprop.training import atomic, cli
 
 IMAGE_DIR, LABEL_DIR = "JPEGImages", "SegmentationClass"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

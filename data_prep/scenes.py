@@ -72,11 +72,11 @@ from data_prep.common import (
     label_png_bytes,
     write_split,
 )
-from derprop import atomic, cli
-from derprop.data import SCENES_IN_PROGRESS as IN_PROGRESS
-from derprop.data import SCENES_MANIFEST as MANIFEST
-from derprop.data import DatasetError, derive_unlabeled, read_split, scenes_manifest
-from derprop.paths import check_writable
+from derprop.data.datasets import DatasetError, derive_unlabeled, read_split, scenes_manifest
+from derprop.data.datasets import SCENES_IN_PROGRESS as IN_PROGRESS
+from derprop.data.datasets import SCENES_MANIFEST as MANIFEST
+from derprop.training import atomic, cli
+from derprop.training.paths import check_writable
 
 FORMAT = 3  # bump when the generator's output changes for the same settings
 DEBIAN_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

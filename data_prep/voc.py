@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from data_prep.common import check_split_hashes, check_tree, run_cli, save_label_png
 from data_prep.download import REGISTRY, download, verify
-from derprop import atomic, cli
-from derprop.data import DatasetError, read_split, splits_dir
+from derprop.data.datasets import DatasetError, read_split, splits_dir
+from derprop.training import atomic, cli
 
 VOC_PREFIX = "VOCdevkit/VOC2012/"
 VOC_FOLDERS = ("JPEGImages/", "SegmentationClass/", "ImageSets/Segmentation/")

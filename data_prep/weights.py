@@ -11,7 +11,7 @@ https://github.com/LiheYoung/UniMatch#pretrained-backbone). ::
     python -m data_prep.weights --root /data/derprop --dest pretrained/resnet101.pth
 
 Verification: the file loads safely (``weights_only``), and every tensor of
-:class:`derprop.backbones.ResNetBackbone` ``("resnet101", deep_stem=True)``
+:class:`derprop.training.backbones.ResNetBackbone` ``("resnet101", deep_stem=True)``
 (stem ``conv1.0/.1/.3/.4/.6``, ``bn1`` of 128 channels, ``layer1``–``layer4``;
 BN ``num_batches_tracked`` counters excepted) is present with its shape, after
 stripping ``module.``/``backbone.`` prefixes; only ``fc.*`` may be extra. Its
@@ -30,8 +30,8 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from derprop import atomic, cli
 from derprop.errors import DerPropError
+from derprop.training import atomic, cli
 
 DEFAULT_DEST = Path("pretrained") / "resnet101.pth"
 SOURCE = ("UniMatch's ImageNet deep-stem ResNet-101 (resnet101.pth, linked in "
@@ -46,7 +46,7 @@ class WeightsError(DerPropError, ValueError):
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
     """Name → shape of every tensor the deep-stem, output-stride-8 ResNet-101 backbone loads."""
-    from derprop.backbones import ResNetBackbone
+    from derprop.training.backbones import ResNetBackbone
 
     net = ResNetBackbone("resnet101", output_stride=8, deep_stem=True)
     return {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -54,8 +54,8 @@ def expected_shapes() -> dict[str, tuple[int, ...]]:
 
 def verify(path: str | Path) -> dict[str, int]:
     """Check ``path`` (see module doc); returns counts ``{"tensors", "matched", "extra_fc"}``."""
-    from derprop.backbones import PretrainedWeightsError, read_checkpoint_state_dict
-    from derprop.checkpoint import strip_prefixes
+    from derprop.training.backbones import PretrainedWeightsError, read_checkpoint_state_dict
+    from derprop.training.checkpoint import strip_prefixes
 
     path = Path(path)
     if not path.is_file():

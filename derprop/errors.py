@@ -2,7 +2,7 @@
 
 Each error kind of the package (:class:`ConfigError` here, ``DatasetError``, ``CheckpointError``,
 ``RunDirError``, ``WriteError``, ``NonFiniteLossError``, ``PretrainedWeightsError``, …) derives from
-:class:`DerPropError`; :func:`derprop.cli.run` turns any of them into one ``error: …`` line and exit
+:class:`DerPropError`; :func:`derprop.training.cli.run` turns any of them into one ``error: …`` line and exit
 status 2. Their messages name the file or setting at fault and the fix. An exception of another kind
 is a bug and keeps its traceback.
 """

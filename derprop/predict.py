@@ -20,9 +20,9 @@ atomically.
 ``net, config = derprop.load_model("runs/x/best.pt")``.
 
 ``--out`` and ``--overlay`` must be ``.png`` files, neither an input (by path or inode) nor inside a
-dataset tree, and replace only a PNG; they are checked before any work (:func:`derprop.paths.check_output`, the
+dataset tree, and replace only a PNG; they are checked before any work (:func:`derprop.training.paths.check_output`, the
 guard ``derprop.evaluate --out`` shares). Exit status 2 with one ``error:`` line for an unreadable
-checkpoint or image, or such an output (:mod:`derprop.cli`).
+checkpoint or image, or such an output (:mod:`derprop.training.cli`).
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from derprop import atomic, cli, paths
-from derprop import checkpoint as ckpt_io
-from derprop.config import EVAL_MODES, RELEASE_CROP, eval_crop_size
-from derprop.data import label_png_bytes, read_image
-from derprop.distributed import pick_device
-from derprop.evaluate import logits_of, sliding_window_logits
-from derprop.labels import voc_palette
-from derprop.model import DerPropNet, build_model, model_config_of
+from derprop.data.datasets import label_png_bytes, read_image
+from derprop.data.labels import voc_palette
+from derprop.training import atomic, cli, paths
+from derprop.training import checkpoint as ckpt_io
+from derprop.training.config import EVAL_MODES, RELEASE_CROP, eval_crop_size
+from derprop.training.distributed import pick_device
+from derprop.training.evaluation import logits_of, sliding_window_logits
+from derprop.training.model import DerPropNet, build_model, model_config_of
 
 WHICH = ("auto", "model", "momentum")
 PREDICT_MODES = tuple(m for m in EVAL_MODES if m != "center_crop")
@@ -57,7 +57,7 @@ def load_model(path: str | Path, *, which: str = "auto",
     ``which="auto"`` takes the momentum network Θm of eq. 6 when the checkpoint
     holds one (``last.pt``; only Θm is evaluated at test time), else its
     ``model`` weights (``best.pt`` holds just the selected network).
-    Raises :class:`derprop.checkpoint.CheckpointError` naming the file.
+    Raises :class:`derprop.training.checkpoint.CheckpointError` naming the file.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {list(WHICH)}, got {which!r}")
@@ -111,7 +111,7 @@ def is_png(path: Path) -> bool:
 
 def check_output(path: Path, flag: str, inputs: Mapping[str, Path]) -> None:
     """Refuse an output that is not a ``.png``, is a folder, an input or a file of another kind, or lies in a
-    dataset tree, before any work (:func:`derprop.paths.check_output`)."""
+    dataset tree, before any work (:func:`derprop.training.paths.check_output`)."""
     paths.check_output(path, flag, command="predict", kind="predictions", suffix=".png", inputs=inputs,
                        replaces=is_png)
 

@@ -49,7 +49,7 @@ def source() -> Path:
 def project_root() -> Path:
     """The project folder, where ``runs/``, ``data/`` and ``results/`` go.
 
-    ``$DERPROP_ROOT`` when set (``python -m derprop.book_runs --root DIR`` sets it while it runs: :func:`at_root`),
+    ``$DERPROP_ROOT`` when set (``python -m derprop.book.runs --root DIR`` sets it while it runs: :func:`at_root`),
     else the checkout (:func:`source`, when it holds ``configs/``: an editable install or ``PYTHONPATH``),
     else the current folder: an installed package lives in site-packages.
     """

@@ -35,7 +35,7 @@ what ran: processes, global and per-process batch, derprop version and commit.
 Exit status 2 with one ``error:`` line for a bad config (file:line:col for
 YAML syntax), dataset or checkpoint, an output folder that is in use, not
 writable or full, or a loss, gradient or weight that became NaN/inf
-(:mod:`derprop.cli`). Ctrl-C (exit status 130), SIGTERM (143) and SIGHUP (129)
+(:mod:`derprop.training.cli`). Ctrl-C (exit status 130), SIGTERM (143) and SIGHUP (129)
 keep the last finished epoch, release the folder's lock and print the command
 that resumes it, with every option the run was started with.
 """
@@ -48,12 +48,12 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from derprop import checkpoint as ckpt_io
-from derprop import cli
-from derprop.configfile import load_config
-from derprop.progress import DEFAULT_EVERY
-from derprop.report import iou_table
-from derprop.trainer import Trainer
+from derprop.book.report import iou_table
+from derprop.training import checkpoint as ckpt_io
+from derprop.training import cli
+from derprop.training.configfile import load_config
+from derprop.training.progress import DEFAULT_EVERY
+from derprop.training.trainer import Trainer
 
 
 def build_parser() -> cli.Parser:

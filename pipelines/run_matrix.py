@@ -19,7 +19,7 @@ run (a ``results.json`` whose recorded config has the entry's settings) is skipp
 an interrupted one resumes from its ``last.pt``; a folder whose ``results.json``
 came from another config is refused (``list`` shows it as ``other``); ``--force``
 trains it again from scratch (its run files deleted first).
-``all`` does that for every entry of :data:`derprop.tables.MATRIX`; interrupted, it
+``all`` does that for every entry of :data:`derprop.training.tables.MATRIX`; interrupted, it
 can simply be started again. After each finished run a summary with the run's
 provenance (:data:`derprop.provenance.KEYS`) is copied to
 ``<results-root>/<size>/<name>.json`` (``results/matrix/``, tracked in git), which
@@ -30,9 +30,9 @@ where its executed notebook is) and exit status 2; ``all`` goes on with the next
 entry and names the failed ones at the end (exit status 1).
 
 Every entry is a config file under ``configs/`` plus, where no file exists for
-an ablation, the overrides of :data:`derprop.tables.ABLATIONS`. This script
+an ablation, the overrides of :data:`derprop.training.tables.ABLATIONS`. This script
 runs the notebook; the notebook imports only :mod:`derprop` (its overrides come
-from :func:`derprop.tables.overrides_for`), never this script.
+from :func:`derprop.training.tables.overrides_for`), never this script.
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from derprop import atomic, cli
-from derprop.config import flatten, resolved
-from derprop.configfile import given_keys, load_config
-from derprop.distributed import GPU_LAYOUTS, check_gpu_run
 from derprop.errors import ConfigError, DerPropError
 from derprop.provenance import KEYS, project_root, source
-from derprop.rundir import describe_changes
-from derprop.tables import ABLATIONS, MATRIX, SIZES, Entry, overrides_for, run_name, run_path
+from derprop.training import atomic, cli
+from derprop.training.config import flatten, resolved
+from derprop.training.configfile import given_keys, load_config
+from derprop.training.distributed import GPU_LAYOUTS, check_gpu_run
+from derprop.training.rundir import describe_changes
+from derprop.training.tables import ABLATIONS, MATRIX, SIZES, Entry, overrides_for, run_name, run_path
 
 PIPELINE = source() / "pipelines" / "train.ipynb"
 RUNS_DIR = Path("runs") / "matrix"
@@ -82,7 +82,7 @@ MAY_DIFFER = ("data.root", "data.num_workers")
 
 
 def differences(run_dir: Path, config: str, overrides: Sequence[str]) -> dict[str, list]:
-    """The settings that ``config`` with ``overrides`` sets (:func:`derprop.configfile.given_keys`) whose values
+    """The settings that ``config`` with ``overrides`` sets (:func:`derprop.training.configfile.given_keys`) whose values
     differ in the run's ``results.json``, as ``{key: [recorded, expected]}``; an unreadable file differs in all."""
     path = project_root() / config
     with contextlib.chdir(project_root()):  # where the notebook reads the config (a scenes tree's classes)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from derprop.book_runs import BOOK_RUNS
+from derprop.book.runs import BOOK_RUNS
 from derprop.provenance import source
 
 TINY_SCENES = BOOK_RUNS["smoke"]["data_args"]  # the tree configs/cpu_scenes_tiny.yaml expects

@@ -11,7 +11,7 @@
   are HTML and Markdown (:data:`PAYLOAD`), for the tests that the book shows them as text.
 
 Split lists for ``pascal``/``cityscapes`` are written under ``<tmp>/splits``;
-point ``derprop.data.SPLITS_DIR`` there (``monkeypatch.setattr``) to use them.
+point ``derprop.data.datasets.SPLITS_DIR`` there (``monkeypatch.setattr``) to use them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.common import label_png_bytes, write_split
-from derprop.data import DATASETS
+from derprop.data.datasets import DATASETS
 
 
 def voc_pair(image_id: str) -> tuple[str, str]:

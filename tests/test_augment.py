@@ -8,15 +8,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from derprop.augment import (
-    LabeledTrainSet,
-    RandomScale,
-    UnlabeledTrainSet,
-    cutmix_box,
-    geometric,
-    photometric,
-    seeded,
-)
+from derprop.data.augment import (LabeledTrainSet, RandomScale, UnlabeledTrainSet, cutmix_box, geometric, photometric,
+                                  seeded)
 
 CFG = SimpleNamespace(crop_size=32, scale_range=(0.5, 2.0), flip=True, cutmix_p=1.0)
 

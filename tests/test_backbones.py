@@ -1,4 +1,4 @@
-"""derprop.backbones: strides, dilation, deep stem, pretrained-weight loading."""
+"""derprop.training.backbones: strides, dilation, deep stem, pretrained-weight loading."""
 
 import logging
 import sys
@@ -9,15 +9,10 @@ import pytest
 import torch
 import torchvision
 
-from derprop import backbones
-from derprop.backbones import (
-    BACKBONES,
-    PretrainedWeightsError,
-    build_backbone,
-    deep_sort_mobilenet_v2_state_dict,
-    load_matching,
-)
-from derprop.model import normalize
+from derprop.training import backbones
+from derprop.training.backbones import (BACKBONES, PretrainedWeightsError, build_backbone,
+                                        deep_sort_mobilenet_v2_state_dict, load_matching)
+from derprop.training.model import normalize
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -83,7 +78,7 @@ def test_load_local_checkpoint_with_prefix(tmp_path, caplog):
     for k, v in src.state_dict().items():
         assert torch.equal(v, dst.state_dict()[k]), k
     # partial match: the standard-stem net misses the deep stem keys; a warning lists them
-    with caplog.at_level(logging.WARNING, logger="derprop.backbones"):
+    with caplog.at_level(logging.WARNING, logger="derprop.training.backbones"):
         build_backbone("resnet18", deep_stem=False, pretrained=str(path))
     assert "missing" in caplog.text and "conv1.weight" in caplog.text and "conv1.6.weight" in caplog.text
 

@@ -30,7 +30,7 @@ def test_core_benchmarks_write_results(tmp_path, monkeypatch):
 
 
 def test_one_failed_run_does_not_stop_the_others(scenes_tiny, tmp_path):
-    from benchmarks.cpu_evidence import train_all
+    from experiments.cpu_evidence import train_all
 
     config = str(source() / "configs" / "cpu_scenes_tiny.yaml")
     common = [f"data.root={scenes_tiny}", "optim.epochs=1", "optim.iters_per_epoch=1", "data.diag_images=0"]

@@ -170,17 +170,24 @@ def test_every_paper_equation_is_displayed_once_with_its_number():
                 f"{path.name}: the first code shown below eq. {n} must be {CODE_UNDER[n]}, found {shown and shown.group(1)}"
 
 
-def test_api_pages_are_the_import_layers(repo):
-    from test_imports import LAYERS
+def test_api_pages_are_the_parts(repo):
+    """One API page per part of the package (``tests/test_imports.py``'s MAY_IMPORT), each opening with the part's
+    own docstring, and one page for the base and the commands; every module on exactly one page, under its part."""
+    from test_imports import MAY_IMPORT, MODULES, module_name, part_of
 
-    pages = sorted((BOOK / "api").glob("layer*.md"))
-    assert len(pages) == len(LAYERS)
-    for i, (page, layer) in enumerate(zip(pages, LAYERS)):
-        documented = re.findall(r"^\.\. automodule:: (\S+)$", page.read_text(), re.M)
-        assert page.name == f"layer{i:02d}.md"
-        assert documented == ["derprop" if m == "__init__" else f"derprop.{m}" for m in layer], page.name
+    pages = {p.stem: re.findall(r"^\.\. automodule:: (\S+)$", p.read_text(), re.M)
+             for p in (BOOK / "api").glob("*.md") if p.stem != "topics"}
+    parts = set(MAY_IMPORT) - {"base", "commands"}
+    assert set(pages) == parts | {"commands"}
+    for part in parts:
+        assert pages[part][0] == f"derprop.{part}", f"api/{part}.md opens with the part's docstring"
+    for path in MODULES:
+        name = module_name(path)
+        page = part_of(name) if part_of(name) in parts else "commands"
+        dotted = "derprop" if name == "__init__" else f"derprop.{name}"
+        assert sum(dotted in documented for documented in pages.values()) == 1 and dotted in pages[page], dotted
     toc = (repo / "_toc.yml").read_text()
-    assert all(f"book/api/{p.stem}" in toc for p in pages)
+    assert all(f"book/api/{p}" in toc for p in pages)
 
 
 def test_config_offline_settings(repo):

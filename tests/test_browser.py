@@ -20,7 +20,7 @@
 * A one-page book built with the book's settings from poisoned results files
   (``tests.fixtures.poisoned_results``: HTML and Markdown where the files hold
   text) runs no injected script, and shows those texts character for
-  character, through ``derprop.display.table``, ``derprop.report.cpu_findings``
+  character, through ``derprop.book.display.table``, ``derprop.book.report.cpu_findings``
   and the rectification viewer.
 
 Skipped, with a message, when no chromium is installed
@@ -251,9 +251,9 @@ kernelspec:
 ```{code-cell} ipython3
 from pathlib import Path
 
-from derprop.display import box, table
-from derprop.report import cpu_findings, matrix_results
-from derprop.viewer import make_viewer
+from derprop.book.display import box, table
+from derprop.book.report import cpu_findings, matrix_results
+from derprop.book.viewer import make_viewer
 
 ROOT = Path("ROOT_DIR")
 table([{"run": name, "device": m["device"], "date": m["date"]} for name, m in matrix_results(ROOT / "results").items()])

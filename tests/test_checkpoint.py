@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from derprop import checkpoint as ck
+from derprop.training import checkpoint as ck
 
 
 def test_round_trip_with_rng_state(tmp_path):
@@ -83,7 +83,7 @@ def test_missing_file(tmp_path):
 
 
 def test_atomic_files_get_the_umask_mode(tmp_path):
-    from derprop import atomic
+    from derprop.training import atomic
 
     old = os.umask(0o022)
     try:
@@ -100,7 +100,7 @@ def test_atomic_files_get_the_umask_mode(tmp_path):
 def test_a_failed_write_is_one_line_naming_the_file_and_the_space(tmp_path, monkeypatch):
     import errno
 
-    from derprop import atomic
+    from derprop.training import atomic
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

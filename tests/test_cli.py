@@ -1,4 +1,4 @@
-"""One command-line front for every entry point (derprop.cli): its error line, its Ctrl-C line, --version, --help.
+"""One command-line front for every entry point (derprop.training.cli): its error line, its Ctrl-C line, --version, --help.
 
 Every error kind of the package, raised inside every command, must reach the user as one ``error:`` line with
 exit status 2; Ctrl-C as one ``interrupted:`` line with exit status 130, SIGTERM and SIGHUP alike (143, 129); a
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from derprop import cli
-from derprop.data import DatasetError
+from derprop.data.datasets import DatasetError
 from derprop.errors import ConfigError, DerPropError
 from derprop.provenance import source
+from derprop.training import cli
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source()), os.environ.get("PYTHONPATH", "")])}  # this checkout
 
@@ -34,7 +34,7 @@ ENTRY_POINTS = {
     "derprop.train": ("_train", ["--config", "x.yaml"]),
     "derprop.evaluate": ("_evaluate_checkpoint", ["--checkpoint", "x.pt"]),
     "derprop.predict": ("_predict", ["--checkpoint", "x.pt", "--image", "a.jpg", "--out", "a.png"]),
-    "derprop.book_runs": ("_train_runs", ["smoke"]),
+    "derprop.book.runs": ("_train_runs", ["smoke"]),
     "data_prep.scenes": ("_run", ["--root", "x"]),
     "data_prep.voc": ("prepare", ["--root", "x"]),
     "data_prep.cityscapes": ("prepare", ["--root", "x"]),
@@ -48,8 +48,8 @@ def project_errors() -> list[type[BaseException]]:
     matrix below without being listed."""
     kinds = []
     for package in ("derprop", "data_prep", "pipelines"):
-        for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
-            module = importlib.import_module(f"{package}.{info.name}")
+        for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}."):
+            module = importlib.import_module(info.name)
             kinds += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, BaseException)
                       and not issubclass(c, KeyboardInterrupt) and c.__module__ == module.__name__]
     return sorted(set(kinds) - {DerPropError}, key=lambda k: k.__name__)
@@ -198,7 +198,7 @@ def test_real_bad_inputs_end_in_one_line_without_a_traceback(repo, command):
 
 
 def test_device_names_are_checked(monkeypatch):
-    from derprop.distributed import pick_device
+    from derprop.training.distributed import pick_device
 
     assert str(pick_device("cpu")) == "cpu"
     with pytest.raises(ConfigError, match="'bogus' is not a device; use cpu or cuda"):
@@ -244,6 +244,29 @@ def test_train_on_real_bad_settings_is_one_line(args, words, scenes_tiny, tmp_pa
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.timeout(120)
+def test_make_reproduce_on_two_processes_with_an_odd_batch_is_one_line(repo, tmp_path):
+    """``make reproduce GPUS=2`` with a global batch of 3: the run's ConfigError reaches the user as one error line
+    naming the fix, through run_matrix, papermill and torchrun (each process would say it in one line too)."""
+    name = f"odd_batch_{os.getpid()}"
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"base: {TINY}\noptim:\n  batch_size: 3\n")
+    made = repo / "runs" / "matrix" / "smoke" / name
+    try:
+        proc = subprocess.run(["make", "--no-print-directory", "reproduce", f"CONFIG={config}", "GPUS=2", "DEVICE=cpu",
+                               "SIZE=smoke", f"CHECK_PY={sys.executable}"], cwd=repo, env=ENV, capture_output=True,
+                              text=True, timeout=110)
+    finally:
+        subprocess.run(["rm", "-rf", str(made)], check=True)
+        for empty in (made.parent, made.parent.parent, made.parent.parent.parent):  # what this test alone made
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "optim.batch_size=3 is the global batch and does not divide over 2 processes" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("module", ["derprop.evaluate", "derprop.predict"])
 def test_evaluate_and_predict_check_the_device_before_the_checkpoint(module, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
@@ -253,7 +276,7 @@ def test_evaluate_and_predict_check_the_device_before_the_checkpoint(module, tmp
 
 
 def test_book_runs_children_end_with_it(monkeypatch, capsys):
-    from derprop import book_runs
+    from derprop.book import runs as book_runs
 
     children: list[subprocess.Popen] = []
     real = subprocess.Popen
@@ -289,7 +312,7 @@ def test_a_child_started_to_end_with_its_parent_ends_when_the_parent_is_killed(t
 
 @pytest.mark.parametrize("root", ["absent", "a_file", "empty"])
 def test_book_runs_checks_its_project_folder_before_writing(root, tmp_path, capsys):
-    from derprop import book_runs
+    from derprop.book import runs as book_runs
 
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "empty").mkdir()

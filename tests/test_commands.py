@@ -13,7 +13,7 @@ or ``papermill``. Then:
   define each ``NAME`` in its ``parameters`` cell;
 - the walk: every ``python`` command that uses a run or the CPU data (:data:`RUN`)
   runs, in this process, in a project folder like the one ``make demo`` leaves
-  (the ``demo`` fixture: ``python -m derprop.book_runs small`` with the CPU
+  (the ``demo`` fixture: ``python -m derprop.book.runs small`` with the CPU
   default's config and data settings, at a tiny budget), and must succeed. The GPU
   examples' checkpoint and config stand for the demo's (:data:`SUBSTITUTE`). A
   command that is not run says why in :data:`NOT_RUN`.
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from derprop import book_runs
+from derprop.book import runs as book_runs
 from derprop.provenance import source
 
 DOCS = [source() / "README.md", *sorted((source() / "book").glob("*.md"))]
@@ -198,13 +198,14 @@ EXTRA = {"derprop.train": TINY_RUN}
 NOT_RUN = {
     "derprop.train --config ...": "a placeholder, not a command",
     "torchrun": "needs several processes (test_trainer_ddp trains with two)",
-    "derprop.book_runs small": "the demo fixture runs it (at a tiny budget, in one process)",
-    "data_prep.scenes": "shown without --root; the demo fixture runs it (through derprop.book_runs)",
+    "derprop.book.runs small": "the demo fixture runs it (at a tiny budget, in one process)",
+    "data_prep.scenes": "shown without --root; the demo fixture runs it (through derprop.book.runs)",
     "data_prep.voc": "downloads 2 GB (test_data_prep runs it on archives in the real layout)",
     "data_prep.cityscapes": "needs a Cityscapes login (test_data_prep runs it on zips in the real layout)",
     "data_prep.weights": "needs the downloaded ResNet-101 checkpoint (test_weights)",
     "data_prep.folder": "appendix own_data runs it on its example folder as the book builds (test_data_folder)",
     "benchmarks.": "benchmarks and the GPU check (test_benchmarks, test_gpu_check, test_bench_train_step)",
+    "experiments.": "the book's experiments train for hours (test_dlp_regime, test_fast_recipe, test_trainer run them tiny)",
     "scripts.ablation_configs": "rewrites configs/ (test_tables checks what it writes)",
     "-c ": "a one-liner that asks torch whether it sees a GPU (compiled, not run: the suite hides the GPUs)",
     "pipelines/run_matrix.py one": "trains a paper config through papermill (test_notebooks runs one)",
@@ -240,7 +241,7 @@ def test_every_shown_command_runs_on_the_demo_or_says_why_not():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """A project folder like the one ``make demo`` leaves: ``python -m derprop.book_runs small`` made the CPU
+    """A project folder like the one ``make demo`` leaves: ``python -m derprop.book.runs small`` made the CPU
     default's data (its class settings, tiny scenes) and its runs (its config, a tiny budget); and an image."""
     root = tmp_path_factory.mktemp("demo")
     (root / "configs").symlink_to(source() / "configs")

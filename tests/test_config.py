@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from derprop.config import CHOICES, PROFILES, SECTIONS, TrainConfig, flatten, resolved
-from derprop.configfile import dump_yaml, load_config
 from derprop.errors import ConfigError
 from derprop.provenance import source
+from derprop.training.config import CHOICES, PROFILES, SECTIONS, TrainConfig, flatten, resolved
+from derprop.training.configfile import dump_yaml, load_config
 
 CONFIG_DIR = source() / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -111,7 +111,7 @@ def test_unknown_key_in_file_names_dotted_key(tmp_path):
 def test_choices_name_real_fields_and_allow_every_default_and_switch_value():
     from functools import reduce
 
-    from derprop.tables import DIVERGENCES
+    from derprop.training.tables import DIVERGENCES
 
     for profile in ("official", "paper"):
         cfg = load_config(None, [f"profile={profile}"])

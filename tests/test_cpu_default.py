@@ -12,11 +12,11 @@ import sys
 
 import torch
 
-from derprop.book_runs import WARM_START
-from derprop.configfile import load_config
-from derprop.data import SegmentationDataset
+from derprop.book.runs import WARM_START
+from derprop.data.datasets import SegmentationDataset
 from derprop.provenance import source
-from derprop.trainer import Trainer
+from derprop.training.configfile import load_config
+from derprop.training.trainer import Trainer
 
 CONFIG = source() / "configs" / "cpu_scenes.yaml"
 

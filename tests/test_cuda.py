@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from derprop import distributed
-from derprop.checkpoint import rng_state, set_rng_state
-from derprop.evaluate import evaluate
-from derprop.metrics import ConfusionMatrix
-from derprop.model import build_model
-from derprop.propagation import propagate
-from derprop.pseudo_labels import region_propagation
+from derprop.method.propagation import propagate
+from derprop.training import distributed
+from derprop.training.checkpoint import rng_state, set_rng_state
+from derprop.training.evaluation import evaluate
+from derprop.training.metrics import ConfusionMatrix
+from derprop.training.model import build_model
+from derprop.training.pseudo_labels import region_propagation
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check runs it)")
 
@@ -75,7 +75,7 @@ def test_evaluation_matches_the_cpu():
 
 def test_collectives_take_tensors_on_any_device_under_nccl(tmp_path):
     """The epoch means, the image count, the threshold's maximum and the confusion matrix: CPU tensors given to
-    :mod:`derprop.distributed` reach NCCL on this GPU and come back where they were."""
+    :mod:`derprop.training.distributed` reach NCCL on this GPU and come back where they were."""
     dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         assert distributed.collective_device() == torch.device("cuda", torch.cuda.current_device())

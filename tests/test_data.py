@@ -1,4 +1,4 @@
-"""The loader (derprop.data): layouts, palette decoding, train ids, and every bad input named clearly."""
+"""The loader (derprop.data.datasets): layouts, palette decoding, train ids, and every bad input named clearly."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from derprop import data
-from derprop.data import (
-    DatasetError,
-    SegmentationDataset,
-    cityscapes_id_to_train_id,
-    read_image,
-    read_label,
-    read_split,
-)
-from derprop.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, voc_palette
+from derprop.data import datasets as data
+from derprop.data.datasets import (DatasetError, SegmentationDataset, cityscapes_id_to_train_id, read_image, read_label,
+                                   read_split)
+from derprop.data.labels import CITYSCAPES_CLASSES, IGNORE_INDEX, voc_palette
 from tests.fixtures import bomb_png, cityscapes_tree, scenes_tree, voc_pair, voc_samples, voc_tree
 
 

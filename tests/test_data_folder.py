@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from data_prep import folder
-from derprop.config import dataset_classes
-from derprop.configfile import load_config
-from derprop.data import DatasetError, SegmentationDataset, class_names, label_png_bytes, split_items
-from derprop.distributed import setup_distributed
-from derprop.loaders import build_training_data, diagnostic_set
+from derprop.data.datasets import DatasetError, SegmentationDataset, class_names, label_png_bytes, split_items
+from derprop.training.config import dataset_classes
+from derprop.training.configfile import load_config
+from derprop.training.distributed import setup_distributed
+from derprop.training.loaders import build_training_data, diagnostic_set
 
 CLASSES = ["background", "square", "disc"]
 

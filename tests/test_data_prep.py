@@ -20,8 +20,8 @@ from PIL import Image
 from data_prep import cityscapes, scenes, voc
 from data_prep.common import check_tree
 from data_prep.download import REGISTRY, Resource, download
-from derprop import data
-from derprop.data import DatasetError, SegmentationDataset, read_label, read_split
+from derprop.data import datasets as data
+from derprop.data.datasets import DatasetError, SegmentationDataset, read_label, read_split
 from derprop.provenance import source
 from tests.fixtures import (
     bomb_png,
@@ -419,9 +419,9 @@ def test_a_killed_regeneration_leaves_the_old_tree_and_a_half_made_tree_is_refus
 
 
 def test_a_stale_manifest_or_another_class_count_is_refused(scenes_tiny, tmp_path):
-    from derprop import loaders
-    from derprop.configfile import load_config
-    from derprop.distributed import Dist
+    from derprop.training import loaders
+    from derprop.training.configfile import load_config
+    from derprop.training.distributed import Dist
 
     root = tmp_path / "scenes"
     shutil.copytree(scenes_tiny, root)
@@ -491,7 +491,7 @@ def test_sigterm_stops_the_generator_in_one_line_and_its_workers_without_a_trace
 
 
 def test_scenes_checks_the_size_and_the_folder_before_making_anything(tmp_path, monkeypatch, capsys):
-    from derprop import paths
+    from derprop.training import paths
 
     assert scenes.main(["--root", str(tmp_path / "s"), "--size", "100000"]) == 2
     assert capsys.readouterr().err == "error: --size must be 32 to 1024 pixels, got 100000\n"

@@ -1,11 +1,11 @@
-"""derprop.derivatives against the element-wise definitions of eq. 2, 10, 11, 12."""
+"""derprop.method.derivatives against the element-wise definitions of eq. 2, 10, 11, 12."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from derprop.derivatives import OPS, derivative, derivative_length, derivative_matrix
+from derprop.method.derivatives import OPS, derivative, derivative_length, derivative_matrix
 
 
 def naive(v: list[float], order: int, op: str) -> list[float]:
@@ -92,7 +92,7 @@ def test_orders_compose(op, p, q, length):
 
 
 def test_similarity_symmetries_are_the_eight_maps_of_theorem_1():
-    from derprop.derivatives import similarity_symmetries
+    from derprop.method.derivatives import similarity_symmetries
 
     for d in (3, 5, 6):
         assert len(similarity_symmetries(d, 1)) == 2**d  # orders 0-1: a sign per eigenvector of K1ᵀK1

@@ -1,12 +1,12 @@
-"""How the book shows results (derprop.display): Markdown tables, boxes, and colours no class uses."""
+"""How the book shows results (derprop.book.display): Markdown tables, boxes, and colours no class uses."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from derprop.display import (BROKEN_RGB, CHANGE_COLOURS, FIXED_RGB, UNCHANGED_RGB, Markdown, box, change_image,
-                             class_colours, code, colorize, column_format, escape_html, mean_std, table)
-from derprop.labels import VOC_CLASSES, voc_palette
+from derprop.book.display import (BROKEN_RGB, CHANGE_COLOURS, FIXED_RGB, UNCHANGED_RGB, Markdown, box, change_image,
+                                  class_colours, code, colorize, column_format, escape_html, mean_std, table)
+from derprop.data.labels import VOC_CLASSES, voc_palette
 from tests.fixtures import PAYLOAD, render_myst, shows_as_text
 
 

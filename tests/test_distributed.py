@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from derprop import checkpoint, distributed
-from derprop.distributed import CUDA_CHECK, all_reduce, check_gpu_run, setup_distributed
 from derprop.errors import ConfigError
 from derprop.provenance import source
+from derprop.training import checkpoint, distributed
+from derprop.training.distributed import CUDA_CHECK, all_reduce, check_gpu_run, setup_distributed
 
-TOOLS = ("derprop", "benchmarks", "pipelines", "data_prep", "scripts")
+TOOLS = ("derprop", "benchmarks", "experiments", "pipelines", "data_prep", "scripts")
 
 
 def _uses_torch_distributed(path) -> list[int]:
@@ -38,10 +38,10 @@ def _uses_torch_distributed(path) -> list[int]:
 
 def test_only_derprop_distributed_touches_torch_distributed():
     """One module places every collective's tensor (NCCL takes CUDA tensors only); nothing else may bypass it."""
-    home = source() / "derprop" / "distributed.py"
+    home = source() / "derprop" / "training" / "distributed.py"
     found = {str(p.relative_to(source())): lines for tool in TOOLS for p in sorted((source() / tool).rglob("*.py"))
              if p != home and (lines := _uses_torch_distributed(p))}
-    assert found == {}, f"use derprop.distributed's helpers instead of torch.distributed: {found}"
+    assert found == {}, f"use derprop.training.distributed's helpers instead of torch.distributed: {found}"
 
 
 def test_the_source_check_sees_a_direct_use(tmp_path):

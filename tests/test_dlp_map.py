@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from derprop import dlp_map
-from derprop.labels import IGNORE_INDEX
-from derprop.objective import label_on_grid
+from derprop.book import dlp_map
+from derprop.data.labels import IGNORE_INDEX
+from derprop.training.objective import label_on_grid
 
 
 def inputs(seed: int = 0, n: int = 3, c: int = 4, grid: int = 4, size: int = 13) -> dlp_map.MapInputs:
@@ -115,7 +115,7 @@ def test_object_extent_counts_objects_in_grid_cells():
 
 
 def test_regime_point_scores_both_upsamplings_and_counts_pixels():
-    from derprop.report import net_per_thousand  # it reads map results, so it lives in report
+    from derprop.book.report import net_per_thousand  # it reads map results, so it lives in report
 
     inp = inputs(seed=5)
     p = dlp_map.regime_point(inp)

@@ -1,4 +1,4 @@
-"""The regime sweep (benchmarks.dlp_regime), its choice rule, and the thread-noise benchmark's aggregation."""
+"""The regime sweep (experiments.dlp_regime), its choice rule, and the thread-noise benchmark's aggregation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import dlp_regime, thread_noise
+from experiments import dlp_regime, thread_noise
 from derprop.provenance import source
 
 
@@ -42,7 +42,7 @@ def test_a_tiny_sweep_writes_every_field_and_resumes(scenes_32, tmp_path, monkey
         m = p4[ck]["map"]
         assert {"bilinear", "detail", "ceiling", "extent", "pixels"} <= set(m)
         assert {"learned", "oracle", "kappa", "break_even_share"} <= set(m["detail"])
-    assert p4["command"].startswith("python -m benchmarks.dlp_regime --points t4")
+    assert p4["command"].startswith("python -m experiments.dlp_regime --points t4")
     assert p4["threads"] == 1 and p4["wall_time_s"]["runs"] > 0 and "machine" in p4
     assert payload["paper"]["grid"] == 41 and payload["paper"]["extent"]["objects"] == 19
     config = json.loads((tmp_path / "runs" / "t4" / "all_labels_sup_s0" / "results.json").read_text())["config"]

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from derprop.configfile import load_config
 from derprop.errors import ConfigError
-from derprop.loaders import loaders
-from derprop.model import SegOutput
-from derprop.propagation import propagate
+from derprop.method.propagation import propagate
 from derprop.provenance import source
-from derprop.pseudo_labels import dlp_options, propagated_logits
-from derprop.trainer import Trainer
+from derprop.training.configfile import load_config
+from derprop.training.loaders import loaders
+from derprop.training.model import SegOutput
+from derprop.training.pseudo_labels import dlp_options, propagated_logits
+from derprop.training.trainer import Trainer
 
 TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 
@@ -36,7 +36,7 @@ def dense_reference(out: SegOutput, upsample: str) -> np.ndarray:
     pixel's bilinear mix of grid values, of ``L̃`` (``bilinear``) or of ``L̃ − L_grid`` added to ``L`` (``detail``)."""
     b, c, h, w = out.logits_grid.shape
     big_h, big_w = out.logits.shape[-2:]
-    lt = propagate(out.logits_grid.flatten(2), out.f1.flatten(2), None, mode="official", op="forward").view(b, c, h, w)
+    lt = propagate(out.logits_grid.flatten(2), out.f1.flatten(2), None, form="softmax", op="forward").view(b, c, h, w)
     source_grid = (lt if upsample == "bilinear" else lt - out.logits_grid).double().numpy()
     ay, ax = interpolation_matrix(h, big_h), interpolation_matrix(w, big_w)
     full = np.zeros((b, c, big_h, big_w))
@@ -57,7 +57,7 @@ def seg_output(seed: int = 0, b: int = 2, c: int = 3, grid: int = 5, size: int =
 @pytest.mark.parametrize("upsample", ["bilinear", "detail"])
 def test_upsampling_matches_the_dense_reference(upsample):
     out = seg_output()
-    got = propagated_logits(out, (17, 17), temperature=1.0, mode="official", op="forward", chunk=None,
+    got = propagated_logits(out, (17, 17), temperature=1.0, form="softmax", op="forward", chunk=None,
                             paper_norm="row_sum", upsample=upsample)
     np.testing.assert_allclose(got.double().numpy(), dense_reference(out, upsample), atol=1e-4)
 
@@ -65,7 +65,7 @@ def test_upsampling_matches_the_dense_reference(upsample):
 def test_the_two_upsamplings_differ_by_what_the_grid_cannot_hold():
     """``detail − bilinear = L − up(L_grid)``: zero where L is itself the grid's interpolation."""
     out = seg_output(seed=1)
-    kw = dict(temperature=1.0, mode="official", op="forward", chunk=None, paper_norm="row_sum")
+    kw = dict(temperature=1.0, form="softmax", op="forward", chunk=None, paper_norm="row_sum")
     detail, bilinear = (propagated_logits(out, (17, 17), upsample=u, **kw) for u in ("detail", "bilinear"))
     smooth = torch.nn.functional.interpolate(out.logits_grid, size=(17, 17), mode="bilinear", align_corners=True)
     torch.testing.assert_close(detail - bilinear, out.logits - smooth, atol=1e-5, rtol=0)
@@ -91,6 +91,6 @@ def test_training_reads_the_switch(scenes_tiny, tmp_path):
         assert dlp_options(cfg.method)["upsample"] == upsample
         batch = next(iter(zip(*loaders(tr.data, tr.cfg, tr.d))))
         torch.manual_seed(0)
-        _, logs[upsample] = tr.train_step(batch, 1)
+        _, logs[upsample] = tr.compute_loss(batch, 1)
     assert logs["bilinear"]["ce_x"] == logs["detail"]["ce_x"]
     assert logs["bilinear"]["ce_x_prop"] != logs["detail"]["ce_x_prop"]

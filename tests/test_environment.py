@@ -31,8 +31,8 @@ def test_requirements_are_exact_pins():
 
 FLOOR_APIS = {
     # the oldest release with each API derprop calls: pyproject's floors are these, not older
-    ("torch", "2.6"): ("torch.nn.utils.get_total_norm", "derprop/guards.py"),
-    ("torchvision", "0.21"): ("torchvision.transforms.v2.Transform.make_params", "derprop/augment.py"),
+    ("torch", "2.6"): ("torch.nn.utils.get_total_norm", "derprop/training/guards.py"),
+    ("torchvision", "0.21"): ("torchvision.transforms.v2.Transform.make_params", "derprop/data/augment.py"),
 }
 """Measured on 2026-12-07: torch 2.6.0 + torchvision 0.21.0 (PyPI) ran a tiny training run through ``derprop.train``
 and 259 tests of ``tests/test_{propagation,losses,augment,checkpoint,model,derivatives,region_propagation,schedule,

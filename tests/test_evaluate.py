@@ -11,18 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from derprop import checkpoint
-from derprop.evaluate import (
-    center_crop,
-    evaluate,
-    format_iou_table,
-    main,
-    sliding_window_logits,
-)
-from derprop.config import ModelConfig
-from derprop.metrics import ConfusionMatrix
-from derprop.model import build_model
-from derprop.momentum import MomentumNetwork
+from derprop.evaluate import main
+from derprop.method.momentum import MomentumNetwork
+from derprop.training import checkpoint
+from derprop.training.config import ModelConfig
+from derprop.training.evaluation import center_crop, evaluate, format_iou_table, sliding_window_logits
+from derprop.training.metrics import ConfusionMatrix
+from derprop.training.model import build_model
 from tests.fixtures import scenes_tree
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -110,7 +105,7 @@ def test_input_forms_ignore_and_absent_classes():
     lab[:5] = 255
     hwc = im.permute(1, 2, 0).numpy()
     r1 = evaluate(model, [(hwc, lab.numpy())], num_classes=C + 1)  # class C never occurs
-    r2 = evaluate(model, [{"image": im, "label": lab}], num_classes=C + 1)
+    r2 = evaluate(model, [(im, lab)], num_classes=C + 1)
     loader = torch.utils.data.DataLoader([(im, lab), (im, lab)], batch_size=2)
     r3 = evaluate(model, loader, num_classes=C + 1)
     assert r1["iou_per_class"] == r2["iou_per_class"] == r3["iou_per_class"]
@@ -188,7 +183,7 @@ def test_cli_evaluates_both_weight_sets(tiny_run, tmp_path, capsys):
     assert set(res["results"]) == {"model", "momentum"} and res["epoch"] == 3
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temp file left behind
     # the CLI's numbers equal evaluate() on the same weights
-    from derprop.evaluate import eval_dataset
+    from derprop.training.evaluation import eval_dataset
 
     ds = eval_dataset({"root": str(root), "val_list": str(root / "val.txt"), "num_classes": C})
     for name, model in (("model", net), ("momentum", mom)):
@@ -236,7 +231,7 @@ def test_cli_only_model_and_missing_list(tiny_run, tmp_path, capsys):
 def test_confusion_matrix_sanity_with_cli_data(tiny_run):
     """evaluate's mIoU is ConfusionMatrix over argmax predictions (no hidden reweighting)."""
     root, _, net, _ = tiny_run
-    from derprop.evaluate import eval_dataset
+    from derprop.training.evaluation import eval_dataset
 
     ds = eval_dataset({"root": str(root), "val_list": "val.txt", "num_classes": C})
     cm = ConfusionMatrix(C)
@@ -249,7 +244,7 @@ def test_confusion_matrix_sanity_with_cli_data(tiny_run):
 
 def test_eval_dataset_from_layout(scenes_tiny, tmp_path):
     """Without a list file the layout's own val split is used (scenes keeps its lists under its root)."""
-    from derprop.evaluate import eval_dataset
+    from derprop.training.evaluation import eval_dataset
 
     ds = eval_dataset({"layout": "scenes", "root": str(scenes_tiny), "val_list": None, "num_classes": None})
     assert len(ds) == 8 and ds.num_classes == 11 and len(ds.class_names) == 11
@@ -309,7 +304,7 @@ def test_cli_refuses_a_val_list_that_lists_an_image_twice(scenes_tiny, tmp_path,
 
 def test_cli_out_replaces_only_an_earlier_evaluation_and_is_checked_before_the_work(scenes_tiny, tmp_path,
                                                                                     monkeypatch, capsys):
-    from derprop import paths
+    from derprop.training import paths
 
     path = _scenes_checkpoint(tmp_path / "c11.pt", 11, str(scenes_tiny))
     args = ["--checkpoint", str(path), "--device", "cpu", "--workers", "0", "--limit", "1", "--which", "model"]

@@ -1,12 +1,12 @@
 """The fast recipe: its configs resolve to the settings that were measured, and the benchmark's verdict applies
-the criterion written before the runs (``benchmarks.fast_recipe``)."""
+the criterion written before the runs (``experiments.fast_recipe``)."""
 
 import pytest
 
-from benchmarks import fast_recipe
-from derprop.config import flatten, resolved
-from derprop.configfile import load_config
+from experiments import fast_recipe
 from derprop.provenance import source
+from derprop.training.config import flatten, resolved
+from derprop.training.configfile import load_config
 from pipelines import run_matrix
 
 FAST_CONFIGS = {"voc_92_fast": "voc_92", "cityscapes_186_fast": "cityscapes_186"}

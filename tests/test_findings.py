@@ -1,4 +1,4 @@
-"""The sentences the book writes from numbers (derprop.findings), on constructed inputs: signs, ties, empty cases.
+"""The sentences the book writes from numbers (derprop.book.findings), on constructed inputs: signs, ties, empty cases.
 
 The first tests are the book's five wrong sentences of issue 30, each with the numbers that made it wrong.
 """
@@ -9,9 +9,9 @@ import doctest
 
 import pytest
 
-from derprop import findings
-from derprop.findings import (MINUS, above_on, positive_from, awareness, beaten_at, criterion, how_many, largest_change, noise_sentence,
-                              number, trend, two_sources, verdict)
+from derprop.book import findings
+from derprop.book.findings import (MINUS, above_on, positive_from, awareness, beaten_at, criterion, how_many,
+                                   largest_change, noise_sentence, number, trend, two_sources, verdict)
 
 
 def test_docstring_examples_hold():

@@ -1,8 +1,8 @@
-"""derprop.glance: every headline row names its source; a file or run that is not there gives no number."""
+"""derprop.book.glance: every headline row names its source; a file or run that is not there gives no number."""
 
 import json
 
-from derprop.glance import build_rows, committed_rows, headlines, maths_rows
+from derprop.book.glance import build_rows, committed_rows, headlines, maths_rows
 
 MACHINE = {"device": "cpu", "device_name": "x86_64", "cpu_count": 2, "date": "2026-12-03T02:29:53+00:00"}
 

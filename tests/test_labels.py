@@ -1,4 +1,4 @@
-"""The label conventions (derprop.labels): the VOC colour map, default class names, and a torch-free import."""
+"""The label conventions (derprop.data.labels): the VOC colour map, default class names, and a torch-free import."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from derprop.labels import VOC_CLASSES, default_class_names, voc_palette
+from derprop.data.labels import VOC_CLASSES, default_class_names, voc_palette
 
 
 def test_palette_is_the_standard_voc_colour_map():
@@ -25,5 +25,5 @@ def test_default_class_names():
 
 def test_the_viewer_loads_without_torch():
     """The viewer only draws saved snapshots: it and the label conventions must not pull in torch."""
-    code = "import sys, derprop.viewer; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    code = "import sys, derprop.book.viewer; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""derprop.losses against dense float64 references (eq. 3, 8, 9).
+"""derprop.method.losses against dense float64 references (eq. 3, 8, 9).
 
 Chapter *Paper vs released code* explains the release's form of the loss.
 """
@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from derprop.derivatives import derivative
-from derprop.features import EPS, normalize_features
-from derprop.losses import derivative_loss, similarity_l1
+from derprop.method.derivatives import derivative
+from derprop.method.features import EPS, normalize_features
+from derprop.method.losses import derivative_loss, similarity_l1
 
 
 def rand(*shape, seed=0, grad=True):

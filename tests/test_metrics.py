@@ -1,4 +1,4 @@
-"""derprop.metrics.ConfusionMatrix against torchmetrics and by hand."""
+"""derprop.training.metrics.ConfusionMatrix against torchmetrics and by hand."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from derprop.metrics import ConfusionMatrix
+from derprop.training.metrics import ConfusionMatrix
 
 MulticlassJaccardIndex = pytest.importorskip("torchmetrics.classification").MulticlassJaccardIndex
 

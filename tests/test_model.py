@@ -1,4 +1,4 @@
-"""derprop.model: DeepLabV3+ with projection head J (Fig. 2; the release's two heads: *Paper vs released code*)."""
+"""derprop.training.model: DeepLabV3+ with projection head J (Fig. 2; the release's two heads: *Paper vs released code*)."""
 
 import dataclasses
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
-from derprop.config import ModelConfig
-from derprop.model import DerPropNet, SegOutput, build_model, normalize
+from derprop.training.config import ModelConfig
+from derprop.training.model import DerPropNet, SegOutput, build_model, normalize
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

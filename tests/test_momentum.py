@@ -1,10 +1,10 @@
-"""derprop.momentum: eq. 6, Θm ← (Θm + Θb)/2, and its two schedules."""
+"""derprop.method.momentum: eq. 6, Θm ← (Θm + Θb)/2, and its two schedules."""
 
 import pytest
 import torch
 from torch import nn
 
-from derprop.momentum import MomentumNetwork, unwrap
+from derprop.method.momentum import MomentumNetwork, unwrap
 
 
 def net(value: float = 0.0) -> nn.Module:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from derprop.book_runs import BOOK_RUNS
+from derprop.book.runs import BOOK_RUNS
 from derprop.provenance import KEYS, source
 
 PIPELINES = source() / "pipelines"
@@ -48,7 +48,7 @@ def test_dedicated_config_files_are_preferred():
 def test_the_pipeline_notebook_does_not_import_the_script_that_runs_it():
     nb = json.loads((PIPELINES / "train.ipynb").read_text())
     code = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    assert "derprop.tables import overrides_for" in code
+    assert "derprop.training.tables import overrides_for" in code
     assert "run_matrix" not in code and "sys.path" not in code
 
 

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 import derprop
-from derprop import checkpoint as ckpt_io
-from derprop.config import resolved
-from derprop.configfile import load_config
-from derprop.model import build_model
 from derprop.predict import main, predict
 from derprop.provenance import source
+from derprop.training import checkpoint as ckpt_io
+from derprop.training.config import resolved
+from derprop.training.configfile import load_config
+from derprop.training.model import build_model
 from tests.fixtures import bomb_png
 
 

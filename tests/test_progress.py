@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from derprop.progress import ProgressLog
 from derprop.provenance import source
 from derprop.train import main
+from derprop.training.progress import ProgressLog
 
 TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 FIELDS = re.compile(r"^epoch (\d+)/2 it (\d+)/4 \(\d+\.\d%\) loss [-\d.e+]+ .*ce_x .* lr [\d.e+-]+ "

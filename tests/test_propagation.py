@@ -1,12 +1,12 @@
-"""derprop.propagation against straightforward dense float64 references."""
+"""derprop.method.propagation against straightforward dense float64 references."""
 
 import math
 
 import pytest
 import torch
 
-from derprop.derivatives import derivative
-from derprop.propagation import attention_shares, propagate, propagate_literal, propagation_weights
+from derprop.method.derivatives import derivative
+from derprop.method.propagation import FORMS, attention_shares, propagate, propagate_literal, propagation_weights
 
 
 def dense_official(logits, f1, f2, op="forward"):
@@ -43,7 +43,7 @@ def make(b=2, c=4, d=6, m=37, seed=0, grad=True):
 def test_paper_mode_is_factorised_eq4(op):
     logits, f1, f2 = make()
     expected = dense_paper(logits, f1, f2, op)
-    torch.testing.assert_close(propagate(logits, f1, f2, mode="paper", op=op), expected)
+    torch.testing.assert_close(propagate(logits, f1, f2, form="linear", op=op), expected)
     torch.testing.assert_close(propagate_literal(logits, f1, f2, op=op), expected)
 
 
@@ -72,7 +72,7 @@ def test_gradcheck_tiled_official():
 def test_gradcheck_paper_all_inputs():
     logits, f1, f2 = make(b=1, c=3, d=4, m=9)
     logits.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda l, a, b: propagate(l, a, b, mode="paper"), (logits, f1, f2))
+    assert torch.autograd.gradcheck(lambda l, a, b: propagate(l, a, b, form="linear"), (logits, f1, f2))
 
 
 def test_official_detaches_logits():
@@ -85,8 +85,8 @@ def test_official_detaches_logits():
 
 def test_f2_none_means_symmetric():
     logits, f1, _ = make()
-    for mode in ("paper", "official"):
-        torch.testing.assert_close(propagate(logits, f1, mode=mode), propagate(logits, f1, f1, mode=mode))
+    for form in FORMS:
+        torch.testing.assert_close(propagate(logits, f1, form=form), propagate(logits, f1, f1, form=form))
 
 
 def test_official_rows_are_a_convex_combination():
@@ -103,7 +103,7 @@ def test_literal_eq4_grows_with_m():
     for m in [16, 64, 256]:
         logits = torch.ones(1, 2, m, dtype=torch.float64)
         f = pixel.expand(1, 5, m)
-        norms.append(propagate(logits, f, mode="paper").abs().mean().item())
+        norms.append(propagate(logits, f, form="linear").abs().mean().item())
     assert norms[1] / norms[0] == pytest.approx(4.0) and norms[2] / norms[1] == pytest.approx(4.0)
 
 
@@ -115,10 +115,10 @@ def test_float32_tiled_matches_dense():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"mode": "literal"}, "mode must be one of"),
+        ({"form": "official"}, "form must be one of"),
         ({"chunk": 0}, "chunk must be a positive"),
         ({"op": "nope"}, "op must be one of"),
-        ({"mode": "paper", "paper_norm": "max"}, "paper_norm must be one of"),
+        ({"form": "linear", "paper_norm": "max"}, "paper_norm must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -188,9 +188,9 @@ def test_paper_normalisations_match_their_dense_form(norm):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 4, 37, generator=g, dtype=torch.float64)
     f1, f2 = (torch.rand(2, 6, 37, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
-    torch.testing.assert_close(propagate(logits, f1, f2, mode="paper", paper_norm=norm),
+    torch.testing.assert_close(propagate(logits, f1, f2, form="linear", paper_norm=norm),
                                dense_paper_normalised(logits, f1, f2, norm))
-    assert torch.autograd.gradcheck(lambda a, b: propagate(logits, a, b, mode="paper", paper_norm=norm), (f1, f2))
+    assert torch.autograd.gradcheck(lambda a, b: propagate(logits, a, b, form="linear", paper_norm=norm), (f1, f2))
 
 
 def test_row_sum_averages_over_same_class_pixels_at_any_m():
@@ -203,19 +203,19 @@ def test_row_sum_averages_over_same_class_pixels_at_any_m():
         cls = torch.arange(m) % 3
         f = torch.nn.functional.one_hot(3 * cls + 1, 9).T[None].double()
         logits = torch.randn(1, 2, m, dtype=torch.float64)
-        out = propagate(logits, f, mode="paper", paper_norm="row_sum")
+        out = propagate(logits, f, form="linear", paper_norm="row_sum")
         for k in range(3):
             expected = logits[..., cls == k].mean(-1, keepdim=True).expand(1, 2, int((cls == k).sum()))
             torch.testing.assert_close(out[..., cls == k], expected)
 
 
-@pytest.mark.parametrize("mode, norm", [("official", "none"), ("paper", "none"), ("paper", "mean"),
-                                        ("paper", "row_sum")])
-def test_propagation_weights_reproduce_propagate(mode, norm):
+@pytest.mark.parametrize("form, norm", [("softmax", "none"), ("linear", "none"), ("linear", "mean"),
+                                        ("linear", "row_sum")])
+def test_propagation_weights_reproduce_propagate(form, norm):
     logits, f1, f2 = make(grad=False)
     f1, f2 = f1.abs(), f2.abs()  # row sums away from zero for row_sum
-    w = propagation_weights(f1, f2, mode=mode, paper_norm=norm)
-    assert torch.allclose(logits @ w, propagate(logits, f1, f2, mode=mode, paper_norm=norm), atol=1e-10)
+    w = propagation_weights(f1, f2, form=form, paper_norm=norm)
+    assert torch.allclose(logits @ w, propagate(logits, f1, f2, form=form, paper_norm=norm), atol=1e-10)
 
 
 def test_attention_shares_uniform_and_class_only_weights():
@@ -229,3 +229,9 @@ def test_attention_shares_uniform_and_class_only_weights():
     own, _, support = attention_shares(same, labels)
     assert torch.allclose(own, torch.ones(5, dtype=torch.float64))
     assert torch.allclose(support, torch.tensor([2.0, 2.0, 3.0, 3.0, 3.0], dtype=torch.float64))
+
+
+def test_the_package_front_door_names_propagate():
+    import derprop
+
+    assert derprop.propagate is propagate and "propagate" in derprop.__all__

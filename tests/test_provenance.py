@@ -18,14 +18,15 @@ import pytest
 import torch
 
 import derprop
-from derprop import checkpoint as ck
-from derprop import progress, provenance
-from derprop.configfile import load_config
-from derprop.distributed import Dist
+from derprop import provenance
 from derprop.errors import ConfigError
-from derprop.loaders import build_training_data
 from derprop.provenance import source
-from derprop.trainer import Trainer
+from derprop.training import checkpoint as ck
+from derprop.training import progress
+from derprop.training.configfile import load_config
+from derprop.training.distributed import Dist
+from derprop.training.loaders import build_training_data
+from derprop.training.trainer import Trainer
 
 CONFIGS = source() / "configs"
 TINY = CONFIGS / "cpu_scenes_tiny.yaml"
@@ -56,7 +57,7 @@ def test_a_global_batch_that_does_not_divide_is_one_line_naming_the_fix(scenes_t
     msg = str(err.value)
     assert "\n" not in msg and "optim.batch_size=8" in msg and "3 processes" in msg and "GPUS=" in msg
     # each process of `torchrun --nproc_per_node=2 -m derprop.train ... optim.batch_size=3` says it in one line
-    from derprop import trainer
+    from derprop.training import trainer
     from derprop.train import main
 
     monkeypatch.setattr(trainer, "setup_distributed", lambda device: Dist(rank=1, world_size=2))

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from derprop.labels import IGNORE_INDEX
-from derprop.model import build_model
-from derprop.propagation import official_similarity_factors
-from derprop.pseudo_labels import _half_range_threshold, region_propagation
+from derprop.data.labels import IGNORE_INDEX
+from derprop.method.propagation import official_similarity_factors
+from derprop.training.model import build_model
+from derprop.training.pseudo_labels import _half_range_threshold, region_propagation
 from tests.fixtures import real_voc_sample
 
 
@@ -82,7 +82,7 @@ def _agree(args, tau, classes):
 @pytest.mark.parametrize("rows_per_block", [None, 5])
 def test_blockwise_equals_the_whole_tensor_version_on_random_features(crop, scale, rows_per_block, monkeypatch):
     if rows_per_block:  # 64 rows in blocks of 5: the last block is short
-        monkeypatch.setattr("derprop.pseudo_labels.REGION_BLOCK_PIXELS", crop * crop * rows_per_block)
+        monkeypatch.setattr("derprop.training.pseudo_labels.REGION_BLOCK_PIXELS", crop * crop * rows_per_block)
     relabelled = added = 0.0
     for seed, tau in enumerate((0.0, 0.5, 0.85, 0.95)):
         r, a = _agree(_random_case(2, crop, 7, scale, seed), tau, 7)
@@ -103,7 +103,7 @@ def test_blockwise_equals_the_whole_tensor_version_on_a_real_image(monkeypatch):
     pl = _pseudo_labels(torch.from_numpy(label[:321, 100:421].astype("int64"))[None], g, 21)
     rows = torch.randint(0, f1.shape[-1], (128,), generator=g)
     # several blocks per image, the last one short: the block boundaries must not matter
-    monkeypatch.setattr("derprop.pseudo_labels.REGION_BLOCK_PIXELS", 321 * 321 * 48)
+    monkeypatch.setattr("derprop.training.pseudo_labels.REGION_BLOCK_PIXELS", 321 * 321 * 48)
     for tau in (0.5, 0.9):
         relabelled, added = _agree((f1, f2, (41, 41), rows, *pl), tau, 21)
     assert relabelled > 0 and added > 0

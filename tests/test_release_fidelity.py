@@ -1,7 +1,7 @@
 """The `official` profile against the released code's formulas, stated here from the release's files and issue 12.
 
 Each reference below is written out with plain tensor ops (forward differences as slices, softmax,
-matmul), independently of :mod:`derprop.losses` and :mod:`derprop.propagation`, so a misreading in
+matmul), independently of :mod:`derprop.method.losses` and :mod:`derprop.method.propagation`, so a misreading in
 the package cannot hide in its own test.
 """
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from derprop.configfile import load_config
-from derprop.loaders import loaders
-from derprop.losses import derivative_loss
-from derprop.model import SegOutput
-from derprop.trainer import Trainer
+from derprop.method.losses import derivative_loss
+from derprop.training.configfile import load_config
+from derprop.training.loaders import loaders
+from derprop.training.model import SegOutput
+from derprop.training.trainer import Trainer
 
 from tests.test_trainer import TINY
 
@@ -252,7 +252,7 @@ def test_one_official_step_equals_the_releases_total_loss(scenes_tiny, tmp_path)
     tr.momentum = lambda x, **_: outputs["mix"]  # the partner's pseudo-labels come from Θm
     batch, epoch = _batch(), 1
     tau0 = tr.threshold.value
-    loss, logs = tr.train_step(batch, epoch)
+    loss, logs = tr.compute_loss(batch, epoch)
     ref, tau = release_step_loss(outputs, batch, epoch, cfg.optim.epochs, tau0)
     assert logs["threshold"] == pytest.approx(tau, rel=1e-6)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)

@@ -1,4 +1,4 @@
-"""What runs and benchmarks show (derprop.report): published matrix runs, the cost of a run, CPU findings."""
+"""What runs and benchmarks show (derprop.book.report): published matrix runs, the cost of a run, CPU findings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from derprop.report import cpu_findings, gpu_hours, matrix_results, train_step_rows
+from derprop.book.report import cpu_findings, gpu_hours, matrix_results, train_step_rows
 from tests.fixtures import PAYLOAD, poisoned_results, render_myst, shows_as_text
 
 
@@ -53,7 +53,7 @@ def test_cpu_findings_read_the_claim_and_say_what_is_missing(tmp_path):
 
 
 def test_paired_records_pair_each_network_seed_by_seed():
-    from derprop.report import paired_columns, paired_records
+    from derprop.book.report import paired_columns, paired_records
 
     summary = {
         "base": {"seeds": [0, 1], "reference": "base",
@@ -73,7 +73,7 @@ def test_paired_records_pair_each_network_seed_by_seed():
 
 def regime_payload() -> dict:
     """A ``results/dlp_regime.json`` of three geometries whose maps are made from random inputs."""
-    from derprop import dlp_map
+    from derprop.book import dlp_map
     from tests.test_dlp_map import inputs
 
     points = []
@@ -88,7 +88,7 @@ def regime_payload() -> dict:
 
 
 def test_regime_records_sort_by_extent_and_normalise_per_thousand_pixels():
-    from derprop.report import regime_records
+    from derprop.book.report import regime_records
 
     data = regime_payload()
     recs = regime_records(data)
@@ -104,7 +104,7 @@ def test_regime_figures_draw_every_line_and_both_markers():
     import matplotlib
 
     matplotlib.use("Agg")
-    from derprop.report import REGIME_LINES, headroom_figure, regime_figure
+    from derprop.book.report import REGIME_LINES, headroom_figure, regime_figure
 
     fig = regime_figure(regime_payload())
     for ax in fig.axes:
@@ -129,7 +129,7 @@ def test_cpu_findings_show_what_the_files_hold_as_text(tmp_path):
 def test_regime_findings_write_real_minus_signs_and_both_headroom_branches(repo):
     import copy
 
-    from derprop.report import regime_findings
+    from derprop.book.report import regime_findings
 
     regime = json.loads((repo / "results" / "dlp_regime.json").read_text())
     text = " ".join(regime_findings(regime))

@@ -17,11 +17,11 @@ import papermill
 import pytest
 import tomllib
 
-from derprop import launch
-from derprop.config import resolved
-from derprop.configfile import load_config
 from derprop.provenance import KEYS, source
-from derprop.tables import overrides_for, run_path
+from derprop.training import launch
+from derprop.training.config import resolved
+from derprop.training.configfile import load_config
+from derprop.training.tables import overrides_for, run_path
 from pipelines import run_matrix as rm
 
 TINY = "configs/cpu_scenes_tiny.yaml"

@@ -16,7 +16,8 @@ from derprop.provenance import source
 ABSOLUTE = re.compile(r"""(?:^|[\s="'(\[{,])(/[A-Za-z0-9_.~-][^\s"',]*)""")
 """A string that holds an absolute path: one at its start or after a space, ``=``, a quote or a bracket."""
 
-BENCHMARKS = sorted((source() / "benchmarks").glob("*.py"))
+WRITERS = sorted([*(source() / "benchmarks").glob("*.py"), *(source() / "experiments").glob("*.py")])
+"""The modules that write results files: the benchmarks and the experiments."""
 
 
 def strings(obj, where=""):
@@ -52,27 +53,27 @@ def test_repo_path_writes_paths_from_the_repository_root():
 def test_portable_rewrites_paths_inside_strings_and_nothing_else():
     tmp = Path(tempfile.gettempdir())
     payload = {
-        "command": f"python -m benchmarks.cpu_evidence --resnet101-smoke --runs-dir {tmp}/r101",
+        "command": f"python -m experiments.cpu_evidence --resnet101-smoke --runs-dir {tmp}/r101",
         "overrides": [f"data.root={tmp}/bench_scenes_x/scenes", f"optim.warm_start={source()}/runs/w/last.pt"],
         "argv": (sys.executable, "-m", "pytest"),
-        "traceback": f'File "{source()}/derprop/trainer.py", line 3',
+        "traceback": f'File "{source()}/derprop/training/trainer.py", line 3',
         "text": "1/4 labeled, tiled/dense memory, https://example.org/a, images / s, (a + b)/2",
         "n": 3,
     }
     out = portable(payload)
     assert out == {
-        "command": "python -m benchmarks.cpu_evidence --resnet101-smoke --runs-dir <tmp>/r101",
+        "command": "python -m experiments.cpu_evidence --resnet101-smoke --runs-dir <tmp>/r101",
         "overrides": ["data.root=<tmp>/bench_scenes_x/scenes", "optim.warm_start=runs/w/last.pt"],
         "argv": ["python", "-m", "pytest"],
-        "traceback": 'File "derprop/trainer.py", line 3',
+        "traceback": 'File "derprop/training/trainer.py", line 3',
         "text": payload["text"],
         "n": 3,
     }
     assert portable(out) == out
 
 
-def test_benchmarks_write_results_through_write_results():
-    direct = [p.name for p in BENCHMARKS if p.name != "common.py" and re.search(r"\batomic\.write_", p.read_text())]
+def test_benchmarks_and_experiments_write_results_through_write_results():
+    direct = [p.name for p in WRITERS if p.name != "common.py" and re.search(r"\batomic\.write_", p.read_text())]
     assert not direct, f"write results with benchmarks.common.write_results (it makes paths portable): {direct}"
 
 

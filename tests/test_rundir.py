@@ -1,4 +1,4 @@
-"""The run folder (derprop.rundir): a kill at any write, locks, fresh starts, stale files, resume options."""
+"""The run folder (derprop.training.rundir): a kill at any write, locks, fresh starts, stale files, resume options."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from derprop import atomic, loaders, paths, rundir
-from derprop import checkpoint as ck
-from derprop.configfile import load_config
 from derprop.provenance import source
 from derprop.train import main
-from derprop.trainer import Trainer
+from derprop.training import atomic, loaders, paths, rundir
+from derprop.training import checkpoint as ck
+from derprop.training.configfile import load_config
+from derprop.training.trainer import Trainer
 from tests.fixtures import TrainingInterrupted
 
 
@@ -337,7 +337,7 @@ def test_a_checkpoint_that_cannot_be_resumed_is_one_line_before_any_step(fault, 
                                                                           monkeypatch, capsys):
     _, after1 = runs
     path = ck.save(tmp_path / "last.pt", _broken(ck.load(after1 / "last.pt"), fault))
-    monkeypatch.setattr(Trainer, "train_step", lambda *a: pytest.fail("a step ran"))
+    monkeypatch.setattr(Trainer, "compute_loss", lambda *a: pytest.fail("a step ran"))
     assert cli(scenes_tiny, tmp_path / "run", "--resume-from", str(path)) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {path} {words}") and err.count("\n") == 1, err
@@ -499,8 +499,8 @@ def test_a_stop_signal_in_training_is_handled_like_ctrl_c(name, runs, scenes_tin
 
 
 def test_a_book_run_trained_with_other_settings_is_refused_not_shown(tmp_path):
-    from derprop.book_runs import load_or_train
-    from derprop.config import resolved
+    from derprop.book.runs import load_or_train
+    from derprop.training.config import resolved
     from derprop.errors import DerPropError
 
     config = source() / "configs" / "cpu_scenes_tiny.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from derprop.config import OptimConfig
-from derprop.schedule import build_scheduler
+from derprop.training.config import OptimConfig
+from derprop.training.schedule import build_scheduler
 
 
 def lrs(o: OptimConfig, n: int) -> list[float]:

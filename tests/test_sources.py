@@ -1,11 +1,11 @@
-"""Where a book number comes from (derprop.sources): committed results files, this build's runs, fingerprints."""
+"""Where a book number comes from (derprop.book.sources): committed results files, this build's runs, fingerprints."""
 
 from __future__ import annotations
 
 import json
 import os
 
-from derprop.sources import committed, fingerprint, machine_words, matches, this_build
+from derprop.book.sources import committed, fingerprint, machine_words, matches, this_build
 from tests.fixtures import PAYLOAD, render_myst, shows_as_text
 
 MACHINE = {"device": "cpu", "device_name": "x86_64", "cpu_count": 2, "torch_threads": 2,

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from data_prep.common import check_split_hashes
-from derprop.data import DATASETS, SPLITS_DIR, DatasetError, read_split, split_items
+from derprop.data.datasets import DATASETS, SPLITS_DIR, DatasetError, read_split, split_items
 
 COUNTS = {
     "pascal": {"92": 92, "183": 183, "366": 366, "732": 732, "1464": 1464, "train": 10582, "val": 1449},

@@ -1,4 +1,4 @@
-"""The paper's tables (derprop.tables): the matrix, the ablation rows, and every place that must agree with them."""
+"""The paper's tables (derprop.training.tables): the matrix, the ablation rows, and every place that must agree with them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from derprop.config import resolved
-from derprop.configfile import load_config
 from derprop.provenance import source
-from derprop.tables import ABLATIONS, MATRIX, overrides_for, run_name
+from derprop.training.config import resolved
+from derprop.training.configfile import load_config
+from derprop.training.tables import ABLATIONS, MATRIX, overrides_for, run_name
 
 
 def _script(name: str):
@@ -65,7 +65,7 @@ def test_the_ablation_configs_are_what_the_generator_writes(repo):
 
 
 def test_the_cpu_benchmarks_run_the_rows_of_the_tables(repo):
-    from benchmarks import ablations_cpu, cpu_evidence
+    from experiments import ablations_cpu, cpu_evidence
 
     def config(overrides):
         return resolved(load_config(repo / "configs/cpu_scenes.yaml", list(overrides)))

@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from derprop import checkpoint as ck
-from derprop.configfile import load_config
-from derprop.data import DatasetError
-from derprop.guards import NonFiniteLossError
-from derprop.loaders import loaders
-from derprop.objective import ohem_ce
+from derprop.data.datasets import DatasetError
 from derprop.provenance import source
-from derprop.pseudo_labels import Threshold, blend, region_propagation
 from derprop.train import main
-from derprop.trainer import Trainer
+from derprop.training import checkpoint as ck
+from derprop.training.configfile import load_config
+from derprop.training.guards import NonFiniteLossError
+from derprop.training.loaders import loaders
+from derprop.training.objective import ohem_ce
+from derprop.training.pseudo_labels import Threshold, blend, region_propagation
+from derprop.training.trainer import Trainer
 from tests.fixtures import TrainingInterrupted
 
 TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
@@ -109,13 +109,13 @@ def test_corrupt_checkpoint_on_resume_is_a_clear_error_and_nothing_changes(refer
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(scenes_tiny, tmp_path, monkeypatch):
     cfg = tiny(scenes_tiny, "optim.iters_per_epoch=1", "data.diag_images=0", "data.val_limit=1")
-    real_step = Trainer.train_step
+    real_step = Trainer.compute_loss
 
     def step(self, batch, epoch):
         loss, logs = real_step(self, batch, epoch)
         return (loss * float("nan") if epoch == 1 else loss), logs
 
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "compute_loss", step)
     seen = {}
 
     def hook(event, **info):
@@ -140,7 +140,7 @@ def test_non_finite_weights_or_gradients_never_reach_a_checkpoint(scenes_tiny, t
     """A finite loss can still leave NaN weights (BN statistics) or inf gradients: epoch 1's state is kept."""
     cfg = tiny(scenes_tiny, "optim.iters_per_epoch=1", "data.diag_images=0", "data.val_limit=1",
                "eval.final_modes=[original]")
-    real_step = Trainer.train_step
+    real_step = Trainer.compute_loss
 
     def step(self, batch, epoch):
         loss, logs = real_step(self, batch, epoch)
@@ -151,7 +151,7 @@ def test_non_finite_weights_or_gradients_never_reach_a_checkpoint(scenes_tiny, t
             self.net.classifier.weight.register_hook(lambda g: g * float("inf"))
         return loss, logs
 
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "compute_loss", step)
     what = r"backprop network tensor \S+running_var became nan during epoch 2" if fault == "buffer" else \
         r"gradient norm became (inf|nan) at epoch 2, step 1"
     with pytest.raises(NonFiniteLossError, match=what + r".*last finite checkpoint .*last.pt \(epoch 1\)"):
@@ -179,7 +179,7 @@ def test_a_huge_lr_stops_with_finite_checkpoints_and_resumes_with_a_lower_one(sc
 
 
 def test_every_seed_the_config_takes_trains(scenes_tiny, tmp_path, capsys):
-    from derprop.augment import sample_seed
+    from derprop.data.augment import sample_seed
 
     # the seeds that trained before are as they were (a run resumed across versions replays its augmentations)
     g = torch.Generator().manual_seed((7 * 1_000_003 + 2) * 1_000_033 + 1)
@@ -247,7 +247,7 @@ def test_official_profile_and_ablation_switches(scenes_tiny, tmp_path):
         tr = Trainer(tiny(scenes_tiny, *over), tmp_path / "v")
         assert (tr.momentum is None) == ("method.momentum=false" in over)
         batch = next(iter(zip(*loaders(tr.data, tr.cfg, tr.d))))
-        loss, logs = tr.train_step(batch, 1)
+        loss, logs = tr.compute_loss(batch, 1)
         assert torch.isfinite(loss)
         assert set(logs) - {"threshold", "mask_ratio"} == expected, over
         loss.backward()
@@ -275,7 +275,7 @@ def test_the_cutmix_partner_pass_computes_the_heads_only_where_a_term_reads_them
         partner.forward = functools.partial(spy, force=force)
         torch.manual_seed(0)
         tr.net.zero_grad(set_to_none=True)
-        loss, _ = tr.train_step(batch, 1)
+        loss, _ = tr.compute_loss(batch, 1)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in tr.net.parameters() if p.grad is not None]))
     assert calls[0] is heads
@@ -375,7 +375,7 @@ def test_region_propagation_fills_an_agreeing_region():
 
 
 def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
-    from benchmarks import cpu_evidence
+    from experiments import cpu_evidence
 
     out = tmp_path / "evidence.json"
     cpu_evidence.main(["--size", "smoke", "--seeds", "0", "1", "--held-out", "1", "--variants", "full", "wo_dlp",
@@ -406,8 +406,8 @@ def test_cpu_evidence_benchmark_runs_and_aggregates(scenes_tiny, tmp_path):
 
 
 def test_supervised_warm_start_then_diagnostics_with_and_without_dlp(scenes_tiny, tmp_path):
-    from derprop.book_runs import WARM_START, WITHOUT_DLP
-    from derprop.viewer import load_snapshots
+    from derprop.book.runs import WARM_START, WITHOUT_DLP
+    from derprop.book.viewer import load_snapshots
 
     warm = Trainer(tiny(scenes_tiny, *WARM_START, "optim.epochs=1", "data.val_limit=1", "data.diag_images=0"),
                    tmp_path / "warm")
@@ -438,7 +438,7 @@ def test_bf16_autocast_and_channels_last_step(scenes_tiny, tmp_path):
     tr = Trainer(tiny(scenes_tiny, "optim.amp=bf16", "optim.channels_last=true", "profile=official",
                       "method.chunk=5", "data.diag_images=0"), tmp_path)
     batch = next(iter(zip(*loaders(tr.data, tr.cfg, tr.d))))
-    loss, logs = tr.train_step(batch, 1)
+    loss, logs = tr.compute_loss(batch, 1)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in tr.net.parameters() if p.grad is not None)
@@ -456,7 +456,7 @@ def test_resume_with_a_different_config_is_refused(reference_run, scenes_tiny):
 def test_evaluation_runs_in_fp32_with_the_configs_loader_workers(scenes_tiny, tmp_path, monkeypatch):
     """A bf16 run's mIoU is an fp32 evaluation (comparable with an fp32 run's), loaded by data.num_workers workers;
     a CPU run records no CUDA memory."""
-    import derprop.trainer as trainer_module
+    import derprop.training.trainer as trainer_module
 
     seen = []
 

@@ -1,5 +1,5 @@
 """DDP on CPU (gloo): 2 processes follow the loss curve of 1 process with the same config (the same global batch),
-and every collective they run goes through derprop.distributed with a tensor on the model's device."""
+and every collective they run goes through derprop.training.distributed with a tensor on the model's device."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from derprop.configfile import load_config
 from derprop.provenance import source
-from derprop.trainer import Trainer
+from derprop.training.configfile import load_config
+from derprop.training.trainer import Trainer
 
 TINY = source() / "configs" / "cpu_scenes_tiny.yaml"
 # Dropout draws differ between processes, so it is switched off. BatchNorm statistics are global
@@ -97,8 +97,8 @@ def test_two_gloo_processes_match_one_process(scenes_tiny, tmp_path):
         record = json.loads((tmp_path / "ddp" / f"collectives_rank{rank}.json").read_text())
         calls = record["calls"]
         # torch's own: DDP's parameter syncs, and the backward of CpuSyncBatchNorm's differentiable all-reduce
-        bypass = [c for c in calls if c["caller"] != "derprop.distributed" and not c["via"].startswith(TORCH_OWN)]
-        assert bypass == [], f"{len(bypass)} collectives bypassed derprop.distributed, e.g. {bypass[:3]}"
+        bypass = [c for c in calls if c["caller"] != "derprop.training.distributed" and not c["via"].startswith(TORCH_OWN)]
+        assert bypass == [], f"{len(bypass)} collectives bypassed derprop.training.distributed, e.g. {bypass[:3]}"
         wrong = [c for c in calls if c["device"] not in (None, record["model_device"])]
         assert wrong == [], f"collectives on another device than the model's ({record['model_device']}): {wrong}"
         assert any(c["dtype"] == "torch.float64" for c in calls)  # the epoch's mean terms went through it

@@ -1,4 +1,4 @@
-"""The viewer's two forms (derprop.viewer): ipywidgets for a kernel, pre-rendered frames for a static page."""
+"""The viewer's two forms (derprop.book.viewer): ipywidgets for a kernel, pre-rendered frames for a static page."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from derprop.viewer import Axis, Viewer, frames_html, load_snapshots, make_viewer, status
+from derprop.book.viewer import Axis, Viewer, frames_html, load_snapshots, make_viewer, status
 from tests.fixtures import poisoned_results
 
 

@@ -62,8 +62,8 @@ def test_every_renamed_module_is_a_release_name():
     """derprop's parameter names map onto the release's ``SegmentationNet`` names (the value check loads derprop's
     weights into the release's network through them): nothing of derprop's own naming is left, no two collide."""
     from benchmarks import release_step
-    from derprop.configfile import load_config
-    from derprop.model import build_model
+    from derprop.training.configfile import load_config
+    from derprop.training.model import build_model
     from derprop.provenance import source
 
     names = list(build_model(load_config(source() / "configs" / "voc_92.yaml", ["model.pretrained=none"]).model)
