@@ -296,7 +296,7 @@ def test_book_runs_children_end_with_it(monkeypatch, capsys):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
 def test_a_child_started_to_end_with_its_parent_ends_when_the_parent_is_killed(tmp_path):
     parent = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, sys, time; from derprop import cli; "
+        [sys.executable, "-c", "import subprocess, sys, time; from derprop.training import cli; "
          "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
          "preexec_fn=cli.ends_with_parent()); print(c.pid, flush=True); time.sleep(60)"],
         env=ENV, stdout=subprocess.PIPE, text=True)
