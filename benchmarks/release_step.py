@@ -12,7 +12,7 @@ branch) and over the mixed strong view, DLP, the threshold, region propagation, 
 step. derprop's step is :meth:`derprop.training.trainer.Trainer.compute_loss` + :meth:`~derprop.training.trainer.Trainer.optimize` (what
 ``benchmarks.train_step`` times) under a reproduction config: ``configs/voc_92.yaml`` (fp32) or
 ``configs/voc_92_fast.yaml`` (the fast recipe), with the network from scratch (no ImageNet file needed) and synthetic
-batches (:func:`benchmarks.train_step.synthetic_batch`; the release gets the same images normalised as its data
+batches (:func:`benchmarks.common.synthetic_batch`; the release gets the same images normalised as its data
 pipeline does). derprop's Trainer keeps its deterministic kernels on a CPU, as in training (``benchmarks.train_step``
 measured no cost for them there); the release never asks for them.
 
