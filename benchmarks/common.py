@@ -183,16 +183,16 @@ def run_isolated(module: str, case: dict, limit_gib: float | None = None) -> dic
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_guarded(module: str, run_case: Callable[[dict], dict], case: dict, isolate: bool) -> dict:
+def run_guarded(module: str, run_case: Callable[[dict], dict], case: dict, isolate: bool,
+                keys: Sequence[str]) -> dict:
     """One case, in a fresh process (``python -m module --case``: CPU peak memory is per process) or here by
-    ``run_case``; a failure (out of memory included) comes back as a row with an ``error``."""
+    ``run_case``; a failure (out of memory included) comes back as a row of the case's ``keys`` and an ``error``."""
     try:
         return run_isolated(module, case) if isolate else run_case(case)
     except (RuntimeError, torch.OutOfMemoryError) as err:
         text = str(err).strip().splitlines() or [type(err).__name__]
         oom = "out of memory" in str(err).lower() or "OutOfMemoryError" in str(err)
-        return {**{k: case.get(k) for k in ("profile", "config", "crop", "M", "batch", "backbone", "chunk")},
-                "error": "out of memory" if oom else text[-1][-300:]}
+        return {**{k: case.get(k) for k in keys}, "error": "out of memory" if oom else text[-1][-300:]}
     finally:
         if not isolate:
             gc.collect()

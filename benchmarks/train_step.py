@@ -61,6 +61,7 @@ CONFIGS: dict[str, Setup] = {
     "tiled-amp-cl-compile": Setup("tiled", True, True, True),
 }
 BASELINE, TILED = "dense-fp32", "tiled-fp32"
+ROW_KEYS = ("profile", "config", "crop", "M", "batch", "backbone", "chunk")  # what names a row, failed or not
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The sizes: ResNet-101 DeepLabV3+ (deep stem, OS 8), M = 41² and 101².
@@ -187,8 +188,7 @@ def run_step_case(case: dict, out_dir: str) -> dict:
         extra = {"state_mib": psutil.Process().memory_info().rss / 2**20}
     split = split_step(lambda: losses.append(step()), device)
     shares = split["shares"]
-    return {**{k: case[k] for k in ("profile", "config", "crop", "M", "batch", "backbone", "chunk")},
-            "impl": CONFIGS[case["config"]].impl, "amp": trainer.cfg.optim.amp,
+    return {**{k: case[k] for k in ROW_KEYS}, "impl": CONFIGS[case["config"]].impl, "amp": trainer.cfg.optim.amp,
             "channels_last": trainer.cfg.optim.channels_last, "compile": CONFIGS[case["config"]].compile,
             "deterministic": torch.are_deterministic_algorithms_enabled(), "seconds": fig["seconds"],
             "images_per_s": 2 * case["batch"] / fig["seconds"], "peak_mib": fig["peak_mib"], **extra,
@@ -324,7 +324,7 @@ def time_all(args: argparse.Namespace, base: dict) -> list[dict]:
                 warmup = args.warmup if args.warmup is not None else (3 if CONFIGS[config].compile else 1)
                 case = {**base, "kind": "step", "profile": profile, "config": config, "crop": crop,
                         "M": grid_pixels(crop), "repeats": args.repeats, "warmup": warmup}
-                row = run_guarded(MODULE, run_case, case, args.isolate)
+                row = run_guarded(MODULE, run_case, case, args.isolate, ROW_KEYS)
                 rows.append(row)
                 what = (f"failed: {row['error']}" if "error" in row else
                         f"{row['images_per_s']:8.2f} img/s {row['peak_mib']:9.1f} MiB  "
